@@ -1,0 +1,103 @@
+"""Configuration: one frozen object read once from `LEDGER_*` variables (and `.env`).
+
+A bad value fails at start with `SettingsError`, whose message is one line naming the variable.
+The Kafka SASL password and the database URL's password are `SecretStr`-guarded: they never
+appear in a repr, a log line or an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from producer.events import DEFAULT_MAX_EVENT_BYTES
+
+PREFIX = "LEDGER_"
+
+
+class SettingsError(ValueError):
+    """A configuration value is unusable; str() is one line naming the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX, env_file=".env", extra="ignore", frozen=True
+    )
+
+    kafka_bootstrap: str = "localhost:9092"
+    database_url: SecretStr = SecretStr("postgresql+asyncpg://ledger:ledger@127.0.0.1:5432/ledger")
+    topic: str = Field("chat.turn-events", min_length=1, max_length=249)
+    dlq_topic: str = Field("chat.turn-events.dlq", min_length=1, max_length=249)
+    group_id: str = Field("token-ledger", min_length=1)
+    max_batch: int = Field(500, ge=1, le=100_000)
+    max_event_bytes: int = Field(DEFAULT_MAX_EVENT_BYTES, ge=1024, le=64 * 1024 * 1024)
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    stall_seconds: float = Field(120.0, gt=0)
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = None
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_asyncpg_url(cls, value: SecretStr) -> SecretStr:
+        try:
+            url = make_url(value.get_secret_value())
+        except ArgumentError:
+            raise ValueError(
+                "not a database URL (postgresql+asyncpg://user:pass@host/db)"
+            ) from None
+        if url.drivername != "postgresql+asyncpg":
+            raise ValueError(f"driver must be postgresql+asyncpg, not {url.drivername}")
+        return value
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _host_port_list(cls, value: str) -> str:
+        for server in value.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError("expected host:port[,host:port...]")
+        return value
+
+    def kafka_security(self) -> dict[str, Any]:
+        """aiokafka keyword arguments for the configured security protocol."""
+        options: dict[str, Any] = {"security_protocol": self.kafka_security_protocol}
+        if self.kafka_security_protocol.startswith("SASL"):
+            if not (self.kafka_sasl_mechanism and self.kafka_sasl_username):
+                raise SettingsError(
+                    f"{PREFIX}KAFKA_SASL_MECHANISM and {PREFIX}KAFKA_SASL_USERNAME are required "
+                    f"with {PREFIX}KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol}"
+                )
+            options["sasl_mechanism"] = self.kafka_sasl_mechanism
+            options["sasl_plain_username"] = self.kafka_sasl_username
+            options["sasl_plain_password"] = (
+                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else ""
+            )
+        if self.kafka_security_protocol.endswith("SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            options["ssl_context"] = create_ssl_context(cafile=self.kafka_ssl_cafile)
+        return options
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment once; turn the first invalid value into a one-line SettingsError."""
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False, include_input=False)[0]
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        message = error["msg"].removeprefix("Value error, ")
+        raise SettingsError(f"{PREFIX}{field.upper()}: {message}") from None
+    if settings.kafka_security_protocol.startswith("SASL"):
+        settings.kafka_security()  # fail at start, not at the first connection
+    return settings

@@ -1,0 +1,260 @@
+"""`TurnEventProducer`: what a chat service uses to publish turn events.
+
+    async with TurnEventProducer("kafka:9092") as events:
+        await events.turn_started(thread_id=..., search_space_id=..., user_id=..., turn_id=...,
+                                  user_query="...")
+        usage = UsageAccumulator()
+        usage.add("gpt-4o-mini", prompt_tokens=100, completion_tokens=50, total_tokens=150,
+                  cost_micros=12345)
+        await events.turn_finalized(..., content=[...], usage=usage)
+
+Records are keyed by thread_id (per-thread order), written with acks=all and idempotence so a
+broker-side retry never duplicates; each call returns once the broker has acknowledged, with
+the event_id. A retry by the caller should reuse that event_id (pass `event_id=`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError, for_code
+
+from producer.events import (
+    AnyEvent,
+    ContentPart,
+    LegacyTokenUsage,
+    MessageAppended,
+    TurnFinalized,
+    TurnStarted,
+    TurnUsage,
+    UsageCall,
+    encode_event,
+)
+
+DEFAULT_TOPIC = "chat.turn-events"
+
+
+@dataclass
+class UsageAccumulator:
+    """Collects the LLM calls of one turn into the `usage` payload of turn.finalized."""
+
+    calls: list[UsageCall] = field(default_factory=list)
+
+    def add(
+        self,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        total_tokens: int,
+        cost_micros: int,
+        call_kind: str = "chat",
+    ) -> None:
+        self.calls.append(
+            UsageCall(
+                model=model,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=total_tokens,
+                cost_micros=cost_micros,
+                call_kind=call_kind,
+            )
+        )
+
+    def payload(self) -> TurnUsage | None:
+        return TurnUsage(calls=list(self.calls)) if self.calls else None
+
+
+def thread_key(thread_id: int) -> bytes:
+    """The record key: thread_id as decimal UTF-8, so one thread stays on one partition."""
+    return str(thread_id).encode()
+
+
+async def ensure_topic(
+    bootstrap_servers: str,
+    topic: str,
+    *,
+    partitions: int = 3,
+    replication_factor: int = 1,
+    config: dict[str, str] | None = None,
+    **kafka_options: Any,
+) -> None:
+    """Create `topic` unless it exists (brokers should not auto-create it).
+
+    An existing topic is left exactly as it is: production topics are usually provisioned by
+    the platform team with their own partition count and replication.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **kafka_options)
+    await admin.start()
+    try:
+        if topic in await admin.list_topics():
+            return
+        response = await admin.create_topics(
+            [NewTopic(topic, partitions, replication_factor, topic_configs=config or {})]
+        )
+        for error in response.topic_errors:
+            # Created meanwhile by another client is exactly what we wanted.
+            if error[1] not in (0, TopicAlreadyExistsError.errno):
+                raise for_code(error[1])(f"creating topic {topic}")
+    finally:
+        await admin.close()
+
+
+def _parts(content: Sequence[dict[str, Any]]) -> list[ContentPart]:
+    return [ContentPart.model_validate(part) for part in content]
+
+
+class TurnEventProducer:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        *,
+        topic: str = DEFAULT_TOPIC,
+        client_id: str = "token-ledger-producer",
+        **kafka_options: Any,
+    ) -> None:
+        self.topic = topic
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap_servers,
+            client_id=client_id,
+            acks="all",
+            enable_idempotence=True,
+            compression_type="zstd",
+            linger_ms=5,
+            **kafka_options,
+        )
+        self._started = False
+
+    async def __aenter__(self) -> Self:
+        await self._producer.start()
+        self._started = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._started:
+            self._started = False
+            await self._producer.stop()
+
+    async def publish(self, event: AnyEvent) -> uuid.UUID:
+        """Send one event and wait for the broker's acknowledgement."""
+        await self._producer.send_and_wait(
+            self.topic, encode_event(event), key=thread_key(event.thread_id)
+        )
+        return event.event_id
+
+    async def publish_records(
+        self, records: Iterable[tuple[bytes, bytes]], *, window: int = 1000
+    ) -> AsyncIterator[int]:
+        """Send (key, value) pairs as they are, `window` in flight at a time; yields acked counts.
+
+        For traffic that is already bytes: the simulator's plans, poison records, v0 bodies.
+        The idempotent producer keeps per-partition order with several requests in flight.
+        """
+        pending: list[asyncio.Future[Any]] = []
+        for key, value in records:
+            pending.append(await self._producer.send(self.topic, value, key=key))
+            if len(pending) >= window:
+                await asyncio.gather(*pending)
+                yield len(pending)
+                pending = []
+        if pending:
+            await asyncio.gather(*pending)
+            yield len(pending)
+
+    async def turn_started(
+        self,
+        *,
+        thread_id: int,
+        search_space_id: int,
+        user_id: uuid.UUID | None,
+        turn_id: str,
+        user_query: str,
+        mentioned_documents: Sequence[dict[str, Any]] = (),
+        event_id: uuid.UUID | None = None,
+        occurred_at: datetime | None = None,
+    ) -> uuid.UUID:
+        return await self.publish(
+            TurnStarted(
+                type="turn.started",
+                schema_version=1,
+                event_id=event_id or uuid.uuid4(),
+                occurred_at=occurred_at or datetime.now(UTC),
+                thread_id=thread_id,
+                search_space_id=search_space_id,
+                user_id=user_id,
+                turn_id=turn_id,
+                user_query=user_query,
+                mentioned_documents=list(mentioned_documents),
+            )
+        )
+
+    async def turn_finalized(
+        self,
+        *,
+        thread_id: int,
+        search_space_id: int,
+        user_id: uuid.UUID | None,
+        turn_id: str,
+        content: Sequence[dict[str, Any]],
+        usage: UsageAccumulator | None = None,
+        event_id: uuid.UUID | None = None,
+        occurred_at: datetime | None = None,
+    ) -> uuid.UUID:
+        return await self.publish(
+            TurnFinalized(
+                type="turn.finalized",
+                schema_version=1,
+                event_id=event_id or uuid.uuid4(),
+                occurred_at=occurred_at or datetime.now(UTC),
+                thread_id=thread_id,
+                search_space_id=search_space_id,
+                user_id=user_id,
+                turn_id=turn_id,
+                content=_parts(content),
+                usage=usage.payload() if usage else None,
+            )
+        )
+
+    async def message_appended(
+        self,
+        *,
+        thread_id: int,
+        search_space_id: int,
+        user_id: uuid.UUID | None,
+        role: Literal["user", "assistant", "system"],
+        content: Sequence[dict[str, Any]],
+        turn_id: str | None = None,
+        token_usage: LegacyTokenUsage | None = None,
+        event_id: uuid.UUID | None = None,
+        occurred_at: datetime | None = None,
+    ) -> uuid.UUID:
+        return await self.publish(
+            MessageAppended(
+                type="message.appended",
+                schema_version=1,
+                event_id=event_id or uuid.uuid4(),
+                occurred_at=occurred_at or datetime.now(UTC),
+                thread_id=thread_id,
+                search_space_id=search_space_id,
+                user_id=user_id,
+                turn_id=turn_id,
+                role=role,
+                content=_parts(content),
+                token_usage=token_usage,
+            )
+        )

@@ -1,0 +1,100 @@
+"""Settings: defaults of the spec, LEDGER_* overrides, one clear line per bad value."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from consumer.settings import SettingsError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]) -> None:
+    for name in list(os.environ):
+        if name.startswith("LEDGER_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+
+
+def test_defaults_follow_the_spec() -> None:
+    settings = load_settings()
+    assert settings.kafka_bootstrap == "localhost:9092"
+    assert settings.topic == "chat.turn-events"
+    assert settings.dlq_topic == "chat.turn-events.dlq"
+    assert settings.group_id == "token-ledger"
+    assert settings.max_event_bytes == 1024 * 1024
+    assert settings.metrics_port == 9464
+
+
+def test_environment_and_dotenv_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    with open(".env", "w") as env:
+        env.write("LEDGER_GROUP_ID=from-dotenv\nLEDGER_MAX_BATCH=7\n")
+    monkeypatch.setenv("LEDGER_MAX_BATCH", "9")
+    settings = load_settings()
+    assert settings.group_id == "from-dotenv"
+    assert settings.max_batch == 9
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("LEDGER_MAX_BATCH", "lots"),
+        ("LEDGER_MAX_BATCH", "0"),
+        ("LEDGER_METRICS_PORT", "70000"),
+        ("LEDGER_KAFKA_BOOTSTRAP", "no-port-here"),
+        ("LEDGER_DATABASE_URL", "mysql://u:p@h/db"),
+        ("LEDGER_LOG_FORMAT", "xml"),
+        ("LEDGER_KAFKA_SECURITY_PROTOCOL", "TLS"),
+        ("LEDGER_KAFKA_SASL_MECHANISM", "GSSAPI"),
+        ("LEDGER_STALL_SECONDS", "-1"),
+    ],
+)
+def test_bad_value_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    assert str(error.value).startswith(f"{variable}:")
+    assert "\n" not in str(error.value)
+
+
+def test_sasl_needs_mechanism_and_username(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEDGER_KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    with pytest.raises(SettingsError, match="LEDGER_KAFKA_SASL_MECHANISM"):
+        load_settings()
+    monkeypatch.setenv("LEDGER_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("LEDGER_KAFKA_SASL_USERNAME", "ledger")
+    monkeypatch.setenv("LEDGER_KAFKA_SASL_PASSWORD", "hunter2")
+    options = load_settings().kafka_security()
+    assert options["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert options["sasl_plain_password"] == "hunter2"
+
+
+def test_secrets_stay_out_of_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEDGER_DATABASE_URL", "postgresql+asyncpg://u:topsecret@h/db")
+    monkeypatch.setenv("LEDGER_KAFKA_SASL_PASSWORD", "hunter2")
+    text = repr(load_settings())
+    assert "topsecret" not in text and "hunter2" not in text
+
+
+def test_cli_exits_2_with_one_line_on_bad_config(tmp_path: os.PathLike[str]) -> None:
+    env = {
+        **os.environ,
+        "LEDGER_MAX_BATCH": "lots",
+        "LEDGER_DATABASE_URL": "postgresql+asyncpg://u:topsecret@h/db",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "consumer", "simulate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "LEDGER_MAX_BATCH" in lines[0]
+    assert "topsecret" not in result.stderr

@@ -40,6 +40,18 @@ def _settings() -> Settings:
 
 
 @app.command()
+def migrate(
+    revision: Annotated[str, typer.Argument(help="target revision")] = "head",
+) -> None:
+    """Create or upgrade the ledger schema (alembic migrations)."""
+    settings = _settings()
+    from consumer import migrate as migrations
+
+    migrations.upgrade(settings.database_url.get_secret_value(), revision)
+    typer.echo(f"database migrated to {revision}")
+
+
+@app.command()
 def simulate(
     threads: Annotated[int, typer.Option(min=1, help="chat threads")] = 100,
     turns: Annotated[int, typer.Option(min=1, help="turns per thread")] = 5,

@@ -80,6 +80,13 @@ class UsageCall(_Strict):
 class TurnUsage(_Strict):
     calls: list[UsageCall]
 
+    @model_validator(mode="after")
+    def _sums_fit_bigint(self) -> Self:
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros"):
+            if sum(getattr(call, name) for call in self.calls) > MAX_INT64:
+                raise ValueError(f"sum of {name} over the calls exceeds 2^63-1")
+        return self
+
 
 class ModelUsage(_Strict):
     prompt_tokens: Count64

@@ -7,6 +7,7 @@ LEDGER_DATABASE_URL point at running ones. Each test gets its own topics and its
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -18,6 +19,8 @@ import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from consumer.migrate import upgrade
+from consumer.store import asyncpg_dsn
 from devstack.kafka import KafkaBroker
 from devstack.postgres import PostgresServer
 from devstack.processes import free_port
@@ -65,27 +68,52 @@ def postgres_url() -> Iterator[str]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def asyncpg_dsn(url: str) -> str:
-    """asyncpg speaks libpq URLs, without SQLAlchemy's '+driver' suffix."""
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
 def with_database(url: str, database: str) -> str:
     base, _, _ = url.rpartition("/")
     return f"{base}/{database}"
 
 
-@pytest.fixture
-async def database_url(postgres_url: str) -> AsyncIterator[str]:
-    """A fresh, empty database for one test, dropped afterwards."""
+async def _fresh_database(postgres_url: str, template: str = "template1") -> AsyncIterator[str]:
     name = f"test_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(asyncpg_dsn(postgres_url))
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
         yield with_database(postgres_url, name)
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+@pytest.fixture
+async def database_url(postgres_url: str) -> AsyncIterator[str]:
+    """A fresh, empty database for one test, dropped afterwards."""
+    async for url in _fresh_database(postgres_url):
+        yield url
+
+
+@pytest.fixture(scope="session")
+async def ledger_template(postgres_url: str) -> AsyncIterator[str]:
+    """A database migrated to head once per session, cloned for each test that needs one."""
+    async for url in _fresh_database(postgres_url):
+        await asyncio.to_thread(upgrade, url)
+        yield url.rpartition("/")[2]
+
+
+@pytest.fixture
+async def ledger_url(postgres_url: str, ledger_template: str) -> AsyncIterator[str]:
+    """A fresh database with the ledger schema (alembic head), dropped afterwards."""
+    async for url in _fresh_database(postgres_url, template=ledger_template):
+        yield url
+
+
+@pytest.fixture
+async def ledger(ledger_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to a fresh ledger database."""
+    conn = await asyncpg.connect(asyncpg_dsn(ledger_url))
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 @pytest.fixture

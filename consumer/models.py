@@ -1,0 +1,156 @@
+"""The ledger's tables as SQLAlchemy Core metadata.
+
+Migrations are the only source of schema: these definitions exist so that a test can prove
+(alembic autogenerate against a migrated database) that code and migrations agree. The
+register columns (`*_rank`, `*_at`, `*_event_id`) hold the (rank, occurred_at, event_id) of
+the event that won the row, which is what makes every write order-independent.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    Uuid,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+TIMESTAMP = DateTime(timezone=True)
+
+chat_threads = Table(
+    "chat_threads",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("search_space_id", BigInteger, nullable=False),
+    Column("created_by_id", Uuid, nullable=True),
+    # (occurred_at, event_id) of the event that set created_by_id: the earliest one with a user.
+    Column("created_by_at", TIMESTAMP, nullable=True),
+    Column("created_by_event_id", Uuid, nullable=True),
+    Column("created_at", TIMESTAMP, nullable=False),
+    Column("updated_at", TIMESTAMP, nullable=False),
+    CheckConstraint("id > 0", name="id_positive"),
+    CheckConstraint("search_space_id > 0", name="search_space_id_positive"),
+)
+
+chat_messages = Table(
+    "chat_messages",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column(
+        "thread_id",
+        BigInteger,
+        ForeignKey("chat_threads.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("role", String(16), nullable=False),
+    Column("turn_id", String(64), nullable=True),
+    Column("content", JSONB, nullable=False),
+    Column("author_id", Uuid, nullable=True),
+    Column("content_rank", SmallInteger, nullable=False),
+    Column("content_at", TIMESTAMP, nullable=False),
+    Column("content_event_id", Uuid, nullable=False),
+    Column("created_at", TIMESTAMP, nullable=False),
+    Column("updated_at", TIMESTAMP, nullable=False),
+    CheckConstraint("role IN ('user', 'assistant', 'system')", name="role"),
+    CheckConstraint("content_rank BETWEEN 0 AND 2", name="content_rank"),
+    Index("ix_chat_messages_thread_id", "thread_id"),
+    Index(
+        "uq_chat_messages_thread_turn_role",
+        "thread_id",
+        "turn_id",
+        "role",
+        unique=True,
+        postgresql_where=text("turn_id IS NOT NULL"),
+    ),
+    # A message without turn_id can only ever be written by the event that created it.
+    Index(
+        "uq_chat_messages_content_event_id",
+        "content_event_id",
+        unique=True,
+        postgresql_where=text("turn_id IS NULL"),
+    ),
+)
+
+token_usage = Table(
+    "token_usage",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("usage_type", String(16), nullable=False, server_default="chat"),
+    Column("prompt_tokens", BigInteger, nullable=False),
+    Column("completion_tokens", BigInteger, nullable=False),
+    Column("total_tokens", BigInteger, nullable=False),
+    Column("cost_micros", BigInteger, nullable=False),
+    Column("model_breakdown", JSONB, nullable=False),
+    Column("call_details", JSONB, nullable=False),
+    Column(
+        "thread_id",
+        BigInteger,
+        ForeignKey("chat_threads.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column(
+        "message_id",
+        BigInteger,
+        ForeignKey("chat_messages.id", ondelete="CASCADE"),
+        nullable=True,
+    ),
+    Column("search_space_id", BigInteger, nullable=False),
+    Column("user_id", Uuid, nullable=True),
+    Column("source", String(32), nullable=False),
+    Column("source_rank", SmallInteger, nullable=False),
+    Column("source_at", TIMESTAMP, nullable=False),
+    Column("source_event_id", Uuid, nullable=False),
+    Column("created_at", TIMESTAMP, nullable=False),
+    Column("updated_at", TIMESTAMP, nullable=False),
+    CheckConstraint("usage_type = 'chat'", name="usage_type"),
+    CheckConstraint(
+        "prompt_tokens >= 0 AND completion_tokens >= 0 AND total_tokens >= 0",
+        name="tokens_non_negative",
+    ),
+    CheckConstraint("cost_micros >= 0", name="cost_non_negative"),
+    CheckConstraint("source IN ('turn.finalized', 'message.appended')", name="source"),
+    CheckConstraint("source_rank BETWEEN 1 AND 2", name="source_rank"),
+    Index(
+        "uq_token_usage_message_id",
+        "message_id",
+        unique=True,
+        postgresql_where=text("message_id IS NOT NULL"),
+    ),
+    Index("ix_token_usage_thread_id", "thread_id"),
+    Index("ix_token_usage_search_space_id_created_at", "search_space_id", "created_at"),
+    Index("ix_token_usage_user_id_created_at", "user_id", "created_at"),
+)
+
+consumer_offsets = Table(
+    "consumer_offsets",
+    metadata,
+    Column("group_id", Text, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("next_offset", BigInteger, nullable=False),
+    Column("updated_at", TIMESTAMP, nullable=False),
+    PrimaryKeyConstraint("group_id", "topic", "partition"),
+    CheckConstraint("next_offset >= 0", name="next_offset_non_negative"),
+)

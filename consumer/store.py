@@ -1,0 +1,444 @@
+"""The only module that speaks SQL. Every statement is set-based (UNNEST over arrays), so a
+batch costs the same handful of round trips whatever its size:
+
+    advance_offsets  1-2 statements  compare-and-set of consumer_offsets (first: it serialises
+                                     two owners of a partition before any ledger row is locked)
+    load_state       2 statements    the stored registers of the batch's threads and messages
+    write_plan       <= 4 statements guarded upserts: threads, turn messages, turn-less
+                                     messages, token usage; keys sorted to avoid deadlocks
+
+Every upsert repeats its partial index predicate in the conflict target and carries a guard
+(`DO UPDATE ... WHERE new claim beats stored claim`) so stored rows only move forward under the
+merge rules, whatever a concurrent writer did since `load_state` read them.
+The caller owns the transaction: rows and offsets commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping, Sequence, Set
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from consumer.errors import FencedError, InvariantError, ThreadRaceError
+from consumer.merge import (
+    BatchPlan,
+    Claim,
+    LedgerRows,
+    MessageKey,
+    MessageRow,
+    StoredMessage,
+    StoredState,
+    ThreadRow,
+    UsageRow,
+    candidates,
+    canonical_json,
+    message_values,
+    reduce_batch,
+    thread_values,
+    usage_values,
+)
+from producer.events import AnyEvent
+
+
+def asyncpg_dsn(database_url: str) -> str:
+    """libpq form of a SQLAlchemy URL (drops the '+asyncpg' driver suffix)."""
+    return database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+async def create_pool(database_url: str, *, max_size: int = 4) -> asyncpg.Pool:
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        asyncpg_dsn(database_url),
+        min_size=1,
+        max_size=max_size,
+        command_timeout=60,
+        server_settings={"application_name": "token-ledger"},
+    )
+    return pool
+
+
+# -- offsets ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OffsetMove:
+    partition: int
+    expected: int | None  # the stored next_offset this batch starts from; None: no row yet
+    next_offset: int
+
+
+_ADVANCE = """
+UPDATE consumer_offsets AS o SET next_offset = v.next_offset, updated_at = now()
+FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS v(partition, expected, next_offset)
+WHERE o.group_id = $1 AND o.topic = $2 AND o.partition = v.partition
+  AND o.next_offset = v.expected
+RETURNING o.partition
+"""
+
+_CLAIM = """
+INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, updated_at)
+SELECT $1, $2, v.partition, v.next_offset, now()
+FROM unnest($3::int[], $4::bigint[]) AS v(partition, next_offset)
+ORDER BY v.partition
+ON CONFLICT (group_id, topic, partition) DO NOTHING
+RETURNING partition
+"""
+
+
+async def advance_offsets(
+    conn: asyncpg.Connection, group_id: str, topic: str, moves: Sequence[OffsetMove]
+) -> None:
+    """Move each partition's next_offset from `expected`; FencedError if any has moved."""
+    moves = sorted(moves, key=lambda m: m.partition)
+    known = [m for m in moves if m.expected is not None]
+    fresh = [m for m in moves if m.expected is None]
+    done: set[int] = set()
+    if known:
+        rows = await conn.fetch(
+            _ADVANCE,
+            group_id,
+            topic,
+            [m.partition for m in known],
+            [m.expected for m in known],
+            [m.next_offset for m in known],
+        )
+        done.update(row["partition"] for row in rows)
+    if fresh:
+        rows = await conn.fetch(
+            _CLAIM, group_id, topic, [m.partition for m in fresh], [m.next_offset for m in fresh]
+        )
+        done.update(row["partition"] for row in rows)
+    if missed := sorted({m.partition for m in moves} - done):
+        raise FencedError(missed)
+
+
+async def load_offsets(
+    conn: asyncpg.Connection, group_id: str, topic: str, partitions: Iterable[int]
+) -> dict[int, int]:
+    """Stored next_offset per partition (partitions without a row are absent)."""
+    rows = await conn.fetch(
+        "SELECT partition, next_offset FROM consumer_offsets"
+        " WHERE group_id = $1 AND topic = $2 AND partition = ANY($3::int[])",
+        group_id,
+        topic,
+        sorted(partitions),
+    )
+    return {row["partition"]: row["next_offset"] for row in rows}
+
+
+# -- stored state ----------------------------------------------------------------------------
+
+_LOAD_THREADS = """
+SELECT id, search_space_id, created_at, updated_at, created_by_id, created_by_at,
+       created_by_event_id
+FROM chat_threads WHERE id = ANY($1::bigint[])
+"""
+
+_MESSAGE_REGISTERS = """
+m.thread_id, m.role, m.turn_id, m.content_rank, m.content_at, m.content_event_id, m.created_at,
+u.source_rank, u.source_at, u.source_event_id, u.created_at AS usage_created_at,
+u.model_breakdown
+"""
+
+_LOAD_MESSAGES = f"""
+SELECT {_MESSAGE_REGISTERS}
+FROM unnest($1::bigint[], $2::text[], $3::text[]) AS k(thread_id, turn_id, role)
+JOIN chat_messages AS m
+  ON m.thread_id = k.thread_id AND m.turn_id = k.turn_id AND m.role = k.role
+LEFT JOIN token_usage AS u ON u.message_id = m.id
+UNION ALL
+SELECT {_MESSAGE_REGISTERS}
+FROM chat_messages AS m LEFT JOIN token_usage AS u ON u.message_id = m.id
+WHERE m.turn_id IS NULL AND m.content_event_id = ANY($4::uuid[])
+"""
+
+
+def _batch_keys(events: Sequence[AnyEvent]) -> tuple[set[int], set[MessageKey]]:
+    threads = {event.thread_id for event in events}
+    keys = {message.key for event in events for message in candidates(event)[0]}
+    return threads, keys
+
+
+async def load_state(conn: asyncpg.Connection, events: Sequence[AnyEvent]) -> StoredState:
+    """The stored registers of every thread and message the batch touches."""
+    thread_ids, keys = _batch_keys(events)
+    turn_keys = sorted((k for k in keys if k.turn_id is not None), key=MessageKey.sort_key)
+    origins = sorted(k.origin_event_id for k in keys if k.origin_event_id is not None)
+    thread_rows = await conn.fetch(_LOAD_THREADS, sorted(thread_ids))
+    message_rows = await conn.fetch(
+        _LOAD_MESSAGES,
+        [k.thread_id for k in turn_keys],
+        [k.turn_id for k in turn_keys],
+        [k.role for k in turn_keys],
+        origins,
+    )
+    return StoredState(
+        threads={row["id"]: ThreadRow(**dict(row)) for row in thread_rows},
+        messages={_stored_key(row): _stored_message(row) for row in message_rows},
+    )
+
+
+def _stored_key(row: Mapping[str, Any]) -> MessageKey:
+    turn_id = row["turn_id"]
+    origin = None if turn_id is not None else row["content_event_id"]
+    return MessageKey(row["thread_id"], row["role"], turn_id, origin)
+
+
+def _stored_message(row: Mapping[str, Any]) -> StoredMessage:
+    has_usage = row["source_event_id"] is not None
+    return StoredMessage(
+        claim=Claim(row["content_rank"], row["content_at"], row["content_event_id"]),
+        created_at=row["created_at"],
+        usage_claim=Claim(row["source_rank"], row["source_at"], row["source_event_id"])
+        if has_usage
+        else None,
+        usage_created_at=row["usage_created_at"],
+        usage_breakdown=json.loads(row["model_breakdown"]) if has_usage else None,
+    )
+
+
+# -- writes ----------------------------------------------------------------------------------
+
+
+def _take_if(condition: str, alias: str, columns: Iterable[str]) -> str:
+    """`col = CASE WHEN <new claim wins> THEN EXCLUDED.col ELSE <stored>.col END, ...`"""
+    return ",\n  ".join(
+        f"{c} = CASE WHEN {condition} THEN EXCLUDED.{c} ELSE {alias}.{c} END" for c in columns
+    )
+
+
+_CREATOR_WINS = """(EXCLUDED.created_by_at IS NOT NULL AND (t.created_by_at IS NULL
+    OR (EXCLUDED.created_by_at, EXCLUDED.created_by_event_id)
+       < (t.created_by_at, t.created_by_event_id)))"""
+
+_UPSERT_THREADS = f"""
+INSERT INTO chat_threads AS t (id, search_space_id, created_at, updated_at, created_by_id,
+                               created_by_at, created_by_event_id)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::timestamptz[],
+                     $5::uuid[], $6::timestamptz[], $7::uuid[])
+ON CONFLICT (id) DO UPDATE SET
+  created_at = LEAST(t.created_at, EXCLUDED.created_at),
+  updated_at = GREATEST(t.updated_at, EXCLUDED.updated_at),
+  {_take_if(_CREATOR_WINS, "t", ("created_by_id", "created_by_at", "created_by_event_id"))}
+WHERE t.search_space_id = EXCLUDED.search_space_id
+RETURNING id
+"""
+
+_CONTENT_WINS = """((EXCLUDED.content_rank, EXCLUDED.content_at, EXCLUDED.content_event_id)
+    > (m.content_rank, m.content_at, m.content_event_id))"""
+
+_MESSAGE_VALUES = """
+SELECT v.thread_id, v.role, v.turn_id, v.content::jsonb, v.author_id, v.content_rank,
+       v.content_at, v.content_event_id, v.created_at, now()
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::smallint[],
+            $7::timestamptz[], $8::uuid[], $9::timestamptz[])
+  AS v(thread_id, role, turn_id, content, author_id, content_rank, content_at,
+       content_event_id, created_at)
+"""
+
+_MESSAGE_COLUMNS = """chat_messages AS m (thread_id, role, turn_id, content, author_id,
+  content_rank, content_at, content_event_id, created_at, updated_at)"""
+
+_UPSERT_TURN_MESSAGES = f"""
+INSERT INTO {_MESSAGE_COLUMNS}
+{_MESSAGE_VALUES}
+ON CONFLICT (thread_id, turn_id, role) WHERE turn_id IS NOT NULL DO UPDATE SET
+  {
+    _take_if(
+        _CONTENT_WINS,
+        "m",
+        ("content", "author_id", "content_rank", "content_at", "content_event_id"),
+    )
+},
+  created_at = LEAST(m.created_at, EXCLUDED.created_at),
+  updated_at = now()
+WHERE {_CONTENT_WINS} OR EXCLUDED.created_at < m.created_at
+"""
+
+# A message without turn_id is only ever written by the one event that created it.
+_INSERT_TURNLESS_MESSAGES = f"""
+INSERT INTO {_MESSAGE_COLUMNS}
+{_MESSAGE_VALUES}
+ON CONFLICT (content_event_id) WHERE turn_id IS NULL DO NOTHING
+"""
+
+_USAGE_WINS = """(EXCLUDED.source_rank > u.source_rank
+    OR (EXCLUDED.source_rank = u.source_rank
+        AND (EXCLUDED.source_at, EXCLUDED.source_event_id) < (u.source_at, u.source_event_id)))"""
+
+_USAGE_COLUMNS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost_micros",
+    "model_breakdown",
+    "call_details",
+    "search_space_id",
+    "user_id",
+    "source",
+    "source_rank",
+    "source_at",
+    "source_event_id",
+)
+
+_UPSERT_USAGE = f"""
+WITH v AS (
+  SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::uuid[], $5::bigint[],
+                       $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[],
+                       $11::bigint[], $12::uuid[], $13::text[], $14::smallint[],
+                       $15::timestamptz[], $16::uuid[], $17::timestamptz[])
+    AS v(thread_id, role, turn_id, origin_event_id, prompt_tokens, completion_tokens,
+         total_tokens, cost_micros, model_breakdown, call_details, search_space_id, user_id,
+         source, source_rank, source_at, source_event_id, created_at)
+), joined AS (
+  SELECT v.*, m.id AS message_id
+  FROM v LEFT JOIN chat_messages AS m
+    ON m.thread_id = v.thread_id AND m.role = v.role
+   AND (m.turn_id = v.turn_id
+        OR (v.turn_id IS NULL AND m.turn_id IS NULL AND m.content_event_id = v.origin_event_id))
+), written AS (
+  INSERT INTO token_usage AS u (usage_type, prompt_tokens, completion_tokens, total_tokens,
+    cost_micros, model_breakdown, call_details, thread_id, message_id, search_space_id,
+    user_id, source, source_rank, source_at, source_event_id, created_at, updated_at)
+  SELECT 'chat', j.prompt_tokens, j.completion_tokens, j.total_tokens, j.cost_micros,
+         j.model_breakdown::jsonb, j.call_details::jsonb, j.thread_id, j.message_id,
+         j.search_space_id, j.user_id, j.source, j.source_rank, j.source_at,
+         j.source_event_id, j.created_at, now()
+  FROM joined AS j WHERE j.message_id IS NOT NULL
+  ORDER BY j.message_id
+  ON CONFLICT (message_id) WHERE message_id IS NOT NULL DO UPDATE SET
+    {_take_if(_USAGE_WINS, "u", _USAGE_COLUMNS)},
+    created_at = LEAST(u.created_at, EXCLUDED.created_at),
+    updated_at = now()
+  WHERE {_USAGE_WINS} OR EXCLUDED.created_at < u.created_at
+  RETURNING 1
+)
+SELECT count(*) FILTER (WHERE message_id IS NULL) AS orphans FROM joined
+"""
+
+
+async def write_plan(conn: asyncpg.Connection, plan: BatchPlan) -> None:
+    if plan.threads:
+        t = plan.threads
+        written = await conn.fetch(
+            _UPSERT_THREADS,
+            [r.id for r in t],
+            [r.search_space_id for r in t],
+            [r.created_at for r in t],
+            [r.updated_at for r in t],
+            [r.created_by_id for r in t],
+            [r.created_by_at for r in t],
+            [r.created_by_event_id for r in t],
+        )
+        if len(written) != len(t):
+            # Created by a concurrent writer with another search space after load_state read
+            # it; the retry will see it and reject the events that name the wrong space.
+            raise ThreadRaceError("a thread was created concurrently with another search space")
+    turn_rows = [r for r in plan.messages if r.key.turn_id is not None]
+    turnless_rows = [r for r in plan.messages if r.key.turn_id is None]
+    for statement, rows in (
+        (_UPSERT_TURN_MESSAGES, turn_rows),
+        (_INSERT_TURNLESS_MESSAGES, turnless_rows),
+    ):
+        if rows:
+            await conn.execute(
+                statement,
+                [r.key.thread_id for r in rows],
+                [r.key.role for r in rows],
+                [r.key.turn_id for r in rows],
+                [canonical_json(r.content) for r in rows],
+                [r.author_id for r in rows],
+                [r.claim.rank for r in rows],
+                [r.claim.at for r in rows],
+                [r.claim.event_id for r in rows],
+                [r.created_at for r in rows],
+            )
+    if plan.usage:
+        u = plan.usage
+        orphans = await conn.fetchval(
+            _UPSERT_USAGE,
+            [r.key.thread_id for r in u],
+            [r.key.role for r in u],
+            [r.key.turn_id for r in u],
+            [r.key.origin_event_id for r in u],
+            [r.prompt_tokens for r in u],
+            [r.completion_tokens for r in u],
+            [r.total_tokens for r in u],
+            [r.cost_micros for r in u],
+            [canonical_json(r.model_breakdown) for r in u],
+            [canonical_json(r.call_details) for r in u],
+            [r.search_space_id for r in u],
+            [r.user_id for r in u],
+            [r.source for r in u],
+            [r.claim.rank for r in u],
+            [r.claim.at for r in u],
+            [r.claim.event_id for r in u],
+            [r.created_at for r in u],
+        )
+        if orphans:
+            raise InvariantError(f"{orphans} usage rows found no message row to attach to")
+
+
+async def apply_events(conn: asyncpg.Connection, events: Sequence[AnyEvent]) -> BatchPlan:
+    """Read the stored registers, reduce the batch against them, write what changes.
+
+    Must run inside the caller's transaction (together with `advance_offsets`).
+    """
+    plan = reduce_batch(events, await load_state(conn, events))
+    await write_plan(conn, plan)
+    return plan
+
+
+# -- whole-ledger reads (verify, tests) ------------------------------------------------------
+
+
+async def read_ledger(conn: asyncpg.Connection) -> LedgerRows:
+    """Every ledger row as comparable values (see merge.LedgerRows)."""
+    threads = await conn.fetch("SELECT * FROM chat_threads")
+    messages = await conn.fetch("SELECT * FROM chat_messages")
+    usage = await conn.fetch(
+        "SELECT u.*, m.role, m.turn_id, m.content_event_id AS message_event_id"
+        " FROM token_usage u JOIN chat_messages m ON m.id = u.message_id"
+    )
+    return LedgerRows(
+        threads={r["id"]: thread_values(ThreadRow(**_pick(r, ThreadRow))) for r in threads},
+        messages={
+            _stored_key(r): message_values(
+                MessageRow(
+                    key=_stored_key(r),
+                    claim=Claim(r["content_rank"], r["content_at"], r["content_event_id"]),
+                    content=json.loads(r["content"]),
+                    author_id=r["author_id"],
+                    created_at=r["created_at"],
+                )
+            )
+            for r in messages
+        },
+        usage={
+            key: usage_values(
+                UsageRow(
+                    key=key,
+                    claim=Claim(r["source_rank"], r["source_at"], r["source_event_id"]),
+                    model_breakdown=json.loads(r["model_breakdown"]),
+                    call_details=json.loads(r["call_details"]),
+                    **_pick(r, UsageRow, skip={"key", "claim", "model_breakdown", "call_details"}),
+                )
+            )
+            for r in usage
+            for key in [
+                MessageKey(
+                    r["thread_id"],
+                    r["role"],
+                    r["turn_id"],
+                    None if r["turn_id"] is not None else r["message_event_id"],
+                )
+            ]
+        },
+    )
+
+
+def _pick(row: Mapping[str, Any], cls: type, skip: Set[str] = frozenset()) -> dict[str, Any]:
+    return {f.name: row[f.name] for f in dataclasses.fields(cls) if f.name not in skip}

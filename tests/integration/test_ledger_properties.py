@@ -1,0 +1,79 @@
+"""Against the real database: any delivery order, duplication and split into batches (each its
+own transaction) yields identical tables, equal to the plainly written reference."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from consumer.merge import LedgerRows
+from consumer.store import apply_events, asyncpg_dsn, read_ledger
+from producer.events import AnyEvent
+from tests.reference import reference_rows
+from tests.strategies import batch_splits, delivered
+
+TABLES = "token_usage, chat_messages, chat_threads, consumer_offsets"
+
+
+class LedgerDriver:
+    """One event loop and connection for all examples (hypothesis tests are synchronous)."""
+
+    def __init__(self, url: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.conn: asyncpg.Connection = self.loop.run_until_complete(
+            asyncpg.connect(asyncpg_dsn(url))
+        )
+
+    def run(self, batches: list[list[AnyEvent]]) -> LedgerRows:
+        return self.loop.run_until_complete(self._run(batches))
+
+    async def _run(self, batches: list[list[AnyEvent]]) -> LedgerRows:
+        await self.conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY")
+        for batch in batches:
+            async with self.conn.transaction():
+                await apply_events(self.conn, batch)
+        return await read_ledger(self.conn)
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.conn.close())
+        self.loop.close()
+
+
+@pytest.fixture
+def driver(ledger_url: str) -> Iterator[LedgerDriver]:
+    driver = LedgerDriver(ledger_url)
+    yield driver
+    driver.close()
+
+
+@settings(
+    max_examples=1000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_any_delivery_and_batching_gives_the_reference_ledger(
+    driver: LedgerDriver, data: st.DataObject
+) -> None:
+    events = data.draw(delivered())
+    batches = data.draw(batch_splits(events))
+    assert driver.run(batches) == reference_rows(events)
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_conflicting_spaces_any_batching_follows_arrival_order(
+    driver: LedgerDriver, data: st.DataObject
+) -> None:
+    events = data.draw(delivered(consistent_spaces=False))
+    batches = data.draw(batch_splits(events))
+    assert driver.run(batches) == reference_rows(events)

@@ -1,0 +1,128 @@
+"""A plainly written reference of the merge rules, independent of consumer/merge.py.
+
+It looks at the whole set of events at once and picks each winner with max/min over sort
+keys, which is how SPEC section 3 states the rules. Only the thread's search space depends on
+arrival order (the first event seen for a thread binds it).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from consumer.merge import Claim, LedgerRows, MessageKey
+from producer.events import AnyEvent, MessageAppended, TurnFinalized, TurnStarted
+
+FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
+
+
+def reference_rows(events: Sequence[AnyEvent]) -> LedgerRows:
+    space_of: dict[int, int] = {}
+    accepted: dict[uuid.UUID, AnyEvent] = {}
+    for event in events:
+        space_of.setdefault(event.thread_id, event.search_space_id)
+        if space_of[event.thread_id] == event.search_space_id:
+            accepted.setdefault(event.event_id, event)
+
+    by_thread: dict[int, list[AnyEvent]] = defaultdict(list)
+    content_claims: dict[MessageKey, list[tuple[Claim, Any, Any]]] = defaultdict(list)
+    touched_at: dict[MessageKey, list[Any]] = defaultdict(list)
+    usage_claims: dict[MessageKey, list[tuple[Claim, tuple[Any, ...]]]] = defaultdict(list)
+
+    for e in accepted.values():
+        by_thread[e.thread_id].append(e)
+        if isinstance(e, TurnStarted):
+            user = MessageKey(e.thread_id, "user", e.turn_id, None)
+            shell = MessageKey(e.thread_id, "assistant", e.turn_id, None)
+            content: list[dict[str, Any]] = [{"type": "text", "text": e.user_query}]
+            docs = [
+                {"id": d["id"], "title": d["title"], "document_type": d["document_type"]}
+                for d in e.mentioned_documents
+                if d.get("id") is not None
+                and d.get("title") is not None
+                and d.get("document_type") is not None
+            ]
+            if docs:
+                content.append({"type": "mentioned-documents", "documents": docs})
+            content_claims[user].append((Claim(2, e.occurred_at, e.event_id), content, e.user_id))
+            content_claims[shell].append(
+                (Claim(0, e.occurred_at, e.event_id), [{"type": "text", "text": ""}], None)
+            )
+            touched_at[user].append(e.occurred_at)
+            touched_at[shell].append(e.occurred_at)
+        elif isinstance(e, TurnFinalized):
+            key = MessageKey(e.thread_id, "assistant", e.turn_id, None)
+            body = [p.model_dump() for p in e.content] or [
+                {"type": "status", "text": "(no text response)"}
+            ]
+            content_claims[key].append((Claim(2, e.occurred_at, e.event_id), body, None))
+            touched_at[key].append(e.occurred_at)
+            calls = e.usage.calls if e.usage else []
+            if calls:
+                breakdown: dict[str, dict[str, int]] = {}
+                for c in calls:
+                    m = breakdown.setdefault(c.model, dict.fromkeys(FIELDS, 0))
+                    for f in FIELDS:
+                        m[f] += getattr(c, f)
+                totals = tuple(sum(getattr(c, f) for c in calls) for f in FIELDS)
+                values = (
+                    "turn.finalized",
+                    *totals,
+                    breakdown,
+                    {"calls": [c.model_dump() for c in calls]},
+                    e.search_space_id,
+                    e.user_id,
+                )
+                usage_claims[key].append((Claim(2, e.occurred_at, e.event_id), values))
+        elif isinstance(e, MessageAppended):
+            origin = e.event_id if e.turn_id is None else None
+            key = MessageKey(e.thread_id, e.role, e.turn_id, origin)
+            author = e.user_id if e.role == "user" else None
+            body = [p.model_dump() for p in e.content]
+            content_claims[key].append((Claim(1, e.occurred_at, e.event_id), body, author))
+            touched_at[key].append(e.occurred_at)
+            if e.token_usage is not None:
+                t = e.token_usage
+                details = t.call_details
+                values = (
+                    "message.appended",
+                    t.prompt_tokens,
+                    t.completion_tokens,
+                    t.total_tokens,
+                    t.cost_micros,
+                    {model: u.model_dump() for model, u in (t.usage or {}).items()},
+                    {"calls": []}
+                    if details is None
+                    else {"calls": details}
+                    if isinstance(details, list)
+                    else details,
+                    e.search_space_id,
+                    e.user_id,
+                )
+                usage_claims[key].append((Claim(1, e.occurred_at, e.event_id), values))
+
+    threads = {}
+    for thread_id, evs in by_thread.items():
+        with_user = [e for e in evs if e.user_id is not None]
+        creator = min(with_user, key=lambda e: (e.occurred_at, e.event_id)) if with_user else None
+        threads[thread_id] = (
+            space_of[thread_id],
+            creator.user_id if creator else None,
+            min(e.occurred_at for e in evs),
+            max(e.occurred_at for e in evs),
+        )
+
+    messages = {}
+    for key, claims in content_claims.items():
+        claim, body, author = max(claims, key=lambda c: c[0])
+        messages[key] = (body, author, claim, min(touched_at[key]))
+
+    usage = {}
+    for key, claims in usage_claims.items():
+        # Highest rank; on a tie the EARLIEST (occurred_at, event_id).
+        claim, values = min(claims, key=lambda c: (-c[0].rank, c[0].at, c[0].event_id))
+        source, *rest = values
+        usage[key] = (source, claim, *rest, min(c[0].at for c in claims))
+    return LedgerRows(threads=threads, messages=messages, usage=usage)

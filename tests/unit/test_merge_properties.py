@@ -1,0 +1,44 @@
+"""Merge rules, pure: any permutation or duplication of the same events gives the same
+ledger, and it equals the plainly written reference."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from consumer.merge import Outcome, StoredState, expected_rows, rebuild, reduce_batch
+from producer.events import AnyEvent
+from tests.reference import reference_rows
+from tests.strategies import delivered
+
+
+@settings(max_examples=400, deadline=None)
+@given(delivered())
+def test_rebuild_equals_the_reference(events: list[AnyEvent]) -> None:
+    assert expected_rows(rebuild(events)) == reference_rows(events)
+
+
+@settings(max_examples=200, deadline=None)
+@given(delivered(), st.randoms(use_true_random=False))
+def test_order_and_duplicates_do_not_matter(events: list[AnyEvent], rng: st.Random) -> None:
+    shuffled = list(events) + list(events[: len(events) // 2])
+    rng.shuffle(shuffled)
+    assert expected_rows(rebuild(shuffled)) == expected_rows(rebuild(events))
+
+
+@settings(max_examples=200, deadline=None)
+@given(delivered(consistent_spaces=False))
+def test_conflicting_spaces_follow_arrival_order(events: list[AnyEvent]) -> None:
+    assert expected_rows(rebuild(events)) == reference_rows(events)
+
+
+@settings(max_examples=100, deadline=None)
+@given(delivered())
+def test_every_event_gets_one_outcome_and_repeats_are_duplicates(events: list[AnyEvent]) -> None:
+    plan = reduce_batch(events, StoredState())
+    assert len(plan.outcomes) == len(events)
+    seen = set()
+    for event, outcome in zip(events, plan.outcomes, strict=True):
+        if event.event_id in seen:
+            assert outcome is Outcome.DUPLICATE
+        seen.add(event.event_id)

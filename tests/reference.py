@@ -120,9 +120,9 @@ def reference_rows(events: Sequence[AnyEvent]) -> LedgerRows:
         messages[key] = (body, author, claim, min(touched_at[key]))
 
     usage = {}
-    for key, claims in usage_claims.items():
+    for key, paid in usage_claims.items():
         # Highest rank; on a tie the EARLIEST (occurred_at, event_id).
-        claim, values = min(claims, key=lambda c: (-c[0].rank, c[0].at, c[0].event_id))
+        claim, values = min(paid, key=lambda c: (-c[0].rank, c[0].at, c[0].event_id))
         source, *rest = values
-        usage[key] = (source, claim, *rest, min(c[0].at for c in claims))
+        usage[key] = (source, claim, *rest, min(c[0].at for c in paid))
     return LedgerRows(threads=threads, messages=messages, usage=usage)

@@ -59,7 +59,7 @@ async def test_user_turn_plus_shell_is_two_rows(ledger: asyncpg.Connection) -> N
 
 
 async def test_mentioned_documents_part_is_normalised(ledger: asyncpg.Connection) -> None:
-    documents = [
+    documents: list[dict[str, Any]] = [
         {"id": 11, "title": "Q3 report", "document_type": "FILE", "extra": "dropped"},
         {"id": 12, "title": "no type"},
         {"title": "no id", "document_type": "FILE"},
@@ -84,7 +84,7 @@ async def test_no_surviving_document_means_no_part(ledger: asyncpg.Connection) -
 
 
 async def test_finalize_writes_content_and_one_usage_row(ledger: asyncpg.Connection) -> None:
-    content = [
+    content: list[dict[str, Any]] = [
         {"type": "text", "text": "Revenue grew 12%"},
         {"type": "tool-call", "toolCallId": "c1", "args": {"q": "Q3"}, "result": {"hits": 3}},
     ]

@@ -1,0 +1,71 @@
+"""Migrations are the only source of schema: they round-trip, and the models agree with them."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from consumer.migrate import downgrade, upgrade
+from consumer.models import metadata
+from consumer.store import asyncpg_dsn
+
+LEDGER_TABLES = {"chat_threads", "chat_messages", "token_usage", "consumer_offsets"}
+
+
+async def _tables(url: str) -> set[str]:
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        rows = await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            " AND tablename <> 'alembic_version'"
+        )
+        return {r["tablename"] for r in rows}
+    finally:
+        await conn.close()
+
+
+async def test_upgrade_downgrade_upgrade(database_url: str) -> None:
+    await asyncio.to_thread(upgrade, database_url)
+    assert await _tables(database_url) == LEDGER_TABLES
+    await asyncio.to_thread(downgrade, database_url)
+    assert await _tables(database_url) == set()
+    await asyncio.to_thread(upgrade, database_url)
+    assert await _tables(database_url) == LEDGER_TABLES
+
+
+def _diff(connection: Connection) -> list[Any]:
+    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    return list(compare_metadata(context, metadata))
+
+
+async def test_models_and_migrations_agree(ledger_url: str) -> None:
+    engine = create_async_engine(ledger_url)
+    try:
+        async with engine.connect() as conn:
+            assert await conn.run_sync(_diff) == []
+    finally:
+        await engine.dispose()
+
+
+async def test_partial_unique_indexes_have_the_specified_names_and_predicates(
+    ledger: asyncpg.Connection,
+) -> None:
+    rows = await ledger.fetch(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE indexname LIKE 'uq_%'"
+    )
+    definitions = {r["indexname"]: r["indexdef"] for r in rows}
+    assert definitions["uq_chat_messages_thread_turn_role"].endswith(
+        "(thread_id, turn_id, role) WHERE (turn_id IS NOT NULL)"
+    )
+    assert definitions["uq_token_usage_message_id"].endswith(
+        "(message_id) WHERE (message_id IS NOT NULL)"
+    )
+    assert definitions["uq_chat_messages_content_event_id"].endswith(
+        "(content_event_id) WHERE (turn_id IS NULL)"
+    )

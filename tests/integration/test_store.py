@@ -1,0 +1,182 @@
+"""store.py against the real database: offsets compare-and-set, concurrency, statement count,
+and a database rejection surfacing as a typed error."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import pytest
+
+from consumer.errors import FencedError, PoisonError, classify_database_error
+from consumer.merge import expected_rows, rebuild
+from consumer.retry import Backoff, retry_transient
+from consumer.store import (
+    OffsetMove,
+    advance_offsets,
+    apply_events,
+    asyncpg_dsn,
+    load_offsets,
+    read_ledger,
+)
+from producer.events import AnyEvent, Rejection, decode_event
+from producer.simulator import TrafficConfig, plan_traffic
+from tests.factories import appended, call, finalized, started
+
+GROUP, TOPIC = "token-ledger", "chat.turn-events"
+
+
+async def _in_tx(conn: asyncpg.Connection, moves: Sequence[OffsetMove]) -> None:
+    async with conn.transaction():
+        await advance_offsets(conn, GROUP, TOPIC, moves)
+
+
+async def test_offsets_advance_only_from_the_expected_position(ledger: asyncpg.Connection) -> None:
+    await _in_tx(ledger, [OffsetMove(0, None, 10), OffsetMove(1, None, 5)])
+    assert await load_offsets(ledger, GROUP, TOPIC, [0, 1, 2]) == {0: 10, 1: 5}
+    await _in_tx(ledger, [OffsetMove(0, 10, 20)])
+    with pytest.raises(FencedError) as fenced:
+        await _in_tx(ledger, [OffsetMove(0, 10, 30), OffsetMove(1, 5, 6)])
+    assert fenced.value.partitions == [0]
+    # The whole transaction rolled back: partition 1 did not move either.
+    assert await load_offsets(ledger, GROUP, TOPIC, [0, 1]) == {0: 20, 1: 5}
+    with pytest.raises(FencedError):
+        await _in_tx(ledger, [OffsetMove(1, None, 9)])  # someone already claimed partition 1
+
+
+async def test_a_fenced_batch_writes_no_rows(ledger: asyncpg.Connection) -> None:
+    await _in_tx(ledger, [OffsetMove(0, None, 1)])
+
+    async def stale_batch() -> None:
+        async with ledger.transaction():
+            await apply_events(ledger, [started()])  # rows first, to prove they roll back
+            await advance_offsets(ledger, GROUP, TOPIC, [OffsetMove(0, 0, 2)])
+
+    with pytest.raises(FencedError):
+        await stale_batch()
+    assert await ledger.fetchval("SELECT count(*) FROM chat_messages") == 0
+
+
+async def test_second_owner_of_a_partition_is_fenced_while_first_commits(
+    ledger_url: str,
+) -> None:
+    first = await asyncpg.connect(asyncpg_dsn(ledger_url))
+    second = await asyncpg.connect(asyncpg_dsn(ledger_url))
+    try:
+        await _in_tx(first, [OffsetMove(0, None, 100)])
+        tx = first.transaction()
+        await tx.start()
+        await advance_offsets(first, GROUP, TOPIC, [OffsetMove(0, 100, 200)])
+        # The zombie starts from the same stored offset and blocks on the row lock...
+        zombie = asyncio.create_task(_in_tx(second, [OffsetMove(0, 100, 150)]))
+        await asyncio.sleep(0)  # let it reach the lock before the owner commits
+        await tx.commit()
+        # ...and once the owner commits, its compare-and-set finds 200, not 100.
+        with pytest.raises(FencedError):
+            await zombie
+        assert await load_offsets(first, GROUP, TOPIC, [0]) == {0: 200}
+    finally:
+        await first.close()
+        await second.close()
+
+
+def _overlapping_events() -> list[AnyEvent]:
+    records, _ = plan_traffic(TrafficConfig(threads=30, turns_per_thread=4, seed=11, poison_rate=0))
+    events = [decode_event(value, timestamp_ms=1_795_252_502_118) for _, value in records]
+    return [e for e in events if not isinstance(e, Rejection)]
+
+
+async def _writer(url: str, batches: list[list[AnyEvent]]) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        for batch in batches:
+
+            async def apply_batch(batch: list[AnyEvent] = batch) -> None:
+                async with conn.transaction():
+                    await apply_events(conn, batch)
+
+            await retry_transient(apply_batch, Backoff(initial=0.01, maximum=0.2, attempts=50))
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_writers_in_opposite_orders_converge(ledger_url: str) -> None:
+    events = _overlapping_events()
+    rng = random.Random(5)
+    forward = [events[i : i + 60] for i in range(0, len(events), 60)]
+    backward = [list(reversed(b)) for b in reversed(forward)]
+    rng.shuffle(backward)
+    await asyncio.gather(_writer(ledger_url, forward), _writer(ledger_url, backward))
+    conn = await asyncpg.connect(asyncpg_dsn(ledger_url))
+    try:
+        assert await read_ledger(conn) == expected_rows(rebuild(events))
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM token_usage GROUP BY message_id ORDER BY 1 DESC LIMIT 1"
+            )
+            == 1
+        )
+    finally:
+        await conn.close()
+
+
+class StatementCounter:
+    def __init__(self) -> None:
+        self.statements: list[str] = []
+
+    def __call__(self, record: Any) -> None:
+        self.statements.append(record.query)
+
+
+async def _count_statements(conn: asyncpg.Connection, events: list[AnyEvent]) -> int:
+    await conn.execute("TRUNCATE token_usage, chat_messages, chat_threads")
+    counter = StatementCounter()
+    conn.add_query_logger(counter)
+    try:
+        async with conn.transaction():
+            await advance_offsets(conn, GROUP, TOPIC, [OffsetMove(0, None, len(events))])
+            await apply_events(conn, events)
+    finally:
+        conn.remove_query_logger(counter)
+    await conn.execute("DELETE FROM consumer_offsets")
+    return len(
+        [s for s in counter.statements if s.strip().rstrip(";").upper() not in ("BEGIN", "COMMIT")]
+    )
+
+
+def _mixed_events(count: int) -> list[AnyEvent]:
+    events: list[AnyEvent] = []
+    for i in range(count // 5):
+        turn, thread = f"{i}:t", 1 + i % 97
+        events += [
+            started(turn_id=turn, thread_id=thread, space=1),
+            finalized(turn_id=turn, thread_id=thread, space=1, calls=[call()]),
+            appended(turn_id=turn, thread_id=thread, space=1, cost=5),
+            appended(turn_id=None, thread_id=thread, space=1, cost=7),
+            appended(turn_id=None, thread_id=thread, space=1, role="user"),
+        ]
+    return events
+
+
+async def test_a_batch_costs_a_constant_number_of_statements(ledger: asyncpg.Connection) -> None:
+    small, large = _mixed_events(10), _mixed_events(5000)
+    assert len(large) == 5000
+    await _count_statements(ledger, small)  # asyncpg introspects array types once per connection
+    counts = {len(batch): await _count_statements(ledger, batch) for batch in (small, large)}
+    assert counts[10] == counts[5000] == 7, counts
+    assert await ledger.fetchval("SELECT count(*) FROM token_usage") == 2000
+
+
+async def test_database_rejection_is_classified_as_poison(ledger: asyncpg.Connection) -> None:
+    with pytest.raises(asyncpg.CheckViolationError) as raised:
+        await ledger.execute(
+            "INSERT INTO chat_threads (id, search_space_id, created_at, updated_at)"
+            " VALUES (-1, 1, now(), now())"
+        )
+    mapped = classify_database_error(raised.value)
+    assert isinstance(mapped, PoisonError)
+    assert mapped.sqlstate == "23514"
+    assert "ck_chat_threads_id_positive" in str(mapped)

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+from consumer.logs import configure_logging
 from consumer.settings import Settings, SettingsError, load_settings
 from producer.client import TurnEventProducer, ensure_topic
 from producer.simulator import TrafficConfig, plan_traffic
@@ -36,6 +37,25 @@ def _settings() -> Settings:
         return load_settings()
     except SettingsError as exc:
         typer.echo(f"token-ledger: configuration error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def consume(
+    until_idle: Annotated[
+        bool, typer.Option(help="exit once every assigned partition is caught up")
+    ] = False,
+) -> None:
+    """Run the consumer: topic -> ledger, with /metrics, /healthz and /readyz."""
+    settings = _settings()
+    configure_logging(settings.log_format, settings.log_level)
+    from consumer.service import consume as run_consumer
+    from consumer.topics import TopicConfigError
+
+    try:
+        asyncio.run(run_consumer(settings, until_idle=until_idle))
+    except TopicConfigError as exc:
+        typer.echo(f"token-ledger: {exc}", err=True)
         raise typer.Exit(2) from None
 
 

@@ -15,9 +15,9 @@ The caller owns the transaction: rows and offsets commit together or not at all.
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
 import json
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,19 +27,13 @@ from consumer.errors import FencedError, InvariantError, ThreadRaceError
 from consumer.merge import (
     BatchPlan,
     Claim,
-    LedgerRows,
     MessageKey,
-    MessageRow,
     StoredMessage,
     StoredState,
     ThreadRow,
-    UsageRow,
     candidates,
     canonical_json,
-    message_values,
     reduce_batch,
-    thread_values,
-    usage_values,
 )
 from producer.events import AnyEvent
 
@@ -54,10 +48,20 @@ async def create_pool(database_url: str, *, max_size: int = 4) -> asyncpg.Pool:
         asyncpg_dsn(database_url),
         min_size=1,
         max_size=max_size,
+        timeout=5,  # connecting: a database that is down must not hold a batch for long
         command_timeout=60,
         server_settings={"application_name": "token-ledger"},
     )
     return pool
+
+
+async def ping(pool: asyncpg.Pool, seconds: float = 2.0) -> bool:
+    """Whether the database answers right now (for /readyz)."""
+    try:
+        async with asyncio.timeout(seconds):
+            return bool(await pool.fetchval("SELECT 1"))
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return False
 
 
 # -- offsets ---------------------------------------------------------------------------------
@@ -177,11 +181,11 @@ async def load_state(conn: asyncpg.Connection, events: Sequence[AnyEvent]) -> St
     )
     return StoredState(
         threads={row["id"]: ThreadRow(**dict(row)) for row in thread_rows},
-        messages={_stored_key(row): _stored_message(row) for row in message_rows},
+        messages={stored_key(row): _stored_message(row) for row in message_rows},
     )
 
 
-def _stored_key(row: Mapping[str, Any]) -> MessageKey:
+def stored_key(row: Mapping[str, Any]) -> MessageKey:
     turn_id = row["turn_id"]
     origin = None if turn_id is not None else row["content_event_id"]
     return MessageKey(row["thread_id"], row["role"], turn_id, origin)
@@ -390,55 +394,3 @@ async def apply_events(conn: asyncpg.Connection, events: Sequence[AnyEvent]) -> 
     plan = reduce_batch(events, await load_state(conn, events))
     await write_plan(conn, plan)
     return plan
-
-
-# -- whole-ledger reads (verify, tests) ------------------------------------------------------
-
-
-async def read_ledger(conn: asyncpg.Connection) -> LedgerRows:
-    """Every ledger row as comparable values (see merge.LedgerRows)."""
-    threads = await conn.fetch("SELECT * FROM chat_threads")
-    messages = await conn.fetch("SELECT * FROM chat_messages")
-    usage = await conn.fetch(
-        "SELECT u.*, m.role, m.turn_id, m.content_event_id AS message_event_id"
-        " FROM token_usage u JOIN chat_messages m ON m.id = u.message_id"
-    )
-    return LedgerRows(
-        threads={r["id"]: thread_values(ThreadRow(**_pick(r, ThreadRow))) for r in threads},
-        messages={
-            _stored_key(r): message_values(
-                MessageRow(
-                    key=_stored_key(r),
-                    claim=Claim(r["content_rank"], r["content_at"], r["content_event_id"]),
-                    content=json.loads(r["content"]),
-                    author_id=r["author_id"],
-                    created_at=r["created_at"],
-                )
-            )
-            for r in messages
-        },
-        usage={
-            key: usage_values(
-                UsageRow(
-                    key=key,
-                    claim=Claim(r["source_rank"], r["source_at"], r["source_event_id"]),
-                    model_breakdown=json.loads(r["model_breakdown"]),
-                    call_details=json.loads(r["call_details"]),
-                    **_pick(r, UsageRow, skip={"key", "claim", "model_breakdown", "call_details"}),
-                )
-            )
-            for r in usage
-            for key in [
-                MessageKey(
-                    r["thread_id"],
-                    r["role"],
-                    r["turn_id"],
-                    None if r["turn_id"] is not None else r["message_event_id"],
-                )
-            ]
-        },
-    )
-
-
-def _pick(row: Mapping[str, Any], cls: type, skip: Set[str] = frozenset()) -> dict[str, Any]:
-    return {f.name: row[f.name] for f in dataclasses.fields(cls) if f.name not in skip}

@@ -12,7 +12,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from consumer.merge import Claim, LedgerRows, MessageKey
+from consumer.ledger import LedgerRows
+from consumer.merge import Claim, MessageKey
 from producer.events import AnyEvent, MessageAppended, TurnFinalized, TurnStarted
 
 FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")

@@ -11,8 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumer.merge import LedgerRows
-from consumer.store import apply_events, asyncpg_dsn, read_ledger
+from consumer.ledger import LedgerRows
+from consumer.queries import read_ledger
+from consumer.store import apply_events, asyncpg_dsn
 from producer.events import AnyEvent
 from tests.reference import reference_rows
 from tests.strategies import batch_splits, delivered

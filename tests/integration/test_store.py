@@ -12,7 +12,8 @@ import asyncpg
 import pytest
 
 from consumer.errors import FencedError, PoisonError, classify_database_error
-from consumer.merge import expected_rows, rebuild
+from consumer.ledger import expected_rows, rebuild
+from consumer.queries import read_ledger
 from consumer.retry import Backoff, retry_transient
 from consumer.store import (
     OffsetMove,
@@ -20,7 +21,6 @@ from consumer.store import (
     apply_events,
     asyncpg_dsn,
     load_offsets,
-    read_ledger,
 )
 from producer.events import AnyEvent, Rejection, decode_event
 from producer.simulator import TrafficConfig, plan_traffic

@@ -8,7 +8,8 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.merge import Outcome, StoredState, expected_rows, rebuild, reduce_batch
+from consumer.ledger import expected_rows, rebuild
+from consumer.merge import Outcome, StoredState, reduce_batch
 from producer.events import AnyEvent
 from tests.reference import reference_rows
 from tests.strategies import delivered

@@ -1,0 +1,149 @@
+"""Every Prometheus object of the consumer, named `token_ledger_<what>_<unit>[_total]`.
+
+Labels never carry user, thread or message ids: only event type, outcome, reason, model,
+token kind, partition and SQLSTATE, all of bounded cardinality.
+
+Token and cost counters move once per usage that became authoritative: by the new row's sums,
+or, when it supersedes a stored one, by the difference. Counters cannot go down, so a
+difference below zero is counted in `token_ledger_*_reversed_total` with the same labels:
+`sum(cost_micros_total) - sum(cost_micros_reversed_total)` equals `SUM(cost_micros)` of the
+ledger that this process wrote.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from consumer.merge import Outcome, UsageChange
+
+TOKEN_KINDS = ("prompt", "completion", "total")
+
+
+class LedgerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events = Counter(
+            "token_ledger_events",
+            "Events by type and outcome (applied, duplicate, superseded, dead_lettered).",
+            ["type", "outcome"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "token_ledger_dead_letters",
+            "Records written to the dead-letter topic, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "token_ledger_batch_size",
+            "Records per batch.",
+            buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "token_ledger_batch_seconds",
+            "Time from receiving a batch to its database commit.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.event_lag = Histogram(
+            "token_ledger_event_lag_seconds",
+            "Commit time minus the event's occurred_at.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "token_ledger_consumer_lag_records",
+            "High watermark minus the next offset to apply, per assigned partition.",
+            ["partition"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "token_ledger_tokens",
+            "Tokens of authoritative usage, by model and kind (prompt, completion, total).",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.tokens_reversed = Counter(
+            "token_ledger_tokens_reversed",
+            "Tokens taken back when a usage row was superseded by a smaller one.",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "token_ledger_cost_micros",
+            "Cost (micro-units) of authoritative usage, by model.",
+            ["model"],
+            registry=r,
+        )
+        self.cost_reversed = Counter(
+            "token_ledger_cost_micros_reversed",
+            "Cost taken back when a usage row was superseded by a cheaper one.",
+            ["model"],
+            registry=r,
+        )
+        self.db_retries = Counter(
+            "token_ledger_db_retries",
+            "Batch transactions retried after a transient database failure, by SQLSTATE.",
+            ["sqlstate"],
+            registry=r,
+        )
+        self.rebalances = Counter(
+            "token_ledger_rebalances", "Partition assignments received.", registry=r
+        )
+        self.fenced_batches = Counter(
+            "token_ledger_fenced_batches",
+            "Batches rolled back because another owner had moved the stored offsets.",
+            registry=r,
+        )
+        self.last_commit = Gauge(
+            "token_ledger_last_commit_timestamp_seconds",
+            "Unix time of the last committed batch.",
+            registry=r,
+        )
+        self.ready = Gauge("token_ledger_ready", "1 when /readyz answers 200, else 0.", registry=r)
+
+    def observe_batch(
+        self,
+        *,
+        records: int,
+        seconds: float,
+        outcomes: list[tuple[str, datetime, Outcome]],
+        undecodable: int,
+        dead_letter_reasons: list[str],
+        usage_changes: list[UsageChange],
+    ) -> None:
+        """Everything one committed batch did."""
+        now = datetime.now(UTC)
+        self.batch_size.observe(records)
+        self.batch_seconds.observe(seconds)
+        self.last_commit.set(now.timestamp())
+        for event_type, occurred_at, outcome in outcomes:
+            self.events.labels(event_type, outcome.value).inc()
+            if outcome is not Outcome.REJECTED:
+                self.event_lag.observe(max(0.0, (now - occurred_at).total_seconds()))
+        if undecodable:
+            self.events.labels("unknown", Outcome.REJECTED.value).inc(undecodable)
+        for reason in dead_letter_reasons:
+            self.dead_letters.labels(reason).inc()
+        self.count_usage(usage_changes)
+
+    def count_usage(self, changes: list[UsageChange]) -> None:
+        for change in changes:
+            deltas = {
+                "prompt": change.prompt_tokens,
+                "completion": change.completion_tokens,
+                "total": change.total_tokens,
+            }
+            for kind, delta in deltas.items():
+                if delta > 0:
+                    self.tokens.labels(change.model, kind).inc(delta)
+                elif delta < 0:
+                    self.tokens_reversed.labels(change.model, kind).inc(-delta)
+            if change.cost_micros > 0:
+                self.cost.labels(change.model).inc(change.cost_micros)
+            elif change.cost_micros < 0:
+                self.cost_reversed.labels(change.model).inc(-change.cost_micros)

@@ -1,0 +1,63 @@
+"""The consumer's topics: created when missing, and sized so that any record the source topic
+accepts also fits, byte for byte, into the dead-letter topic and through our clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from consumer.dlq import HEADER_HEADROOM
+from consumer.errors import LedgerError
+from consumer.settings import Settings
+from producer.client import ensure_topic
+
+MAX_MESSAGE_BYTES = "max.message.bytes"
+
+
+class TopicConfigError(LedgerError):
+    """A topic exists with settings the consumer cannot work with."""
+
+
+@dataclass(frozen=True)
+class TopicLimits:
+    source_max_bytes: int  # the largest record the source topic accepts
+    dlq_max_bytes: int
+
+
+async def _max_message_bytes(admin: AIOKafkaAdminClient, topic: str) -> int:
+    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    for response in responses:
+        for resource in response.to_object()["resources"]:
+            for entry in resource["config_entries"]:
+                if entry["config_names"] == MAX_MESSAGE_BYTES:
+                    return int(entry["config_value"])
+    raise TopicConfigError(f"topic {topic} reports no {MAX_MESSAGE_BYTES}")
+
+
+async def prepare_topics(settings: Settings, *, partitions: int = 3) -> TopicLimits:
+    security = settings.kafka_security()
+    await ensure_topic(settings.kafka_bootstrap, settings.topic, partitions=partitions, **security)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **security)
+    await admin.start()
+    try:
+        source_max = await _max_message_bytes(admin, settings.topic)
+        needed = source_max + HEADER_HEADROOM
+        await ensure_topic(
+            settings.kafka_bootstrap,
+            settings.dlq_topic,
+            partitions=1,
+            config={MAX_MESSAGE_BYTES: str(needed)},
+            **security,
+        )
+        dlq_max = await _max_message_bytes(admin, settings.dlq_topic)
+    finally:
+        await admin.close()
+    if dlq_max < needed:
+        raise TopicConfigError(
+            f"dead-letter topic {settings.dlq_topic} accepts {dlq_max} bytes, but records of "
+            f"{settings.topic} can be {source_max} bytes: set its {MAX_MESSAGE_BYTES} to at "
+            f"least {needed}"
+        )
+    return TopicLimits(source_max_bytes=source_max, dlq_max_bytes=dlq_max)

@@ -8,14 +8,19 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import asyncpg
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.table import Table
 
 from consumer.logs import configure_logging
 from consumer.settings import Settings, SettingsError, load_settings
+from consumer.store import asyncpg_dsn
 from producer.client import TurnEventProducer, ensure_topic
 from producer.simulator import TrafficConfig, plan_traffic
 
@@ -122,6 +127,135 @@ async def _publish(settings: Settings, records: list[tuple[bytes, bytes]], parti
         ) as producer:
             async for acked in producer.publish_records(records):
                 progress.advance(task, acked)
+
+
+@app.command()
+def verify() -> None:
+    """Re-read the topic, rebuild the expected ledger, report differences (exit 1 on any)."""
+    settings = _settings()
+    from consumer.operations import verify as run_verify
+
+    report = asyncio.run(run_verify(settings))
+    console = Console()
+    table = Table("", "expected", "in the ledger", title="verify")
+    for name in report.expected:
+        style = "" if report.expected[name] == report.actual.get(name) else "red"
+        table.add_row(name, str(report.expected[name]), str(report.actual.get(name)), style=style)
+    console.print(table)
+    console.print(f"records read: {report.records_read} (skipped, never applied: {report.skipped})")
+    for difference in report.differences[:50]:
+        console.print(f"  {difference.table}: {difference.key}: {difference.problem}")
+    if len(report.differences) > 50:
+        console.print(f"  ... and {len(report.differences) - 50} more")
+    if not report.ok:
+        console.print(f"[red]{len(report.differences)} difference(s)[/red]")
+        raise typer.Exit(1)
+    console.print("[green]ledger matches the topic[/green]")
+
+
+@app.command()
+def replay(
+    from_time: Annotated[
+        datetime | None,
+        typer.Option(
+            help="rewind to the first record at or after this time (ISO 8601, UTC if no zone)"
+        ),
+    ] = None,
+    to_offset: Annotated[int | None, typer.Option(min=0, help="rewind to this offset")] = None,
+    partition: Annotated[int | None, typer.Option(min=0, help="only this partition")] = None,
+) -> None:
+    """Rewind the stored offsets; the consumers apply the range again (the ledger must not change)."""
+    if (from_time is None) == (to_offset is None):
+        typer.echo("token-ledger replay: give exactly one of --from-time or --to-offset", err=True)
+        raise typer.Exit(2)
+    settings = _settings()
+    from consumer.operations import replay as run_replay
+
+    moves = asyncio.run(
+        run_replay(settings, from_time=_utc(from_time), to_offset=to_offset, partition=partition)
+    )
+    for part, (old, new) in sorted(moves.items()):
+        typer.echo(f"partition {part}: {old} -> {new}" + ("" if new < old else " (unchanged)"))
+    if not moves:
+        typer.echo("no stored offsets for this group and topic: nothing to rewind")
+
+
+dlq_app = typer.Typer(help="Inspect and replay the dead-letter topic.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+
+def _print_dead_letters(views: list[Any]) -> None:
+    table = Table("dlq offset", "reason", "source", "failed at", "bytes", "detail")
+    for v in views:
+        table.add_row(
+            f"{v.partition}:{v.offset}", v.reason, v.source, v.failed_at, str(v.size), v.detail
+        )
+    Console().print(table)
+
+
+@dlq_app.command("list")
+def dlq_list(
+    reason: Annotated[str | None, typer.Option(help="only this reason")] = None,
+) -> None:
+    """List dead letters with their reason and source position."""
+    settings = _settings()
+    from consumer.operations import list_dead_letters
+
+    views = asyncio.run(list_dead_letters(settings, reason))
+    _print_dead_letters(views)
+    typer.echo(f"{len(views)} dead letter(s)")
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    reason: Annotated[str | None, typer.Option(help="only this reason")] = None,
+    dry_run: Annotated[bool, typer.Option(help="show what would be replayed")] = False,
+) -> None:
+    """Publish dead letters' original records to their source topic again."""
+    settings = _settings()
+    from consumer.operations import replay_dead_letters
+
+    views = asyncio.run(replay_dead_letters(settings, reason, dry_run=dry_run))
+    _print_dead_letters(views)
+    typer.echo(f"{'would replay' if dry_run else 'replayed'} {len(views)} record(s)")
+
+
+@app.command()
+def usage(
+    by: Annotated[
+        list[str] | None, typer.Option(help="user, space, model, day (repeat to combine)")
+    ] = None,
+    since: Annotated[datetime | None, typer.Option(help="from this time (UTC if no zone)")] = None,
+    until: Annotated[datetime | None, typer.Option(help="before this time")] = None,
+) -> None:
+    """Billing report: tokens and cost by user, search space, model and/or day."""
+    settings = _settings()
+    from consumer.queries import USAGE_DIMENSIONS, USAGE_MEASURES, usage_report
+
+    group_by = by or ["space", "model"]
+    if bad := [d for d in group_by if d not in USAGE_DIMENSIONS]:
+        typer.echo(
+            f"token-ledger usage: --by {bad[0]!r} is not one of {', '.join(USAGE_DIMENSIONS)}",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+    async def report() -> list[dict[str, Any]]:
+        conn = await asyncpg.connect(asyncpg_dsn(settings.database_url.get_secret_value()))
+        try:
+            return await usage_report(conn, group_by, _utc(since), _utc(until))
+        finally:
+            await conn.close()
+
+    rows = asyncio.run(report())
+    table = Table(*group_by, *USAGE_MEASURES, "usage rows", title="token usage")
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in [*group_by, *USAGE_MEASURES, "usage_rows"]))
+    Console().print(table)
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
 
 
 def main() -> None:

@@ -3,7 +3,7 @@ the database holds. Pure; used by `token-ledger verify` and the property tests."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,3 +77,78 @@ def expected_rows(ledger: Ledger) -> LedgerRows:
         messages={k: message_values(r) for k, r in ledger.messages.items()},
         usage={k: usage_values(r) for k, r in ledger.usage.items()},
     )
+
+
+THREAD_FIELDS = ("search_space_id", "created_by_id", "created_at", "updated_at")
+MESSAGE_FIELDS = ("content", "author_id", "content_claim", "created_at")
+USAGE_FIELDS = (
+    "source",
+    "source_claim",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost_micros",
+    "model_breakdown",
+    "call_details",
+    "search_space_id",
+    "user_id",
+    "created_at",
+)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One row that is missing, unexpected, or different; never quotes content."""
+
+    table: str
+    key: str
+    problem: str
+
+
+def describe_key(key: MessageKey | int) -> str:
+    if isinstance(key, int):
+        return f"thread {key}"
+    where = f"turn {key.turn_id}" if key.turn_id is not None else f"event {key.origin_event_id}"
+    return f"thread {key.thread_id} {where} {key.role}"
+
+
+def compare(expected: LedgerRows, actual: LedgerRows) -> list[Difference]:
+    differences: list[Difference] = []
+    tables: list[
+        tuple[str, Mapping[Any, tuple[Any, ...]], Mapping[Any, tuple[Any, ...]], tuple[str, ...]]
+    ] = [
+        ("chat_threads", expected.threads, actual.threads, THREAD_FIELDS),
+        ("chat_messages", expected.messages, actual.messages, MESSAGE_FIELDS),
+        ("token_usage", expected.usage, actual.usage, USAGE_FIELDS),
+    ]
+    for table, want, have, names in tables:
+        for key in sorted(want.keys() | have.keys(), key=_sortable):
+            if key not in have:
+                differences.append(Difference(table, describe_key(key), "missing"))
+            elif key not in want:
+                differences.append(Difference(table, describe_key(key), "unexpected"))
+            elif want[key] != have[key]:
+                fields = [n for n, a, b in zip(names, want[key], have[key], strict=True) if a != b]
+                differences.append(
+                    Difference(table, describe_key(key), f"differs in {', '.join(fields)}")
+                )
+    return differences
+
+
+def _sortable(key: MessageKey | int) -> tuple[Any, ...]:
+    return (key,) if isinstance(key, int) else key.sort_key()
+
+
+def totals(rows: LedgerRows) -> dict[str, int]:
+    """Row counts and the billing sums (tokens, cost) of a ledger."""
+    names = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
+    sums = dict.fromkeys(names, 0)
+    for values in rows.usage.values():
+        for name in names:
+            sums[name] += values[USAGE_FIELDS.index(name)]
+    return {
+        "threads": len(rows.threads),
+        "messages": len(rows.messages),
+        "usage_rows": len(rows.usage),
+        **sums,
+    }

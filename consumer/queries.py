@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping, Set
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -62,3 +63,82 @@ async def read_ledger(conn: asyncpg.Connection) -> LedgerRows:
 
 def _pick(row: Mapping[str, Any], cls: type, skip: Set[str] = frozenset()) -> dict[str, Any]:
     return {f.name: row[f.name] for f in dataclasses.fields(cls) if f.name not in skip}
+
+
+# -- replay: rewind stored offsets -----------------------------------------------------------
+
+
+async def rewind_offsets(
+    conn: asyncpg.Connection, group_id: str, topic: str, targets: Mapping[int, int]
+) -> dict[int, tuple[int, int]]:
+    """Move stored next_offsets back to `targets` (never forward); partition -> (old, new).
+
+    A running consumer notices at its next batch (its compare-and-set fails) or within a few
+    seconds when idle, and seeks to the rewound offsets.
+    """
+    async with conn.transaction():
+        rows = await conn.fetch(
+            "SELECT partition, next_offset FROM consumer_offsets"
+            " WHERE group_id = $1 AND topic = $2 AND partition = ANY($3::int[])"
+            " ORDER BY partition FOR UPDATE",
+            group_id,
+            topic,
+            sorted(targets),
+        )
+        moves = {
+            r["partition"]: (r["next_offset"], min(r["next_offset"], targets[r["partition"]]))
+            for r in rows
+        }
+        changed = sorted(p for p, (old, new) in moves.items() if new < old)
+        await conn.execute(
+            "UPDATE consumer_offsets AS o SET next_offset = v.next_offset, updated_at = now()"
+            " FROM unnest($3::int[], $4::bigint[]) AS v(partition, next_offset)"
+            " WHERE o.group_id = $1 AND o.topic = $2 AND o.partition = v.partition",
+            group_id,
+            topic,
+            changed,
+            [moves[p][1] for p in changed],
+        )
+    return moves
+
+
+# -- usage: the billing report ---------------------------------------------------------------
+
+# Whitelisted dimensions: name -> SQL expression (never built from user input).
+USAGE_DIMENSIONS = {
+    "user": "coalesce(u.user_id::text, '(none)')",
+    "space": "u.search_space_id::text",
+    "model": "coalesce(b.key, '(unspecified)')",
+    "day": "to_char(u.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+}
+USAGE_MEASURES = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
+
+
+async def usage_report(
+    conn: asyncpg.Connection,
+    group_by: list[str],
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """Token and cost sums of the ledger grouped by the chosen dimensions (UTC days)."""
+    unknown = [d for d in group_by if d not in USAGE_DIMENSIONS]
+    if unknown or not group_by:
+        raise ValueError(f"group by one or more of {', '.join(USAGE_DIMENSIONS)}: got {unknown}")
+    by_model = "model" in group_by
+    # Per model, sums come from model_breakdown; otherwise from the row's own totals.
+    measures = ", ".join(
+        f"sum((b.value->>'{m}')::bigint) AS {m}" if by_model else f"sum(u.{m}) AS {m}"
+        for m in USAGE_MEASURES
+    )
+    dimensions = ", ".join(f"{USAGE_DIMENSIONS[d]} AS {d}" for d in group_by)
+    join = "LEFT JOIN LATERAL jsonb_each(u.model_breakdown) AS b ON true" if by_model else ""
+    rows = await conn.fetch(
+        f"SELECT {dimensions}, {measures}, count(DISTINCT u.id) AS usage_rows"
+        f" FROM token_usage AS u {join}"
+        " WHERE ($1::timestamptz IS NULL OR u.created_at >= $1)"
+        "   AND ($2::timestamptz IS NULL OR u.created_at < $2)"
+        f" GROUP BY {', '.join(group_by)} ORDER BY {', '.join(group_by)}",
+        since,
+        until,
+    )
+    return [dict(row) for row in rows]

@@ -21,8 +21,12 @@ def free_port() -> int:
 
 def require_free_port(port: int, service: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Like the servers themselves: connections lingering in TIME_WAIT do not make a port
+        # taken, a listener does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
+            sock.listen()
         except OSError as exc:
             raise DevstackError(
                 f"{service}: port 127.0.0.1:{port} is taken ({exc.strerror}); "

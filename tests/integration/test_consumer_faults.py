@@ -1,0 +1,239 @@
+"""Faults around the consumer: the database going away, two owners of one partition, replay
+and verify."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from consumer.dlq import DeadLetterQueue
+from consumer.health import Readiness
+from consumer.metrics import LedgerMetrics
+from consumer.migrate import upgrade
+from consumer.pipeline import Pipeline
+from consumer.settings import load_settings
+from consumer.store import create_pool
+from consumer.topics import prepare_topics
+from devstack.postgres import PostgresServer
+from devstack.processes import free_port
+from producer.simulator import TrafficConfig, plan_traffic
+from tests.integration.harness import (
+    REPO,
+    ConsumerProcess,
+    Stack,
+    expected_summary,
+    ledger_summary,
+    wait_for,
+)
+
+START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[ConsumerProcess]]:
+    started: list[ConsumerProcess] = []
+    yield started
+    for process in started:
+        process.stop_quietly()
+
+
+@pytest.fixture
+async def own_postgres() -> AsyncIterator[PostgresServer]:
+    """A PostgreSQL of this test's own, so that it can be stopped and started again."""
+    workdir = Path(tempfile.mkdtemp(prefix="token-ledger-pg-fault-"))
+    server = PostgresServer(workdir, port=free_port())
+    server.start()
+    await asyncio.to_thread(upgrade, server.url)
+    yield server
+    server.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _mirrored(stack: Stack) -> dict[int, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(stack.group_id)
+    finally:
+        await admin.close()
+    return {tp.partition: meta.offset for tp, meta in offsets.items()}
+
+
+async def test_database_outage_moves_nothing_and_everything_lands_after(
+    kafka_bootstrap: str,
+    own_postgres: PostgresServer,
+    processes: list[ConsumerProcess],
+    tmp_path: Path,
+) -> None:
+    stack = Stack.fresh(kafka_bootstrap, own_postgres.url)
+    records, expect = plan_traffic(
+        TrafficConfig(threads=80, turns_per_thread=4, seed=12, poison_rate=0, start=START)
+    )
+    half = len(records) // 2
+    await stack.publish(records[:half])
+    consumer = ConsumerProcess(stack.env(LEDGER_STALL_SECONDS="600"), tmp_path / "c.log").start()
+    processes.append(consumer)
+    await wait_for(stack.caught_up, within=60, what="first half applied")
+    await wait_for(lambda: _status_is(consumer, 200), within=30, what="ready")
+    before = await _mirrored(stack)
+
+    await asyncio.to_thread(own_postgres.stop)
+    await stack.publish(records[half:])
+    await wait_for(lambda: _status_is(consumer, 503), within=30, what="not ready")
+    await wait_for(
+        lambda: _logged(consumer, '"transient failure, retrying the batch"', times=3),
+        within=60,
+        what="several retries",
+    )
+    assert "database unreachable" in consumer.http("/readyz")[1]
+    assert await _mirrored(stack) == before  # no offset moved
+    assert await stack.dead_letters() == []  # nothing dead-lettered because the database is down
+
+    await asyncio.to_thread(own_postgres.start)
+    await wait_for(stack.caught_up, within=90, what="the rest to land")
+    await wait_for(lambda: _status_is(consumer, 200), within=30, what="ready again")
+    assert await ledger_summary(stack) == expected_summary(expect)
+    assert await stack.dead_letters() == []
+    _, metrics = consumer.http("/metrics")
+    assert "token_ledger_db_retries_total" in metrics
+
+
+async def _status_is(consumer: ConsumerProcess, status: int) -> bool:
+    return await consumer.status("/readyz") == status
+
+
+async def _logged(consumer: ConsumerProcess, text: str, times: int) -> bool:
+    return consumer.logs().count(text) >= times
+
+
+async def _run_pipeline(stack: Stack, kafka_group: str) -> LedgerMetrics:
+    """A full pipeline in-process, in its own Kafka group, sharing the ledger's offsets."""
+    settings = load_settings(
+        kafka_bootstrap=stack.bootstrap,
+        database_url=stack.database_url,
+        topic=stack.topic,
+        dlq_topic=stack.dlq_topic,
+        group_id=stack.group_id,
+        max_batch=50,
+    )
+    limits = await prepare_topics(settings)
+    metrics = LedgerMetrics()
+    pool = await create_pool(stack.database_url)
+    try:
+        async with DeadLetterQueue(
+            stack.bootstrap, stack.dlq_topic, max_record_bytes=limits.source_max_bytes
+        ) as dlq:
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=stack.bootstrap,
+                group_id=kafka_group,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+            )
+            pipeline = Pipeline(settings, consumer, pool, dlq, metrics, Readiness(600))
+            consumer.subscribe([stack.topic], listener=pipeline.listener)
+            await consumer.start()
+            try:
+                await pipeline.run(until_idle=True)
+            finally:
+                await consumer.stop()
+    finally:
+        await pool.close()
+    return metrics
+
+
+async def test_two_owners_of_one_partition_range_one_commits_the_other_is_fenced(
+    kafka_bootstrap: str, ledger_url: str
+) -> None:
+    stack = Stack.fresh(kafka_bootstrap, ledger_url, partitions=1)
+    records, expect = plan_traffic(
+        TrafficConfig(threads=60, turns_per_thread=4, seed=13, poison_rate=0, start=START)
+    )
+    await stack.publish(records)
+    # Two Kafka groups, so both are assigned the partition: a zombie and a new owner at once.
+    results = await asyncio.gather(_run_pipeline(stack, "owner-a"), _run_pipeline(stack, "owner-b"))
+    fenced = sum(
+        m.registry.get_sample_value("token_ledger_fenced_batches_total") or 0 for m in results
+    )
+    committed = sum(
+        m.registry.get_sample_value("token_ledger_batch_size_sum") or 0 for m in results
+    )
+    assert fenced >= 1
+    assert committed == len(records)  # every range committed exactly once, by one of them
+    assert await stack.stored_offsets() == {0: len(records)}
+    assert await ledger_summary(stack) == expected_summary(expect)
+
+
+def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "consumer", *args],
+        cwd=REPO,
+        env=stack.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+async def _dump(stack: Stack) -> dict[str, list[Any]]:
+    conn: asyncpg.Connection = await stack.connect()
+    try:
+        return {
+            table: [tuple(r) for r in await conn.fetch(f"SELECT * FROM {table} ORDER BY 1")]
+            for table in ("chat_threads", "chat_messages", "token_usage")
+        }
+    finally:
+        await conn.close()
+
+
+async def test_replay_leaves_the_ledger_byte_identical_and_verify_finds_corruption(
+    kafka_bootstrap: str, ledger_url: str, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    before_publish = datetime.now(UTC)
+    records, _ = plan_traffic(TrafficConfig(threads=40, turns_per_thread=4, seed=14, start=START))
+    await stack.publish(records)
+    first = ConsumerProcess(stack.env(), tmp_path / "first.log", "--until-idle").start()
+    processes.append(first)
+    assert first.wait() == 0, first.logs()
+    clean = await _dump(stack)
+    assert _cli(stack, "verify").returncode == 0
+
+    rewound = _cli(stack, "replay", "--from-time", before_publish.isoformat())
+    assert rewound.returncode == 0, rewound.stderr
+    assert "-> 0" in rewound.stdout
+    assert sum((await stack.stored_offsets()).values()) == 0
+    again = ConsumerProcess(stack.env(), tmp_path / "again.log", "--until-idle").start()
+    processes.append(again)
+    assert again.wait() == 0, again.logs()
+    assert await stack.caught_up()
+    assert await _dump(stack) == clean  # ids, contents and even updated_at unchanged
+
+    verified = _cli(stack, "verify")
+    assert verified.returncode == 0, verified.stdout
+    assert "ledger matches the topic" in verified.stdout
+
+    conn = await stack.connect()
+    try:
+        await conn.execute(
+            "UPDATE token_usage SET cost_micros = cost_micros + 1"
+            " WHERE id = (SELECT min(id) FROM token_usage)"
+        )
+    finally:
+        await conn.close()
+    corrupted = _cli(stack, "verify")
+    assert corrupted.returncode == 1
+    assert "token_usage" in corrupted.stdout
+    assert "differs in cost_micros" in corrupted.stdout

@@ -6,7 +6,7 @@ UV := .tools/bin/uv
 VENV := .venv
 RUN := $(VENV)/bin
 
-.PHONY: setup jars services services-down status lint typecheck test demo clean
+.PHONY: setup jars services services-down status lint typecheck test demo bench clean
 
 setup: $(VENV)/.synced jars  ## Python env from the lock file + the Kafka broker jars
 
@@ -39,6 +39,9 @@ typecheck: $(VENV)/.synced
 
 test: setup lint typecheck  ## lint, types, then every unit and integration test (starts its own services)
 	$(RUN)/pytest
+
+demo: services  ## everything on this machine: consumer + simulated traffic, checked against the simulator
+	$(RUN)/python -m devstack.demo
 
 clean: services-down
 	rm -rf .devstack .venv .tools

@@ -14,9 +14,10 @@ from pathlib import Path
 from devstack.errors import DevstackError
 from devstack.kafka import KafkaBroker
 from devstack.postgres import PostgresServer
-from devstack.processes import is_alive, read_pid
+from devstack.processes import is_alive, read_pid, stop_process_group
 
 STATE = Path(".devstack")
+CONSUMER_PID = STATE / "consumer.pid"  # the consumer `make demo` leaves running
 
 
 def _services() -> tuple[KafkaBroker, PostgresServer]:
@@ -55,7 +56,15 @@ def up() -> None:
     print(f"env       {env}")
 
 
+def stop_consumer() -> None:
+    pid = read_pid(CONSUMER_PID)
+    if pid is not None and is_alive(pid):
+        stop_process_group(pid, grace_seconds=15)
+    CONSUMER_PID.unlink(missing_ok=True)
+
+
 def down() -> None:
+    stop_consumer()
     broker, postgres = _services()
     broker.stop()
     postgres.stop()

@@ -2,6 +2,8 @@
 
 `DeadLetterQueue.report(letters)` returns only once the broker has acknowledged every one
 (acks=all, idempotent producer), so the caller may move its offsets past them afterwards.
+Dead letters are at-least-once: if the transaction that follows is retried, a letter it
+already reported is reported again (readers dedupe by the ledger.source.* headers).
 Header values are decimal/ASCII strings; `ledger.error.detail` is capped at 1 KiB and built by
 the decoder or the error taxonomy, which never quote chat text or secrets.
 """
@@ -83,6 +85,8 @@ class DeadLetterQueue:
     async def __aenter__(self) -> Self:
         await self._producer.start()
         self._started = True
+        # Learn the topic's leaders now, not while the first dead letter holds a batch open.
+        await self._producer.partitions_for(self.topic)
         return self
 
     async def __aexit__(

@@ -14,11 +14,18 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 
 from consumer.merge import Outcome, UsageChange
 
-TOKEN_KINDS = ("prompt", "completion", "total")
+# *_created series only double the exposition; rate() and increase() need none.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class LedgerMetrics:

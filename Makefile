@@ -43,5 +43,8 @@ test: setup lint typecheck  ## lint, types, then every unit and integration test
 demo: services  ## everything on this machine: consumer + simulated traffic, checked against the simulator
 	$(RUN)/python -m devstack.demo
 
+bench: services  ## batch writer throughput by batch size, as ratios against one transaction per event
+	set -a && . .devstack/ledger.env && set +a && $(RUN)/python -m bench.ledger_apply
+
 clean: services-down
 	rm -rf .devstack .venv .tools

@@ -183,11 +183,11 @@ class Pipeline:
         except FencedError as fenced:
             self.metrics.fenced_batches.inc()
             log.warning("batch fenced", extra=fields(partitions=fenced.partitions))
-            await self._rewind(owned)
+            await self._rewind(owned, reload=True)
             return
         except BatchAbandoned:
             log.warning("batch abandoned", extra=fields(records=len(owned)))
-            await self._rewind(owned)
+            await self._rewind(owned, reload=False)
             return
         finally:
             self._resume()
@@ -332,18 +332,33 @@ class Pipeline:
             else:  # nothing applied yet: the database, not Kafka's group offset, decides
                 await self.consumer.seek_to_beginning(tp)
 
-    async def _rewind(self, records: list[Record]) -> None:
-        """After a rolled-back batch, fetch again from the offsets stored in PostgreSQL."""
+    async def _rewind(self, records: list[Record], *, reload: bool) -> None:
+        """After a rolled-back batch, fetch its partitions again from where the ledger stands.
+
+        Fenced: another owner moved the stored offsets, so read them. Abandoned: nothing was
+        committed, so the offsets this owner expects still hold (and the database may be down).
+        """
         partitions = sorted({r.partition for r in records} & set(self.positions))
-        stored = await self._load_offsets(partitions)
-        for partition in partitions:
-            self.positions[partition] = stored.get(partition)
-        await self._seek([TopicPartition(self.settings.topic, p) for p in partitions], stored)
+        expected = {p: self.positions[p] for p in partitions}
+        if reload:
+            try:
+                stored = await self._load_offsets(partitions)
+                expected = {p: stored.get(p) for p in partitions}
+            except BatchAbandoned:
+                pass  # shutting down or giving the partitions up while the database is away
+        self.positions.update(expected)
+        await self._seek(
+            [TopicPartition(self.settings.topic, p) for p in partitions],
+            {p: offset for p, offset in expected.items() if offset is not None},
+        )
 
     async def _follow_stored_offsets(self) -> None:
         """When idle, pick up offsets moved by someone else (`token-ledger replay`, a new owner)."""
         self._last_sync = time.monotonic()
-        stored = await self._load_offsets(sorted(self.positions))
+        try:
+            stored = await self._load_offsets(sorted(self.positions))
+        except BatchAbandoned:
+            return  # shutting down while the database is away
         moved = [p for p in sorted(self.positions) if stored.get(p) != self.positions[p]]
         if not moved:
             return

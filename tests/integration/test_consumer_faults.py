@@ -107,7 +107,40 @@ async def test_database_outage_moves_nothing_and_everything_lands_after(
     assert await ledger_summary(stack) == expected_summary(expect)
     assert await stack.dead_letters() == []
     _, metrics = consumer.http("/metrics")
-    assert "token_ledger_db_retries_total" in metrics
+    assert "token_ledger_db_retries_total{" in metrics
+
+
+async def test_sigterm_while_the_database_is_down_exits_0_within_10s(
+    kafka_bootstrap: str,
+    own_postgres: PostgresServer,
+    processes: list[ConsumerProcess],
+    tmp_path: Path,
+) -> None:
+    stack = Stack.fresh(kafka_bootstrap, own_postgres.url)
+    records, expect = plan_traffic(
+        TrafficConfig(threads=40, turns_per_thread=4, seed=15, poison_rate=0, start=START)
+    )
+    await stack.create_topic()
+    consumer = ConsumerProcess(stack.env(), tmp_path / "c.log").start()
+    processes.append(consumer)
+    await wait_for(lambda: _status_is(consumer, 200), within=30, what="ready")
+    await asyncio.to_thread(own_postgres.stop)
+    await stack.publish(records)
+    await wait_for(
+        lambda: _logged(consumer, '"transient failure, retrying the batch"', times=2),
+        within=60,
+        what="retries while the database is down",
+    )
+    code, seconds = consumer.terminate()  # the batch in flight cannot commit: it is abandoned
+    assert code == 0, consumer.logs()
+    assert seconds < 10
+    assert '"batch abandoned"' in consumer.logs()
+
+    await asyncio.to_thread(own_postgres.start)
+    after = ConsumerProcess(stack.env(), tmp_path / "after.log", "--until-idle").start()
+    processes.append(after)
+    assert after.wait() == 0, after.logs()
+    assert await ledger_summary(stack) == expected_summary(expect)
 
 
 async def _status_is(consumer: ConsumerProcess, status: int) -> bool:

@@ -3,11 +3,15 @@
 
     LedgerError
     ├── TransientError      retry the whole batch with capped backoff; never dead-letter
-    │   └── ThreadRaceError     a thread appeared concurrently with another search space
+    │   ├── ThreadRaceError     a thread appeared concurrently with another search space
+    │   └── DeadLetterUnavailableError  the dead-letter topic did not acknowledge
     ├── FencedError         another owner moved the stored offsets: roll back and re-seek
     ├── PoisonError         this record (or the batch holding it) can never be applied:
     │                       split the batch until it is isolated, then dead-letter it
     └── InvariantError      the ledger's own assumptions broke: crash loudly
+
+    BatchAbandoned          not a failure: the batch in flight was given up (rebalance or
+                            shutdown while retrying); nothing was committed
 """
 
 from __future__ import annotations
@@ -33,6 +37,14 @@ class TransientError(LedgerError):
 
 class ThreadRaceError(TransientError):
     pass
+
+
+class DeadLetterUnavailableError(TransientError):
+    """The dead-letter topic did not acknowledge; the batch waits and retries."""
+
+
+class BatchAbandoned(Exception):  # noqa: N818 - a control-flow signal, not a failure
+    """The batch in flight was given up (partitions revoked or shutdown while retrying)."""
 
 
 class FencedError(LedgerError):

@@ -34,7 +34,14 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from consumer.dlq import DeadLetter, DeadLetterQueue
-from consumer.errors import FencedError, PoisonError, TransientError, classify_database_error
+from consumer.errors import (
+    BatchAbandoned,
+    DeadLetterUnavailableError,
+    FencedError,
+    PoisonError,
+    TransientError,
+    classify_database_error,
+)
 from consumer.health import Readiness
 from consumer.logs import fields
 from consumer.merge import BatchPlan, Outcome
@@ -50,14 +57,6 @@ Record: TypeAlias = ConsumerRecord
 T = TypeVar("T")
 BATCH_BACKOFF = Backoff(initial=0.1, maximum=5.0)
 IDLE_SYNC_SECONDS = 2.0
-
-
-class DeadLetterUnavailableError(TransientError):
-    """The dead-letter topic did not acknowledge; the batch waits and retries."""
-
-
-class BatchAbandoned(Exception):  # noqa: N818 - a control-flow signal, not a failure
-    """The batch in flight was given up (partitions revoked or shutdown while retrying)."""
 
 
 @dataclass

@@ -227,6 +227,7 @@ def usage(
     ] = None,
     since: Annotated[datetime | None, typer.Option(help="from this time (UTC if no zone)")] = None,
     until: Annotated[datetime | None, typer.Option(help="before this time")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per row")] = False,
 ) -> None:
     """Billing report: tokens and cost by user, search space, model and/or day."""
     settings = _settings()
@@ -248,6 +249,10 @@ def usage(
             await conn.close()
 
     rows = asyncio.run(report())
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row))
+        return
     table = Table(*group_by, *USAGE_MEASURES, "usage rows", title="token usage")
     for row in rows:
         table.add_row(*(str(row[c]) for c in [*group_by, *USAGE_MEASURES, "usage_rows"]))

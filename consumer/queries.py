@@ -7,6 +7,7 @@ import dataclasses
 import json
 from collections.abc import Mapping, Set
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -141,4 +142,5 @@ async def usage_report(
         since,
         until,
     )
-    return [dict(row) for row in rows]
+    # sum(bigint) is numeric in PostgreSQL: whole numbers, kept exact as Python ints.
+    return [{k: int(v) if isinstance(v, Decimal) else v for k, v in row.items()} for row in rows]

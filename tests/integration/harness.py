@@ -67,6 +67,18 @@ class Stack:
             **extra,
         }
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`token-ledger ARGS` against this stack."""
+        return subprocess.run(
+            [sys.executable, "-m", "consumer", *args],
+            cwd=REPO,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
     async def create_topic(self) -> None:
         await ensure_topic(self.bootstrap, self.topic, partitions=self.partitions)
 

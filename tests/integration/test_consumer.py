@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from producer.simulator import TrafficConfig, plan_traffic
+from producer.simulator import QUERIES, TrafficConfig, plan_traffic
 from tests.integration.harness import (
     ConsumerProcess,
     Stack,
@@ -61,8 +61,16 @@ async def test_end_to_end_ledger_equals_the_simulators_expectation(
     consumer = _consumer(stack, processes, tmp_path, "--until-idle", LEDGER_MAX_BATCH="100")
     assert consumer.wait() == 0, consumer.logs()
     assert await ledger_summary(stack) == expected_summary(expect)
-    assert len(await stack.dead_letters()) == expect.dead_letters
+    assert len(_first_of_each_source(await stack.dead_letters())) == expect.dead_letters
     assert await stack.caught_up()
+    # Structured logs: every line is a JSON object; no password, message body or user query.
+    lines = [json.loads(line) for line in consumer.logs().splitlines()]
+    assert {"ts", "level", "logger", "msg"} <= set(lines[0])
+    text = consumer.logs()
+    password = stack.database_url.split(":")[2].split("@")[0]
+    assert f":{password}@" not in text
+    for query in QUERIES:
+        assert query not in text
 
 
 async def test_kill_9_mid_stream_and_restart_loses_and_duplicates_nothing(
@@ -254,3 +262,49 @@ def test_bad_configuration_exits_2_with_one_line(tmp_path: Path, stack: Stack) -
     lines = process.logs().strip().splitlines()
     assert len(lines) == 1
     assert "LEDGER_KAFKA_SASL_MECHANISM" in lines[0]
+
+
+async def test_operator_commands_dlq_usage_and_replay(
+    kafka_bootstrap: str, ledger_url: str, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    stack = Stack.fresh(kafka_bootstrap, ledger_url, partitions=1)
+    records, expect = plan_traffic(
+        TrafficConfig(threads=5, turns_per_thread=2, seed=3, poison_rate=0, start=START)
+    )
+    poison = [(b"1", b"{not json"), (b"1", b'{"type":"turn.exploded","schema_version":1}')]
+    await stack.publish(records + poison)
+    assert _consumer(stack, processes, tmp_path, "--until-idle").wait() == 0
+
+    listed = stack.cli("dlq", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "2 dead letter(s)" in listed.stdout
+    assert "invalid_json" in listed.stdout and "unknown_type" in listed.stdout
+    assert "1 dead letter(s)" in stack.cli("dlq", "list", "--reason", "invalid_json").stdout
+
+    end = (await stack.end_offsets())[0]
+    assert "would replay 2 record(s)" in stack.cli("dlq", "replay", "--dry-run").stdout
+    assert (await stack.end_offsets())[0] == end
+    replayed = stack.cli("dlq", "replay", "--reason", "unknown_type")
+    assert "replayed 1 record(s)" in replayed.stdout, replayed.stderr
+    assert (await stack.end_offsets())[0] == end + 1
+    assert _consumer(stack, processes, tmp_path, "--until-idle").wait() == 0
+    again = [dict(letter.headers) for letter in await stack.dead_letters()]
+    assert (b"unknown_type", str(end).encode()) in {
+        (h["ledger.error.reason"], h["ledger.source.offset"]) for h in again
+    }  # still bad: back in the dead-letter topic, from its new position
+
+    report = stack.cli("usage", "--by", "model", "--json")
+    assert report.returncode == 0, report.stderr
+    by_model = {row.pop("model"): row for row in map(json.loads, report.stdout.splitlines())}
+    for model, sums in expect.per_model.items():
+        assert {k: by_model[model][k] for k in sums} == sums, model
+    assert "token usage" in stack.cli("usage", "--by", "space", "--by", "day").stdout
+    assert stack.cli("usage", "--by", "planet").returncode == 2
+
+    before = await ledger_summary(stack)
+    rewound = stack.cli("replay", "--to-offset", "0")
+    assert f"partition 0: {end + 1} -> 0" in rewound.stdout, rewound.stderr
+    assert (await stack.stored_offsets())[0] == 0
+    assert _consumer(stack, processes, tmp_path, "--until-idle").wait() == 0
+    assert await ledger_summary(stack) == before == expected_summary(expect)
+    assert stack.cli("replay").returncode == 2  # neither --from-time nor --to-offset

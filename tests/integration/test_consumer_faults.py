@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -30,7 +28,6 @@ from devstack.postgres import PostgresServer
 from devstack.processes import free_port
 from producer.simulator import TrafficConfig, plan_traffic
 from tests.integration.harness import (
-    REPO,
     ConsumerProcess,
     Stack,
     expected_summary,
@@ -208,18 +205,6 @@ async def test_two_owners_of_one_partition_range_one_commits_the_other_is_fenced
     assert await ledger_summary(stack) == expected_summary(expect)
 
 
-def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "consumer", *args],
-        cwd=REPO,
-        env=stack.env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 async def _dump(stack: Stack) -> dict[str, list[Any]]:
     conn: asyncpg.Connection = await stack.connect()
     try:
@@ -242,9 +227,9 @@ async def test_replay_leaves_the_ledger_byte_identical_and_verify_finds_corrupti
     processes.append(first)
     assert first.wait() == 0, first.logs()
     clean = await _dump(stack)
-    assert _cli(stack, "verify").returncode == 0
+    assert stack.cli("verify").returncode == 0
 
-    rewound = _cli(stack, "replay", "--from-time", before_publish.isoformat())
+    rewound = stack.cli("replay", "--from-time", before_publish.isoformat())
     assert rewound.returncode == 0, rewound.stderr
     assert "-> 0" in rewound.stdout
     assert sum((await stack.stored_offsets()).values()) == 0
@@ -254,7 +239,7 @@ async def test_replay_leaves_the_ledger_byte_identical_and_verify_finds_corrupti
     assert await stack.caught_up()
     assert await _dump(stack) == clean  # ids, contents and even updated_at unchanged
 
-    verified = _cli(stack, "verify")
+    verified = stack.cli("verify")
     assert verified.returncode == 0, verified.stdout
     assert "ledger matches the topic" in verified.stdout
 
@@ -266,7 +251,7 @@ async def test_replay_leaves_the_ledger_byte_identical_and_verify_finds_corrupti
         )
     finally:
         await conn.close()
-    corrupted = _cli(stack, "verify")
+    corrupted = stack.cli("verify")
     assert corrupted.returncode == 1
     assert "token_usage" in corrupted.stdout
     assert "differs in cost_micros" in corrupted.stdout

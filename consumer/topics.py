@@ -3,6 +3,7 @@ accepts also fits, byte for byte, into the dead-letter topic and through our cli
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient
@@ -27,12 +28,18 @@ class TopicLimits:
 
 
 async def _max_message_bytes(admin: AIOKafkaAdminClient, topic: str) -> int:
-    responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
-    for response in responses:
-        for resource in response.to_object()["resources"]:
-            for entry in resource["config_entries"]:
-                if entry["config_names"] == MAX_MESSAGE_BYTES:
-                    return int(entry["config_value"])
+    # A topic created a moment ago may not be describable yet on every broker: ask again,
+    # briefly, the way Kafka's own admin tools wait for metadata to propagate.
+    for attempt in range(50):
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+        for response in responses:
+            for resource in response.to_object()["resources"]:
+                if resource["error_code"] != 0:
+                    continue
+                for entry in resource["config_entries"]:
+                    if entry["config_names"] == MAX_MESSAGE_BYTES:
+                        return int(entry["config_value"])
+        await asyncio.sleep(min(0.05 * 2**attempt, 0.5))
     raise TopicConfigError(f"topic {topic} reports no {MAX_MESSAGE_BYTES}")
 
 

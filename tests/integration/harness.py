@@ -28,13 +28,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 async def wait_for(
-    condition: Callable[[], Awaitable[bool]], *, within: float = 60, what: str = "condition"
+    condition: Callable[[], Awaitable[bool]],
+    *,
+    within: float = 60,
+    what: str = "condition",
+    context: Callable[[], str] | None = None,
 ) -> None:
-    """Poll an observable condition until it holds (never a fixed sleep standing in for it)."""
+    """Poll an observable condition until it holds (never a fixed sleep standing in for it).
+
+    `context` (e.g. a consumer's log) is added to the error, to show why it never held."""
     deadline = time.monotonic() + within
     while not await condition():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {within}s waiting for {what}")
+            detail = f"\n{context()[-4000:]}" if context else ""
+            raise TimeoutError(f"timed out after {within}s waiting for {what}{detail}")
         await asyncio.sleep(0.1)
 
 

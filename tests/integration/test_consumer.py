@@ -88,7 +88,9 @@ async def test_kill_9_mid_stream_and_restart_loses_and_duplicates_nothing(
         async def progressed(floor: int = floor) -> bool:
             return sum((await stack.stored_offsets()).values()) >= floor
 
-        await wait_for(progressed, within=120, what=f"{floor} records applied")
+        await wait_for(
+            progressed, within=120, what=f"{floor} records applied", context=consumer.logs
+        )
         consumer.kill()
         assert not await stack.caught_up(), "killed after the stream ended: not mid-stream"
     final = _consumer(stack, processes, tmp_path, "--until-idle")
@@ -109,14 +111,18 @@ async def test_rebalance_between_two_consumers_mid_stream(
     async def applied(count: int) -> bool:
         return sum((await stack.stored_offsets()).values()) >= count
 
-    await wait_for(lambda: applied(half // 4), within=120, what="first consumer busy")
+    await wait_for(
+        lambda: applied(half // 4), within=120, what="first consumer busy", context=first.logs
+    )
     second = _consumer(stack, processes, tmp_path, LEDGER_MAX_BATCH="5")
     await wait_for(lambda: _ready(second), within=60, what="second consumer assigned")
     await stack.publish(records[half:])  # keeps both busy across the next rebalance
     await wait_for(lambda: applied(half + 10), within=120, what="second half flowing")
     code, _ = first.terminate()  # a second rebalance: everything moves to the survivor
     assert code == 0, first.logs()
-    await wait_for(stack.caught_up, within=180, what="the survivor to catch up")
+    await wait_for(
+        stack.caught_up, within=180, what="the survivor to catch up", context=second.logs
+    )
     second.terminate()
     assert await ledger_summary(stack) == expected_summary(expect)
     assert '"partitions revoked"' in first.logs()
@@ -235,7 +241,7 @@ async def test_sigterm_commits_the_batch_in_flight_and_exits_0_within_10s(
     async def some_applied() -> bool:
         return sum((await stack.stored_offsets()).values()) > 100
 
-    await wait_for(some_applied, within=60, what="consumption to start")
+    await wait_for(some_applied, within=60, what="consumption to start", context=consumer.logs)
     code, seconds = consumer.terminate()
     assert code == 0, consumer.logs()
     assert seconds < 10

@@ -82,7 +82,7 @@ async def test_database_outage_moves_nothing_and_everything_lands_after(
     await stack.publish(records[:half])
     consumer = ConsumerProcess(stack.env(LEDGER_STALL_SECONDS="600"), tmp_path / "c.log").start()
     processes.append(consumer)
-    await wait_for(stack.caught_up, within=60, what="first half applied")
+    await wait_for(stack.caught_up, within=60, what="first half applied", context=consumer.logs)
     await wait_for(lambda: _status_is(consumer, 200), within=30, what="ready")
     before = await _mirrored(stack)
 
@@ -99,7 +99,7 @@ async def test_database_outage_moves_nothing_and_everything_lands_after(
     assert await stack.dead_letters() == []  # nothing dead-lettered because the database is down
 
     await asyncio.to_thread(own_postgres.start)
-    await wait_for(stack.caught_up, within=90, what="the rest to land")
+    await wait_for(stack.caught_up, within=90, what="the rest to land", context=consumer.logs)
     await wait_for(lambda: _status_is(consumer, 200), within=30, what="ready again")
     assert await ledger_summary(stack) == expected_summary(expect)
     assert await stack.dead_letters() == []

@@ -21,7 +21,6 @@ scratch, which is what `verify` and the property tests compare the database with
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -303,18 +302,18 @@ def reduce_batch(events: Sequence[AnyEvent], stored: StoredState) -> BatchPlan:
     threads: dict[int, ThreadRow] = {}
     messages: dict[MessageKey, MessageRow] = {}
     usage: dict[MessageKey, UsageRow] = {}
-    outcomes: list[Outcome | None] = []
+    decided: list[Outcome | None] = []  # None: accepted, decided once the batch is folded
     seen: set[uuid.UUID] = set()
 
     for event in events:
         if spaces.setdefault(event.thread_id, event.search_space_id) != event.search_space_id:
-            outcomes.append(Outcome.REJECTED)
+            decided.append(Outcome.REJECTED)
             continue
         if event.event_id in seen:
-            outcomes.append(Outcome.DUPLICATE)
+            decided.append(Outcome.DUPLICATE)
             continue
         seen.add(event.event_id)
-        outcomes.append(None)
+        decided.append(None)
         _fold(threads, event.thread_id, thread_candidate(event))
         event_messages, event_usage = candidates(event)
         for message in event_messages:
@@ -322,26 +321,7 @@ def reduce_batch(events: Sequence[AnyEvent], stored: StoredState) -> BatchPlan:
         if event_usage is not None:
             _fold(usage, event_usage.key, event_usage)
 
-    winners = {
-        row.claim.event_id
-        for row in messages.values()
-        if content_beats_stored(row, stored.messages.get(row.key))
-    } | {
-        row.claim.event_id
-        for row in usage.values()
-        if _usage_wins(row, stored.messages.get(row.key))
-    }
-    stored_winners = {m.claim.event_id for m in stored.messages.values()} | {
-        m.usage_claim.event_id for m in stored.messages.values() if m.usage_claim
-    }
-    for index, event in enumerate(events):
-        if outcomes[index] is None:
-            if event.event_id in winners:
-                outcomes[index] = Outcome.APPLIED
-            elif event.event_id in stored_winners:
-                outcomes[index] = Outcome.DUPLICATE
-            else:
-                outcomes[index] = Outcome.SUPERSEDED
+    outcomes = _outcomes(events, decided, messages, usage, stored)
     changed_messages = sorted(
         (row for row in messages.values() if _message_changes(row, stored.messages.get(row.key))),
         key=lambda row: row.key.sort_key(),
@@ -359,7 +339,7 @@ def reduce_batch(events: Sequence[AnyEvent], stored: StoredState) -> BatchPlan:
         ],
         messages=changed_messages,
         usage=changed_usage,
-        outcomes=[outcome or Outcome.SUPERSEDED for outcome in outcomes],
+        outcomes=outcomes,
         usage_changes=[
             change
             for row in changed_usage
@@ -369,14 +349,46 @@ def reduce_batch(events: Sequence[AnyEvent], stored: StoredState) -> BatchPlan:
     )
 
 
-def content_beats_stored(row: MessageRow, stored: StoredMessage | None) -> bool:
+def _outcomes(
+    events: Sequence[AnyEvent],
+    decided: list[Outcome | None],
+    messages: dict[MessageKey, MessageRow],
+    usage: dict[MessageKey, UsageRow],
+    stored: StoredState,
+) -> list[Outcome]:
+    """Applied if the event holds a register it did not hold before; duplicate if it already
+    held one (a redelivery); superseded if it lost everywhere."""
+    winners = {
+        row.claim.event_id
+        for row in messages.values()
+        if _content_wins(row, stored.messages.get(row.key))
+    } | {
+        row.claim.event_id
+        for row in usage.values()
+        if _usage_wins(row, stored.messages.get(row.key))
+    }
+    stored_winners = {m.claim.event_id for m in stored.messages.values()} | {
+        m.usage_claim.event_id for m in stored.messages.values() if m.usage_claim
+    }
+    outcomes = []
+    for event, outcome in zip(events, decided, strict=True):
+        if outcome is None:
+            if event.event_id in winners:
+                outcome = Outcome.APPLIED
+            elif event.event_id in stored_winners:
+                outcome = Outcome.DUPLICATE
+            else:
+                outcome = Outcome.SUPERSEDED
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _content_wins(row: MessageRow, stored: StoredMessage | None) -> bool:
     return stored is None or content_beats(row.claim, stored.claim)
 
 
 def _message_changes(row: MessageRow, stored: StoredMessage | None) -> bool:
-    return content_beats_stored(row, stored) or (
-        stored is not None and row.created_at < stored.created_at
-    )
+    return _content_wins(row, stored) or (stored is not None and row.created_at < stored.created_at)
 
 
 def _usage_wins(row: UsageRow, stored: StoredMessage | None) -> bool:
@@ -405,8 +417,3 @@ def _usage_delta(row: UsageRow, stored: StoredMessage | None) -> list[UsageChang
         if any(delta.values()):
             changes.append(UsageChange(model=model, **delta))
     return changes
-
-
-def canonical_json(value: Any) -> str:
-    """The JSON text the store writes to jsonb columns (compact, unicode kept as is)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

@@ -32,10 +32,14 @@ from consumer.merge import (
     StoredState,
     ThreadRow,
     candidates,
-    canonical_json,
     reduce_batch,
 )
 from producer.events import AnyEvent
+
+
+def canonical_json(value: Any) -> str:
+    """The JSON text written to jsonb columns (compact, unicode kept as is)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def asyncpg_dsn(database_url: str) -> str:

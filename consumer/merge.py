@@ -203,11 +203,24 @@ def _message(
     )
 
 
+def message_keys(event: AnyEvent) -> tuple[MessageKey, ...]:
+    """The messages an event touches (a turn.started: user row first, then the shell)."""
+    if isinstance(event, TurnStarted):
+        return (
+            MessageKey(event.thread_id, "user", event.turn_id, None),
+            MessageKey(event.thread_id, "assistant", event.turn_id, None),
+        )
+    if isinstance(event, TurnFinalized):
+        return (MessageKey(event.thread_id, "assistant", event.turn_id, None),)
+    origin = None if event.turn_id is not None else event.event_id
+    return (MessageKey(event.thread_id, event.role, event.turn_id, origin),)
+
+
 def candidates(event: AnyEvent) -> tuple[list[MessageRow], UsageRow | None]:
     """The message rows an event claims and the usage row it claims, before any merging."""
+    keys = message_keys(event)
     if isinstance(event, TurnStarted):
-        user_key = MessageKey(event.thread_id, "user", event.turn_id, None)
-        assistant_key = MessageKey(event.thread_id, "assistant", event.turn_id, None)
+        user_key, assistant_key = keys
         content: list[dict[str, Any]] = [{"type": "text", "text": event.user_query}]
         if part := mentioned_documents_part(event.mentioned_documents):
             content.append(part)
@@ -216,7 +229,7 @@ def candidates(event: AnyEvent) -> tuple[list[MessageRow], UsageRow | None]:
             _message(event, "assistant", SHELL, SHELL_CONTENT, assistant_key),
         ], None
     if isinstance(event, TurnFinalized):
-        key = MessageKey(event.thread_id, "assistant", event.turn_id, None)
+        (key,) = keys
         message = _message(event, "assistant", SERVER, _dump(event.content) or STATUS_NO_TEXT, key)
         calls = event.usage.calls if event.usage else []
         if not calls:
@@ -238,12 +251,12 @@ def candidates(event: AnyEvent) -> tuple[list[MessageRow], UsageRow | None]:
             created_at=event.occurred_at,
         )
         return [message], usage
-    return _appended_candidates(event)
+    return _appended_candidates(event, *keys)
 
 
-def _appended_candidates(event: MessageAppended) -> tuple[list[MessageRow], UsageRow | None]:
-    origin = None if event.turn_id is not None else event.event_id
-    key = MessageKey(event.thread_id, event.role, event.turn_id, origin)
+def _appended_candidates(
+    event: MessageAppended, key: MessageKey
+) -> tuple[list[MessageRow], UsageRow | None]:
     message = _message(event, event.role, LEGACY, _dump(event.content), key)
     legacy = event.token_usage
     if legacy is None:

@@ -31,7 +31,7 @@ from consumer.merge import (
     StoredMessage,
     StoredState,
     ThreadRow,
-    candidates,
+    message_keys,
     reduce_batch,
 )
 from producer.events import AnyEvent
@@ -166,7 +166,7 @@ WHERE m.turn_id IS NULL AND m.content_event_id = ANY($4::uuid[])
 
 def _batch_keys(events: Sequence[AnyEvent]) -> tuple[set[int], set[MessageKey]]:
     threads = {event.thread_id for event in events}
-    keys = {message.key for event in events for message in candidates(event)[0]}
+    keys = {key for event in events for key in message_keys(event)}
     return threads, keys
 
 

@@ -15,13 +15,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any, Self
 
-from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 from consumer.logs import fields
+from producer.client import ProducerResource
 from producer.events import RejectReason
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,7 @@ def dead_letter_headers(letter: DeadLetter, failed_at: datetime) -> list[tuple[s
     ]
 
 
-class DeadLetterQueue:
+class DeadLetterQueue(ProducerResource):
     def __init__(
         self,
         bootstrap_servers: str,
@@ -71,36 +70,19 @@ class DeadLetterQueue:
         max_record_bytes: int,
         **kafka_options: Any,
     ) -> None:
-        self.topic = topic
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap_servers,
+        super().__init__(
+            bootstrap_servers,
             client_id="token-ledger-dlq",
-            acks="all",
-            enable_idempotence=True,
             max_request_size=max_record_bytes + HEADER_HEADROOM,
             **kafka_options,
         )
-        self._started = False
+        self.topic = topic
 
     async def __aenter__(self) -> Self:
-        await self._producer.start()
-        self._started = True
+        await super().__aenter__()
         # Learn the topic's leaders now, not while the first dead letter holds a batch open.
         await self._producer.partitions_for(self.topic)
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._started:
-            self._started = False
-            await self._producer.stop()
 
     async def report(self, letters: Sequence[DeadLetter]) -> None:
         """Publish every dead letter and wait until the broker has acknowledged all of them."""

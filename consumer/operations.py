@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord
 
@@ -22,6 +22,7 @@ from consumer.ledger import Difference, compare, expected_rows, rebuild, totals
 from consumer.queries import read_ledger, rewind_offsets
 from consumer.settings import Settings
 from consumer.store import asyncpg_dsn, load_offsets
+from producer.client import ProducerResource
 from producer.events import AnyEvent, Rejection, decode_event
 
 log = logging.getLogger(__name__)
@@ -236,21 +237,16 @@ async def replay_dead_letters(
         ]
     if dry_run or not chosen:
         return [_view(r) for r in chosen]
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        acks="all",
-        enable_idempotence=True,
+    async with ProducerResource(
+        settings.kafka_bootstrap,
+        client_id="token-ledger-dlq-replay",
         max_request_size=FETCH_BYTES,
         **settings.kafka_security(),
-    )
-    await producer.start()
-    try:
+    ) as producer:
         for record in chosen:
             headers = dict(record.headers or ())
             original = [(k, v) for k, v in (record.headers or ()) if k not in dlq.LEDGER_HEADERS]
             await producer.send_and_wait(
                 headers[dlq.SOURCE_TOPIC].decode(), record.value, key=record.key, headers=original
             )
-    finally:
-        await producer.stop()
     return [_view(r) for r in chosen]

@@ -111,23 +111,34 @@ def _parts(content: Sequence[dict[str, Any]]) -> list[ContentPart]:
     return [ContentPart.model_validate(part) for part in content]
 
 
-class TurnEventProducer:
-    def __init__(
-        self,
-        bootstrap_servers: str,
-        *,
-        topic: str = DEFAULT_TOPIC,
-        client_id: str = "token-ledger-producer",
-        **kafka_options: Any,
-    ) -> None:
-        self.topic = topic
+def _envelope(
+    thread_id: int,
+    search_space_id: int,
+    user_id: uuid.UUID | None,
+    event_id: uuid.UUID | None,
+    occurred_at: datetime | None,
+) -> dict[str, Any]:
+    """A new event's envelope; a retry passes the event_id it got the first time."""
+    return {
+        "schema_version": 1,
+        "event_id": event_id or uuid.uuid4(),
+        "occurred_at": occurred_at or datetime.now(UTC),
+        "thread_id": thread_id,
+        "search_space_id": search_space_id,
+        "user_id": user_id,
+    }
+
+
+class ProducerResource:
+    """An idempotent, acks=all aiokafka producer as an async context manager (close is
+    idempotent). Subclasses add what they publish."""
+
+    def __init__(self, bootstrap_servers: str, *, client_id: str, **kafka_options: Any) -> None:
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap_servers,
             client_id=client_id,
             acks="all",
             enable_idempotence=True,
-            compression_type="zstd",
-            linger_ms=5,
             **kafka_options,
         )
         self._started = False
@@ -150,11 +161,39 @@ class TurnEventProducer:
             self._started = False
             await self._producer.stop()
 
+    async def send_and_wait(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None,
+        headers: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
+        """Publish one record as it is and wait for the broker's acknowledgement."""
+        await self._producer.send_and_wait(topic, value, key=key, headers=list(headers) or None)
+
+
+class TurnEventProducer(ProducerResource):
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        *,
+        topic: str = DEFAULT_TOPIC,
+        client_id: str = "token-ledger-producer",
+        **kafka_options: Any,
+    ) -> None:
+        super().__init__(
+            bootstrap_servers,
+            client_id=client_id,
+            compression_type="zstd",
+            linger_ms=5,
+            **kafka_options,
+        )
+        self.topic = topic
+
     async def publish(self, event: AnyEvent) -> uuid.UUID:
         """Send one event and wait for the broker's acknowledgement."""
-        await self._producer.send_and_wait(
-            self.topic, encode_event(event), key=thread_key(event.thread_id)
-        )
+        await self.send_and_wait(self.topic, encode_event(event), key=thread_key(event.thread_id))
         return event.event_id
 
     async def publish_records(
@@ -191,12 +230,7 @@ class TurnEventProducer:
         return await self.publish(
             TurnStarted(
                 type="turn.started",
-                schema_version=1,
-                event_id=event_id or uuid.uuid4(),
-                occurred_at=occurred_at or datetime.now(UTC),
-                thread_id=thread_id,
-                search_space_id=search_space_id,
-                user_id=user_id,
+                **_envelope(thread_id, search_space_id, user_id, event_id, occurred_at),
                 turn_id=turn_id,
                 user_query=user_query,
                 mentioned_documents=list(mentioned_documents),
@@ -218,12 +252,7 @@ class TurnEventProducer:
         return await self.publish(
             TurnFinalized(
                 type="turn.finalized",
-                schema_version=1,
-                event_id=event_id or uuid.uuid4(),
-                occurred_at=occurred_at or datetime.now(UTC),
-                thread_id=thread_id,
-                search_space_id=search_space_id,
-                user_id=user_id,
+                **_envelope(thread_id, search_space_id, user_id, event_id, occurred_at),
                 turn_id=turn_id,
                 content=_parts(content),
                 usage=usage.payload() if usage else None,
@@ -246,12 +275,7 @@ class TurnEventProducer:
         return await self.publish(
             MessageAppended(
                 type="message.appended",
-                schema_version=1,
-                event_id=event_id or uuid.uuid4(),
-                occurred_at=occurred_at or datetime.now(UTC),
-                thread_id=thread_id,
-                search_space_id=search_space_id,
-                user_id=user_id,
+                **_envelope(thread_id, search_space_id, user_id, event_id, occurred_at),
                 turn_id=turn_id,
                 role=role,
                 content=_parts(content),

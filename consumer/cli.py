@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import asyncpg
 import typer
+from aiokafka.errors import KafkaConnectionError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
@@ -62,6 +63,13 @@ def consume(
     except TopicConfigError as exc:
         typer.echo(f"token-ledger: {exc}", err=True)
         raise typer.Exit(2) from None
+    except KafkaConnectionError as exc:  # at start: wrong address, TLS or credentials
+        typer.echo(
+            f"token-ledger: cannot connect to Kafka at {settings.kafka_bootstrap} "
+            f"({settings.kafka_security_protocol}): {type(exc).__name__}",
+            err=True,
+        )
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from devstack import kafka_wire
@@ -100,6 +100,10 @@ class KafkaBroker:
     port: int
     controller_port: int
     pid: int | None = None
+    # Optional SASL_PLAINTEXT listener with SCRAM-SHA-256 users (name -> password), for
+    # testing the consumer's Kafka security settings against a real broker.
+    sasl_port: int | None = None
+    scram_users: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.workdir = self.workdir.resolve()  # postgres and java run with other cwds
@@ -116,20 +120,43 @@ class KafkaBroker:
     def pid_file(self) -> Path:
         return self.workdir / "kafka.pid"
 
+    def _listeners(self) -> tuple[str, str, list[str]]:
+        """(listeners, security protocol map, extra properties) for the configured ports."""
+        listeners = [
+            f"PLAINTEXT://127.0.0.1:{self.port}",
+            f"CONTROLLER://127.0.0.1:{self.controller_port}",
+        ]
+        protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+        extra: list[str] = []
+        if self.sasl_port is not None:
+            listeners.append(f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}")
+            protocols += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
+            extra = [
+                "listener.name.sasl_plaintext.sasl.enabled.mechanisms=SCRAM-SHA-256",
+                "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config="
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            ]
+        return ",".join(listeners), protocols, extra
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.sasl_port}"
+
     def _write_config(self) -> Path:
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         props = self.workdir / "server.properties"
+        listeners, protocols, extra = self._listeners()
         props.write_text(
             "\n".join(
                 [
                     "process.roles=broker,controller",
                     "node.id=1",
                     f"controller.quorum.bootstrap.servers=127.0.0.1:{self.controller_port}",
-                    f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+                    f"listeners={listeners}",
+                    f"advertised.listeners={listeners}",
                     "inter.broker.listener.name=PLAINTEXT",
                     "controller.listener.names=CONTROLLER",
-                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                    f"listener.security.protocol.map={protocols}",
                     f"log.dirs={self.workdir / 'data'}",
                     "num.partitions=1",
                     "auto.create.topics.enable=false",
@@ -143,6 +170,7 @@ class KafkaBroker:
                     "num.io.threads=2",
                     "num.network.threads=2",
                     "background.threads=4",
+                    *extra,
                     "",
                 ]
             )
@@ -153,6 +181,8 @@ class KafkaBroker:
     def start(self, timeout: float = 90.0) -> None:
         require_free_port(self.port, "Kafka")
         require_free_port(self.controller_port, "Kafka controller")
+        if self.sasl_port is not None:
+            require_free_port(self.sasl_port, "Kafka SASL")
         lib = ensure_jars()
         self.workdir.mkdir(parents=True, exist_ok=True)
         props = self._write_config()
@@ -196,6 +226,11 @@ class KafkaBroker:
                 _cluster_id(),
                 "-c",
                 str(props),
+                *(
+                    arg
+                    for name, password in self.scram_users.items()
+                    for arg in ("--add-scram", f"SCRAM-SHA-256=[name={name},password={password}]")
+                ),
             ],
             capture_output=True,
             text=True,

@@ -188,8 +188,6 @@ class Pipeline:
             log.warning("batch abandoned", extra=fields(records=len(owned)))
             await self._rewind(owned, reload=False)
             return
-        finally:
-            self._resume()
         await self._mirror_offsets()  # 3
         self._observe(applied, letters, len(owned), time.monotonic() - started)  # 4
 
@@ -297,23 +295,29 @@ class Pipeline:
         ]
 
     async def _with_retry(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Retry transient failures; fetching stays paused while it waits, whatever it runs
+        for (a batch, loading offsets on assignment, following stored offsets when idle)."""
+        paused: list[TopicPartition] = []
+
         def on_retry(error: TransientError, attempt: int, delay: float) -> None:
             if self._revoking or self._stop.is_set():
                 raise BatchAbandoned from error
             if not isinstance(error, DeadLetterUnavailableError):
                 self.readiness.database_ok = False
                 self.metrics.db_retries.labels(error.sqlstate or "unavailable").inc()
-            self.consumer.pause(*self.consumer.assignment())
+            if not paused:
+                paused.extend(self.consumer.assignment())
+                self.consumer.pause(*paused)
             log.warning(
-                "transient failure, retrying the batch",
+                "transient failure, retrying",
                 extra=fields(error=str(error), attempt=attempt, delay_seconds=round(delay, 2)),
             )
 
-        return await retry_transient(operation, self.backoff, on_retry)
-
-    def _resume(self) -> None:
-        if paused := self.consumer.paused():
-            self.consumer.resume(*paused)
+        try:
+            return await retry_transient(operation, self.backoff, on_retry)
+        finally:
+            if still_assigned := [tp for tp in paused if tp in self.consumer.assignment()]:
+                self.consumer.resume(*still_assigned)
 
     async def _load_offsets(self, partitions: list[int]) -> dict[int, int]:
         async def load() -> dict[int, int]:

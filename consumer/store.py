@@ -1,5 +1,6 @@
-"""The only module that speaks SQL. Every statement is set-based (UNNEST over arrays), so a
-batch costs the same handful of round trips whatever its size:
+"""The hot path's SQL (operators' read-side SQL is in queries.py). Every statement is
+set-based (UNNEST over arrays), so a batch costs the same handful of round trips whatever its
+size:
 
     advance_offsets  1-2 statements  compare-and-set of consumer_offsets (first: it serialises
                                      two owners of a partition before any ledger row is locked)
@@ -50,7 +51,7 @@ def asyncpg_dsn(database_url: str) -> str:
 async def create_pool(database_url: str, *, max_size: int = 4) -> asyncpg.Pool:
     pool: asyncpg.Pool = await asyncpg.create_pool(
         asyncpg_dsn(database_url),
-        min_size=1,
+        min_size=0,  # start even while the database is away: batches retry until it is back
         max_size=max_size,
         timeout=5,  # connecting: a database that is down must not hold a batch for long
         command_timeout=60,

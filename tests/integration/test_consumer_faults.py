@@ -90,7 +90,7 @@ async def test_database_outage_moves_nothing_and_everything_lands_after(
     await stack.publish(records[half:])
     await wait_for(lambda: _status_is(consumer, 503), within=30, what="not ready")
     await wait_for(
-        lambda: _logged(consumer, '"transient failure, retrying the batch"', times=3),
+        lambda: _logged(consumer, '"transient failure, retrying"', times=3),
         within=60,
         what="several retries",
     )
@@ -124,7 +124,7 @@ async def test_sigterm_while_the_database_is_down_exits_0_within_10s(
     await asyncio.to_thread(own_postgres.stop)
     await stack.publish(records)
     await wait_for(
-        lambda: _logged(consumer, '"transient failure, retrying the batch"', times=2),
+        lambda: _logged(consumer, '"transient failure, retrying"', times=2),
         within=60,
         what="retries while the database is down",
     )
@@ -255,3 +255,31 @@ async def test_replay_leaves_the_ledger_byte_identical_and_verify_finds_corrupti
     assert corrupted.returncode == 1
     assert "token_usage" in corrupted.stdout
     assert "differs in cost_micros" in corrupted.stdout
+
+
+async def test_consumer_started_while_the_database_is_down_waits_for_it(
+    kafka_bootstrap: str,
+    own_postgres: PostgresServer,
+    processes: list[ConsumerProcess],
+    tmp_path: Path,
+) -> None:
+    stack = Stack.fresh(kafka_bootstrap, own_postgres.url)
+    records, expect = plan_traffic(
+        TrafficConfig(threads=30, turns_per_thread=3, seed=16, poison_rate=0, start=START)
+    )
+    await stack.publish(records)
+    await asyncio.to_thread(own_postgres.stop)
+    consumer = ConsumerProcess(stack.env(), tmp_path / "c.log").start()
+    processes.append(consumer)
+    await wait_for(lambda: _healthz(consumer), within=60, what="alive", context=consumer.logs)
+    await wait_for(lambda: _status_is(consumer, 503), within=30, what="not ready")
+    assert "database unreachable" in consumer.http("/readyz")[1]
+    assert await stack.dead_letters() == []
+
+    await asyncio.to_thread(own_postgres.start)
+    await wait_for(stack.caught_up, within=90, what="everything to land", context=consumer.logs)
+    assert await ledger_summary(stack) == expected_summary(expect)
+
+
+async def _healthz(consumer: ConsumerProcess) -> bool:
+    return await consumer.status("/healthz") == 200

@@ -108,3 +108,30 @@ def test_taken_port_is_named_in_a_clear_error(workdir: Path) -> None:
     assert up.returncode == 1
     assert f"port 127.0.0.1:{port} is taken" in up.stderr
     assert _processes_mentioning(workdir) == []
+
+
+def test_missing_java_or_maven_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from devstack.errors import DevstackError
+    from devstack.kafka import ensure_jars
+
+    monkeypatch.setenv("TOKEN_LEDGER_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither java nor mvn on it
+    with pytest.raises(DevstackError, match="apt-get install openjdk-17-jre-headless"):
+        ensure_jars()
+
+
+def test_a_broker_that_dies_at_start_shows_its_log(workdir: Path) -> None:
+    from devstack.errors import DevstackError
+    from devstack.kafka import KafkaBroker
+
+    broker = KafkaBroker(workdir / "kafka", port=free_port(), controller_port=free_port())
+    broker.start()
+    broker.stop(grace_seconds=5)
+    meta = workdir / "kafka" / "data" / "meta.properties"
+    meta.write_text(meta.read_text().replace("node.id=1", "node.id=7"))  # storage of another node
+    with pytest.raises(DevstackError) as error:
+        broker.start()
+    assert "exited during start-up" in str(error.value)
+    assert "tail of" in str(error.value)
+    assert "Stored node id 7 doesn't match" in str(error.value)  # the broker's own reason
+    assert _processes_mentioning(workdir) == []

@@ -10,7 +10,7 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import asyncpg
 import typer
@@ -24,6 +24,9 @@ from consumer.settings import Settings, SettingsError, load_settings
 from consumer.store import asyncpg_dsn
 from producer.client import TurnEventProducer, ensure_topic
 from producer.simulator import TrafficConfig, plan_traffic
+
+if TYPE_CHECKING:
+    from consumer.operations import DeadLetterView
 
 app = typer.Typer(
     name="token-ledger",
@@ -192,7 +195,7 @@ dlq_app = typer.Typer(help="Inspect and replay the dead-letter topic.", no_args_
 app.add_typer(dlq_app, name="dlq")
 
 
-def _print_dead_letters(views: list[Any]) -> None:
+def _print_dead_letters(views: list[DeadLetterView]) -> None:
     table = Table("dlq offset", "reason", "source", "failed at", "bytes", "detail")
     for v in views:
         table.add_row(

@@ -25,7 +25,11 @@ class SettingsError(ValueError):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix=PREFIX, env_file=".env", extra="ignore", frozen=True
+        env_prefix=PREFIX,
+        env_file=".env",
+        env_ignore_empty=True,  # `LEDGER_X=` (as compose files often have) means "not set"
+        extra="ignore",
+        frozen=True,
     )
 
     kafka_bootstrap: str = "localhost:9092"

@@ -104,6 +104,9 @@ class KafkaBroker:
     # testing the consumer's Kafka security settings against a real broker.
     sasl_port: int | None = None
     scram_users: dict[str, str] = field(default_factory=dict)
+    # Optional SSL listener; the keystore is one PEM file: PKCS#8 key, then the certificate chain.
+    ssl_port: int | None = None
+    ssl_keystore: Path | None = None
 
     def __post_init__(self) -> None:
         self.workdir = self.workdir.resolve()  # postgres and java run with other cwds
@@ -136,11 +139,22 @@ class KafkaBroker:
                 "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config="
                 "org.apache.kafka.common.security.scram.ScramLoginModule required;",
             ]
+        if self.ssl_port is not None and self.ssl_keystore is not None:
+            listeners.append(f"SSL://127.0.0.1:{self.ssl_port}")
+            protocols += ",SSL:SSL"
+            extra += [
+                "listener.name.ssl.ssl.keystore.type=PEM",
+                f"listener.name.ssl.ssl.keystore.location={self.ssl_keystore}",
+            ]
         return ",".join(listeners), protocols, extra
 
     @property
     def sasl_bootstrap(self) -> str:
         return f"127.0.0.1:{self.sasl_port}"
+
+    @property
+    def ssl_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.ssl_port}"
 
     def _write_config(self) -> Path:
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
@@ -181,8 +195,9 @@ class KafkaBroker:
     def start(self, timeout: float = 90.0) -> None:
         require_free_port(self.port, "Kafka")
         require_free_port(self.controller_port, "Kafka controller")
-        if self.sasl_port is not None:
-            require_free_port(self.sasl_port, "Kafka SASL")
+        for extra_port, name in ((self.sasl_port, "SASL"), (self.ssl_port, "SSL")):
+            if extra_port is not None:
+                require_free_port(extra_port, f"Kafka {name}")
         lib = ensure_jars()
         self.workdir.mkdir(parents=True, exist_ok=True)
         props = self._write_config()

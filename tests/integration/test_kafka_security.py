@@ -1,9 +1,10 @@
 """The consumer's Kafka security settings against a real broker with a SASL_PLAINTEXT
-listener and SCRAM-SHA-256 users."""
+listener (SCRAM-SHA-256 users) and an SSL listener (a throw-away CA made with openssl)."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -19,15 +20,83 @@ from tests.integration.harness import ConsumerProcess, Stack, expected_summary, 
 USER, PASSWORD = "ledger-consumer", "correct-horse-battery"
 
 
+def _certificates(directory: Path) -> tuple[Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1: (CA file, broker keystore)."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=token-ledger test CA",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    )
+    openssl("pkcs8", "-topk8", "-nocrypt", "-in", "server.key", "-out", "server.p8")
+    keystore = directory / "keystore.pem"
+    keystore.write_text(
+        (directory / "server.p8").read_text() + (directory / "server.crt").read_text()
+    )
+    return directory / "ca.pem", keystore
+
+
 @pytest.fixture(scope="module")
-def sasl_broker() -> Iterator[KafkaBroker]:
-    workdir = Path(tempfile.mkdtemp(prefix="token-ledger-kafka-sasl-"))
+def certificates() -> Iterator[tuple[Path, Path]]:
+    directory = Path(tempfile.mkdtemp(prefix="token-ledger-tls-"))
+    yield _certificates(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def secure_broker(certificates: tuple[Path, Path]) -> Iterator[KafkaBroker]:
+    workdir = Path(tempfile.mkdtemp(prefix="token-ledger-kafka-secure-"))
     broker = KafkaBroker(
         workdir,
         port=free_port(),
         controller_port=free_port(),
         sasl_port=free_port(),
         scram_users={USER: PASSWORD},
+        ssl_port=free_port(),
+        ssl_keystore=certificates[1],
     )
     broker.start()
     yield broker
@@ -47,9 +116,9 @@ def _sasl_env(stack: Stack, broker: KafkaBroker, password: str, **extra: str) ->
 
 
 async def test_consumer_authenticates_with_scram(
-    sasl_broker: KafkaBroker, ledger_url: str, tmp_path: Path
+    secure_broker: KafkaBroker, ledger_url: str, tmp_path: Path
 ) -> None:
-    stack = Stack.fresh(sasl_broker.bootstrap, ledger_url)  # publishing uses the plain listener
+    stack = Stack.fresh(secure_broker.bootstrap, ledger_url)  # publishing uses the plain listener
     records, expect = plan_traffic(
         TrafficConfig(
             threads=20,
@@ -61,7 +130,7 @@ async def test_consumer_authenticates_with_scram(
     )
     await stack.publish(records)
     consumer = ConsumerProcess(
-        _sasl_env(stack, sasl_broker, PASSWORD), tmp_path / "c.log", "--until-idle"
+        _sasl_env(stack, secure_broker, PASSWORD), tmp_path / "c.log", "--until-idle"
     ).start()
     try:
         assert consumer.wait() == 0, consumer.logs()
@@ -72,18 +141,55 @@ async def test_consumer_authenticates_with_scram(
 
 
 def test_wrong_credentials_fail_with_one_clear_line(
-    sasl_broker: KafkaBroker, ledger_url: str, tmp_path: Path
+    secure_broker: KafkaBroker, ledger_url: str, tmp_path: Path
 ) -> None:
-    stack = Stack.fresh(sasl_broker.bootstrap, ledger_url)
+    stack = Stack.fresh(secure_broker.bootstrap, ledger_url)
     wrong = "not-the-password-4711"
     consumer = ConsumerProcess(
-        _sasl_env(stack, sasl_broker, wrong, LEDGER_LOG_FORMAT="text"), tmp_path / "c.log"
+        _sasl_env(stack, secure_broker, wrong, LEDGER_LOG_FORMAT="text"), tmp_path / "c.log"
     ).start()
     try:
         assert consumer.wait(timeout=90) == 1
     finally:
         consumer.stop_quietly()
     output = consumer.logs()
-    assert f"cannot connect to Kafka at {sasl_broker.sasl_bootstrap} (SASL_PLAINTEXT)" in output
+    assert f"cannot connect to Kafka at {secure_broker.sasl_bootstrap} (SASL_PLAINTEXT)" in output
     assert "Traceback" not in output
     assert wrong not in output
+
+
+async def test_consumer_connects_over_tls_with_the_configured_ca(
+    secure_broker: KafkaBroker, certificates: tuple[Path, Path], ledger_url: str, tmp_path: Path
+) -> None:
+    stack = Stack.fresh(secure_broker.bootstrap, ledger_url)
+    records, expect = plan_traffic(
+        TrafficConfig(
+            threads=10,
+            turns_per_thread=3,
+            seed=42,
+            poison_rate=0,
+            start=datetime(2026, 11, 26, tzinfo=UTC),
+        )
+    )
+    await stack.publish(records)
+    env = stack.env(
+        LEDGER_KAFKA_BOOTSTRAP=secure_broker.ssl_bootstrap,
+        LEDGER_KAFKA_SECURITY_PROTOCOL="SSL",
+        LEDGER_KAFKA_SSL_CAFILE=str(certificates[0]),
+    )
+    consumer = ConsumerProcess(env, tmp_path / "c.log", "--until-idle").start()
+    try:
+        assert consumer.wait() == 0, consumer.logs()
+    finally:
+        consumer.stop_quietly()
+    assert await ledger_summary(stack) == expected_summary(expect)
+
+    # Without our CA the broker's certificate is not trusted: one line, exit 1.
+    untrusted = ConsumerProcess(
+        {**env, "LEDGER_KAFKA_SSL_CAFILE": "", "LEDGER_LOG_FORMAT": "text"}, tmp_path / "u.log"
+    ).start()
+    try:
+        assert untrusted.wait(timeout=90) == 1, untrusted.logs()
+    finally:
+        untrusted.stop_quietly()
+    assert "cannot connect to Kafka" in untrusted.logs()

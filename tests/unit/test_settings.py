@@ -98,3 +98,11 @@ def test_cli_exits_2_with_one_line_on_bad_config(tmp_path: os.PathLike[str]) -> 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "LEDGER_MAX_BATCH" in lines[0]
     assert "topsecret" not in result.stderr
+
+
+def test_an_empty_variable_means_not_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEDGER_GROUP_ID", "")
+    monkeypatch.setenv("LEDGER_KAFKA_SSL_CAFILE", "")
+    settings = load_settings()
+    assert settings.group_id == "token-ledger"
+    assert settings.kafka_ssl_cafile is None

@@ -80,8 +80,12 @@ class DeadLetterQueue(ProducerResource):
 
     async def __aenter__(self) -> Self:
         await super().__aenter__()
-        # Learn the topic's leaders now, not while the first dead letter holds a batch open.
-        await self._producer.partitions_for(self.topic)
+        try:
+            # Learn the topic's leaders now, not while the first dead letter holds a batch open.
+            await self._producer.partitions_for(self.topic)
+        except BaseException:
+            await self.close()  # __aexit__ is not called when __aenter__ fails
+            raise
         return self
 
     async def report(self, letters: Sequence[DeadLetter]) -> None:

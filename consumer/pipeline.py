@@ -118,13 +118,16 @@ class Pipeline:
     # -- SinkTask verbs ------------------------------------------------------------------------
 
     async def open(self, assigned: Sequence[TopicPartition]) -> None:
-        """Seek every newly assigned partition to the offset stored in PostgreSQL."""
+        """Seek every newly assigned partition to the offset stored in PostgreSQL.
+
+        Under the batch lock, so the loop never sees a partition before its seek is done."""
         self.metrics.rebalances.inc()
         mine = [tp for tp in assigned if tp.topic == self.settings.topic]
-        stored = await self._load_offsets([tp.partition for tp in mine])
-        for tp in mine:
-            self.positions[tp.partition] = stored.get(tp.partition)
-        await self._seek(mine, stored)
+        async with self._batch_lock:
+            stored = await self._load_offsets([tp.partition for tp in mine])
+            await self._seek(mine, stored)
+            for tp in mine:
+                self.positions[tp.partition] = stored.get(tp.partition)
         self.readiness.assigned = frozenset(self.positions)
         log.info(
             "partitions assigned",
@@ -155,10 +158,10 @@ class Pipeline:
             records = sorted(
                 (r for rs in batch.values() for r in rs), key=lambda r: (r.partition, r.offset)
             )
-            if records:
-                async with self._batch_lock:
+            async with self._batch_lock:
+                if records:
                     await self.put(records)
-            caught_up = await self._update_lag()
+                caught_up = await self._update_lag()
             if records:
                 continue
             if until_idle and caught_up:
@@ -169,7 +172,7 @@ class Pipeline:
                     await self._follow_stored_offsets()
 
     async def put(self, records: list[Record]) -> None:
-        owned = [r for r in records if r.partition in self.positions]
+        owned = [r for r in records if self._expects(r)]
         if not owned:
             return
         started = time.monotonic()
@@ -190,6 +193,14 @@ class Pipeline:
             return
         await self._mirror_offsets()  # 3
         self._observe(applied, letters, len(owned), time.monotonic() - started)  # 4
+
+    def _expects(self, record: Record) -> bool:
+        """Owned, and not below the offset this owner has committed: a fetch issued before a
+        seek can hand back records that are already in the ledger."""
+        if record.partition not in self.positions:
+            return False
+        position = self.positions[record.partition]
+        return position is None or record.offset >= position
 
     async def stop(self) -> None:
         self.request_stop()

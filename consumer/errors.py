@@ -24,12 +24,8 @@ import asyncpg
 class LedgerError(Exception):
     """Base of every error the consumer raises on purpose."""
 
-    retriable = False
-
 
 class TransientError(LedgerError):
-    retriable = True
-
     def __init__(self, message: str, *, sqlstate: str = "") -> None:
         super().__init__(message)
         self.sqlstate = sqlstate

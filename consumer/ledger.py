@@ -10,7 +10,6 @@ from typing import Any
 from consumer.merge import (
     MessageKey,
     MessageRow,
-    Outcome,
     StoredState,
     ThreadRow,
     UsageRow,
@@ -24,7 +23,6 @@ class Ledger:
     threads: dict[int, ThreadRow]
     messages: dict[MessageKey, MessageRow]
     usage: dict[MessageKey, UsageRow]
-    rejected: list[AnyEvent]
 
 
 def rebuild(events: Sequence[AnyEvent]) -> Ledger:
@@ -34,7 +32,6 @@ def rebuild(events: Sequence[AnyEvent]) -> Ledger:
         threads={row.id: row for row in plan.threads},
         messages={row.key: row for row in plan.messages},
         usage={row.key: row for row in plan.usage},
-        rejected=[e for e, o in zip(events, plan.outcomes, strict=True) if o is Outcome.REJECTED],
     )
 
 

@@ -24,7 +24,6 @@ class TopicConfigError(LedgerError):
 @dataclass(frozen=True)
 class TopicLimits:
     source_max_bytes: int  # the largest record the source topic accepts
-    dlq_max_bytes: int
 
 
 async def _max_message_bytes(admin: AIOKafkaAdminClient, topic: str) -> int:
@@ -67,4 +66,4 @@ async def prepare_topics(settings: Settings, *, partitions: int = 3) -> TopicLim
             f"{settings.topic} can be {source_max} bytes: set its {MAX_MESSAGE_BYTES} to at "
             f"least {needed}"
         )
-    return TopicLimits(source_max_bytes=source_max, dlq_max_bytes=dlq_max)
+    return TopicLimits(source_max_bytes=source_max)

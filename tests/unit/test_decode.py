@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pytest
@@ -273,7 +274,11 @@ def test_the_examples_decode_to_their_types() -> None:
         assert isinstance(decode_event(example_bytes(name), timestamp_ms=TS), kinds[name]), name
 
 
-@pytest.mark.skipif(not SHARED_EXAMPLES_DIR.is_dir(), reason="shared/ is not beside this clone")
+@pytest.mark.skipif(
+    not SHARED_EXAMPLES_DIR.is_dir() and not os.environ.get("CI"),
+    reason="no ../shared beside this checkout to compare the copied examples with"
+    " (CI always has it, and there a missing ../shared fails this test)",
+)
 def test_copied_examples_match_the_shared_contract() -> None:
     for name in EXAMPLE_NAMES:
         assert (EXAMPLES_DIR / f"{name}.json").read_bytes() == (

@@ -66,6 +66,9 @@ def consume(
     except TopicConfigError as exc:
         typer.echo(f"token-ledger: {exc}", err=True)
         raise typer.Exit(2) from None
+    except SettingsError as exc:  # e.g. a metrics host or port that cannot be bound
+        typer.echo(f"token-ledger: configuration error: {exc}", err=True)
+        raise typer.Exit(2) from None
     except KafkaConnectionError as exc:  # at start: wrong address, TLS or credentials
         typer.echo(
             f"token-ledger: cannot connect to Kafka at {settings.kafka_bootstrap} "

@@ -1,14 +1,17 @@
-"""HTTP on LEDGER_METRICS_PORT: /metrics (Prometheus), /healthz (alive), /readyz (ready).
+"""HTTP on LEDGER_METRICS_HOST:LEDGER_METRICS_PORT: /metrics (Prometheus), /healthz (alive),
+/readyz (ready).
 
 Ready means: partitions assigned, the database answers, and not stalled (records waiting
-while nothing has been committed for LEDGER_STALL_SECONDS). A tiny asyncio server: three GET
-routes do not justify a web framework.
+while nothing has been committed for LEDGER_STALL_SECONDS). The port faces the network, so
+neither its connections (consumer/http_server.py bounds them) nor its request rate may reach
+the ledger's resources: /readyz reuses a database check at most a second old, and concurrent
+requests share the one in flight, so the database sees at most one ping a second from it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -16,10 +19,14 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from consumer.http_server import HttpLimits, HttpServer, Request, Response
 from consumer.logs import fields
 from consumer.metrics import LedgerMetrics
+from consumer.settings import PREFIX, SettingsError
 
 log = logging.getLogger(__name__)
+
+DATABASE_CHECK_MAX_AGE = 1.0  # seconds
 
 
 @dataclass
@@ -48,66 +55,108 @@ class Readiness:
         return reasons
 
 
+class RecentCheck:
+    """A yes/no check (the database ping) shared by every caller: an answer is reused while
+    its run started less than `max_age` seconds ago, and callers that come while a run is in
+    flight wait for that run instead of starting another. Runs: one per `max_age` at most,
+    whatever the number of callers."""
+
+    def __init__(
+        self,
+        check: Callable[[], Awaitable[bool]],
+        *,
+        max_age: float = DATABASE_CHECK_MAX_AGE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._check = check
+        self.max_age = max_age
+        self._clock = clock
+        self._answer: bool | None = None
+        self._started_at = 0.0
+        self._running: asyncio.Task[bool] | None = None
+        self.runs = 0
+
+    async def __call__(self) -> bool:
+        if self._answer is not None and self._clock() - self._started_at < self.max_age:
+            return self._answer
+        if self._running is None:
+            self._running = asyncio.create_task(self._run(), name="readiness-check")
+        # A caller that goes away (its client hung up) must not cancel the run others await.
+        return await asyncio.shield(self._running)
+
+    async def _run(self) -> bool:
+        started = self._clock()  # the answer's age counts from here: it may reflect this moment
+        self.runs += 1
+        try:
+            answer = await self._check()
+        finally:
+            self._running = None
+        self._answer, self._started_at = answer, started
+        return answer
+
+    async def close(self) -> None:
+        if self._running is not None:
+            self._running.cancel()
+            await asyncio.wait([self._running])
+
+
 class HealthServer:
     def __init__(
         self,
+        host: str,
         port: int,
         metrics: LedgerMetrics,
         readiness: Readiness,
         ping_database: Callable[[], Awaitable[bool]],
+        *,
+        limits: HttpLimits | None = None,
     ) -> None:
-        self.port = port
         self.metrics = metrics
         self.readiness = readiness
-        self._ping_database = ping_database
-        self._server: asyncio.Server | None = None
+        self.database_check = RecentCheck(ping_database)
+        self.http = HttpServer(
+            host,
+            port,
+            self._route,
+            limits=limits,
+            on_rejected=lambda reason: metrics.http_rejected.labels(reason).inc(),
+        )
+
+    @property
+    def host(self) -> str:
+        return self.http.host
+
+    @property
+    def port(self) -> int:
+        return self.http.port
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, host="0.0.0.0", port=self.port)  # noqa: S104 - scraped from outside the container
-        self.port = self._server.sockets[0].getsockname()[1]
-        log.info("http listening", extra=fields(port=self.port))
+        """Listen; a host or port that cannot be bound is a configuration error."""
+        try:
+            await self.http.start()
+        except OSError as error:
+            port_problem = error.errno in (errno.EADDRINUSE, errno.EACCES)
+            variable = f"{PREFIX}METRICS_PORT" if port_problem else f"{PREFIX}METRICS_HOST"
+            raise SettingsError(
+                f"{variable}: cannot listen on {self.host} port {self.port}: "
+                f"{error.strerror or error}"
+            ) from None
+        log.info("http listening", extra=fields(host=self.host, port=self.port))
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        await self.http.stop()
+        await self.database_check.close()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readline(), timeout=5)
-            while (await asyncio.wait_for(reader.readline(), timeout=5)) not in (
-                b"\r\n",
-                b"\n",
-                b"",
-            ):
-                pass  # headers are not needed
-            parts = request.decode("latin-1").split()
-            path = parts[1].split("?")[0] if len(parts) >= 2 else ""
-            status, content_type, body = await self._route(path)
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass  # a client that hangs up or dawdles gets nothing
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    async def _route(self, path: str) -> tuple[str, str, bytes]:
-        if path == "/metrics":
-            return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
-        if path == "/healthz":
-            return "200 OK", "text/plain", b"ok\n"
-        if path == "/readyz":
-            self.readiness.database_ok = await self._ping_database()
+    async def _route(self, request: Request) -> Response:
+        if request.path == "/metrics":
+            return Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
+        if request.path == "/healthz":
+            return Response(200, b"ok\n")
+        if request.path == "/readyz":
+            self.readiness.database_ok = await self.database_check()
             reasons = self.readiness.reasons_not_ready()
             self.metrics.ready.set(0 if reasons else 1)
             if reasons:
-                return "503 Service Unavailable", "text/plain", ("\n".join(reasons) + "\n").encode()
-            return "200 OK", "text/plain", b"ready\n"
-        return "404 Not Found", "text/plain", b"not found\n"
+                return Response(503, ("\n".join(reasons) + "\n").encode())
+            return Response(200, b"ready\n")
+        return Response(404, b"not found\n")

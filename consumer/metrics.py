@@ -1,7 +1,7 @@
 """Every Prometheus object of the consumer, named `token_ledger_<what>_<unit>[_total]`.
 
 Labels never carry user, thread or message ids: only event type, outcome, reason, model,
-token kind, partition and SQLSTATE, all of bounded cardinality.
+token kind, partition, SQLSTATE and HTTP rejection reason, all of bounded cardinality.
 
 Token and cost counters move once per usage that became authoritative: by the new row's sums,
 or, when it supersedes a stored one, by the difference. Counters cannot go down, so a
@@ -22,6 +22,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from consumer.http_server import REJECTIONS
 from consumer.merge import Outcome, UsageChange
 
 # *_created series only double the exposition; rate() and increase() need none.
@@ -112,6 +113,14 @@ class LedgerMetrics:
             registry=r,
         )
         self.ready = Gauge("token_ledger_ready", "1 when /readyz answers 200, else 0.", registry=r)
+        self.http_rejected = Counter(
+            "token_ledger_http_connections_rejected",
+            "HTTP connections closed without being served, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REJECTIONS:  # every series exists from the start, so rate() sees the first
+            self.http_rejected.labels(reason)
 
     def observe_batch(
         self,

@@ -62,7 +62,9 @@ async def consume(settings: Settings, *, until_idle: bool = False) -> None:
         async def database_answers() -> bool:
             return await ping(pool)
 
-        health = HealthServer(settings.metrics_port, metrics, readiness, database_answers)
+        health = HealthServer(
+            settings.metrics_host, settings.metrics_port, metrics, readiness, database_answers
+        )
         await health.start()
         stack.push_async_callback(health.stop)
 
@@ -79,6 +81,7 @@ async def consume(settings: Settings, *, until_idle: bool = False) -> None:
                 group=settings.group_id,
                 dlq=settings.dlq_topic,
                 max_batch=settings.max_batch,
+                metrics_host=health.host,
                 metrics_port=health.port,
             ),
         )

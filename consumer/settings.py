@@ -7,6 +7,7 @@ appear in a repr, a log line or an error.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -39,6 +40,8 @@ class Settings(BaseSettings):
     group_id: str = Field("token-ledger", min_length=1)
     max_batch: int = Field(500, ge=1, le=100_000)
     max_event_bytes: int = Field(DEFAULT_MAX_EVENT_BYTES, ge=1024, le=64 * 1024 * 1024)
+    # Every interface by default: Prometheus scrapes from another host or container.
+    metrics_host: str = "0.0.0.0"  # noqa: S104
     metrics_port: int = Field(9464, ge=0, le=65535)
     stall_seconds: float = Field(120.0, gt=0)
     log_format: Literal["text", "json"] = "text"
@@ -61,6 +64,17 @@ class Settings(BaseSettings):
             ) from None
         if url.drivername != "postgresql+asyncpg":
             raise ValueError(f"driver must be postgresql+asyncpg, not {url.drivername}")
+        return value
+
+    @field_validator("metrics_host")
+    @classmethod
+    def _ip_address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(
+                "expected an IP address to listen on, such as 0.0.0.0, 127.0.0.1 or ::"
+            ) from None
         return value
 
     @field_validator("kafka_bootstrap")

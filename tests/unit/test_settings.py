@@ -27,6 +27,13 @@ def test_defaults_follow_the_spec() -> None:
     assert settings.group_id == "token-ledger"
     assert settings.max_event_bytes == 1024 * 1024
     assert settings.metrics_port == 9464
+    assert settings.metrics_host == "0.0.0.0"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::", "::1", "10.1.2.3"])
+def test_metrics_host_takes_an_ip_address(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
+    monkeypatch.setenv("LEDGER_METRICS_HOST", host)
+    assert load_settings().metrics_host == host
 
 
 def test_environment_and_dotenv_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,6 +51,9 @@ def test_environment_and_dotenv_are_read(monkeypatch: pytest.MonkeyPatch) -> Non
         ("LEDGER_MAX_BATCH", "lots"),
         ("LEDGER_MAX_BATCH", "0"),
         ("LEDGER_METRICS_PORT", "70000"),
+        ("LEDGER_METRICS_HOST", "localhost"),
+        ("LEDGER_METRICS_HOST", "0.0.0.0:9464"),
+        ("LEDGER_METRICS_HOST", "256.1.1.1"),
         ("LEDGER_KAFKA_BOOTSTRAP", "no-port-here"),
         ("LEDGER_DATABASE_URL", "mysql://u:p@h/db"),
         ("LEDGER_LOG_FORMAT", "xml"),
@@ -98,6 +108,23 @@ def test_cli_exits_2_with_one_line_on_bad_config(tmp_path: os.PathLike[str]) -> 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "LEDGER_MAX_BATCH" in lines[0]
     assert "topsecret" not in result.stderr
+
+
+def test_consume_exits_2_with_one_line_on_a_bad_metrics_host() -> None:
+    env = {**os.environ, "LEDGER_METRICS_HOST": "everywhere"}
+    result = subprocess.run(
+        [sys.executable, "-m", "consumer", "consume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "token-ledger: configuration error: LEDGER_METRICS_HOST: expected an IP address"
+    )
 
 
 def test_an_empty_variable_means_not_set(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -50,6 +50,8 @@ def up() -> None:
     env = STATE / "ledger.env"
     env.write_text(
         f"LEDGER_KAFKA_BOOTSTRAP={broker.bootstrap}\nLEDGER_DATABASE_URL={postgres.url}\n"
+        # The services listen on 127.0.0.1 only; so does a consumer started with this file.
+        "LEDGER_METRICS_HOST=127.0.0.1\n"
     )
     print(f"kafka     {broker.bootstrap}   (log: {broker.log_file})")
     print(f"postgres  {postgres.url}   (log: {postgres.log_file})")

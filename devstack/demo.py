@@ -121,6 +121,7 @@ def demo() -> int:
         "LEDGER_TOPIC": topic,
         "LEDGER_DLQ_TOPIC": f"{topic}.dlq",
         "LEDGER_GROUP_ID": f"token-ledger-demo-{run}",
+        "LEDGER_METRICS_HOST": "127.0.0.1",  # a demo on a laptop need not face the network
         "LEDGER_METRICS_PORT": str(port),
     }
     print(f"\n== migrate ({database_url.rpartition('@')[2]})")

@@ -69,6 +69,7 @@ class Stack:
             "LEDGER_TOPIC": self.topic,
             "LEDGER_DLQ_TOPIC": self.dlq_topic,
             "LEDGER_GROUP_ID": self.group_id,
+            "LEDGER_METRICS_HOST": "127.0.0.1",  # tests are never reachable from outside
             "LEDGER_METRICS_PORT": str(free_port()),
             "LEDGER_LOG_FORMAT": "json",
             **extra,

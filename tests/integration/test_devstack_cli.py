@@ -82,6 +82,7 @@ def test_up_then_down_leaves_no_process(workdir: Path) -> None:
     env_file = (workdir / ".devstack" / "ledger.env").read_text()
     assert f"LEDGER_KAFKA_BOOTSTRAP=127.0.0.1:{ports['DEVSTACK_KAFKA_PORT']}" in env_file
     assert f"@127.0.0.1:{ports['DEVSTACK_PG_PORT']}/ledger" in env_file
+    assert "LEDGER_METRICS_HOST=127.0.0.1\n" in env_file
     postmaster = int((workdir / ".devstack/postgres/data/postmaster.pid").read_text().split()[0])
     postgres_children = _children_of(postmaster)
     assert postgres_children, "postgres should have its background workers"

@@ -4,10 +4,11 @@ Labels never carry user, thread or message ids: only event type, outcome, reason
 token kind, partition and SQLSTATE, all of bounded cardinality.
 
 Token and cost counters move once per usage that became authoritative: by the new row's sums,
-or, when it supersedes a stored one, by the difference. Counters cannot go down, so a
-difference below zero is counted in `token_ledger_*_reversed_total` with the same labels:
-`sum(cost_micros_total) - sum(cost_micros_reversed_total)` equals `SUM(cost_micros)` of the
-ledger that this process wrote.
+or, when it supersedes a stored one, by the difference, per model as `merge.attribution`
+splits a row (the part its breakdown does not cover is `model="(unattributed)"`). Counters
+cannot go down, so a difference below zero is counted in `token_ledger_*_reversed_total` with
+the same labels: `sum(cost_micros_total) - sum(cost_micros_reversed_total)` equals
+`SUM(cost_micros)` of the ledger that this process wrote, per model and in total.
 """
 
 from __future__ import annotations
@@ -111,6 +112,13 @@ class LedgerMetrics:
             "Unix time of the last committed batch.",
             registry=r,
         )
+        self.unknown_fields = Counter(
+            "token_ledger_unknown_fields",
+            "Fields this consumer does not know yet, accepted (kept in content parts, usage "
+            "calls and legacy breakdowns; ignored elsewhere), by event type.",
+            ["type"],
+            registry=r,
+        )
         self.ready = Gauge("token_ledger_ready", "1 when /readyz answers 200, else 0.", registry=r)
 
     def observe_batch(
@@ -119,6 +127,7 @@ class LedgerMetrics:
         records: int,
         seconds: float,
         outcomes: list[tuple[str, datetime, Outcome]],
+        unknown_fields: list[tuple[str, int]],
         undecodable: int,
         dead_letter_reasons: list[str],
         usage_changes: list[UsageChange],
@@ -132,6 +141,8 @@ class LedgerMetrics:
             self.events.labels(event_type, outcome.value).inc()
             if outcome is not Outcome.REJECTED:
                 self.event_lag.observe(max(0.0, (now - occurred_at).total_seconds()))
+        for event_type, count in unknown_fields:
+            self.unknown_fields.labels(event_type).inc(count)
         if undecodable:
             self.events.labels("unknown", Outcome.REJECTED.value).inc(undecodable)
         for reason in dead_letter_reasons:

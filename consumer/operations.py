@@ -132,7 +132,10 @@ async def verify(settings: Settings) -> VerifyReport:
         async for record in read_range(consumer, ends):
             report.records_read += 1
             event = decode_event(
-                record.value, timestamp_ms=record.timestamp, max_bytes=settings.max_event_bytes
+                record.value,
+                timestamp_ms=record.timestamp,
+                max_bytes=settings.max_event_bytes,
+                max_future_skew=settings.future_skew,
             )
             if isinstance(event, Rejection) or (record.partition, record.offset) in skip:
                 report.skipped += 1

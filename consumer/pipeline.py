@@ -218,6 +218,7 @@ class Pipeline:
                 record.value,
                 timestamp_ms=record.timestamp,
                 max_bytes=self.settings.max_event_bytes,
+                max_future_skew=self.settings.future_skew,
             )
             if isinstance(result, Rejection):
                 letters.append(DeadLetter(record, result.reason, result.detail))
@@ -285,16 +286,10 @@ class Pipeline:
             await self._apply_isolating(conn, items[middle:], applied)
             return
         applied.plans.append(plan)
-        for (event, record), outcome in zip(items, plan.outcomes, strict=True):
+        for index, ((event, record), outcome) in enumerate(zip(items, plan.outcomes, strict=True)):
             applied.events.append((event, outcome))
-            if outcome is Outcome.REJECTED:
-                applied.letters.append(
-                    DeadLetter(
-                        record,
-                        RejectReason.THREAD_SEARCH_SPACE_MISMATCH,
-                        f"thread {event.thread_id} belongs to another search space",
-                    )
-                )
+            if rejection := plan.rejections.get(index):
+                applied.letters.append(DeadLetter(record, rejection.reason, rejection.detail))
 
     def _moves(self, records: list[Record]) -> list[OffsetMove]:
         last: dict[int, int] = {}
@@ -425,6 +420,11 @@ class Pipeline:
             seconds=seconds,
             outcomes=[
                 (event.type, event.occurred_at, outcome) for event, outcome in applied.events
+            ],
+            unknown_fields=[
+                (event.type, event.unknown_fields)
+                for event, _ in applied.events
+                if event.unknown_fields
             ],
             undecodable=len(decode_letters),
             dead_letter_reasons=[letter.reason.value for letter in letters],

@@ -148,8 +148,8 @@ async def test_open_transactions_hold_back_only_their_records_and_readiness_wait
     now, now_expect = _traffic(seed=71)
     later, later_expect = _traffic(seed=72)
     ghosts, _ = _traffic(seed=73, threads=2)
-    # `now` is readable at once: committed in a transaction (partitions 0 and 2) or plain (1),
-    # and partition 2 ends on an abort marker.
+    # `now` is readable at once: committed in a transaction (partitions 0 and 2) or plain (1);
+    # an aborted transaction follows on partition 2.
     # `later` waits: two transactions open at once, on partitions 0 and 1 and both on 2, and
     # plain records written after their first records (on 0 and 2), held behind them.
     pieces = [later[i::6] for i in range(6)]
@@ -193,13 +193,7 @@ async def test_open_transactions_hold_back_only_their_records_and_readiness_wait
             what="held records counted per partition",
             context=patient.logs,
         )
-        status, body = patient.http("/readyz")
-        assert (status, body) == (200, "ready\n")
-        assert set(_gauges(patient.http("/metrics")[1], "token_ledger_consumer_lag_records")) == {
-            "0",
-            "1",
-            "2",
-        }
+        assert patient.http("/readyz") == (200, "ready\n")
         assert patient.terminate()[0] == 0
 
         # Past the bound: not ready, for a reason of its own (not "stalled").
@@ -208,13 +202,13 @@ async def test_open_transactions_hold_back_only_their_records_and_readiness_wait
 
         async def names_the_transaction() -> bool:
             status, body = await _readyz(strict)
-            return status == 503 and "open transaction" in body
+            return status == 503 and "records wait on partition 0, 1, 2 behind" in body
 
         await wait_for(
             names_the_transaction, within=60, what="/readyz past the bound", context=strict.logs
         )
         _, body = strict.http("/readyz")
-        assert "partition 0, 1, 2" in body, body
+        assert body.startswith("open transaction: "), body
         assert "stalled" not in body
 
         await open_0.commit_transaction()

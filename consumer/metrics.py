@@ -13,6 +13,7 @@ the same labels: `sum(cost_micros_total) - sum(cost_micros_reversed_total)` equa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from prometheus_client import (
@@ -65,10 +66,19 @@ class LedgerMetrics:
         )
         self.consumer_lag = Gauge(
             "token_ledger_consumer_lag_records",
-            "High watermark minus the next offset to apply, per assigned partition.",
+            "Last stable offset minus the consumer's position, per assigned partition:"
+            " committed records readable now and not yet applied.",
             ["partition"],
             registry=r,
         )
+        self.uncommitted = Gauge(
+            "token_ledger_uncommitted_records",
+            "High watermark minus last stable offset, per assigned partition: records that"
+            " cannot be read until an open transaction ends.",
+            ["partition"],
+            registry=r,
+        )
+        self._uncommitted_partitions: set[int] = set()
         self.tokens = Counter(
             "token_ledger_tokens",
             "Tokens of authoritative usage, by model and kind (prompt, completion, total).",
@@ -148,6 +158,15 @@ class LedgerMetrics:
         for reason in dead_letter_reasons:
             self.dead_letters.labels(reason).inc()
         self.count_usage(usage_changes)
+
+    def set_uncommitted(self, records: Mapping[int, int]) -> None:
+        """Records held by open transactions, for every partition given; a partition no longer
+        given (revoked) loses its series."""
+        for partition in self._uncommitted_partitions - records.keys():
+            self.uncommitted.remove(str(partition))
+        for partition, count in records.items():
+            self.uncommitted.labels(str(partition)).set(count)
+        self._uncommitted_partitions = set(records)
 
     def count_usage(self, changes: list[UsageChange]) -> None:
         for change in changes:

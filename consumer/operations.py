@@ -40,10 +40,13 @@ async def _database(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
 
 @asynccontextmanager
 async def _reader(settings: Settings) -> AsyncIterator[AIOKafkaConsumer]:
+    """read_committed, like the consumer: verify rebuilds the ledger from the records the
+    consumer can have applied, and replay's end offsets are the ends of what it reads."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=None,
         enable_auto_commit=False,
+        isolation_level="read_committed",
         max_partition_fetch_bytes=FETCH_BYTES,
         fetch_max_bytes=FETCH_BYTES,
         **settings.kafka_security(),

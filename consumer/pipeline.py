@@ -43,6 +43,7 @@ from consumer.errors import (
     classify_database_error,
 )
 from consumer.health import Readiness
+from consumer.lag import PartitionEnds, held_partitions
 from consumer.logs import fields
 from consumer.merge import BatchPlan, Outcome
 from consumer.metrics import LedgerMetrics
@@ -393,21 +394,28 @@ class Pipeline:
             )
 
     async def _update_lag(self) -> bool:
-        """Refresh the lag gauges; True when every assigned partition is at its high watermark."""
-        total, caught_up = 0, bool(self.positions)
+        """Refresh lag, records held by open transactions and readiness; True when every
+        assigned partition is caught up: at its last stable offset, the end of what a
+        read_committed consumer can read (consumer/lag.py)."""
+        ends: dict[int, PartitionEnds] = {}
+        caught_up = bool(self.positions)
         for partition in sorted(self.positions):
             tp = TopicPartition(self.settings.topic, partition)
-            highwater = self.consumer.highwater(tp)
-            if highwater is None:
+            highwater, stable = self.consumer.highwater(tp), self.consumer.last_stable_offset(tp)
+            # None until a fetch answered; -1 from a consumer that is not read_committed
+            # (service.source_consumer always is): either way the end is unknown.
+            if highwater is None or stable is None or stable < 0:
                 caught_up = False
                 continue
-            lag = max(0, highwater - await self.consumer.position(tp))
-            self.metrics.consumer_lag.labels(str(partition)).set(lag)
+            end = PartitionEnds(await self.consumer.position(tp), stable, highwater)
+            ends[partition] = end
+            self.metrics.consumer_lag.labels(str(partition)).set(end.lag)
             self._lag_partitions.add(partition)
-            total += lag
-            caught_up = caught_up and lag == 0
-        self.readiness.lag = total
-        if total == 0:
+            caught_up = caught_up and end.lag == 0
+        self.metrics.set_uncommitted({p: end.uncommitted for p, end in ends.items()})
+        self.readiness.held = held_partitions(self.readiness.held, ends, time.monotonic())
+        self.readiness.lag = sum(end.lag for end in ends.values())
+        if self.readiness.lag == 0:
             self.readiness.progressed()  # idle is not stalled
         return caught_up
 

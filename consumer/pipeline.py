@@ -166,7 +166,7 @@ class Pipeline:
             if records:
                 continue
             if until_idle and caught_up:
-                log.info("caught up: every assigned partition is at its high watermark")
+                log.info("caught up: every assigned partition is at its last stable offset")
                 return
             if time.monotonic() - self._last_sync > IDLE_SYNC_SECONDS:
                 async with self._batch_lock:

@@ -37,7 +37,8 @@ def _events(threads: int) -> list[AnyEvent]:
             start=datetime(2026, 11, 26, tzinfo=UTC),
         )
     )
-    decoded = [decode_event(value, timestamp_ms=1_795_000_000_000) for _, value in records]
+    published_ms = 1_795_800_000_000  # 2026-11-27: after every occurred_at of the plan
+    decoded = [decode_event(value, timestamp_ms=published_ms) for _, value in records]
     return [e for e in decoded if not isinstance(e, Rejection)]
 
 

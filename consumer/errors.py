@@ -4,6 +4,7 @@
     LedgerError
     ├── TransientError      retry the whole batch with capped backoff; never dead-letter
     │   ├── ThreadRaceError     a thread appeared concurrently with another search space
+    │   ├── ConcurrentWriteError  another writer took a row's key since the batch read it
     │   └── DeadLetterUnavailableError  the dead-letter topic did not acknowledge
     ├── FencedError         another owner moved the stored offsets: roll back and re-seek
     ├── PoisonError         this record (or the batch holding it) can never be applied:
@@ -33,6 +34,11 @@ class TransientError(LedgerError):
 
 class ThreadRaceError(TransientError):
     pass
+
+
+class ConcurrentWriteError(TransientError):
+    """Another writer created a row this batch needed after the batch read the stored state;
+    a retry reads it and decides again (e.g. rejects an event_id_conflict)."""
 
 
 class DeadLetterUnavailableError(TransientError):

@@ -2,10 +2,11 @@
 /readyz (ready).
 
 Ready means: partitions assigned, the database answers, and not stalled (records waiting
-while nothing has been committed for LEDGER_STALL_SECONDS). The port faces the network, so
-neither its connections (consumer/http_server.py bounds them) nor its request rate may reach
-the ledger's resources: /readyz reuses a database check at most a second old, and concurrent
-requests share the one in flight, so the database sees at most one ping a second from it.
+while nothing has been committed for LEDGER_STALL_SECONDS), nor held that long by a transaction
+a producer left open (consumer/lag.py). The port faces the network, so neither its connections
+(consumer/http_server.py bounds them) nor its request rate may reach the ledger's resources:
+/readyz reuses a database check at most a second old, and concurrent requests share the one in
+flight, so the database sees at most one ping a second from it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from consumer.http_server import HttpLimits, HttpServer, Request, Response
+from consumer.lag import Held
 from consumer.logs import fields
 from consumer.metrics import LedgerMetrics
 from consumer.settings import PREFIX, SettingsError
@@ -38,6 +40,9 @@ class Readiness:
     lag: int = 0
     last_progress: float = field(default_factory=time.monotonic)
     database_ok: bool = True
+    # Not lag (nothing there can be read yet), so judged on its own: partition -> its records
+    # waiting for an open transaction, and since when its last stable offset has stood still.
+    held: dict[int, Held] = field(default_factory=dict)
 
     def progressed(self) -> None:
         self.last_progress = time.monotonic()
@@ -51,6 +56,15 @@ class Readiness:
         if self.lag > 0 and time.monotonic() - self.last_progress > self.stall_seconds:
             reasons.append(
                 f"stalled: {self.lag} records waiting, no commit for {self.stall_seconds:.0f}s"
+            )
+        if held := {
+            p: h for p, h in self.held.items() if time.monotonic() - h.since > self.stall_seconds
+        }:
+            reasons.append(
+                f"open transaction: {sum(h.records for h in held.values())} records wait on"
+                f" partition {', '.join(map(str, sorted(held)))} behind a transaction open for"
+                f" over {self.stall_seconds:.0f}s (the broker aborts it at the producer's"
+                " transaction timeout)"
             )
         return reasons
 

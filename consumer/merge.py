@@ -6,17 +6,27 @@ result depends only on the SET of events, never on their order, duplication or b
 - thread: created_at = min occurred_at, updated_at = max occurred_at, created_by_id = user of
   the earliest (occurred_at, event_id) event that has one. The first search_space_id seen for a
   thread (stored, else earliest in arrival order) binds it; events naming another are rejected.
-- message content: the highest (rank, occurred_at, event_id) wins, with rank 0 assistant shell
+- message content: the highest (rank, occurred_at, event_id, digest) wins, with rank 0 assistant shell
   (turn.started) < 1 message.appended < 2 turn.started user text and turn.finalized content.
   created_at = earliest occurred_at of any event that touched the row.
 - token usage (assistant messages): the highest rank wins (2 turn.finalized > 1
-  message.appended); on equal rank the EARLIER (occurred_at, event_id) wins: the first
+  message.appended); on equal rank the EARLIER (occurred_at, event_id, digest) wins: the first
   finalize's cost is authoritative. A finalize without calls neither creates nor removes usage.
+
+Identity (SPEC section 3): only an exact copy (same event_id, occurred_at and payload digest)
+is a duplicate. Differing copies of one event_id all take part in the registers, ordered by
+their digest last. The one case that would need two rows for one event_id (a turn-less message
+in another thread or role) rejects the later arrival as `event_id_conflict`; with the search
+space rule it is the only place where arrival order decides.
 
 `reduce_batch(events, stored)` folds a batch into one candidate row per key (what the guarded
 upserts in store.py write) and compares it with the stored registers to give each event an
 outcome and the usage that became authoritative. `rebuild(events)` is the whole ledger from
 scratch, which is what `verify` and the property tests compare the database with.
+
+Usage is counted per model by `attribution`: the breakdown's numbers, plus the part of the
+row's totals that the breakdown does not cover under `(unattributed)`, so the per-model figures
+always add up to the row (legacy breakdowns may be missing, partial or inconsistent).
 """
 
 from __future__ import annotations
@@ -28,19 +38,29 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, NamedTuple, Protocol, Self, TypeVar
 
-from producer.events import AnyEvent, MessageAppended, TurnFinalized, TurnStarted
+from producer.events import (
+    USAGE_MEASURES,
+    AnyEvent,
+    MessageAppended,
+    Rejection,
+    RejectReason,
+    TurnFinalized,
+    TurnStarted,
+    payload_digest,
+)
 
 SHELL, LEGACY, SERVER = 0, 1, 2
 STATUS_NO_TEXT: list[dict[str, Any]] = [{"type": "status", "text": "(no text response)"}]
 SHELL_CONTENT: list[dict[str, Any]] = [{"type": "text", "text": ""}]
-USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
+USAGE_FIELDS = USAGE_MEASURES
+UNATTRIBUTED = "(unattributed)"
 
 
 class Outcome(StrEnum):
     APPLIED = "applied"  # won at least one register (or created a row)
     DUPLICATE = "duplicate"  # already applied: seen earlier in the batch, or the stored winner
     SUPERSEDED = "superseded"  # lost every register it competes for
-    REJECTED = "dead_lettered"  # thread_search_space_mismatch
+    REJECTED = "dead_lettered"  # thread_search_space_mismatch, event_id_conflict
 
 
 class MessageKey(NamedTuple):
@@ -58,12 +78,25 @@ class MessageKey(NamedTuple):
         return (self.thread_id, 1, "", self.role, str(self.origin_event_id))
 
 
+class Copy(NamedTuple):
+    """One copy of an event: equal for exact copies, different for differing copies."""
+
+    event_id: uuid.UUID
+    at: datetime
+    digest: bytes
+
+
 class Claim(NamedTuple):
-    """Who holds a register: (rank, occurred_at, event_id)."""
+    """Who holds a register: (rank, occurred_at, event_id, payload digest)."""
 
     rank: int
     at: datetime
     event_id: uuid.UUID
+    digest: bytes
+
+    @property
+    def copy(self) -> Copy:
+        return Copy(self.event_id, self.at, self.digest)
 
 
 def content_beats(new: Claim, old: Claim) -> bool:
@@ -73,7 +106,7 @@ def content_beats(new: Claim, old: Claim) -> bool:
 def usage_beats(new: Claim, old: Claim) -> bool:
     if new.rank != old.rank:
         return new.rank > old.rank
-    return (new.at, new.event_id) < (old.at, old.event_id)
+    return (new.at, new.event_id, new.digest) < (old.at, old.event_id, old.digest)
 
 
 @dataclass(frozen=True)
@@ -85,12 +118,17 @@ class ThreadRow:
     created_by_id: uuid.UUID | None = None
     created_by_at: datetime | None = None
     created_by_event_id: uuid.UUID | None = None
+    created_by_digest: bytes | None = None
 
     @property
-    def creator_claim(self) -> tuple[datetime, uuid.UUID] | None:
-        if self.created_by_at is None or self.created_by_event_id is None:
+    def creator_claim(self) -> tuple[datetime, uuid.UUID, bytes] | None:
+        if (
+            self.created_by_at is None
+            or self.created_by_event_id is None
+            or self.created_by_digest is None
+        ):
             return None
-        return (self.created_by_at, self.created_by_event_id)
+        return (self.created_by_at, self.created_by_event_id, self.created_by_digest)
 
     def merge(self, other: ThreadRow) -> ThreadRow:
         mine, theirs = self.creator_claim, other.creator_claim
@@ -102,6 +140,7 @@ class ThreadRow:
             created_by_id=creator.created_by_id,
             created_by_at=creator.created_by_at,
             created_by_event_id=creator.created_by_event_id,
+            created_by_digest=creator.created_by_digest,
         )
 
 
@@ -127,7 +166,7 @@ class UsageRow:
     completion_tokens: int
     total_tokens: int
     cost_micros: int
-    model_breakdown: dict[str, dict[str, int]]
+    model_breakdown: dict[str, dict[str, Any]]  # legacy: as sent (measures may be missing)
     call_details: dict[str, Any]
     search_space_id: int
     user_id: uuid.UUID | None
@@ -146,7 +185,7 @@ class StoredMessage:
     created_at: datetime
     usage_claim: Claim | None = None
     usage_created_at: datetime | None = None
-    usage_breakdown: Mapping[str, Mapping[str, int]] | None = None
+    usage_attribution: Mapping[str, Mapping[str, int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +212,32 @@ class BatchPlan:
     usage: list[UsageRow]  # sorted by key; only rows that change
     outcomes: list[Outcome]  # one per input event, same order
     usage_changes: list[UsageChange]
+    rejections: dict[int, Rejection] = field(default_factory=dict)  # input index -> why
+
+
+def attribution(
+    totals: Mapping[str, int], breakdown: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, int]]:
+    """Per model, the measures of one usage row; what the breakdown does not cover (missing,
+    partial or not adding up) is `(unattributed)`, so the models always sum to the totals."""
+    shares: dict[str, dict[str, int]] = {}
+    covered = dict.fromkeys(USAGE_FIELDS, 0)
+    for model, entry in breakdown.items():
+        share = {}
+        for name in USAGE_FIELDS:
+            value = entry.get(name) if isinstance(entry, Mapping) else None
+            amount = value if isinstance(value, int) and not isinstance(value, bool) else 0
+            share[name] = amount
+            covered[name] += amount
+        shares[model] = share
+    rest = {name: totals[name] - covered[name] for name in USAGE_FIELDS}
+    if any(rest.values()):
+        shares[UNATTRIBUTED] = rest
+    return shares
+
+
+def usage_totals(row: UsageRow) -> dict[str, int]:
+    return {name: getattr(row, name) for name in USAGE_FIELDS}
 
 
 # -- events -> candidate rows ----------------------------------------------------------------
@@ -180,6 +245,10 @@ class BatchPlan:
 
 def _dump(parts: Iterable[Any]) -> list[dict[str, Any]]:
     return [part.model_dump() for part in parts]
+
+
+def _claim(event: AnyEvent, rank: int, digest: bytes) -> Claim:
+    return Claim(rank, event.occurred_at, event.event_id, digest)
 
 
 def mentioned_documents_part(documents: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
@@ -192,11 +261,15 @@ def mentioned_documents_part(documents: Sequence[Mapping[str, Any]]) -> dict[str
 
 
 def _message(
-    event: AnyEvent, role: str, rank: int, content: list[dict[str, Any]], key: MessageKey
+    event: AnyEvent,
+    role: str,
+    claim: Claim,
+    content: list[dict[str, Any]],
+    key: MessageKey,
 ) -> MessageRow:
     return MessageRow(
         key=key,
-        claim=Claim(rank, event.occurred_at, event.event_id),
+        claim=claim,
         content=content,
         author_id=event.user_id if role == "user" else None,
         created_at=event.occurred_at,
@@ -216,8 +289,12 @@ def message_keys(event: AnyEvent) -> tuple[MessageKey, ...]:
     return (MessageKey(event.thread_id, event.role, event.turn_id, origin),)
 
 
-def candidates(event: AnyEvent) -> tuple[list[MessageRow], UsageRow | None]:
+def candidates(
+    event: AnyEvent, digest: bytes | None = None
+) -> tuple[list[MessageRow], UsageRow | None]:
     """The message rows an event claims and the usage row it claims, before any merging."""
+    if digest is None:
+        digest = payload_digest(event)
     keys = message_keys(event)
     if isinstance(event, TurnStarted):
         user_key, assistant_key = keys
@@ -225,12 +302,15 @@ def candidates(event: AnyEvent) -> tuple[list[MessageRow], UsageRow | None]:
         if part := mentioned_documents_part(event.mentioned_documents):
             content.append(part)
         return [
-            _message(event, "user", SERVER, content, user_key),
-            _message(event, "assistant", SHELL, SHELL_CONTENT, assistant_key),
+            _message(event, "user", _claim(event, SERVER, digest), content, user_key),
+            _message(
+                event, "assistant", _claim(event, SHELL, digest), SHELL_CONTENT, assistant_key
+            ),
         ], None
     if isinstance(event, TurnFinalized):
         (key,) = keys
-        message = _message(event, "assistant", SERVER, _dump(event.content) or STATUS_NO_TEXT, key)
+        claim = _claim(event, SERVER, digest)
+        message = _message(event, "assistant", claim, _dump(event.content) or STATUS_NO_TEXT, key)
         calls = event.usage.calls if event.usage else []
         if not calls:
             return [message], None
@@ -241,7 +321,7 @@ def candidates(event: AnyEvent) -> tuple[list[MessageRow], UsageRow | None]:
                 sums[name] += getattr(call, name)
         usage = UsageRow(
             key=key,
-            claim=Claim(SERVER, event.occurred_at, event.event_id),
+            claim=claim,
             source=event.type,
             **{name: sum(getattr(c, name) for c in calls) for name in USAGE_FIELDS},
             model_breakdown=breakdown,
@@ -251,26 +331,28 @@ def candidates(event: AnyEvent) -> tuple[list[MessageRow], UsageRow | None]:
             created_at=event.occurred_at,
         )
         return [message], usage
-    return _appended_candidates(event, *keys)
+    return _appended_candidates(event, digest, *keys)
 
 
 def _appended_candidates(
-    event: MessageAppended, key: MessageKey
+    event: MessageAppended, digest: bytes, key: MessageKey
 ) -> tuple[list[MessageRow], UsageRow | None]:
-    message = _message(event, event.role, LEGACY, _dump(event.content), key)
+    claim = _claim(event, LEGACY, digest)
+    message = _message(event, event.role, claim, _dump(event.content), key)
     legacy = event.token_usage
     if legacy is None:
         return [message], None
     usage = UsageRow(
         key=key,
-        claim=Claim(LEGACY, event.occurred_at, event.event_id),
+        claim=claim,
         source=event.type,
         prompt_tokens=legacy.prompt_tokens,
         completion_tokens=legacy.completion_tokens,
         total_tokens=legacy.total_tokens,
         cost_micros=legacy.cost_micros,
-        model_breakdown={
-            model: usage.model_dump() for model, usage in (legacy.usage or {}).items()
+        model_breakdown={  # as sent: a legacy entry may carry any subset of the measures
+            model: entry.model_dump(exclude_unset=True)
+            for model, entry in (legacy.usage or {}).items()
         },
         call_details=legacy.call_details_object(),
         search_space_id=event.search_space_id,
@@ -280,8 +362,10 @@ def _appended_candidates(
     return [message], usage
 
 
-def thread_candidate(event: AnyEvent) -> ThreadRow:
+def thread_candidate(event: AnyEvent, digest: bytes | None = None) -> ThreadRow:
     has_user = event.user_id is not None
+    if digest is None:
+        digest = payload_digest(event)
     return ThreadRow(
         id=event.thread_id,
         search_space_id=event.search_space_id,
@@ -290,6 +374,7 @@ def thread_candidate(event: AnyEvent) -> ThreadRow:
         created_by_id=event.user_id,
         created_by_at=event.occurred_at if has_user else None,
         created_by_event_id=event.event_id if has_user else None,
+        created_by_digest=digest if has_user else None,
     )
 
 
@@ -312,29 +397,42 @@ def _fold(rows: dict[K, R], key: K, row: R) -> None:
 def reduce_batch(events: Sequence[AnyEvent], stored: StoredState) -> BatchPlan:
     """Fold a batch (in arrival order) against the stored registers."""
     spaces = {thread_id: row.search_space_id for thread_id, row in stored.threads.items()}
+    # A turn-less message is keyed by its event_id: the first key seen for an id holds it.
+    origins = {k.origin_event_id: k for k in stored.messages if k.origin_event_id is not None}
     threads: dict[int, ThreadRow] = {}
     messages: dict[MessageKey, MessageRow] = {}
     usage: dict[MessageKey, UsageRow] = {}
     decided: list[Outcome | None] = []  # None: accepted, decided once the batch is folded
-    seen: set[uuid.UUID] = set()
+    copies: list[Copy | None] = []
+    rejections: dict[int, Rejection] = {}
+    seen: set[Copy] = set()
 
-    for event in events:
-        if spaces.setdefault(event.thread_id, event.search_space_id) != event.search_space_id:
+    for index, event in enumerate(events):
+        rejection = _rejection(event, spaces, origins)
+        if rejection is not None:
+            rejections[index] = rejection
             decided.append(Outcome.REJECTED)
+            copies.append(None)
             continue
-        if event.event_id in seen:
+        spaces.setdefault(event.thread_id, event.search_space_id)
+        digest = payload_digest(event)
+        copy = Copy(event.event_id, event.occurred_at, digest)
+        copies.append(copy)
+        if copy in seen:
             decided.append(Outcome.DUPLICATE)
             continue
-        seen.add(event.event_id)
+        seen.add(copy)
         decided.append(None)
-        _fold(threads, event.thread_id, thread_candidate(event))
-        event_messages, event_usage = candidates(event)
+        _fold(threads, event.thread_id, thread_candidate(event, digest))
+        event_messages, event_usage = candidates(event, digest)
         for message in event_messages:
+            if message.key.origin_event_id is not None:
+                origins.setdefault(message.key.origin_event_id, message.key)
             _fold(messages, message.key, message)
         if event_usage is not None:
             _fold(usage, event_usage.key, event_usage)
 
-    outcomes = _outcomes(events, decided, messages, usage, stored)
+    outcomes = _outcomes(copies, decided, messages, usage, stored)
     changed_messages = sorted(
         (row for row in messages.values() if _message_changes(row, stored.messages.get(row.key))),
         key=lambda row: row.key.sort_key(),
@@ -359,36 +457,57 @@ def reduce_batch(events: Sequence[AnyEvent], stored: StoredState) -> BatchPlan:
             if _usage_wins(row, stored.messages.get(row.key))
             for change in _usage_delta(row, stored.messages.get(row.key))
         ],
+        rejections=rejections,
     )
 
 
+def _rejection(
+    event: AnyEvent, spaces: Mapping[int, int], origins: Mapping[uuid.UUID, MessageKey]
+) -> Rejection | None:
+    """Why the event cannot be applied given what came before it, or None. A rejected event
+    binds nothing, so it cannot change how later events are judged."""
+    space = spaces.get(event.thread_id)
+    if space is not None and space != event.search_space_id:
+        return Rejection(
+            reason=RejectReason.THREAD_SEARCH_SPACE_MISMATCH,
+            detail=f"thread {event.thread_id} belongs to another search space",
+        )
+    for key in message_keys(event):
+        if key.origin_event_id is None:
+            continue
+        holder = origins.get(key.origin_event_id)
+        if holder is not None and holder != key:
+            return Rejection(
+                reason=RejectReason.EVENT_ID_CONFLICT,
+                detail=f"event_id {key.origin_event_id} already keys a turn-less"
+                f" {holder.role} message in thread {holder.thread_id}",
+            )
+    return None
+
+
 def _outcomes(
-    events: Sequence[AnyEvent],
+    copies: list[Copy | None],
     decided: list[Outcome | None],
     messages: dict[MessageKey, MessageRow],
     usage: dict[MessageKey, UsageRow],
     stored: StoredState,
 ) -> list[Outcome]:
-    """Applied if the event holds a register it did not hold before; duplicate if it already
+    """Applied if the copy holds a register it did not hold before; duplicate if it already
     held one (a redelivery); superseded if it lost everywhere."""
     winners = {
-        row.claim.event_id
+        row.claim.copy
         for row in messages.values()
         if _content_wins(row, stored.messages.get(row.key))
-    } | {
-        row.claim.event_id
-        for row in usage.values()
-        if _usage_wins(row, stored.messages.get(row.key))
-    }
-    stored_winners = {m.claim.event_id for m in stored.messages.values()} | {
-        m.usage_claim.event_id for m in stored.messages.values() if m.usage_claim
+    } | {row.claim.copy for row in usage.values() if _usage_wins(row, stored.messages.get(row.key))}
+    stored_winners = {m.claim.copy for m in stored.messages.values()} | {
+        m.usage_claim.copy for m in stored.messages.values() if m.usage_claim
     }
     outcomes = []
-    for event, outcome in zip(events, decided, strict=True):
+    for copy, outcome in zip(copies, decided, strict=True):
         if outcome is None:
-            if event.event_id in winners:
+            if copy in winners:
                 outcome = Outcome.APPLIED
-            elif event.event_id in stored_winners:
+            elif copy in stored_winners:
                 outcome = Outcome.DUPLICATE
             else:
                 outcome = Outcome.SUPERSEDED
@@ -422,11 +541,12 @@ def _thread_changes(row: ThreadRow, stored: ThreadRow | None) -> bool:
 
 
 def _usage_delta(row: UsageRow, stored: StoredMessage | None) -> list[UsageChange]:
-    previous = (stored.usage_breakdown if stored else None) or {}
+    previous = (stored.usage_attribution if stored else None) or {}
+    current = attribution(usage_totals(row), row.model_breakdown)
     changes = []
-    for model in sorted(set(row.model_breakdown) | set(previous)):
-        new, old = row.model_breakdown.get(model, {}), previous.get(model, {})
-        delta = {name: int(new.get(name, 0)) - int(old.get(name, 0)) for name in USAGE_FIELDS}
+    for model in sorted(set(current) | set(previous)):
+        new, old = current.get(model, {}), previous.get(model, {})
+        delta = {name: new.get(name, 0) - old.get(name, 0) for name in USAGE_FIELDS}
         if any(delta.values()):
             changes.append(UsageChange(model=model, **delta))
     return changes

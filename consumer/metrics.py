@@ -4,14 +4,16 @@ Labels never carry user, thread or message ids: only event type, outcome, reason
 token kind, partition, SQLSTATE and HTTP rejection reason, all of bounded cardinality.
 
 Token and cost counters move once per usage that became authoritative: by the new row's sums,
-or, when it supersedes a stored one, by the difference. Counters cannot go down, so a
-difference below zero is counted in `token_ledger_*_reversed_total` with the same labels:
-`sum(cost_micros_total) - sum(cost_micros_reversed_total)` equals `SUM(cost_micros)` of the
-ledger that this process wrote.
+or, when it supersedes a stored one, by the difference, per model as `merge.attribution`
+splits a row (the part its breakdown does not cover is `model="(unattributed)"`). Counters
+cannot go down, so a difference below zero is counted in `token_ledger_*_reversed_total` with
+the same labels: `sum(cost_micros_total) - sum(cost_micros_reversed_total)` equals
+`SUM(cost_micros)` of the ledger that this process wrote, per model and in total.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from prometheus_client import (
@@ -65,10 +67,19 @@ class LedgerMetrics:
         )
         self.consumer_lag = Gauge(
             "token_ledger_consumer_lag_records",
-            "High watermark minus the next offset to apply, per assigned partition.",
+            "Last stable offset minus the consumer's position, per assigned partition:"
+            " committed records readable now and not yet applied.",
             ["partition"],
             registry=r,
         )
+        self.uncommitted = Gauge(
+            "token_ledger_uncommitted_records",
+            "High watermark minus last stable offset, per assigned partition: records that"
+            " cannot be read until an open transaction ends.",
+            ["partition"],
+            registry=r,
+        )
+        self._uncommitted_partitions: set[int] = set()
         self.tokens = Counter(
             "token_ledger_tokens",
             "Tokens of authoritative usage, by model and kind (prompt, completion, total).",
@@ -112,6 +123,13 @@ class LedgerMetrics:
             "Unix time of the last committed batch.",
             registry=r,
         )
+        self.unknown_fields = Counter(
+            "token_ledger_unknown_fields",
+            "Fields this consumer does not know yet, accepted (kept in content parts, usage "
+            "calls and legacy breakdowns; ignored elsewhere), by event type.",
+            ["type"],
+            registry=r,
+        )
         self.ready = Gauge("token_ledger_ready", "1 when /readyz answers 200, else 0.", registry=r)
         self.http_rejected = Counter(
             "token_ledger_http_connections_rejected",
@@ -128,6 +146,7 @@ class LedgerMetrics:
         records: int,
         seconds: float,
         outcomes: list[tuple[str, datetime, Outcome]],
+        unknown_fields: list[tuple[str, int]],
         undecodable: int,
         dead_letter_reasons: list[str],
         usage_changes: list[UsageChange],
@@ -141,11 +160,22 @@ class LedgerMetrics:
             self.events.labels(event_type, outcome.value).inc()
             if outcome is not Outcome.REJECTED:
                 self.event_lag.observe(max(0.0, (now - occurred_at).total_seconds()))
+        for event_type, count in unknown_fields:
+            self.unknown_fields.labels(event_type).inc(count)
         if undecodable:
             self.events.labels("unknown", Outcome.REJECTED.value).inc(undecodable)
         for reason in dead_letter_reasons:
             self.dead_letters.labels(reason).inc()
         self.count_usage(usage_changes)
+
+    def set_uncommitted(self, records: Mapping[int, int]) -> None:
+        """Records held by open transactions, for every partition given; a partition no longer
+        given (revoked) loses its series."""
+        for partition in self._uncommitted_partitions - records.keys():
+            self.uncommitted.remove(str(partition))
+        for partition, count in records.items():
+            self.uncommitted.labels(str(partition)).set(count)
+        self._uncommitted_partitions = set(records)
 
     def count_usage(self, changes: list[UsageChange]) -> None:
         for change in changes:

@@ -16,6 +16,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     SmallInteger,
@@ -38,6 +39,7 @@ NAMING_CONVENTION = {
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 TIMESTAMP = DateTime(timezone=True)
+EMPTY_DIGEST = text("'\\x'::bytea")
 
 chat_threads = Table(
     "chat_threads",
@@ -45,9 +47,11 @@ chat_threads = Table(
     Column("id", BigInteger, primary_key=True, autoincrement=False),
     Column("search_space_id", BigInteger, nullable=False),
     Column("created_by_id", Uuid, nullable=True),
-    # (occurred_at, event_id) of the event that set created_by_id: the earliest one with a user.
+    # (occurred_at, event_id, digest) of the event that set created_by_id: the earliest one
+    # with a user.
     Column("created_by_at", TIMESTAMP, nullable=True),
     Column("created_by_event_id", Uuid, nullable=True),
+    Column("created_by_digest", LargeBinary, nullable=True),
     Column("created_at", TIMESTAMP, nullable=False),
     Column("updated_at", TIMESTAMP, nullable=False),
     CheckConstraint("id > 0", name="id_positive"),
@@ -71,6 +75,7 @@ chat_messages = Table(
     Column("content_rank", SmallInteger, nullable=False),
     Column("content_at", TIMESTAMP, nullable=False),
     Column("content_event_id", Uuid, nullable=False),
+    Column("content_digest", LargeBinary, nullable=False, server_default=EMPTY_DIGEST),
     Column("created_at", TIMESTAMP, nullable=False),
     Column("updated_at", TIMESTAMP, nullable=False),
     CheckConstraint("role IN ('user', 'assistant', 'system')", name="role"),
@@ -84,7 +89,7 @@ chat_messages = Table(
         unique=True,
         postgresql_where=text("turn_id IS NOT NULL"),
     ),
-    # A message without turn_id can only ever be written by the event that created it.
+    # A message without turn_id is keyed by the event that created it (and its copies).
     Index(
         "uq_chat_messages_content_event_id",
         "content_event_id",
@@ -122,6 +127,7 @@ token_usage = Table(
     Column("source_rank", SmallInteger, nullable=False),
     Column("source_at", TIMESTAMP, nullable=False),
     Column("source_event_id", Uuid, nullable=False),
+    Column("source_digest", LargeBinary, nullable=False, server_default=EMPTY_DIGEST),
     Column("created_at", TIMESTAMP, nullable=False),
     Column("updated_at", TIMESTAMP, nullable=False),
     CheckConstraint("usage_type = 'chat'", name="usage_type"),

@@ -40,10 +40,13 @@ async def _database(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
 
 @asynccontextmanager
 async def _reader(settings: Settings) -> AsyncIterator[AIOKafkaConsumer]:
+    """read_committed, like the consumer: verify rebuilds the ledger from the records the
+    consumer can have applied, and replay's end offsets are the ends of what it reads."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=None,
         enable_auto_commit=False,
+        isolation_level="read_committed",
         max_partition_fetch_bytes=FETCH_BYTES,
         fetch_max_bytes=FETCH_BYTES,
         **settings.kafka_security(),
@@ -132,7 +135,10 @@ async def verify(settings: Settings) -> VerifyReport:
         async for record in read_range(consumer, ends):
             report.records_read += 1
             event = decode_event(
-                record.value, timestamp_ms=record.timestamp, max_bytes=settings.max_event_bytes
+                record.value,
+                timestamp_ms=record.timestamp,
+                max_bytes=settings.max_event_bytes,
+                max_future_skew=settings.future_skew,
             )
             if isinstance(event, Rejection) or (record.partition, record.offset) in skip:
                 report.skipped += 1

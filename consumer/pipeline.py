@@ -43,6 +43,7 @@ from consumer.errors import (
     classify_database_error,
 )
 from consumer.health import Readiness
+from consumer.lag import PartitionEnds, held_partitions
 from consumer.logs import fields
 from consumer.merge import BatchPlan, Outcome
 from consumer.metrics import LedgerMetrics
@@ -165,7 +166,7 @@ class Pipeline:
             if records:
                 continue
             if until_idle and caught_up:
-                log.info("caught up: every assigned partition is at its high watermark")
+                log.info("caught up: every assigned partition is at its last stable offset")
                 return
             if time.monotonic() - self._last_sync > IDLE_SYNC_SECONDS:
                 async with self._batch_lock:
@@ -218,6 +219,7 @@ class Pipeline:
                 record.value,
                 timestamp_ms=record.timestamp,
                 max_bytes=self.settings.max_event_bytes,
+                max_future_skew=self.settings.future_skew,
             )
             if isinstance(result, Rejection):
                 letters.append(DeadLetter(record, result.reason, result.detail))
@@ -285,16 +287,10 @@ class Pipeline:
             await self._apply_isolating(conn, items[middle:], applied)
             return
         applied.plans.append(plan)
-        for (event, record), outcome in zip(items, plan.outcomes, strict=True):
+        for index, ((event, record), outcome) in enumerate(zip(items, plan.outcomes, strict=True)):
             applied.events.append((event, outcome))
-            if outcome is Outcome.REJECTED:
-                applied.letters.append(
-                    DeadLetter(
-                        record,
-                        RejectReason.THREAD_SEARCH_SPACE_MISMATCH,
-                        f"thread {event.thread_id} belongs to another search space",
-                    )
-                )
+            if rejection := plan.rejections.get(index):
+                applied.letters.append(DeadLetter(record, rejection.reason, rejection.detail))
 
     def _moves(self, records: list[Record]) -> list[OffsetMove]:
         last: dict[int, int] = {}
@@ -398,21 +394,28 @@ class Pipeline:
             )
 
     async def _update_lag(self) -> bool:
-        """Refresh the lag gauges; True when every assigned partition is at its high watermark."""
-        total, caught_up = 0, bool(self.positions)
+        """Refresh lag, records held by open transactions and readiness; True when every
+        assigned partition is caught up: at its last stable offset, the end of what a
+        read_committed consumer can read (consumer/lag.py)."""
+        ends: dict[int, PartitionEnds] = {}
+        caught_up = bool(self.positions)
         for partition in sorted(self.positions):
             tp = TopicPartition(self.settings.topic, partition)
-            highwater = self.consumer.highwater(tp)
-            if highwater is None:
+            highwater, stable = self.consumer.highwater(tp), self.consumer.last_stable_offset(tp)
+            # None until a fetch answered; -1 from a consumer that is not read_committed
+            # (service.source_consumer always is): either way the end is unknown.
+            if highwater is None or stable is None or stable < 0:
                 caught_up = False
                 continue
-            lag = max(0, highwater - await self.consumer.position(tp))
-            self.metrics.consumer_lag.labels(str(partition)).set(lag)
+            end = PartitionEnds(await self.consumer.position(tp), stable, highwater)
+            ends[partition] = end
+            self.metrics.consumer_lag.labels(str(partition)).set(end.lag)
             self._lag_partitions.add(partition)
-            total += lag
-            caught_up = caught_up and lag == 0
-        self.readiness.lag = total
-        if total == 0:
+            caught_up = caught_up and end.lag == 0
+        self.metrics.set_uncommitted({p: end.uncommitted for p, end in ends.items()})
+        self.readiness.held = held_partitions(self.readiness.held, ends, time.monotonic())
+        self.readiness.lag = sum(end.lag for end in ends.values())
+        if self.readiness.lag == 0:
             self.readiness.progressed()  # idle is not stalled
         return caught_up
 
@@ -425,6 +428,11 @@ class Pipeline:
             seconds=seconds,
             outcomes=[
                 (event.type, event.occurred_at, outcome) for event, outcome in applied.events
+            ],
+            unknown_fields=[
+                (event.type, event.unknown_fields)
+                for event, _ in applied.events
+                if event.unknown_fields
             ],
             undecodable=len(decode_letters),
             dead_letter_reasons=[letter.reason.value for letter in letters],

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Set
 from datetime import datetime
 from decimal import Decimal
@@ -13,8 +12,9 @@ from typing import Any
 import asyncpg
 
 from consumer.ledger import LedgerRows, message_values, thread_values, usage_values
-from consumer.merge import Claim, MessageKey, MessageRow, ThreadRow, UsageRow
-from consumer.store import stored_key
+from consumer.merge import UNATTRIBUTED, USAGE_FIELDS, MessageKey, MessageRow, ThreadRow, UsageRow
+from consumer.store import content_claim, source_claim, stored_key
+from producer import jsonvalues
 
 
 async def read_ledger(conn: asyncpg.Connection) -> LedgerRows:
@@ -31,8 +31,8 @@ async def read_ledger(conn: asyncpg.Connection) -> LedgerRows:
             stored_key(r): message_values(
                 MessageRow(
                     key=stored_key(r),
-                    claim=Claim(r["content_rank"], r["content_at"], r["content_event_id"]),
-                    content=json.loads(r["content"]),
+                    claim=content_claim(r),
+                    content=jsonvalues.loads(r["content"]),
                     author_id=r["author_id"],
                     created_at=r["created_at"],
                 )
@@ -43,9 +43,9 @@ async def read_ledger(conn: asyncpg.Connection) -> LedgerRows:
             key: usage_values(
                 UsageRow(
                     key=key,
-                    claim=Claim(r["source_rank"], r["source_at"], r["source_event_id"]),
-                    model_breakdown=json.loads(r["model_breakdown"]),
-                    call_details=json.loads(r["call_details"]),
+                    claim=source_claim(r),
+                    model_breakdown=jsonvalues.loads(r["model_breakdown"]),
+                    call_details=jsonvalues.loads(r["call_details"]),
                     **_pick(r, UsageRow, skip={"key", "claim", "model_breakdown", "call_details"}),
                 )
             )
@@ -109,10 +109,32 @@ async def rewind_offsets(
 USAGE_DIMENSIONS = {
     "user": "coalesce(u.user_id::text, '(none)')",
     "space": "u.search_space_id::text",
-    "model": "coalesce(b.key, '(unspecified)')",
+    "model": "u.model",
     "day": "to_char(u.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
 }
-USAGE_MEASURES = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
+USAGE_MEASURES = USAGE_FIELDS
+
+
+def _share(measure: str) -> str:
+    # A legacy breakdown entry may lack a measure (or hold null): it covers none of it.
+    return f"coalesce((b.value->>'{measure}')::bigint, 0)"
+
+
+# One row per (usage row, model) by merge.attribution: the breakdown's numbers, and what they
+# leave of the row's totals under '(unattributed)', so the models of a row sum to its totals.
+_BY_MODEL = f"""(
+  SELECT u.id, u.user_id, u.search_space_id, u.created_at, b.key AS model,
+         {", ".join(f"{_share(m)} AS {m}" for m in USAGE_FIELDS)}
+  FROM token_usage AS u CROSS JOIN LATERAL jsonb_each(u.model_breakdown) AS b
+  UNION ALL
+  SELECT u.id, u.user_id, u.search_space_id, u.created_at, '{UNATTRIBUTED}',
+         {", ".join(f"u.{m} - c.{m}" for m in USAGE_FIELDS)}
+  FROM token_usage AS u CROSS JOIN LATERAL (
+    SELECT {", ".join(f"coalesce(sum({_share(m)}), 0) AS {m}" for m in USAGE_FIELDS)}
+    FROM jsonb_each(u.model_breakdown) AS b
+  ) AS c
+  WHERE {" OR ".join(f"u.{m} <> c.{m}" for m in USAGE_FIELDS)}
+)"""
 
 
 async def usage_report(
@@ -121,21 +143,17 @@ async def usage_report(
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """Token and cost sums of the ledger grouped by the chosen dimensions (UTC days)."""
+    """Token and cost sums of the ledger grouped by the chosen dimensions (UTC days); by model,
+    each row is split by merge.attribution, so the groups always sum to the ungrouped totals."""
     unknown = [d for d in group_by if d not in USAGE_DIMENSIONS]
     if unknown or not group_by:
         raise ValueError(f"group by one or more of {', '.join(USAGE_DIMENSIONS)}: got {unknown}")
-    by_model = "model" in group_by
-    # Per model, sums come from model_breakdown; otherwise from the row's own totals.
-    measures = ", ".join(
-        f"sum((b.value->>'{m}')::bigint) AS {m}" if by_model else f"sum(u.{m}) AS {m}"
-        for m in USAGE_MEASURES
-    )
+    source = _BY_MODEL if "model" in group_by else "token_usage"
+    measures = ", ".join(f"sum(u.{m}) AS {m}" for m in USAGE_MEASURES)
     dimensions = ", ".join(f"{USAGE_DIMENSIONS[d]} AS {d}" for d in group_by)
-    join = "LEFT JOIN LATERAL jsonb_each(u.model_breakdown) AS b ON true" if by_model else ""
     rows = await conn.fetch(
         f"SELECT {dimensions}, {measures}, count(DISTINCT u.id) AS usage_rows"
-        f" FROM token_usage AS u {join}"
+        f" FROM {source} AS u"
         " WHERE ($1::timestamptz IS NULL OR u.created_at >= $1)"
         "   AND ($2::timestamptz IS NULL OR u.created_at < $2)"
         f" GROUP BY {', '.join(group_by)} ORDER BY {', '.join(group_by)}",

@@ -26,6 +26,26 @@ from consumer.topics import prepare_topics
 log = logging.getLogger(__name__)
 
 
+def source_consumer(
+    settings: Settings, fetch_bytes: int, *, group_id: str | None = None
+) -> AIOKafkaConsumer:
+    """The pipeline's consumer of the source topic (group_id: the settings' unless given).
+
+    read_committed: a chat service publishing in Kafka transactions may abort one, and an
+    aborted turn must never be billed; records of an open transaction wait for its commit."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group_id or settings.group_id,
+        client_id="token-ledger",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=fetch_bytes,
+        fetch_max_bytes=max(50 * 1024 * 1024, fetch_bytes),
+        **settings.kafka_security(),
+    )
+
+
 async def consume(settings: Settings, *, until_idle: bool = False) -> None:
     limits = await prepare_topics(settings)
     security = settings.kafka_security()
@@ -43,16 +63,7 @@ async def consume(settings: Settings, *, until_idle: bool = False) -> None:
                 **security,
             )
         )
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka_bootstrap,
-            group_id=settings.group_id,
-            client_id="token-ledger",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_partition_fetch_bytes=fetch_bytes,
-            fetch_max_bytes=max(50 * 1024 * 1024, fetch_bytes),
-            **security,
-        )
+        consumer = source_consumer(settings, fetch_bytes)
         pipeline = Pipeline(settings, consumer, pool, dlq, metrics, readiness)
         consumer.subscribe([settings.topic], listener=pipeline.listener)
         await consumer.start()

@@ -8,6 +8,7 @@ appear in a repr, a log line or an error.
 from __future__ import annotations
 
 import ipaddress
+from datetime import timedelta
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -15,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from producer.events import DEFAULT_MAX_EVENT_BYTES
+from producer.events import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_FUTURE_SKEW
 
 PREFIX = "LEDGER_"
 
@@ -44,6 +45,10 @@ class Settings(BaseSettings):
     metrics_host: str = "0.0.0.0"  # noqa: S104
     metrics_port: int = Field(9464, ge=0, le=65535)
     stall_seconds: float = Field(120.0, gt=0)
+    # Seconds an event's occurred_at may lie ahead of its record's timestamp.
+    max_future_skew: float = Field(
+        DEFAULT_MAX_FUTURE_SKEW.total_seconds(), gt=0, le=10 * 365 * 86400
+    )
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -85,6 +90,10 @@ class Settings(BaseSettings):
             if not sep or not host or not port.isdigit():
                 raise ValueError("expected host:port[,host:port...]")
         return value
+
+    @property
+    def future_skew(self) -> timedelta:
+        return timedelta(seconds=self.max_future_skew)
 
     def kafka_security(self) -> dict[str, Any]:
         """aiokafka keyword arguments for the configured security protocol."""

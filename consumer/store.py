@@ -5,8 +5,10 @@ size:
     advance_offsets  1-2 statements  compare-and-set of consumer_offsets (first: it serialises
                                      two owners of a partition before any ledger row is locked)
     load_state       2 statements    the stored registers of the batch's threads and messages
-    write_plan       <= 4 statements guarded upserts: threads, turn messages, turn-less
-                                     messages, token usage; keys sorted to avoid deadlocks
+    write_plan       <= 5 statements guarded upserts: threads, turn messages, turn-less
+                                     messages (+ a check that no other writer keyed another
+                                     message by the same event_id), token usage; keys sorted
+                                     to avoid deadlocks
 
 Every upsert repeats its partial index predicate in the conflict target and carries a guard
 (`DO UPDATE ... WHERE new claim beats stored claim`) so stored rows only move forward under the
@@ -24,23 +26,26 @@ from typing import Any
 
 import asyncpg
 
-from consumer.errors import FencedError, InvariantError, ThreadRaceError
+from consumer.errors import ConcurrentWriteError, FencedError, ThreadRaceError
 from consumer.merge import (
+    USAGE_FIELDS,
     BatchPlan,
     Claim,
     MessageKey,
     StoredMessage,
     StoredState,
     ThreadRow,
+    attribution,
     message_keys,
     reduce_batch,
 )
+from producer import jsonvalues
 from producer.events import AnyEvent
 
 
 def canonical_json(value: Any) -> str:
-    """The JSON text written to jsonb columns (compact, unicode kept as is)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    """The JSON text written to jsonb columns (compact, unicode and exact numbers kept)."""
+    return jsonvalues.dumps(value)
 
 
 def asyncpg_dsn(database_url: str) -> str:
@@ -142,14 +147,16 @@ async def load_offsets(
 
 _LOAD_THREADS = """
 SELECT id, search_space_id, created_at, updated_at, created_by_id, created_by_at,
-       created_by_event_id
+       created_by_event_id, created_by_digest
 FROM chat_threads WHERE id = ANY($1::bigint[])
 """
 
 _MESSAGE_REGISTERS = """
-m.thread_id, m.role, m.turn_id, m.content_rank, m.content_at, m.content_event_id, m.created_at,
-u.source_rank, u.source_at, u.source_event_id, u.created_at AS usage_created_at,
-u.model_breakdown
+m.thread_id, m.role, m.turn_id, m.content_rank, m.content_at, m.content_event_id,
+m.content_digest, m.created_at,
+u.source_rank, u.source_at, u.source_event_id, u.source_digest,
+u.created_at AS usage_created_at, u.model_breakdown,
+u.prompt_tokens, u.completion_tokens, u.total_tokens, u.cost_micros
 """
 
 _LOAD_MESSAGES = f"""
@@ -196,16 +203,28 @@ def stored_key(row: Mapping[str, Any]) -> MessageKey:
     return MessageKey(row["thread_id"], row["role"], turn_id, origin)
 
 
+def content_claim(row: Mapping[str, Any]) -> Claim:
+    return Claim(
+        row["content_rank"], row["content_at"], row["content_event_id"], row["content_digest"]
+    )
+
+
+def source_claim(row: Mapping[str, Any]) -> Claim:
+    return Claim(row["source_rank"], row["source_at"], row["source_event_id"], row["source_digest"])
+
+
 def _stored_message(row: Mapping[str, Any]) -> StoredMessage:
     has_usage = row["source_event_id"] is not None
     return StoredMessage(
-        claim=Claim(row["content_rank"], row["content_at"], row["content_event_id"]),
+        claim=content_claim(row),
         created_at=row["created_at"],
-        usage_claim=Claim(row["source_rank"], row["source_at"], row["source_event_id"])
+        usage_claim=source_claim(row) if has_usage else None,
+        usage_created_at=row["usage_created_at"],
+        usage_attribution=attribution(
+            {name: row[name] for name in USAGE_FIELDS}, json.loads(row["model_breakdown"])
+        )
         if has_usage
         else None,
-        usage_created_at=row["usage_created_at"],
-        usage_breakdown=json.loads(row["model_breakdown"]) if has_usage else None,
     )
 
 
@@ -220,63 +239,85 @@ def _take_if(condition: str, alias: str, columns: Iterable[str]) -> str:
 
 
 _CREATOR_WINS = """(EXCLUDED.created_by_at IS NOT NULL AND (t.created_by_at IS NULL
-    OR (EXCLUDED.created_by_at, EXCLUDED.created_by_event_id)
-       < (t.created_by_at, t.created_by_event_id)))"""
+    OR (EXCLUDED.created_by_at, EXCLUDED.created_by_event_id, EXCLUDED.created_by_digest)
+       < (t.created_by_at, t.created_by_event_id, t.created_by_digest)))"""
+
+_CREATOR_COLUMNS = ("created_by_id", "created_by_at", "created_by_event_id", "created_by_digest")
 
 _UPSERT_THREADS = f"""
 INSERT INTO chat_threads AS t (id, search_space_id, created_at, updated_at, created_by_id,
-                               created_by_at, created_by_event_id)
+                               created_by_at, created_by_event_id, created_by_digest)
 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::timestamptz[],
-                     $5::uuid[], $6::timestamptz[], $7::uuid[])
+                     $5::uuid[], $6::timestamptz[], $7::uuid[], $8::bytea[])
 ON CONFLICT (id) DO UPDATE SET
   created_at = LEAST(t.created_at, EXCLUDED.created_at),
   updated_at = GREATEST(t.updated_at, EXCLUDED.updated_at),
-  {_take_if(_CREATOR_WINS, "t", ("created_by_id", "created_by_at", "created_by_event_id"))}
+  {_take_if(_CREATOR_WINS, "t", _CREATOR_COLUMNS)}
 WHERE t.search_space_id = EXCLUDED.search_space_id
 RETURNING id
 """
 
-_CONTENT_WINS = """((EXCLUDED.content_rank, EXCLUDED.content_at, EXCLUDED.content_event_id)
-    > (m.content_rank, m.content_at, m.content_event_id))"""
+_CONTENT_WINS = """((EXCLUDED.content_rank, EXCLUDED.content_at, EXCLUDED.content_event_id,
+     EXCLUDED.content_digest)
+    > (m.content_rank, m.content_at, m.content_event_id, m.content_digest))"""
 
 _MESSAGE_VALUES = """
 SELECT v.thread_id, v.role, v.turn_id, v.content::jsonb, v.author_id, v.content_rank,
-       v.content_at, v.content_event_id, v.created_at, now()
+       v.content_at, v.content_event_id, v.content_digest, v.created_at, now()
 FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::smallint[],
-            $7::timestamptz[], $8::uuid[], $9::timestamptz[])
+            $7::timestamptz[], $8::uuid[], $9::bytea[], $10::timestamptz[])
   AS v(thread_id, role, turn_id, content, author_id, content_rank, content_at,
-       content_event_id, created_at)
+       content_event_id, content_digest, created_at)
 """
 
 _MESSAGE_COLUMNS = """chat_messages AS m (thread_id, role, turn_id, content, author_id,
-  content_rank, content_at, content_event_id, created_at, updated_at)"""
+  content_rank, content_at, content_event_id, content_digest, created_at, updated_at)"""
+
+_CONTENT_COLUMNS = (
+    "content",
+    "author_id",
+    "content_rank",
+    "content_at",
+    "content_event_id",
+    "content_digest",
+)
 
 _UPSERT_TURN_MESSAGES = f"""
 INSERT INTO {_MESSAGE_COLUMNS}
 {_MESSAGE_VALUES}
 ON CONFLICT (thread_id, turn_id, role) WHERE turn_id IS NOT NULL DO UPDATE SET
-  {
-    _take_if(
-        _CONTENT_WINS,
-        "m",
-        ("content", "author_id", "content_rank", "content_at", "content_event_id"),
-    )
-},
+  {_take_if(_CONTENT_WINS, "m", _CONTENT_COLUMNS)},
   created_at = LEAST(m.created_at, EXCLUDED.created_at),
   updated_at = now()
 WHERE {_CONTENT_WINS} OR EXCLUDED.created_at < m.created_at
 """
 
-# A message without turn_id is only ever written by the one event that created it.
-_INSERT_TURNLESS_MESSAGES = f"""
+# A message without turn_id is keyed by the event that created it; copies of that event (same
+# thread and role) compete for its content like any register. A row of the same event_id in
+# another thread or role is never touched: see _TURNLESS_CONFLICTS.
+_UPSERT_TURNLESS_MESSAGES = f"""
 INSERT INTO {_MESSAGE_COLUMNS}
 {_MESSAGE_VALUES}
-ON CONFLICT (content_event_id) WHERE turn_id IS NULL DO NOTHING
+ON CONFLICT (content_event_id) WHERE turn_id IS NULL DO UPDATE SET
+  {_take_if(_CONTENT_WINS, "m", _CONTENT_COLUMNS)},
+  created_at = LEAST(m.created_at, EXCLUDED.created_at),
+  updated_at = now()
+WHERE m.thread_id = EXCLUDED.thread_id AND m.role = EXCLUDED.role
+  AND ({_CONTENT_WINS} OR EXCLUDED.created_at < m.created_at)
+"""
+
+# load_state saw no such row, so another writer (another partition's consumer) created it
+# since: the batch is retried, and the retry rejects the event as event_id_conflict.
+_TURNLESS_CONFLICTS = """
+SELECT count(*) FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS k(event_id, thread_id, role)
+JOIN chat_messages AS m ON m.turn_id IS NULL AND m.content_event_id = k.event_id
+WHERE m.thread_id <> k.thread_id OR m.role <> k.role
 """
 
 _USAGE_WINS = """(EXCLUDED.source_rank > u.source_rank
     OR (EXCLUDED.source_rank = u.source_rank
-        AND (EXCLUDED.source_at, EXCLUDED.source_event_id) < (u.source_at, u.source_event_id)))"""
+        AND (EXCLUDED.source_at, EXCLUDED.source_event_id, EXCLUDED.source_digest)
+            < (u.source_at, u.source_event_id, u.source_digest)))"""
 
 _USAGE_COLUMNS = (
     "prompt_tokens",
@@ -291,6 +332,7 @@ _USAGE_COLUMNS = (
     "source_rank",
     "source_at",
     "source_event_id",
+    "source_digest",
 )
 
 _UPSERT_USAGE = f"""
@@ -298,10 +340,10 @@ WITH v AS (
   SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::uuid[], $5::bigint[],
                        $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[],
                        $11::bigint[], $12::uuid[], $13::text[], $14::smallint[],
-                       $15::timestamptz[], $16::uuid[], $17::timestamptz[])
+                       $15::timestamptz[], $16::uuid[], $17::bytea[], $18::timestamptz[])
     AS v(thread_id, role, turn_id, origin_event_id, prompt_tokens, completion_tokens,
          total_tokens, cost_micros, model_breakdown, call_details, search_space_id, user_id,
-         source, source_rank, source_at, source_event_id, created_at)
+         source, source_rank, source_at, source_event_id, source_digest, created_at)
 ), joined AS (
   SELECT v.*, m.id AS message_id
   FROM v LEFT JOIN chat_messages AS m
@@ -311,11 +353,12 @@ WITH v AS (
 ), written AS (
   INSERT INTO token_usage AS u (usage_type, prompt_tokens, completion_tokens, total_tokens,
     cost_micros, model_breakdown, call_details, thread_id, message_id, search_space_id,
-    user_id, source, source_rank, source_at, source_event_id, created_at, updated_at)
+    user_id, source, source_rank, source_at, source_event_id, source_digest, created_at,
+    updated_at)
   SELECT 'chat', j.prompt_tokens, j.completion_tokens, j.total_tokens, j.cost_micros,
          j.model_breakdown::jsonb, j.call_details::jsonb, j.thread_id, j.message_id,
          j.search_space_id, j.user_id, j.source, j.source_rank, j.source_at,
-         j.source_event_id, j.created_at, now()
+         j.source_event_id, j.source_digest, j.created_at, now()
   FROM joined AS j WHERE j.message_id IS NOT NULL
   ORDER BY j.message_id
   ON CONFLICT (message_id) WHERE message_id IS NOT NULL DO UPDATE SET
@@ -341,6 +384,7 @@ async def write_plan(conn: asyncpg.Connection, plan: BatchPlan) -> None:
             [r.created_by_id for r in t],
             [r.created_by_at for r in t],
             [r.created_by_event_id for r in t],
+            [r.created_by_digest for r in t],
         )
         if len(written) != len(t):
             # Created by a concurrent writer with another search space after load_state read
@@ -350,7 +394,7 @@ async def write_plan(conn: asyncpg.Connection, plan: BatchPlan) -> None:
     turnless_rows = [r for r in plan.messages if r.key.turn_id is None]
     for statement, rows in (
         (_UPSERT_TURN_MESSAGES, turn_rows),
-        (_INSERT_TURNLESS_MESSAGES, turnless_rows),
+        (_UPSERT_TURNLESS_MESSAGES, turnless_rows),
     ):
         if rows:
             await conn.execute(
@@ -363,8 +407,16 @@ async def write_plan(conn: asyncpg.Connection, plan: BatchPlan) -> None:
                 [r.claim.rank for r in rows],
                 [r.claim.at for r in rows],
                 [r.claim.event_id for r in rows],
+                [r.claim.digest for r in rows],
                 [r.created_at for r in rows],
             )
+    if turnless_rows and await conn.fetchval(
+        _TURNLESS_CONFLICTS,
+        [r.key.origin_event_id for r in turnless_rows],
+        [r.key.thread_id for r in turnless_rows],
+        [r.key.role for r in turnless_rows],
+    ):
+        raise ConcurrentWriteError("another writer keyed a turn-less message by the same event_id")
     if plan.usage:
         u = plan.usage
         orphans = await conn.fetchval(
@@ -385,10 +437,13 @@ async def write_plan(conn: asyncpg.Connection, plan: BatchPlan) -> None:
             [r.claim.rank for r in u],
             [r.claim.at for r in u],
             [r.claim.event_id for r in u],
+            [r.claim.digest for r in u],
             [r.created_at for r in u],
         )
         if orphans:
-            raise InvariantError(f"{orphans} usage rows found no message row to attach to")
+            # The message rows were written above in this transaction, so only a concurrent
+            # writer can have taken the key; the retry sees its row and decides again.
+            raise ConcurrentWriteError(f"{orphans} usage rows found no message row to attach to")
 
 
 async def apply_events(conn: asyncpg.Connection, events: Sequence[AnyEvent]) -> BatchPlan:

@@ -10,7 +10,14 @@
 
 Records are keyed by thread_id (per-thread order), written with acks=all and idempotence so a
 broker-side retry never duplicates; each call returns once the broker has acknowledged, with
-the event_id. A retry by the caller should reuse that event_id (pass `event_id=`).
+the event_id.
+
+Retrying after a failed call must re-send the SAME event (same event_id, same occurred_at,
+same payload): only an exact copy is a duplicate. Build the event once and publish it as
+often as needed:
+
+    event = turn_finalized_event(thread_id=..., ..., content=[...], usage=usage)
+    await events.publish(event)          # on an error: await events.publish(event) again
 """
 
 from __future__ import annotations
@@ -173,6 +180,71 @@ class ProducerResource:
         await self._producer.send_and_wait(topic, value, key=key, headers=list(headers) or None)
 
 
+def turn_started_event(
+    *,
+    thread_id: int,
+    search_space_id: int,
+    user_id: uuid.UUID | None,
+    turn_id: str,
+    user_query: str,
+    mentioned_documents: Sequence[dict[str, Any]] = (),
+    event_id: uuid.UUID | None = None,
+    occurred_at: datetime | None = None,
+) -> TurnStarted:
+    """A new turn.started event (a fresh event_id and the current time unless given)."""
+    return TurnStarted(
+        type="turn.started",
+        **_envelope(thread_id, search_space_id, user_id, event_id, occurred_at),
+        turn_id=turn_id,
+        user_query=user_query,
+        mentioned_documents=list(mentioned_documents),
+    )
+
+
+def turn_finalized_event(
+    *,
+    thread_id: int,
+    search_space_id: int,
+    user_id: uuid.UUID | None,
+    turn_id: str,
+    content: Sequence[dict[str, Any]],
+    usage: UsageAccumulator | None = None,
+    event_id: uuid.UUID | None = None,
+    occurred_at: datetime | None = None,
+) -> TurnFinalized:
+    """A new turn.finalized event (a fresh event_id and the current time unless given)."""
+    return TurnFinalized(
+        type="turn.finalized",
+        **_envelope(thread_id, search_space_id, user_id, event_id, occurred_at),
+        turn_id=turn_id,
+        content=_parts(content),
+        usage=usage.payload() if usage else None,
+    )
+
+
+def message_appended_event(
+    *,
+    thread_id: int,
+    search_space_id: int,
+    user_id: uuid.UUID | None,
+    role: Literal["user", "assistant", "system"],
+    content: Sequence[dict[str, Any]],
+    turn_id: str | None = None,
+    token_usage: LegacyTokenUsage | None = None,
+    event_id: uuid.UUID | None = None,
+    occurred_at: datetime | None = None,
+) -> MessageAppended:
+    """A new message.appended event (a fresh event_id and the current time unless given)."""
+    return MessageAppended(
+        type="message.appended",
+        **_envelope(thread_id, search_space_id, user_id, event_id, occurred_at),
+        turn_id=turn_id,
+        role=role,
+        content=_parts(content),
+        token_usage=token_usage,
+    )
+
+
 class TurnEventProducer(ProducerResource):
     def __init__(
         self,
@@ -215,70 +287,14 @@ class TurnEventProducer(ProducerResource):
             await asyncio.gather(*pending)
             yield len(pending)
 
-    async def turn_started(
-        self,
-        *,
-        thread_id: int,
-        search_space_id: int,
-        user_id: uuid.UUID | None,
-        turn_id: str,
-        user_query: str,
-        mentioned_documents: Sequence[dict[str, Any]] = (),
-        event_id: uuid.UUID | None = None,
-        occurred_at: datetime | None = None,
-    ) -> uuid.UUID:
-        return await self.publish(
-            TurnStarted(
-                type="turn.started",
-                **_envelope(thread_id, search_space_id, user_id, event_id, occurred_at),
-                turn_id=turn_id,
-                user_query=user_query,
-                mentioned_documents=list(mentioned_documents),
-            )
-        )
+    async def turn_started(self, **fields: Any) -> uuid.UUID:
+        """Build (see `turn_started_event`) and publish a turn.started event."""
+        return await self.publish(turn_started_event(**fields))
 
-    async def turn_finalized(
-        self,
-        *,
-        thread_id: int,
-        search_space_id: int,
-        user_id: uuid.UUID | None,
-        turn_id: str,
-        content: Sequence[dict[str, Any]],
-        usage: UsageAccumulator | None = None,
-        event_id: uuid.UUID | None = None,
-        occurred_at: datetime | None = None,
-    ) -> uuid.UUID:
-        return await self.publish(
-            TurnFinalized(
-                type="turn.finalized",
-                **_envelope(thread_id, search_space_id, user_id, event_id, occurred_at),
-                turn_id=turn_id,
-                content=_parts(content),
-                usage=usage.payload() if usage else None,
-            )
-        )
+    async def turn_finalized(self, **fields: Any) -> uuid.UUID:
+        """Build (see `turn_finalized_event`) and publish a turn.finalized event."""
+        return await self.publish(turn_finalized_event(**fields))
 
-    async def message_appended(
-        self,
-        *,
-        thread_id: int,
-        search_space_id: int,
-        user_id: uuid.UUID | None,
-        role: Literal["user", "assistant", "system"],
-        content: Sequence[dict[str, Any]],
-        turn_id: str | None = None,
-        token_usage: LegacyTokenUsage | None = None,
-        event_id: uuid.UUID | None = None,
-        occurred_at: datetime | None = None,
-    ) -> uuid.UUID:
-        return await self.publish(
-            MessageAppended(
-                type="message.appended",
-                **_envelope(thread_id, search_space_id, user_id, event_id, occurred_at),
-                turn_id=turn_id,
-                role=role,
-                content=_parts(content),
-                token_usage=token_usage,
-            )
-        )
+    async def message_appended(self, **fields: Any) -> uuid.UUID:
+        """Build (see `message_appended_event`) and publish a message.appended event."""
+        return await self.publish(message_appended_event(**fields))

@@ -53,7 +53,13 @@ def _asyncapi(schema_files: list[str]) -> dict[str, Any]:
             "version": "1.0.0",
             "description": (
                 "Chat services publish turn events; token-ledger keeps the ledger. Key: "
-                "thread_id as decimal UTF-8. Delivery is at-least-once; event_id dedupes."
+                "thread_id as decimal UTF-8. Delivery is at-least-once: an exact copy (same "
+                "event_id, occurred_at and payload) is a duplicate, so a retry re-sends the "
+                "original event unchanged. Forward compatible: fields a consumer does not know "
+                "are accepted (kept inside content parts, usage calls and legacy per-model "
+                "breakdowns, ignored elsewhere); breaking changes come with a new "
+                "schema_version. Numbers inside content are stored exactly as sent; NaN and "
+                "Infinity are not JSON."
             ),
         },
         "channels": {

@@ -7,35 +7,50 @@ turns a record value into either a validated, current-version event or a `Reject
 
 Schema versions: 1 is current. Version 0 is the legacy frontend's append body, upcast here to
 v1 (deterministic event_id, occurred_at = record timestamp). Newer versions are rejected.
-Unknown fields are rejected too: additions to the contract come with a new schema_version.
+
+Forward compatibility (SPEC section 2): a field this consumer does not know is accepted. Inside
+a content part, a usage call or a legacy per-model breakdown it is kept (stored as sent);
+elsewhere it is ignored. Either way it is counted (`Event.unknown_fields`). Numbers are parsed
+exactly (non-integers as Decimal), `NaN`/`Infinity` are not JSON, and `occurred_at` is
+normalised to UTC here, so no later comparison can overflow.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     TypeAdapter,
     ValidationError,
     model_validator,
 )
 from pydantic_core import ErrorDetails
 
+from producer import jsonvalues
+
 CURRENT_SCHEMA_VERSION = 1
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 MAX_INT64 = 2**63 - 1
 # Fixed namespace for the event_id of upcast v0 bodies: identical re-sends get identical ids.
 LEGACY_EVENT_NAMESPACE = uuid.UUID("6f1d8a52-4a8e-5c2b-9d0e-7b3f2a9c4e11")
+
+DEFAULT_MAX_FUTURE_SKEW = timedelta(hours=1)
+USAGE_MEASURES = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
 
 Id64 = Annotated[int, Field(ge=1, le=MAX_INT64)]
 Count64 = Annotated[int, Field(ge=0, le=MAX_INT64)]
@@ -53,12 +68,49 @@ class RejectReason(StrEnum):
     UNKNOWN_TYPE = "unknown_type"
     UNSUPPORTED_VERSION = "unsupported_version"  # schema_version newer than this consumer knows
     SCHEMA_INVALID = "schema_invalid"  # well-formed JSON that breaks a field rule
+    OCCURRED_AT_IN_FUTURE = "occurred_at_in_future"  # beyond LEDGER_MAX_FUTURE_SKEW
     THREAD_SEARCH_SPACE_MISMATCH = "thread_search_space_mismatch"
+    EVENT_ID_CONFLICT = "event_id_conflict"  # one event_id would have to create two rows
     DATABASE_REJECTED = "database_rejected"  # SQLSTATE class 22/23 isolated to this record
 
 
+def _text_or_datetime(value: object) -> object:
+    # Lax mode would read a number as a Unix time; the contract says RFC 3339 text.
+    if isinstance(value, str | datetime):
+        return value
+    raise ValueError("expected an RFC 3339 timestamp string")
+
+
+def _in_utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("timestamp outside years 1..9999 in UTC") from None
+
+
+def _uuid_text(value: object) -> object:
+    if isinstance(value, str | uuid.UUID):
+        return value
+    raise ValueError("expected a UUID string")
+
+
+# JSON gives text for these; strict mode would accept only Python instances.
+Timestamp = Annotated[
+    AwareDatetime, Field(strict=False), BeforeValidator(_text_or_datetime), AfterValidator(_in_utc)
+]
+Uuid = Annotated[uuid.UUID, Field(strict=False), BeforeValidator(_uuid_text)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    """Strict types; fields this consumer does not know are ignored (and counted)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class _Open(BaseModel):
+    """Strict types; fields this consumer does not know are kept and stored as sent."""
+
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
 
 
 class ContentPart(BaseModel):
@@ -68,7 +120,9 @@ class ContentPart(BaseModel):
     type: str
 
 
-class UsageCall(_Strict):
+class UsageCall(_Open):
+    """One LLM call; fields added by newer producers (e.g. cached_tokens) stay in call_details."""
+
     model: str = Field(min_length=1, max_length=200)
     prompt_tokens: Count64
     completion_tokens: Count64
@@ -82,17 +136,19 @@ class TurnUsage(_Strict):
 
     @model_validator(mode="after")
     def _sums_fit_bigint(self) -> Self:
-        for name in ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros"):
+        for name in USAGE_MEASURES:
             if sum(getattr(call, name) for call in self.calls) > MAX_INT64:
                 raise ValueError(f"sum of {name} over the calls exceeds 2^63-1")
         return self
 
 
-class ModelUsage(_Strict):
-    prompt_tokens: Count64
-    completion_tokens: Count64
-    total_tokens: Count64
-    cost_micros: Count64
+class ModelUsage(_Open):
+    """One model's entry in a legacy breakdown: any subset of the measures, stored as sent."""
+
+    prompt_tokens: Count64 | None = None
+    completion_tokens: Count64 | None = None
+    total_tokens: Count64 | None = None
+    cost_micros: Count64 | None = None
 
 
 class LegacyTokenUsage(_Strict):
@@ -115,12 +171,18 @@ class LegacyTokenUsage(_Strict):
 
 
 class _Envelope(_Strict):
-    event_id: uuid.UUID
+    event_id: Uuid
     schema_version: Literal[1]
-    occurred_at: AwareDatetime
+    occurred_at: Timestamp
     thread_id: Id64
     search_space_id: Id64
-    user_id: uuid.UUID | None
+    user_id: Uuid | None
+    # How many fields of the record this consumer did not know (set by decode_event).
+    _unknown_fields: int = PrivateAttr(default=0)
+
+    @property
+    def unknown_fields(self) -> int:
+        return self._unknown_fields
 
 
 class TurnStarted(_Envelope):
@@ -173,19 +235,11 @@ class LegacyAppendV0(_Strict):
     schema_version: Literal[0]
     thread_id: Id64
     search_space_id: Id64
-    user_id: uuid.UUID | None = None
+    user_id: Uuid | None = None
     turn_id: TurnId | None = None
     role: Literal["user", "assistant", "system"]
     content: list[ContentPart]
     token_usage: LegacyTokenUsage | None = None
-
-
-class _Header(BaseModel):
-    """Just the routing fields, read only when a record failed the v1 models."""
-
-    model_config = ConfigDict(strict=True, extra="ignore")
-    type: str | None = None
-    schema_version: int | None = None
 
 
 class Rejection(BaseModel):
@@ -206,6 +260,36 @@ _SAFE_CONTEXT = ("expected", "ge", "le", "min_length", "max_length", "discrimina
 # errors' `error` context (e.g. uuid_parsing) quotes the input, so it is left out.
 _ERROR_TEXT_SAFE = frozenset(("json_invalid", "value_error"))
 _DETAIL_LIMIT = 400
+_KNOWN_TYPES = frozenset(("turn.started", "turn.finalized", "message.appended"))
+# PostgreSQL's numeric (what jsonb stores numbers as): 131072 digits before the point, 16383
+# after. A number beyond that would be rejected by the database only if its row won.
+_NUMERIC_MAX_ADJUSTED = 131071
+_NUMERIC_MAX_SCALE = 16383
+
+
+class _NotJsonError(ValueError):
+    pass
+
+
+def _exact_number(text: str) -> Decimal:
+    try:
+        number = Decimal(text)
+    except InvalidOperation:  # pragma: no cover - the JSON scanner only passes numbers
+        raise _NotJsonError(f"bad number at {text[:20]!r}") from None
+    exponent = number.as_tuple().exponent
+    if number.adjusted() > _NUMERIC_MAX_ADJUSTED or (
+        isinstance(exponent, int) and -exponent > _NUMERIC_MAX_SCALE
+    ):
+        raise _NotJsonError("number outside PostgreSQL's numeric range")
+    return number
+
+
+def _not_a_number(token: str) -> Any:
+    raise _NotJsonError(f"{token} is not JSON")
+
+
+def _parse(text: str) -> Any:
+    return json.loads(text, parse_float=_exact_number, parse_constant=_not_a_number)
 
 
 def decode_event(
@@ -213,83 +297,173 @@ def decode_event(
     *,
     timestamp_ms: int | None,
     max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    max_future_skew: timedelta | None = DEFAULT_MAX_FUTURE_SKEW,
 ) -> AnyEvent | Rejection:
-    """Validate a record value straight from bytes into a current-version event, or reject it."""
+    """Validate a record value into a current-version event, or reject it. Never raises."""
     if value is None or len(value) == 0:
         return Rejection(reason=RejectReason.EMPTY_VALUE, detail="record has no value")
     if len(value) > max_bytes:
         return Rejection(
             reason=RejectReason.TOO_LARGE, detail=f"{len(value)} bytes > limit {max_bytes}"
         )
-    if b"\x00" in value or _NUL_ESCAPE.search(value):
+    if b"\x00" in value or (b"\\u0000" in value and _NUL_ESCAPE.search(value)):
         return Rejection(reason=RejectReason.NUL_CHARACTER, detail="U+0000 in the JSON text")
     try:
-        value.decode("utf-8")
+        text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
         return Rejection(reason=RejectReason.INVALID_UTF8, detail=f"invalid byte at {exc.start}")
     try:
-        return EVENT_ADAPTER.validate_json(value)
-    except ValidationError as exc:
-        return _classify(value, exc, timestamp_ms, max_bytes)
-
-
-def _classify(
-    value: bytes, error: ValidationError, timestamp_ms: int | None, max_bytes: int
-) -> AnyEvent | Rejection:
-    errors = error.errors(include_url=False, include_input=False)
-    if errors[0]["type"] == "json_invalid":
-        return Rejection(reason=RejectReason.INVALID_JSON, detail=_describe(errors))
-    try:
-        header = _Header.model_validate_json(value)
-    except ValidationError as header_error:
+        document = _parse(text)
+    except _NotJsonError as exc:
+        return Rejection(reason=RejectReason.INVALID_JSON, detail=str(exc))
+    except json.JSONDecodeError as exc:
         return Rejection(
-            reason=RejectReason.SCHEMA_INVALID,
-            detail=_describe(header_error.errors(include_url=False, include_input=False)),
+            reason=RejectReason.INVALID_JSON,
+            detail=f"{exc.msg} at line {exc.lineno} column {exc.colno}",
         )
-    version = header.schema_version
+    except (ValueError, RecursionError) as exc:  # an integer past 4300 digits, deep nesting
+        return Rejection(reason=RejectReason.INVALID_JSON, detail=type(exc).__name__)
+    if (b"\\ud" in value or b"\\uD" in value) and _has_lone_surrogate(document):
+        return Rejection(
+            reason=RejectReason.INVALID_JSON, detail="a \\u escape names a lone UTF-16 surrogate"
+        )
+    result = _validate(document, timestamp_ms)
+    if isinstance(result, Rejection):
+        return result
+    if max_future_skew is not None and timestamp_ms is not None:
+        record_time = _record_time(timestamp_ms)
+        if record_time is not None and result.occurred_at - record_time > max_future_skew:
+            return Rejection(
+                reason=RejectReason.OCCURRED_AT_IN_FUTURE,
+                detail=f"occurred_at is {(result.occurred_at - record_time).total_seconds():.0f}s"
+                f" ahead of the record timestamp (limit {max_future_skew.total_seconds():.0f}s)",
+            )
+    result._unknown_fields = _count_unknown(result, document)
+    return result
+
+
+def _has_lone_surrogate(document: Any) -> bool:
+    try:
+        jsonvalues.dumps(document).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _record_time(timestamp_ms: int) -> datetime | None:
+    try:
+        return datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _validate(document: Any, timestamp_ms: int | None) -> AnyEvent | Rejection:
+    try:
+        return EVENT_ADAPTER.validate_python(document)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+    if not isinstance(document, dict):
+        return Rejection(reason=RejectReason.SCHEMA_INVALID, detail="<root>: expected an object")
+    version = document.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        version = None
     if version is not None and version > CURRENT_SCHEMA_VERSION:
         return Rejection(
             reason=RejectReason.UNSUPPORTED_VERSION,
             detail=f"schema_version {version} > {CURRENT_SCHEMA_VERSION}",
         )
-    if header.type is not None and header.type not in _KNOWN_TYPES:
-        return Rejection(reason=RejectReason.UNKNOWN_TYPE, detail=f"type {header.type[:64]!r}")
+    event_type = document.get("type")
+    if isinstance(event_type, str) and event_type not in _KNOWN_TYPES:
+        return Rejection(reason=RejectReason.UNKNOWN_TYPE, detail=f"type {event_type[:64]!r}")
     if version == 0:
-        return _upcast_v0(value, timestamp_ms, max_bytes)
+        return _upcast_v0(document, timestamp_ms)
     return Rejection(reason=RejectReason.SCHEMA_INVALID, detail=_describe(errors))
 
 
-_KNOWN_TYPES = frozenset(("turn.started", "turn.finalized", "message.appended"))
-
-
-def _upcast_v0(value: bytes, timestamp_ms: int | None, max_bytes: int) -> AnyEvent | Rejection:
+def _upcast_v0(document: dict[str, Any], timestamp_ms: int | None) -> AnyEvent | Rejection:
     try:
-        legacy = LegacyAppendV0.model_validate_json(value)
+        legacy = LegacyAppendV0.model_validate(document)
     except ValidationError as exc:
         return Rejection(
             reason=RejectReason.SCHEMA_INVALID,
             detail="v0: " + _describe(exc.errors(include_url=False, include_input=False)),
         )
-    if timestamp_ms is None or timestamp_ms < 0:
+    record_time = (
+        _record_time(timestamp_ms) if timestamp_ms is not None and timestamp_ms >= 0 else None
+    )
+    if record_time is None:
         return Rejection(
             reason=RejectReason.SCHEMA_INVALID,
-            detail="v0 body needs the record timestamp for occurred_at",
+            detail="v0 body needs a record timestamp within years 1..9999 for occurred_at",
         )
-    body = legacy.model_dump(mode="json", exclude_unset=True)
-    canonical = json.dumps(json.loads(value), sort_keys=True, separators=(",", ":"))
     upcast = {
-        **body,
+        **{name: document[name] for name in legacy.model_fields_set},
         "schema_version": CURRENT_SCHEMA_VERSION,
-        "event_id": str(uuid.uuid5(LEGACY_EVENT_NAMESPACE, canonical)),
-        "occurred_at": datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC).isoformat(),
+        "event_id": str(v0_event_id(document)),
+        "occurred_at": record_time,
     }
     try:
-        return EVENT_ADAPTER.validate_json(json.dumps(upcast))
+        event = EVENT_ADAPTER.validate_python(upcast)
     except ValidationError as exc:
         return Rejection(
             reason=RejectReason.SCHEMA_INVALID,
             detail="v0: " + _describe(exc.errors(include_url=False, include_input=False)),
         )
+    assert isinstance(event, MessageAppended)
+    return event
+
+
+def v0_event_id(document: dict[str, Any]) -> uuid.UUID:
+    """uuid5 over the body's canonical JSON: identical re-sends get identical ids.
+
+    The canonical text is the one every release so far used (floats through `repr`, ASCII
+    escapes), so a replay after an upgrade finds the rows it created before."""
+    canonical = json.dumps(
+        _as_floats(document), sort_keys=True, separators=(",", ":"), ensure_ascii=True
+    )
+    return uuid.uuid5(LEGACY_EVENT_NAMESPACE, canonical)
+
+
+def _as_floats(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _as_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_floats(v) for v in value]
+    return value
+
+
+_FIELDS: dict[str, frozenset[str]] = {
+    "turn.started": frozenset(TurnStarted.model_fields),
+    "turn.finalized": frozenset(TurnFinalized.model_fields),
+    "message.appended": frozenset(MessageAppended.model_fields),
+}
+_V0_FIELDS = frozenset(LegacyAppendV0.model_fields)
+_LEGACY_USAGE_FIELDS = frozenset(LegacyTokenUsage.model_fields)
+_TURN_USAGE_FIELDS = frozenset(TurnUsage.model_fields)
+
+
+def _count_unknown(event: AnyEvent, document: dict[str, Any]) -> int:
+    """Fields of the record that this consumer does not know, wherever they are."""
+    known = _V0_FIELDS if document.get("schema_version") == 0 else _FIELDS[event.type]
+    count = len(document.keys() - known)
+    if isinstance(event, TurnFinalized) and event.usage is not None:
+        count += len(document["usage"].keys() - _TURN_USAGE_FIELDS)
+        count += sum(len(call.model_extra or ()) for call in event.usage.calls)
+    if isinstance(event, MessageAppended) and event.token_usage is not None:
+        count += len(document["token_usage"].keys() - _LEGACY_USAGE_FIELDS)
+        count += sum(
+            len(entry.model_extra or ()) for entry in (event.token_usage.usage or {}).values()
+        )
+    return count
+
+
+def payload_digest(event: AnyEvent) -> bytes:
+    """SHA-256 of the event as the ledger sees it: what orders differing copies of one
+    event_id (SPEC section 3 "Identity"); exact copies have equal digests."""
+    text = jsonvalues.dumps(event.model_dump(), sort_keys=True, ensure_ascii=True)
+    return hashlib.sha256(text.encode()).digest()
 
 
 def _describe(errors: list[ErrorDetails]) -> str:
@@ -309,4 +483,4 @@ def _describe(errors: list[ErrorDetails]) -> str:
 
 def encode_event(event: AnyEvent) -> bytes:
     """The wire form of an event: compact UTF-8 JSON, fields in declaration order."""
-    return event.model_dump_json().encode()
+    return jsonvalues.dumps(event.model_dump()).encode()

@@ -305,12 +305,12 @@ class _Planner:
 def _by_model(calls: list[UsageCall]) -> dict[str, ModelUsage]:
     sums: dict[str, ModelUsage] = {}
     for call in calls:
-        prev = sums.get(call.model)
+        prev = sums.get(call.model, ModelUsage())
         sums[call.model] = ModelUsage(
-            prompt_tokens=call.prompt_tokens + (prev.prompt_tokens if prev else 0),
-            completion_tokens=call.completion_tokens + (prev.completion_tokens if prev else 0),
-            total_tokens=call.total_tokens + (prev.total_tokens if prev else 0),
-            cost_micros=call.cost_micros + (prev.cost_micros if prev else 0),
+            prompt_tokens=call.prompt_tokens + (prev.prompt_tokens or 0),
+            completion_tokens=call.completion_tokens + (prev.completion_tokens or 0),
+            total_tokens=call.total_tokens + (prev.total_tokens or 0),
+            cost_micros=call.cost_micros + (prev.cost_micros or 0),
         )
     return sums
 

@@ -33,7 +33,9 @@ def call(
     total: int = 150,
     cost: int = 12345,
     kind: str = "chat",
+    **unknown: Any,
 ) -> UsageCall:
+    """A usage call; `unknown` fields (e.g. cached_tokens) are what newer producers add."""
     return UsageCall(
         model=model,
         prompt_tokens=prompt,
@@ -41,6 +43,7 @@ def call(
         total_tokens=total,
         cost_micros=cost,
         call_kind=kind,
+        **unknown,
     )
 
 
@@ -110,12 +113,22 @@ def appended(
     space: int = SPACE,
     user: uuid.UUID | None = USER,
     event_id: uuid.UUID | None = None,
+    breakdown: dict[str, dict[str, Any]] | Literal["full"] | None = "full",
 ) -> MessageAppended:
+    """A legacy append; with `cost`, token usage whose per-model `breakdown` is the full
+    measures of `model` by default, or as given (None, {}, or any subset per model)."""
     usage = None
     if cost is not None:
         sums = ModelUsage(prompt_tokens=10, completion_tokens=5, total_tokens=15, cost_micros=cost)
+        by_model = (
+            {model: sums}
+            if breakdown == "full"
+            else None
+            if breakdown is None
+            else {name: ModelUsage.model_validate(entry) for name, entry in breakdown.items()}
+        )
         usage = LegacyTokenUsage(
-            **sums.model_dump(), usage={model: sums}, call_details=[{"model": model}]
+            **sums.model_dump(), usage=by_model, call_details=[{"model": model}]
         )
     return MessageAppended(
         **_envelope(event_id, seconds, thread_id, space, user),

@@ -1,8 +1,10 @@
 """A plainly written reference of the merge rules, independent of consumer/merge.py.
 
 It looks at the whole set of events at once and picks each winner with max/min over sort
-keys, which is how SPEC section 3 states the rules. Only the thread's search space depends on
-arrival order (the first event seen for a thread binds it).
+keys, which is how SPEC section 3 states the rules. Only the thread's search space and the
+owner of a turn-less message's event_id depend on arrival order (the first accepted event
+binds them). Exact copies (event_id, occurred_at, payload digest) count once; differing copies
+of one event_id all compete, ordered by their digest last.
 """
 
 from __future__ import annotations
@@ -14,26 +16,36 @@ from typing import Any
 
 from consumer.ledger import LedgerRows
 from consumer.merge import Claim, MessageKey
-from producer.events import AnyEvent, MessageAppended, TurnFinalized, TurnStarted
+from producer.events import AnyEvent, MessageAppended, TurnFinalized, TurnStarted, payload_digest
 
 FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
 
 
 def reference_rows(events: Sequence[AnyEvent]) -> LedgerRows:
     space_of: dict[int, int] = {}
-    accepted: dict[uuid.UUID, AnyEvent] = {}
+    turnless_owner: dict[uuid.UUID, tuple[int, str]] = {}
+    accepted: dict[tuple[uuid.UUID, Any, bytes], tuple[AnyEvent, bytes]] = {}
     for event in events:
+        if space_of.get(event.thread_id, event.search_space_id) != event.search_space_id:
+            continue
+        if isinstance(event, MessageAppended) and event.turn_id is None:
+            owner = (event.thread_id, event.role)
+            if turnless_owner.setdefault(event.event_id, owner) != owner:
+                continue
         space_of.setdefault(event.thread_id, event.search_space_id)
-        if space_of[event.thread_id] == event.search_space_id:
-            accepted.setdefault(event.event_id, event)
+        digest = payload_digest(event)
+        accepted.setdefault((event.event_id, event.occurred_at, digest), (event, digest))
 
     by_thread: dict[int, list[AnyEvent]] = defaultdict(list)
     content_claims: dict[MessageKey, list[tuple[Claim, Any, Any]]] = defaultdict(list)
     touched_at: dict[MessageKey, list[Any]] = defaultdict(list)
     usage_claims: dict[MessageKey, list[tuple[Claim, tuple[Any, ...]]]] = defaultdict(list)
 
-    for e in accepted.values():
+    creator_claims: dict[int, list[tuple[Any, uuid.UUID, bytes, uuid.UUID]]] = defaultdict(list)
+    for e, d in accepted.values():
         by_thread[e.thread_id].append(e)
+        if e.user_id is not None:
+            creator_claims[e.thread_id].append((e.occurred_at, e.event_id, d, e.user_id))
         if isinstance(e, TurnStarted):
             user = MessageKey(e.thread_id, "user", e.turn_id, None)
             shell = MessageKey(e.thread_id, "assistant", e.turn_id, None)
@@ -47,9 +59,11 @@ def reference_rows(events: Sequence[AnyEvent]) -> LedgerRows:
             ]
             if docs:
                 content.append({"type": "mentioned-documents", "documents": docs})
-            content_claims[user].append((Claim(2, e.occurred_at, e.event_id), content, e.user_id))
+            content_claims[user].append(
+                (Claim(2, e.occurred_at, e.event_id, d), content, e.user_id)
+            )
             content_claims[shell].append(
-                (Claim(0, e.occurred_at, e.event_id), [{"type": "text", "text": ""}], None)
+                (Claim(0, e.occurred_at, e.event_id, d), [{"type": "text", "text": ""}], None)
             )
             touched_at[user].append(e.occurred_at)
             touched_at[shell].append(e.occurred_at)
@@ -58,7 +72,7 @@ def reference_rows(events: Sequence[AnyEvent]) -> LedgerRows:
             body = [p.model_dump() for p in e.content] or [
                 {"type": "status", "text": "(no text response)"}
             ]
-            content_claims[key].append((Claim(2, e.occurred_at, e.event_id), body, None))
+            content_claims[key].append((Claim(2, e.occurred_at, e.event_id, d), body, None))
             touched_at[key].append(e.occurred_at)
             calls = e.usage.calls if e.usage else []
             if calls:
@@ -76,13 +90,13 @@ def reference_rows(events: Sequence[AnyEvent]) -> LedgerRows:
                     e.search_space_id,
                     e.user_id,
                 )
-                usage_claims[key].append((Claim(2, e.occurred_at, e.event_id), values))
+                usage_claims[key].append((Claim(2, e.occurred_at, e.event_id, d), values))
         elif isinstance(e, MessageAppended):
             origin = e.event_id if e.turn_id is None else None
             key = MessageKey(e.thread_id, e.role, e.turn_id, origin)
             author = e.user_id if e.role == "user" else None
             body = [p.model_dump() for p in e.content]
-            content_claims[key].append((Claim(1, e.occurred_at, e.event_id), body, author))
+            content_claims[key].append((Claim(1, e.occurred_at, e.event_id, d), body, author))
             touched_at[key].append(e.occurred_at)
             if e.token_usage is not None:
                 t = e.token_usage
@@ -93,7 +107,10 @@ def reference_rows(events: Sequence[AnyEvent]) -> LedgerRows:
                     t.completion_tokens,
                     t.total_tokens,
                     t.cost_micros,
-                    {model: u.model_dump() for model, u in (t.usage or {}).items()},
+                    {
+                        model: u.model_dump(exclude_unset=True)
+                        for model, u in (t.usage or {}).items()
+                    },
                     {"calls": []}
                     if details is None
                     else {"calls": details}
@@ -102,15 +119,15 @@ def reference_rows(events: Sequence[AnyEvent]) -> LedgerRows:
                     e.search_space_id,
                     e.user_id,
                 )
-                usage_claims[key].append((Claim(1, e.occurred_at, e.event_id), values))
+                usage_claims[key].append((Claim(1, e.occurred_at, e.event_id, d), values))
 
     threads = {}
     for thread_id, evs in by_thread.items():
-        with_user = [e for e in evs if e.user_id is not None]
-        creator = min(with_user, key=lambda e: (e.occurred_at, e.event_id)) if with_user else None
+        creators = creator_claims[thread_id]
+        creator = min(creators)[3] if creators else None
         threads[thread_id] = (
             space_of[thread_id],
-            creator.user_id if creator else None,
+            creator,
             min(e.occurred_at for e in evs),
             max(e.occurred_at for e in evs),
         )
@@ -122,8 +139,8 @@ def reference_rows(events: Sequence[AnyEvent]) -> LedgerRows:
 
     usage = {}
     for key, paid in usage_claims.items():
-        # Highest rank; on a tie the EARLIEST (occurred_at, event_id).
-        claim, values = min(paid, key=lambda c: (-c[0].rank, c[0].at, c[0].event_id))
+        # Highest rank; on a tie the EARLIEST (occurred_at, event_id, digest).
+        claim, values = min(paid, key=lambda c: (-c[0].rank, c[0].at, c[0].event_id, c[0].digest))
         source, *rest = values
         usage[key] = (source, claim, *rest, min(c[0].at for c in paid))
     return LedgerRows(threads=threads, messages=messages, usage=usage)

@@ -1,14 +1,23 @@
-"""Hypothesis strategies: small universes of events, so that keys, times and users collide."""
+"""Hypothesis strategies: small universes of events, so that keys, times and users collide.
+
+Beyond well-formed traffic they draw what real producers send: loose legacy breakdowns,
+fields this consumer does not know (in calls, content parts and the envelope, some through
+the wire decoder), numbers beyond float precision in content, and differing copies of one
+event_id (re-stamped retries, changed payloads, v0 bodies re-sent with a later timestamp).
+"""
 
 from __future__ import annotations
 
 import itertools
 import uuid
+from decimal import Decimal
+from typing import Any
 
 from hypothesis import strategies as st
 
-from producer.events import AnyEvent
-from tests.factories import appended, call, finalized, started
+from producer import jsonvalues
+from producer.events import USAGE_MEASURES, AnyEvent, MessageAppended, Rejection, decode_event
+from tests.factories import appended, at, call, finalized, started
 
 THREADS = (1, 2)
 TURNS = ("1:a", "1:b", "2:a")
@@ -16,8 +25,14 @@ USERS = (uuid.UUID(int=1), uuid.UUID(int=2), None)
 seconds = st.integers(min_value=0, max_value=4)  # few distinct instants: ties happen
 event_ids = st.uuids(version=4)
 texts = st.sampled_from(["", "hi", "héllo 🚀", "'; DROP TABLE x; --"])
+exact_numbers = st.sampled_from(
+    [Decimal("12345678901234567890.123"), Decimal("0.1"), Decimal("1E+400"), 2**70, -7]
+)
 content = st.lists(
-    st.fixed_dictionaries({"type": st.sampled_from(["text", "tool-call"]), "text": texts}),
+    st.one_of(
+        st.fixed_dictionaries({"type": st.sampled_from(["text", "tool-call"]), "text": texts}),
+        st.fixed_dictionaries({"type": st.just("chart"), "value": exact_numbers}),
+    ),
     max_size=2,
 )
 documents = st.lists(
@@ -35,8 +50,22 @@ calls = st.lists(
         completion=st.integers(0, 9),
         total=st.integers(0, 18),
         cost=st.integers(0, 99),
+        # Fields newer producers send (kept in call_details).
+        cached_tokens=st.integers(0, 9),
     ),
     max_size=2,
+)
+# Legacy per-model breakdowns as frontends send them: missing, empty, or any subset of the
+# measures per model (not necessarily adding up to the totals).
+breakdowns: st.SearchStrategy[Any] = st.one_of(
+    st.just("full"),
+    st.none(),
+    st.just({}),
+    st.dictionaries(
+        st.sampled_from(["m1", "m2"]),
+        st.dictionaries(st.sampled_from(USAGE_MEASURES), st.integers(0, 20), max_size=4),
+        max_size=2,
+    ),
 )
 
 
@@ -74,16 +103,72 @@ def events(consistent_spaces: bool = True) -> st.SearchStrategy[AnyEvent]:
             role=st.just(role),
             content=content,
             cost=st.one_of(st.none(), st.integers(0, 99)) if role == "assistant" else st.none(),
+            breakdown=breakdowns,
             **{**common, "turn_id": st.sampled_from([*TURNS, None])},
         )
     )
 
-    def place(event: AnyEvent, where: dict[str, int]) -> AnyEvent:
-        return event.model_copy(
+    def place(event: AnyEvent, where: dict[str, int], wire: bool) -> AnyEvent:
+        placed = event.model_copy(
             update={"thread_id": where["thread_id"], "search_space_id": where["space"]}
         )
+        return through_the_wire(placed) if wire else placed
 
-    return st.builds(place, st.one_of(start, final, legacy), where)
+    return st.builds(place, st.one_of(start, final, legacy), where, st.booleans())
+
+
+PUBLISHED_MS = int(at(3600).timestamp() * 1000)  # after every drawn occurred_at
+
+
+def through_the_wire(event: AnyEvent) -> AnyEvent:
+    """The event as a newer producer would publish it (unknown fields in the envelope and
+    the usage object), decoded by the consumer's decoder."""
+    body: dict[str, Any] = jsonvalues.loads(jsonvalues.dumps(event.model_dump()))
+    body["trace_id"] = "abc"  # ignored, counted
+    if isinstance(body.get("usage"), dict):
+        body["usage"]["currency"] = "USD"
+    if isinstance(body.get("token_usage"), dict):
+        body["token_usage"]["currency"] = "USD"
+    decoded = decode_event(jsonvalues.dumps(body).encode(), timestamp_ms=PUBLISHED_MS)
+    assert not isinstance(decoded, Rejection), decoded
+    return decoded
+
+
+def v0_copy(event: MessageAppended, seconds: int) -> AnyEvent:
+    """The append as the legacy frontend's v0 body, published at `seconds`: its event_id
+    derives from the body, its occurred_at is the record's timestamp."""
+    body: dict[str, Any] = jsonvalues.loads(jsonvalues.dumps(event.model_dump(exclude_unset=True)))
+    for name in ("event_id", "occurred_at"):
+        body.pop(name)
+    body["schema_version"] = 0
+    decoded = decode_event(
+        jsonvalues.dumps(body).encode(), timestamp_ms=int(at(seconds).timestamp() * 1000)
+    )
+    assert not isinstance(decoded, Rejection), decoded
+    return decoded
+
+
+@st.composite
+def differing_copies(draw: st.DrawFn, base: list[AnyEvent]) -> list[AnyEvent]:
+    """Copies of some events under the same event_id that are NOT exact: re-stamped, with
+    another payload, or (legacy appends) a v0 body re-sent later."""
+    copies: list[AnyEvent] = []
+    for event in draw(st.lists(st.sampled_from(base), max_size=3)) if base else []:
+        how = draw(st.sampled_from(["restamp", "payload", "v0", "rekey"]))
+        if how == "rekey" and isinstance(event, MessageAppended) and event.turn_id is None:
+            # The same event_id for a turn-less message elsewhere: event_id_conflict.
+            other = next(t for t in THREADS if t != event.thread_id)
+            copies.append(event.model_copy(update={"thread_id": other, "search_space_id": other}))
+        elif how == "restamp":
+            copies.append(event.model_copy(update={"occurred_at": at(draw(seconds))}))
+        elif how == "payload" and isinstance(event, MessageAppended):
+            copies.append(event.model_copy(update={"content": [], "role": event.role}))
+        elif how == "payload":
+            copies.append(event.model_copy(update={"user_id": draw(st.sampled_from(USERS))}))
+        elif isinstance(event, MessageAppended):
+            later = draw(seconds)
+            copies += [v0_copy(event, draw(seconds)), v0_copy(event, later)]
+    return copies
 
 
 def with_duplicates(draw: st.DrawFn, base: list[AnyEvent]) -> list[AnyEvent]:
@@ -95,7 +180,7 @@ def with_duplicates(draw: st.DrawFn, base: list[AnyEvent]) -> list[AnyEvent]:
 @st.composite
 def delivered(draw: st.DrawFn, consistent_spaces: bool = True) -> list[AnyEvent]:
     base = draw(st.lists(events(consistent_spaces), min_size=1, max_size=12))
-    return with_duplicates(draw, base)
+    return with_duplicates(draw, base + draw(differing_copies(base)))
 
 
 @st.composite

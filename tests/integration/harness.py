@@ -11,13 +11,14 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from consumer.store import asyncpg_dsn
 from devstack.processes import free_port
@@ -96,6 +97,49 @@ class Stack:
             async for _ in producer.publish_records(records):
                 pass
 
+    @asynccontextmanager
+    async def transactional_producer(
+        self, name: str, **options: Any
+    ) -> AsyncIterator[AIOKafkaProducer]:
+        """A producer of the source topic that publishes in Kafka transactions, as a chat
+        service may. A transaction left open is left as a crashed producer leaves it: the broker
+        aborts it at the producer's transaction_timeout_ms."""
+        await self.create_topic()
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, transactional_id=f"{self.topic}.{name}", **options
+        )
+        await producer.start()
+        try:
+            yield producer
+        finally:
+            await producer.stop()
+
+    async def publish_with_transactions(
+        self, records: list[tuple[bytes, bytes]], ghosts: list[tuple[bytes, bytes]], chunk: int = 40
+    ) -> None:
+        """Publish `records`, in order, the way services with Kafka transactions would.
+
+        Chunks alternate between a transaction that commits and a plain producer, which writes
+        while that transaction is still open (so its records wait behind the transaction's); a
+        second transaction, open across each pair and then aborted, carries a share of `ghosts`
+        (usage, poison): not one of them may reach the ledger or the dead-letter topic."""
+        pairs = range(0, len(records), 2 * chunk)
+        share = -(-len(ghosts) // len(pairs))
+        async with (
+            TurnEventProducer(self.bootstrap, topic=self.topic) as plain,
+            self.transactional_producer("committing") as committing,
+            self.transactional_producer("aborting") as aborting,
+        ):
+            for index, start in enumerate(pairs):
+                await committing.begin_transaction()
+                await aborting.begin_transaction()
+                await _send_all(committing, self.topic, records[start : start + chunk])
+                await _send_all(aborting, self.topic, ghosts[index * share : (index + 1) * share])
+                async for _ in plain.publish_records(records[start + chunk : start + 2 * chunk]):
+                    pass
+                await committing.commit_transaction()
+                await aborting.abort_transaction()
+
     async def connect(self) -> asyncpg.Connection:
         return await asyncpg.connect(asyncpg_dsn(self.database_url))
 
@@ -122,9 +166,38 @@ class Stack:
             await consumer.stop()
 
     async def caught_up(self) -> bool:
-        ends = await self.end_offsets()
+        """The ledger holds every record a read_committed reader can reach.
+
+        The stored offset is the last applied record + 1, so it may point at a transaction's
+        commit or abort marker, or at aborted records: from it to the last stable offset there
+        must be nothing left to read (an open transaction's records are not reachable yet)."""
         stored = await self.stored_offsets()
-        return all(stored.get(p, 0) >= end for p, end in ends.items())
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+        )
+        await consumer.start()
+        try:
+            partitions = [TopicPartition(self.topic, p) for p in range(self.partitions)]
+            stable = await consumer.end_offsets(partitions)  # read_committed: the LSO
+            behind = {tp: stored.get(tp.partition, 0) for tp in partitions}
+            behind = {tp: offset for tp, offset in behind.items() if offset < stable[tp]}
+            if not behind:
+                return True
+            consumer.assign(list(behind))
+            for tp, offset in behind.items():
+                consumer.seek(tp, offset)
+            while behind:
+                batch = await consumer.getmany(*behind, timeout_ms=1000)
+                if any(r.offset < stable[tp] for tp, rs in batch.items() for r in rs):
+                    return False
+                behind = {
+                    tp: o for tp, o in behind.items() if await consumer.position(tp) < stable[tp]
+                }
+            return True
+        finally:
+            await consumer.stop()
 
     async def dead_letters(self) -> list[Any]:
         consumer = AIOKafkaConsumer(
@@ -143,6 +216,14 @@ class Stack:
             return records
         finally:
             await consumer.stop()
+
+
+async def _send_all(
+    producer: AIOKafkaProducer, topic: str, records: list[tuple[bytes, bytes]]
+) -> None:
+    """Send and wait for every acknowledgement (inside the producer's transaction)."""
+    acks = [await producer.send(topic, value, key=key) for key, value in records]
+    await asyncio.gather(*acks)
 
 
 async def ledger_summary(stack: Stack) -> dict[str, Any]:

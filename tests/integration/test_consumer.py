@@ -79,7 +79,7 @@ async def test_kill_9_mid_stream_and_restart_loses_and_duplicates_nothing(
     records, expect = plan_traffic(
         TrafficConfig(threads=150, turns_per_thread=5, seed=4, duplicate_rate=0.2, start=START)
     )
-    await stack.publish(records)
+    await stack.publish_with_transactions(records, _aborted_traffic(seed=5))
     total = len(records)
     for round_ in range(3):
         consumer = _consumer(stack, processes, tmp_path, LEDGER_MAX_BATCH="25")
@@ -96,6 +96,7 @@ async def test_kill_9_mid_stream_and_restart_loses_and_duplicates_nothing(
     final = _consumer(stack, processes, tmp_path, "--until-idle")
     assert final.wait() == 0, final.logs()
     assert await ledger_summary(stack) == expected_summary(expect)
+    assert len(_first_of_each_source(await stack.dead_letters())) == expect.dead_letters
 
 
 async def test_rebalance_between_two_consumers_mid_stream(
@@ -105,7 +106,8 @@ async def test_rebalance_between_two_consumers_mid_stream(
         TrafficConfig(threads=150, turns_per_thread=5, seed=8, duplicate_rate=0.2, start=START)
     )
     half = len(records) // 2
-    await stack.publish(records[:half])
+    ghosts = _aborted_traffic(seed=9)
+    await stack.publish_with_transactions(records[:half], ghosts[: len(ghosts) // 2])
     first = _consumer(stack, processes, tmp_path, LEDGER_MAX_BATCH="5")
 
     async def applied(count: int) -> bool:
@@ -116,7 +118,8 @@ async def test_rebalance_between_two_consumers_mid_stream(
     )
     second = _consumer(stack, processes, tmp_path, LEDGER_MAX_BATCH="5")
     await wait_for(lambda: _ready(second), within=60, what="second consumer assigned")
-    await stack.publish(records[half:])  # keeps both busy across the next rebalance
+    # keeps both busy across the next rebalance
+    await stack.publish_with_transactions(records[half:], ghosts[len(ghosts) // 2 :])
     await wait_for(lambda: applied(half + 10), within=120, what="second half flowing")
     code, _ = first.terminate()  # a second rebalance: everything moves to the survivor
     assert code == 0, first.logs()
@@ -125,8 +128,19 @@ async def test_rebalance_between_two_consumers_mid_stream(
     )
     second.terminate()
     assert await ledger_summary(stack) == expected_summary(expect)
+    assert len(_first_of_each_source(await stack.dead_letters())) == expect.dead_letters
     assert '"partitions revoked"' in first.logs()
     assert second.logs().count('"partitions assigned"') >= 2
+
+
+def _aborted_traffic(seed: int) -> list[tuple[bytes, bytes]]:
+    """Turns with usage, and poison, that a chat service published in transactions it then
+    aborted: none of it may change the ledger."""
+    records, expect = plan_traffic(
+        TrafficConfig(threads=30, turns_per_thread=3, seed=seed, poison_rate=0.05, start=START)
+    )
+    assert expect.usage_rows > 0 and expect.dead_letters > 0
+    return records
 
 
 def _first_of_each_source(letters: list[Any]) -> list[Any]:

@@ -13,14 +13,14 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from consumer.dlq import DeadLetterQueue
+from consumer.dlq import HEADER_HEADROOM, DeadLetterQueue
 from consumer.health import Readiness
 from consumer.metrics import LedgerMetrics
 from consumer.migrate import upgrade
 from consumer.pipeline import Pipeline
+from consumer.service import source_consumer
 from consumer.settings import load_settings
 from consumer.store import create_pool
 from consumer.topics import prepare_topics
@@ -165,11 +165,8 @@ async def _run_pipeline(stack: Stack, kafka_group: str) -> LedgerMetrics:
         async with DeadLetterQueue(
             stack.bootstrap, stack.dlq_topic, max_record_bytes=limits.source_max_bytes
         ) as dlq:
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=stack.bootstrap,
-                group_id=kafka_group,
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
+            consumer = source_consumer(
+                settings, limits.source_max_bytes + HEADER_HEADROOM, group_id=kafka_group
             )
             pipeline = Pipeline(settings, consumer, pool, dlq, metrics, Readiness(600))
             consumer.subscribe([stack.topic], listener=pipeline.listener)

@@ -1,10 +1,12 @@
 """Against the real database: any delivery order, duplication and split into batches (each its
-own transaction) yields identical tables, equal to the plainly written reference."""
+own transaction) yields identical tables, equal to the plainly written reference, and the
+usage counters the batches report add up to the ledger's sums per model and measure."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping
 
 import asyncpg
 import pytest
@@ -12,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consumer.ledger import LedgerRows
-from consumer.queries import read_ledger
+from consumer.merge import USAGE_FIELDS
+from consumer.queries import read_ledger, usage_report
 from consumer.store import apply_events, asyncpg_dsn
 from producer.events import AnyEvent
 from tests.reference import reference_rows
@@ -35,14 +38,36 @@ class LedgerDriver:
 
     async def _run(self, batches: list[list[AnyEvent]]) -> LedgerRows:
         await self.conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY")
+        # What the consumer's counters would show: total - reversed, per model and measure.
+        counted: Counter[tuple[str, str]] = Counter()
         for batch in batches:
             async with self.conn.transaction():
-                await apply_events(self.conn, batch)
+                plan = await apply_events(self.conn, batch)
+            for change in plan.usage_changes:
+                for name in USAGE_FIELDS:
+                    counted[change.model, name] += getattr(change, name)
+        await self._check_counters(counted)
         return await read_ledger(self.conn)
+
+    async def _check_counters(self, counted: Counter[tuple[str, str]]) -> None:
+        by_model = await usage_report(self.conn, ["model"])
+        ledger = {(row["model"], name): row[name] for row in by_model for name in USAGE_FIELDS}
+        # A breakdown larger than its totals leaves a negative (unattributed) share.
+        assert _nonzero(counted) == _nonzero(ledger), (counted, ledger)
+        sums = await self.conn.fetchrow(
+            f"SELECT {', '.join(f'coalesce(sum({n}), 0) AS {n}' for n in USAGE_FIELDS)}"
+            " FROM token_usage"
+        )
+        for name in USAGE_FIELDS:
+            assert sum(v for (_, n), v in counted.items() if n == name) == sums[name]
 
     def close(self) -> None:
         self.loop.run_until_complete(self.conn.close())
         self.loop.close()
+
+
+def _nonzero(values: Mapping[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+    return {key: value for key, value in values.items() if value}
 
 
 @pytest.fixture

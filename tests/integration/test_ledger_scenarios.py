@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import asyncpg
 
-from consumer.merge import BatchPlan, Outcome
-from consumer.store import apply_events
-from producer.events import AnyEvent
+from consumer.merge import UNATTRIBUTED, BatchPlan, Outcome
+from consumer.queries import read_ledger, usage_report
+from consumer.store import apply_events, asyncpg_dsn
+from producer.events import AnyEvent, RejectReason, TurnFinalized, decode_event
+from tests.examples import example
 from tests.factories import SPACE, THREAD, TURN, USER, appended, at, call, finalized, started
+
+TS = 1_795_684_502_118  # 2026-11-26T09:15:02.118Z, when the examples happened
 
 
 async def apply(conn: asyncpg.Connection, *events: AnyEvent) -> BatchPlan:
@@ -253,3 +258,95 @@ async def test_text_is_stored_exactly(ledger: asyncpg.Connection) -> None:
         "SELECT content->0->>'text' AS text FROM chat_messages WHERE role = 'user' ORDER BY turn_id"
     )
     assert [r["text"] for r in stored] == texts
+
+
+# -- the contract's edge against the real database --------------------------------------------
+
+
+async def test_loose_breakdowns_are_stored_as_sent_and_usage_by_model_adds_up(
+    ledger: asyncpg.Connection,
+) -> None:
+    partial = appended(cost=333, turn_id="t:1", breakdown={"gpt-4o-mini": {"prompt_tokens": 4}})
+    bare = appended(cost=500, turn_id="t:2", breakdown=None)
+    empty = appended(cost=7, turn_id="t:3", breakdown={})
+    plan = await apply(ledger, partial, bare, empty)
+    stored = {
+        r["turn_id"]: json.loads(r["model_breakdown"])
+        for r in await ledger.fetch(
+            "SELECT m.turn_id, u.model_breakdown FROM token_usage u"
+            " JOIN chat_messages m ON m.id = u.message_id"
+        )
+    }
+    assert stored == {"t:1": {"gpt-4o-mini": {"prompt_tokens": 4}}, "t:2": {}, "t:3": {}}
+    by_model = {row["model"]: row for row in await usage_report(ledger, ["model"])}
+    assert set(by_model) == {"gpt-4o-mini", UNATTRIBUTED}
+    assert by_model[UNATTRIBUTED]["cost_micros"] == 333 + 500 + 7
+    assert by_model["gpt-4o-mini"]["prompt_tokens"] == 4
+    assert by_model[UNATTRIBUTED]["prompt_tokens"] == 3 * 10 - 4
+    # The counters the consumer would move say the same, model by model.
+    counted: dict[str, int] = {}
+    for change in plan.usage_changes:
+        counted[change.model] = counted.get(change.model, 0) + change.cost_micros
+    assert counted == {UNATTRIBUTED: 840, "gpt-4o-mini": 0}
+
+
+async def test_numbers_in_content_reach_the_database_digit_for_digit(
+    ledger: asyncpg.Connection,
+) -> None:
+    value = json.dumps(
+        {**example("turn.finalized"), "content": [{"type": "chart", "x": 1, "y": 2}]}
+    )
+    value = value.replace('"x": 1', '"x": 12345678901234567890.123').replace('"y": 2', '"y": 1e400')
+    event = decode_event(value.encode(), timestamp_ms=TS)
+    assert isinstance(event, TurnFinalized)
+    await apply(ledger, event)
+    stored = await ledger.fetchval(
+        "SELECT content->0->>'x' FROM chat_messages WHERE role = 'assistant'"
+    )
+    assert stored == "12345678901234567890.123"
+    assert await ledger.fetchval("SELECT (content->0->>'y')::numeric = 1e400 FROM chat_messages")
+
+
+async def test_a_reused_event_id_for_another_turnless_message_is_an_event_id_conflict(
+    ledger: asyncpg.Connection,
+) -> None:
+    event_id = uuid.uuid4()
+    await apply(ledger, appended(role="user", turn_id=None, event_id=event_id))
+    # A later batch: the same id as an assistant message with usage (this used to crash).
+    plan = await apply(ledger, appended(role="assistant", turn_id=None, event_id=event_id, cost=9))
+    assert plan.outcomes == [Outcome.REJECTED]
+    assert plan.rejections[0].reason is RejectReason.EVENT_ID_CONFLICT
+    assert await ledger.fetchval("SELECT count(*) FROM token_usage") == 0
+    # In one batch: the later arrival is the one rejected, not silently counted a duplicate.
+    other = uuid.uuid4()
+    plan = await apply(
+        ledger,
+        appended(role="user", turn_id=None, event_id=other, thread_id=THREAD),
+        appended(role="user", turn_id=None, event_id=other, thread_id=THREAD + 1, space=SPACE),
+    )
+    assert plan.outcomes == [Outcome.APPLIED, Outcome.REJECTED]
+    assert plan.rejections[1].reason is RejectReason.EVENT_ID_CONFLICT
+
+
+async def test_differing_copies_across_batches_give_the_in_batch_result(
+    ledger_url: str,
+) -> None:
+    event = finalized(calls=[call(cost=100)], seconds=10)
+    restamped = event.model_copy(update={"occurred_at": at(5)})
+    other_payload = finalized(
+        calls=[call(cost=999)], seconds=10, event_id=event.event_id, content=[]
+    )
+    copies = [event, restamped, other_payload]
+    results = []
+    for split in ([copies], [[c] for c in copies], [[c] for c in reversed(copies)]):
+        conn = await asyncpg.connect(asyncpg_dsn(ledger_url))
+        try:
+            await conn.execute("TRUNCATE token_usage, chat_messages, chat_threads")
+            for batch in split:
+                await apply(conn, *batch)
+            results.append(await read_ledger(conn))
+        finally:
+            await conn.close()
+    assert results[0] == results[1] == results[2]
+    # Usage: the EARLIER occurred_at wins, so the re-stamped copy's cost is billed.
+    assert next(iter(results[0].usage.values()))[5] == 100

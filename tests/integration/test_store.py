@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -84,8 +85,12 @@ async def test_second_owner_of_a_partition_is_fenced_while_first_commits(
 
 
 def _overlapping_events() -> list[AnyEvent]:
-    records, _ = plan_traffic(TrafficConfig(threads=30, turns_per_thread=4, seed=11, poison_rate=0))
-    events = [decode_event(value, timestamp_ms=1_795_252_502_118) for _, value in records]
+    start = datetime(2026, 11, 20, tzinfo=UTC)
+    records, _ = plan_traffic(
+        TrafficConfig(threads=30, turns_per_thread=4, seed=11, poison_rate=0, start=start)
+    )
+    published_ms = int((start + timedelta(days=1)).timestamp() * 1000)
+    events = [decode_event(value, timestamp_ms=published_ms) for _, value in records]
     return [e for e in events if not isinstance(e, Rejection)]
 
 
@@ -166,7 +171,8 @@ async def test_a_batch_costs_a_constant_number_of_statements(ledger: asyncpg.Con
     assert len(large) == 5000
     await _count_statements(ledger, small)  # asyncpg introspects array types once per connection
     counts = {len(batch): await _count_statements(ledger, batch) for batch in (small, large)}
-    assert counts[10] == counts[5000] == 7, counts
+    # offsets, 2 state reads, threads, turn and turn-less messages, the event_id check, usage
+    assert counts[10] == counts[5000] == 8, counts
     assert await ledger.fetchval("SELECT count(*) FROM token_usage") == 2000
 
 

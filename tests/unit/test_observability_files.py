@@ -92,6 +92,7 @@ def test_dashboard_has_a_stable_uid_and_a_datasource_variable() -> None:
         "Events/s by type and outcome",
         "Duplicates suppressed/s",
         "Consumer lag per partition",
+        "Records held by open transactions",
         "Commit minus occurred_at (p50/p95/p99)",
         "Batch size",
         "Batch database time (p50/p95)",

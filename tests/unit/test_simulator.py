@@ -9,6 +9,8 @@ from producer.events import Rejection, TurnFinalized, TurnStarted, decode_event
 from producer.simulator import TrafficConfig, plan_traffic
 
 START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+# Published a day later: no occurred_at of the plan lies ahead of its record.
+RECORD_TS = int(START.timestamp() * 1000) + 86_400_000
 
 
 def test_same_seed_same_traffic() -> None:
@@ -22,7 +24,7 @@ def test_plan_has_every_scenario_and_consistent_counts() -> None:
     records, expect = plan_traffic(
         TrafficConfig(threads=200, seed=3, poison_rate=0.05, start=START)
     )
-    decoded = [decode_event(value, timestamp_ms=1) for _, value in records]
+    decoded = [decode_event(value, timestamp_ms=RECORD_TS) for _, value in records]
     started = {
         (e.thread_id, e.turn_id)
         for e in decoded
@@ -47,6 +49,6 @@ def test_plan_has_every_scenario_and_consistent_counts() -> None:
 def test_records_of_a_thread_share_its_key() -> None:
     records, _ = plan_traffic(TrafficConfig(threads=10, seed=1, poison_rate=0, start=START))
     for key, value in records:
-        event = decode_event(value, timestamp_ms=1)
+        event = decode_event(value, timestamp_ms=RECORD_TS)
         assert not isinstance(event, Rejection)
         assert key == str(event.thread_id).encode()

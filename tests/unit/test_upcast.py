@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from producer.events import MessageAppended, Rejection, RejectReason, decode_event
 from tests.examples import example, example_bytes
 
-TS = 1_795_252_502_118
+TS = 1_795_684_502_118  # 2026-11-26T09:15:02.118Z, when the examples happened
 
 
 def test_v0_body_becomes_a_v1_event() -> None:

@@ -1,0 +1,70 @@
+"""How far behind a partition is, as a read_committed consumer sees it.
+
+The ledger reads committed records only (`isolation_level="read_committed"`): a record of a
+transaction that was aborted, or is still open, is never applied. A partition can then be read
+up to its last stable offset (LSO): the first offset of its oldest open transaction, or the
+high watermark when none is open. Commit and abort markers take an offset each, and aborted
+batches stay in the log; aiokafka's fetcher steps `position()` over both when `getmany()` drains
+a fetch (`PartitionRecords._unpack_records` sets `next_fetch_offset` past control and aborted
+batches, and `FetchResult.getall` moves the position there even when it returns no record). So
+a partition whose last offset is a marker ends at `LSO - position == 0`, although the offset
+stored in PostgreSQL (last applied record + 1) may point at that marker: lag is measured from
+the position, never from the stored offset.
+
+Per partition:
+- lag (`token_ledger_consumer_lag_records`) = LSO - position: records readable now and not yet
+  applied. Lag that does not shrink is a stall (/readyz: "stalled").
+- uncommitted (`token_ledger_uncommitted_records`) = high watermark - LSO: records nobody can
+  read until a transaction ends (its own, and every record written after its first one, by any
+  producer). Ordinary while chat services publish in transactions; it means trouble only when
+  the LSO stands still: a producer that died inside a transaction holds the partition until the
+  broker aborts it at the producer's transaction timeout. /readyz reports that, as its own
+  reason, once the LSO has stood still below records for LEDGER_STALL_SECONDS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PartitionEnds:
+    position: int  # the next offset the consumer will fetch
+    stable: int  # last stable offset
+    highwater: int
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.stable - self.position)
+
+    @property
+    def uncommitted(self) -> int:
+        return max(0, self.highwater - self.stable)
+
+
+@dataclass(frozen=True)
+class Held:
+    """A partition whose records above its last stable offset wait for a transaction to end."""
+
+    stable: int  # the last stable offset
+    records: int  # high watermark - stable
+    since: float  # time.monotonic() when the last stable offset came to stand at `stable`
+
+
+def held_partitions(
+    previous: Mapping[int, Held], ends: Mapping[int, PartitionEnds], now: float
+) -> dict[int, Held]:
+    """The partitions with records above their LSO, each with since when its LSO stands there.
+
+    A partition whose LSO moved starts over: a transaction ending is progress, however many
+    others open after it. A partition not in `ends` (revoked, or not fetched yet) is dropped.
+    """
+    held = {}
+    for partition, end in ends.items():
+        if end.uncommitted == 0:
+            continue
+        before = previous.get(partition)
+        since = before.since if before is not None and before.stable == end.stable else now
+        held[partition] = Held(end.stable, end.uncommitted, since)
+    return held

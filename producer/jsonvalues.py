@@ -1,0 +1,70 @@
+"""JSON text for values that came from JSON: numbers kept exactly as sent.
+
+The decoder parses non-integer numbers as `Decimal` (so `12345678901234567890.123` is not
+rounded through a float); `dumps` writes them back digit for digit, and writes UUIDs and
+datetimes (from the event models) as strings. The common case, a value without any Decimal,
+takes the C encoder's fast path.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+_COMPACT = (",", ":")
+
+
+class _HasDecimal(Exception):  # noqa: N818 - internal control flow: take the slow path
+    pass
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        raise _HasDecimal
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def dumps(value: Any, *, sort_keys: bool = False, ensure_ascii: bool = False) -> str:
+    """Compact JSON text of `value`; Decimals are written exactly (never through a float)."""
+    try:
+        return json.dumps(
+            value,
+            ensure_ascii=ensure_ascii,
+            separators=_COMPACT,
+            sort_keys=sort_keys,
+            default=_plain,
+        )
+    except _HasDecimal:
+        return _encode(value, sort_keys, ensure_ascii)
+
+
+def _encode(value: Any, sort_keys: bool, ensure_ascii: bool) -> str:
+    if isinstance(value, Decimal):
+        return str(value)  # e.g. '12345678901234567890.123', '1E+400': valid JSON numbers
+    if isinstance(value, dict):
+        items = sorted(value.items()) if sort_keys else value.items()
+        return (
+            "{"
+            + ",".join(
+                json.dumps(str(k), ensure_ascii=ensure_ascii)
+                + ":"
+                + _encode(v, sort_keys, ensure_ascii)
+                for k, v in items
+            )
+            + "}"
+        )
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_encode(v, sort_keys, ensure_ascii) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=ensure_ascii, default=_plain)
+
+
+def loads(text: str | bytes) -> Any:
+    """Parse JSON with exact numbers (the inverse of `dumps`)."""
+    return json.loads(text, parse_float=Decimal)

@@ -122,6 +122,20 @@ class LedgerMetrics:
             "Unix time of the last committed batch.",
             registry=r,
         )
+        self.offset_resets = Counter(
+            "token_ledger_offset_resets",
+            "Stored offsets found outside their partition's log (topic recreated, retention "
+            "passed, unclean election), by partition.",
+            ["partition"],
+            registry=r,
+        )
+        self.halted_partitions = Gauge(
+            "token_ledger_partition_halted",
+            "1 while a partition is stopped (a dead letter refused, an offset out of range with "
+            "LEDGER_OFFSET_RESET=fail); /readyz says why.",
+            ["partition"],
+            registry=r,
+        )
         self.unknown_fields = Counter(
             "token_ledger_unknown_fields",
             "Fields this consumer does not know yet, accepted (kept in content parts, usage "

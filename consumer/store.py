@@ -129,6 +129,34 @@ async def advance_offsets(
         raise FencedError(missed)
 
 
+async def reset_offsets(
+    conn: asyncpg.Connection,
+    group_id: str,
+    topic: str,
+    partition: int,
+    expected: int | None,
+    next_offset: int,
+) -> None:
+    """Move one partition's stored next_offset from `expected` to `next_offset` (either way;
+    used when the stored offset lies outside the partition's log). FencedError if it moved."""
+    if expected is None:
+        return await advance_offsets(
+            conn, group_id, topic, [OffsetMove(partition, None, next_offset)]
+        )
+    moved = await conn.fetchval(
+        "UPDATE consumer_offsets SET next_offset = $5, updated_at = now()"
+        " WHERE group_id = $1 AND topic = $2 AND partition = $3 AND next_offset = $4"
+        " RETURNING partition",
+        group_id,
+        topic,
+        partition,
+        expected,
+        next_offset,
+    )
+    if moved is None:
+        raise FencedError([partition])
+
+
 async def load_offsets(
     conn: asyncpg.Connection, group_id: str, topic: str, partitions: Iterable[int]
 ) -> dict[int, int]:

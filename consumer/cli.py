@@ -73,7 +73,7 @@ def consume(
             err=True,
         )
         raise typer.Exit(1) from None
-    if halted:  # --until-idle stopped with partitions it could not finish (logged as ERROR)
+    if until_idle and halted:  # it could not finish those partitions (logged as ERROR)
         stopped = "; ".join(f"partition {p}: {why}" for p, why in sorted(halted.items()))
         typer.echo(f"token-ledger: partitions stopped: {stopped}", err=True)
         raise typer.Exit(1)

@@ -23,7 +23,6 @@ The SQLSTATE policy (SPEC section 4) is the table `SQLSTATE_POLICY` below, by cl
 
 from __future__ import annotations
 
-import asyncio
 from enum import StrEnum
 
 import asyncpg
@@ -127,10 +126,10 @@ def classify_database_error(error: BaseException) -> LedgerError | None:
         if policy is not None:
             return TransientError(summary, sqlstate=sqlstate, timed_out=policy is Policy.HALVE)
         return None
+    if isinstance(error, TimeoutError):  # before OSError, its base class
+        return TransientError("database timed out", timed_out=True)
     # The connection died under us: inside a statement, at COMMIT, in the transaction's exit
     # or the pool's release (asyncpg says "connection is closed" with an InterfaceError).
     if isinstance(error, asyncpg.InterfaceError | ConnectionError | OSError):
         return TransientError(f"database unreachable: {type(error).__name__}")
-    if isinstance(error, asyncio.TimeoutError):
-        return TransientError("database timed out", timed_out=True)
     return None

@@ -37,7 +37,7 @@ from typing import TypeAlias, TypeVar
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError, OffsetOutOfRangeError
+from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
 from aiokafka.structs import ConsumerRecord
 
 from consumer.dlq import DeadLetter, DeadLetterQueue
@@ -215,6 +215,10 @@ class Pipeline:
             async with self._batch_lock:
                 await self._offsets_out_of_range(error.args[0] if error.args else {})
             return []
+        except NoOffsetForPartitionError:
+            # A fetch that raced the assignment, before open() sought the partition to the
+            # stored offset (the start never depends on Kafka's group offsets).
+            return []
         return sorted(
             (r for rs in batch.values() for r in rs), key=lambda r: (r.partition, r.offset)
         )
@@ -307,12 +311,21 @@ class Pipeline:
     ) -> Applied:
         moves = self._moves(records)
         applied = Applied()
-        async with self.pool.acquire() as conn, conn.transaction():
-            await advance_offsets(conn, self.settings.group_id, self.settings.topic, moves)  # 2a
-            await self._apply_isolating(
-                conn, list(zip(events, event_records, strict=True)), applied
-            )  # 2b
-            await self.dlq_report(applied.letters)  # 2c
+        try:
+            conn = await self.pool.acquire()
+        except TimeoutError as error:  # no connection: not a batch too big for its timeout
+            raise TransientError("database unreachable: connecting timed out") from error
+        try:
+            async with conn.transaction():
+                await advance_offsets(
+                    conn, self.settings.group_id, self.settings.topic, moves
+                )  # 2a
+                await self._apply_isolating(
+                    conn, list(zip(events, event_records, strict=True)), applied
+                )  # 2b
+                await self.dlq_report(applied.letters)  # 2c
+        finally:
+            await self.pool.release(conn)
         for move in moves:
             self.positions[move.partition] = move.next_offset
         self.readiness.progressed()

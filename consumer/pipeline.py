@@ -32,14 +32,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TypeAlias, TypeVar
+from typing import TypeVar
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
-from aiokafka.structs import ConsumerRecord
 
+from consumer.batch import Applied, Decoded, Record, apply_isolating, decode_records
 from consumer.dlq import DeadLetter, DeadLetterQueue
 from consumer.errors import (
     BatchAbandoned,
@@ -47,15 +46,12 @@ from consumer.errors import (
     DeadLetterRefusedError,
     DeadLetterUnavailableError,
     FencedError,
-    PoisonError,
     TransientError,
     UnexpectedError,
-    classify_database_error,
 )
 from consumer.health import Readiness
 from consumer.lag import PartitionEnds, held_partitions
 from consumer.logs import fields
-from consumer.merge import BatchPlan, Outcome
 from consumer.metrics import LedgerMetrics
 from consumer.outages import Outage
 from consumer.retry import Backoff, as_transient, retry_transient
@@ -63,30 +59,17 @@ from consumer.settings import Settings
 from consumer.store import (
     OffsetMove,
     advance_offsets,
-    apply_events,
     load_offsets,
     reset_offsets,
 )
-from producer.events import AnyEvent, Rejection, RejectReason, decode_event
 
 log = logging.getLogger(__name__)
-# aiokafka ships no type information: a record is a ConsumerRecord[bytes, bytes].
-Record: TypeAlias = ConsumerRecord
 T = TypeVar("T")
 BATCH_BACKOFF = Backoff(initial=0.1, maximum=5.0)
 IDLE_SYNC_SECONDS = 2.0
 MIRROR_SECONDS = 2.0  # the offset mirror is best-effort: never longer than this
 PROBE_SECONDS = 5.0  # while the broker seems down, ask it for metadata this often
 TIMEOUTS_BEFORE_HALVING = 2
-
-
-@dataclass
-class Applied:
-    """What one committed batch did, for metrics."""
-
-    events: list[tuple[AnyEvent, Outcome]] = field(default_factory=list)
-    letters: list[DeadLetter] = field(default_factory=list)
-    plans: list[BatchPlan] = field(default_factory=list)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -252,10 +235,11 @@ class Pipeline:
         started = time.monotonic()
         splittable = len(owned) > 1
         try:
-            events, event_records, letters = await self._with_retry(lambda: self._decode(owned))
+            decoded = await self._with_retry(lambda: self._decode(owned))
+            letters = decoded.letters
             await self._with_retry(lambda: self.dlq_report(letters))  # 1
             applied = await self._with_retry(
-                lambda: self._commit(owned, events, event_records), splittable=splittable
+                lambda: self._commit(owned, decoded), splittable=splittable
             )  # 2
         except FencedError as fenced:
             self.metrics.fenced_batches.inc()
@@ -285,30 +269,17 @@ class Pipeline:
 
     # -- steps ---------------------------------------------------------------------------------
 
-    async def _decode(
-        self, records: list[Record]
-    ) -> tuple[list[AnyEvent], list[Record], list[DeadLetter]]:
-        events, event_records, letters = [], [], []
-        for record in records:
-            result = decode_event(
-                record.value,
-                timestamp_ms=record.timestamp,
-                max_bytes=self.settings.max_event_bytes,
-                max_future_skew=self.settings.future_skew,
-            )
-            if isinstance(result, Rejection):
-                letters.append(DeadLetter(record, result.reason, result.detail))
-            else:
-                events.append(result)
-                event_records.append(record)
-        return events, event_records, letters
+    async def _decode(self, records: list[Record]) -> Decoded:
+        return decode_records(
+            records,
+            max_bytes=self.settings.max_event_bytes,
+            max_future_skew=self.settings.future_skew,
+        )
 
     async def dlq_report(self, letters: Sequence[DeadLetter]) -> None:
         await self.dlq.report(letters)
 
-    async def _commit(
-        self, records: list[Record], events: list[AnyEvent], event_records: list[Record]
-    ) -> Applied:
+    async def _commit(self, records: list[Record], decoded: Decoded) -> Applied:
         moves = self._moves(records)
         applied = Applied()
         try:
@@ -320,8 +291,8 @@ class Pipeline:
                 await advance_offsets(
                     conn, self.settings.group_id, self.settings.topic, moves
                 )  # 2a
-                await self._apply_isolating(
-                    conn, list(zip(events, event_records, strict=True)), applied
+                await apply_isolating(
+                    conn, list(zip(decoded.events, decoded.records, strict=True)), applied
                 )  # 2b
                 await self.dlq_report(applied.letters)  # 2c
         finally:
@@ -330,45 +301,6 @@ class Pipeline:
             self.positions[move.partition] = move.next_offset
         self.readiness.progressed()
         return applied
-
-    async def _apply_isolating(
-        self,
-        conn: asyncpg.Connection,
-        items: list[tuple[AnyEvent, Record]],
-        applied: Applied,
-    ) -> None:
-        """Apply under a savepoint; on a data error split the batch until the record is alone."""
-        if not items:
-            return
-        try:
-            async with conn.transaction():
-                plan = await apply_events(conn, [event for event, _ in items])
-        except asyncpg.PostgresError as error:
-            mapped = classify_database_error(error)
-            if not isinstance(mapped, PoisonError):
-                raise
-            if len(items) == 1:
-                event, record = items[0]
-                log.warning(
-                    "record rejected by the database",
-                    extra=fields(
-                        partition=record.partition, offset=record.offset, error=str(mapped)
-                    ),
-                )
-                applied.letters.append(
-                    DeadLetter(record, RejectReason.DATABASE_REJECTED, str(mapped))
-                )
-                applied.events.append((event, Outcome.REJECTED))
-                return
-            middle = len(items) // 2
-            await self._apply_isolating(conn, items[:middle], applied)
-            await self._apply_isolating(conn, items[middle:], applied)
-            return
-        applied.plans.append(plan)
-        for index, ((event, record), outcome) in enumerate(zip(items, plan.outcomes, strict=True)):
-            applied.events.append((event, outcome))
-            if rejection := plan.rejections.get(index):
-                applied.letters.append(DeadLetter(record, rejection.reason, rejection.detail))
 
     def _moves(self, records: list[Record]) -> list[OffsetMove]:
         last: dict[int, int] = {}

@@ -81,11 +81,19 @@ def _text_or_datetime(value: object) -> object:
     raise ValueError("expected an RFC 3339 timestamp string")
 
 
+# asyncpg reads these two instants back as PostgreSQL's -infinity/infinity (naive datetimes),
+# which would then not compare with any other occurred_at: keep them out of the ledger.
+_UNSTORABLE = frozenset((datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)))
+
+
 def _in_utc(value: datetime) -> datetime:
     try:
-        return value.astimezone(UTC)
+        utc = value.astimezone(UTC)
     except OverflowError:
         raise ValueError("timestamp outside years 1..9999 in UTC") from None
+    if utc in _UNSTORABLE:
+        raise ValueError("timestamp at the very edge of years 1..9999 (reserved for infinity)")
+    return utc
 
 
 def _uuid_text(value: object) -> object:

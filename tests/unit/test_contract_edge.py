@@ -205,7 +205,14 @@ def test_an_event_stamped_in_the_future_is_dead_lettered() -> None:
 
 
 @pytest.mark.parametrize(
-    "stamp", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "10000-01-01T00:00:00Z"]
+    "stamp",
+    [
+        "0001-01-01T00:00:00+01:00",
+        "9999-12-31T23:59:59-01:00",
+        "10000-01-01T00:00:00Z",
+        "0001-01-01T00:00:00Z",  # read back by asyncpg as -infinity
+        "9999-12-31T23:59:59.999999Z",  # and this one as infinity
+    ],
 )
 def test_a_timestamp_outside_the_utc_range_is_schema_invalid(stamp: str) -> None:
     body = {**example("turn.started"), "occurred_at": stamp}

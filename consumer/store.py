@@ -4,7 +4,10 @@ size:
 
     advance_offsets  1-2 statements  compare-and-set of consumer_offsets (first: it serialises
                                      two owners of a partition before any ledger row is locked)
-    load_state       2 statements    the stored registers of the batch's threads and messages
+    load_state       2 statements    the stored registers of the batch's threads (locked, so
+                                     that another writer of a thread - its records split over
+                                     partitions - waits, and the counters' view of the stored
+                                     usage stays exact) and messages
     write_plan       <= 5 statements guarded upserts: threads, turn messages, turn-less
                                      messages (+ a check that no other writer keyed another
                                      message by the same event_id), token usage; keys sorted
@@ -35,12 +38,11 @@ from consumer.merge import (
     StoredMessage,
     StoredState,
     ThreadRow,
-    attribution,
     message_keys,
     reduce_batch,
 )
 from producer import jsonvalues
-from producer.events import AnyEvent
+from producer.events import AnyEvent, attribution
 
 
 def canonical_json(value: Any) -> str:
@@ -177,6 +179,7 @@ _LOAD_THREADS = """
 SELECT id, search_space_id, created_at, updated_at, created_by_id, created_by_at,
        created_by_event_id, created_by_digest
 FROM chat_threads WHERE id = ANY($1::bigint[])
+ORDER BY id FOR UPDATE
 """
 
 _MESSAGE_REGISTERS = """

@@ -1,3 +1,3 @@
-from consumer.cli import main
+from consumer.entry import main
 
 main()

@@ -62,7 +62,7 @@ def consume(
     from consumer.topics import TopicConfigError
 
     try:
-        asyncio.run(run_consumer(settings, until_idle=until_idle))
+        halted = asyncio.run(run_consumer(settings, until_idle=until_idle))
     except TopicConfigError as exc:
         typer.echo(f"token-ledger: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -76,6 +76,10 @@ def consume(
             err=True,
         )
         raise typer.Exit(1) from None
+    if until_idle and halted:  # it could not finish those partitions (logged as ERROR)
+        stopped = "; ".join(f"partition {p}: {why}" for p, why in sorted(halted.items()))
+        typer.echo(f"token-ledger: partitions stopped: {stopped}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

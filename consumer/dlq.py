@@ -4,6 +4,11 @@
 (acks=all, idempotent producer), so the caller may move its offsets past them afterwards.
 Dead letters are at-least-once: if the transaction that follows is retried, a letter it
 already reported is reported again (readers dedupe by the ledger.source.* headers).
+A record that reached us compressed can be far larger once decoded (a 5 MiB value of
+repeated text is a few hundred bytes with zstd), so the producer compresses too and takes any
+size: only the topic's own limit (on the compressed batch) can refuse one. A refusal that a
+retry cannot cure (too large, not authorised) is DeadLetterRefusedError: the caller stops the
+partitions concerned; anything retriable is DeadLetterUnavailableError (retry the batch).
 Header values are decimal/ASCII strings; `ledger.error.detail` is capped at 1 KiB and built by
 the decoder or the error taxonomy, which never quote chat text or secrets.
 """
@@ -17,8 +22,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Self
 
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAuthorizationFailedError,
+)
 from aiokafka.structs import ConsumerRecord
 
+from consumer.errors import DeadLetterRefusedError, DeadLetterUnavailableError
 from consumer.logs import fields
 from producer.client import ProducerResource
 from producer.events import RejectReason
@@ -27,6 +40,17 @@ log = logging.getLogger(__name__)
 DETAIL_LIMIT = 1024
 # Our own headers plus the original ones must fit beside the largest source record.
 HEADER_HEADROOM = 64 * 1024
+# aiokafka checks a record's UNcompressed size against max_request_size before sending; the
+# broker checks the compressed batch against the topic. Let the broker decide.
+MAX_UNCOMPRESSED_BYTES = 2**31 - 1
+# What the broker (or the client, for its own size check) answers that no retry can change.
+# aiokafka's `retriable` flag is too coarse for this: a plain timeout is not retriable there.
+REFUSALS = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+)
 
 REASON = "ledger.error.reason"
 DETAIL = "ledger.error.detail"
@@ -62,18 +86,12 @@ def dead_letter_headers(letter: DeadLetter, failed_at: datetime) -> list[tuple[s
 
 
 class DeadLetterQueue(ProducerResource):
-    def __init__(
-        self,
-        bootstrap_servers: str,
-        topic: str,
-        *,
-        max_record_bytes: int,
-        **kafka_options: Any,
-    ) -> None:
+    def __init__(self, bootstrap_servers: str, topic: str, **kafka_options: Any) -> None:
         super().__init__(
             bootstrap_servers,
             client_id="token-ledger-dlq",
-            max_request_size=max_record_bytes + HEADER_HEADROOM,
+            max_request_size=MAX_UNCOMPRESSED_BYTES,
+            compression_type="zstd",
             **kafka_options,
         )
         self.topic = topic
@@ -93,16 +111,24 @@ class DeadLetterQueue(ProducerResource):
         if not letters:
             return
         failed_at = datetime.now(UTC)
-        pending = [
-            await self._producer.send(
-                self.topic,
-                letter.record.value,
-                key=letter.record.key,
-                headers=dead_letter_headers(letter, failed_at),
-            )
-            for letter in letters
-        ]
-        await asyncio.gather(*pending)
+        outcomes = await asyncio.gather(
+            *(self._send(letter, failed_at) for letter in letters), return_exceptions=True
+        )
+        refused = sorted(
+            {
+                letter.record.partition
+                for letter, outcome in zip(letters, outcomes, strict=True)
+                if isinstance(outcome, REFUSALS)
+            }
+        )
+        errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        if refused:
+            names = sorted({type(e).__name__ for e in errors if isinstance(e, REFUSALS)})
+            raise DeadLetterRefusedError(refused, ", ".join(names))
+        if errors:
+            if not all(isinstance(error, KafkaError) for error in errors):
+                raise errors[0]
+            raise DeadLetterUnavailableError(f"dead-letter topic: {type(errors[0]).__name__}")
         for letter in letters:
             log.warning(
                 "dead-lettered",
@@ -113,3 +139,13 @@ class DeadLetterQueue(ProducerResource):
                     offset=letter.record.offset,
                 ),
             )
+
+    async def _send(self, letter: DeadLetter, failed_at: datetime) -> None:
+        """Send one letter and wait for its acknowledgement (errors raised, not swallowed)."""
+        delivery = await self._producer.send(
+            self.topic,
+            letter.record.value,
+            key=letter.record.key,
+            headers=dead_letter_headers(letter, failed_at),
+        )
+        await delivery

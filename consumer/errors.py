@@ -1,23 +1,29 @@
 """The consumer's error taxonomy. Driver errors are translated into these at one boundary each
-(`classify_database_error` for asyncpg; the pipeline for aiokafka).
+(`classify_database_error` for asyncpg; consumer/dlq.py and the pipeline for aiokafka).
 
     LedgerError
     ├── TransientError      retry the whole batch with capped backoff; never dead-letter
     │   ├── ThreadRaceError     a thread appeared concurrently with another search space
     │   ├── ConcurrentWriteError  another writer took a row's key since the batch read it
-    │   └── DeadLetterUnavailableError  the dead-letter topic did not acknowledge
+    │   ├── DeadLetterUnavailableError  the dead-letter topic did not acknowledge (yet)
+    │   └── UnexpectedError     anything nobody classified (a bug, a driver surprise): retried
+    │                           with backoff, logged with its traceback, reported not-ready
     ├── FencedError         another owner moved the stored offsets: roll back and re-seek
     ├── PoisonError         this record (or the batch holding it) can never be applied:
     │                       split the batch until it is isolated, then dead-letter it
-    └── InvariantError      the ledger's own assumptions broke: crash loudly
+    └── DeadLetterRefusedError  the dead-letter topic refuses a record for good (too large,
+                            not authorised): its partition stops, nothing is skipped
 
     BatchAbandoned          not a failure: the batch in flight was given up (rebalance or
                             shutdown while retrying); nothing was committed
+    BatchTooSlow            not a failure: the batch keeps timing out; it is retried in halves
+
+The SQLSTATE policy (SPEC section 4) is the table `SQLSTATE_POLICY` below, by class or code.
 """
 
 from __future__ import annotations
 
-import asyncio
+from enum import StrEnum
 
 import asyncpg
 
@@ -27,9 +33,10 @@ class LedgerError(Exception):
 
 
 class TransientError(LedgerError):
-    def __init__(self, message: str, *, sqlstate: str = "") -> None:
+    def __init__(self, message: str, *, sqlstate: str = "", timed_out: bool = False) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
+        self.timed_out = timed_out  # a statement or client timeout: the batch may be too big
 
 
 class ThreadRaceError(TransientError):
@@ -45,8 +52,25 @@ class DeadLetterUnavailableError(TransientError):
     """The dead-letter topic did not acknowledge; the batch waits and retries."""
 
 
+class UnexpectedError(TransientError):
+    """An exception nobody classified; the batch is retried rather than the process ended."""
+
+
+class DeadLetterRefusedError(LedgerError):
+    """The dead-letter topic refused records for good; their partitions must stop."""
+
+    def __init__(self, partitions: list[int], reason: str) -> None:
+        super().__init__(f"dead-letter topic refuses records of partitions {partitions}: {reason}")
+        self.partitions = partitions
+        self.reason = reason
+
+
 class BatchAbandoned(Exception):  # noqa: N818 - a control-flow signal, not a failure
     """The batch in flight was given up (partitions revoked or shutdown while retrying)."""
+
+
+class BatchTooSlow(Exception):  # noqa: N818 - a control-flow signal, not a failure
+    """The batch keeps timing out: commit it in halves."""
 
 
 class FencedError(LedgerError):
@@ -63,15 +87,29 @@ class PoisonError(LedgerError):
         self.sqlstate = sqlstate
 
 
-class InvariantError(LedgerError):
-    pass
+class Policy(StrEnum):
+    TRANSIENT = "transient"  # retry the batch with capped backoff, fetching paused
+    HALVE = "halve"  # transient, and a batch that keeps failing so is retried in halves
+    POISON = "poison"  # isolate the record by splitting the batch, then dead-letter it
 
 
-# 40001 serialization_failure, 40P01 deadlock_detected, 55P03 lock_not_available,
-# 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now, 53xxx resources.
-_TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03"}
-_TRANSIENT_CLASSES = ("08", "53")
-_POISON_CLASSES = ("22", "23")
+# SQLSTATE (a full code, else its two-character class) -> what the consumer does.
+SQLSTATE_POLICY: dict[str, Policy] = {
+    "08": Policy.TRANSIENT,  # connection exception
+    "40": Policy.TRANSIENT,  # transaction rollback: 40001 serialization, 40P01 deadlock
+    "53": Policy.TRANSIENT,  # insufficient resources (disk full, out of memory, connections)
+    "55P03": Policy.TRANSIENT,  # lock_not_available (lock_timeout)
+    "57": Policy.TRANSIENT,  # operator intervention: 57P01..57P03 shutdown, restart
+    "57014": Policy.HALVE,  # query_canceled: statement_timeout
+    "58": Policy.TRANSIENT,  # system error (I/O)
+    "XX000": Policy.TRANSIENT,  # internal_error
+    "22": Policy.POISON,  # data exception
+    "23": Policy.POISON,  # integrity constraint violation
+}
+
+
+def sqlstate_policy(sqlstate: str) -> Policy | None:
+    return SQLSTATE_POLICY.get(sqlstate) or SQLSTATE_POLICY.get(sqlstate[:2])
 
 
 def classify_database_error(error: BaseException) -> LedgerError | None:
@@ -82,14 +120,16 @@ def classify_database_error(error: BaseException) -> LedgerError | None:
         # the constraint or column it names.
         where = getattr(error, "constraint_name", None) or getattr(error, "column_name", None)
         summary = f"SQLSTATE {sqlstate} {type(error).__name__}" + (f" on {where}" if where else "")
-        if sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith(_TRANSIENT_CLASSES):
-            return TransientError(summary, sqlstate=sqlstate)
-        if sqlstate.startswith(_POISON_CLASSES):
+        policy = sqlstate_policy(sqlstate)
+        if policy is Policy.POISON:
             return PoisonError(summary, sqlstate=sqlstate)
+        if policy is not None:
+            return TransientError(summary, sqlstate=sqlstate, timed_out=policy is Policy.HALVE)
         return None
-    if isinstance(
-        error,
-        asyncpg.ConnectionDoesNotExistError | ConnectionError | OSError | asyncio.TimeoutError,
-    ):
+    if isinstance(error, TimeoutError):  # before OSError, its base class
+        return TransientError("database timed out", timed_out=True)
+    # The connection died under us: inside a statement, at COMMIT, in the transaction's exit
+    # or the pool's release (asyncpg says "connection is closed" with an InterfaceError).
+    if isinstance(error, asyncpg.InterfaceError | ConnectionError | OSError):
         return TransientError(f"database unreachable: {type(error).__name__}")
     return None

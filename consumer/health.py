@@ -43,6 +43,9 @@ class Readiness:
     # Not lag (nothing there can be read yet), so judged on its own: partition -> its records
     # waiting for an open transaction, and since when its last stable offset has stood still.
     held: dict[int, Held] = field(default_factory=dict)
+    kafka_ok: bool = True
+    halted: dict[int, str] = field(default_factory=dict)  # partition -> why it stopped
+    unexpected: str | None = None  # the batch is being retried after an unexpected error
 
     def progressed(self) -> None:
         self.last_progress = time.monotonic()
@@ -53,6 +56,12 @@ class Readiness:
             reasons.append("no partitions assigned")
         if not self.database_ok:
             reasons.append("database unreachable")
+        if not self.kafka_ok:
+            reasons.append("Kafka unreachable")
+        if self.unexpected:
+            reasons.append(f"retrying a batch after an {self.unexpected} (see the log)")
+        for partition, why in sorted(self.halted.items()):
+            reasons.append(f"partition {partition} stopped: {why}")
         if self.lag > 0 and time.monotonic() - self.last_progress > self.stall_seconds:
             reasons.append(
                 f"stalled: {self.lag} records waiting, no commit for {self.stall_seconds:.0f}s"

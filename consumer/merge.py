@@ -46,6 +46,7 @@ from producer.events import (
     RejectReason,
     TurnFinalized,
     TurnStarted,
+    attribution,
     payload_digest,
 )
 
@@ -53,7 +54,6 @@ SHELL, LEGACY, SERVER = 0, 1, 2
 STATUS_NO_TEXT: list[dict[str, Any]] = [{"type": "status", "text": "(no text response)"}]
 SHELL_CONTENT: list[dict[str, Any]] = [{"type": "text", "text": ""}]
 USAGE_FIELDS = USAGE_MEASURES
-UNATTRIBUTED = "(unattributed)"
 
 
 class Outcome(StrEnum):
@@ -213,27 +213,6 @@ class BatchPlan:
     outcomes: list[Outcome]  # one per input event, same order
     usage_changes: list[UsageChange]
     rejections: dict[int, Rejection] = field(default_factory=dict)  # input index -> why
-
-
-def attribution(
-    totals: Mapping[str, int], breakdown: Mapping[str, Mapping[str, Any]]
-) -> dict[str, dict[str, int]]:
-    """Per model, the measures of one usage row; what the breakdown does not cover (missing,
-    partial or not adding up) is `(unattributed)`, so the models always sum to the totals."""
-    shares: dict[str, dict[str, int]] = {}
-    covered = dict.fromkeys(USAGE_FIELDS, 0)
-    for model, entry in breakdown.items():
-        share = {}
-        for name in USAGE_FIELDS:
-            value = entry.get(name) if isinstance(entry, Mapping) else None
-            amount = value if isinstance(value, int) and not isinstance(value, bool) else 0
-            share[name] = amount
-            covered[name] += amount
-        shares[model] = share
-    rest = {name: totals[name] - covered[name] for name in USAGE_FIELDS}
-    if any(rest.values()):
-        shares[UNATTRIBUTED] = rest
-    return shares
 
 
 def usage_totals(row: UsageRow) -> dict[str, int]:

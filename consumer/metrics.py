@@ -31,9 +31,15 @@ from consumer.merge import Outcome, UsageChange
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
+MAX_MODEL_LABELS = 500
+MAX_LABEL_CHARS = 200
+OTHER_MODELS = "(other)"
+
+
 class LedgerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._models: set[str] = set()
         r = self.registry
         self.events = Counter(
             "token_ledger_events",
@@ -123,6 +129,20 @@ class LedgerMetrics:
             "Unix time of the last committed batch.",
             registry=r,
         )
+        self.offset_resets = Counter(
+            "token_ledger_offset_resets",
+            "Stored offsets found outside their partition's log (topic recreated, retention "
+            "passed, unclean election), by partition.",
+            ["partition"],
+            registry=r,
+        )
+        self.halted_partitions = Gauge(
+            "token_ledger_partition_halted",
+            "1 while a partition is stopped (a dead letter refused, an offset out of range with "
+            "LEDGER_OFFSET_RESET=fail); /readyz says why.",
+            ["partition"],
+            registry=r,
+        )
         self.unknown_fields = Counter(
             "token_ledger_unknown_fields",
             "Fields this consumer does not know yet, accepted (kept in content parts, usage "
@@ -177,8 +197,17 @@ class LedgerMetrics:
             self.uncommitted.labels(str(partition)).set(count)
         self._uncommitted_partitions = set(records)
 
+    def _model_label(self, model: str) -> str:
+        # Legacy breakdowns name models freely: bound the label's cardinality (the ledger and
+        # `usage --by model` keep every name; the sums here stay whole under "(other)").
+        if model in self._models or len(self._models) < MAX_MODEL_LABELS:
+            self._models.add(model)
+            return model[:MAX_LABEL_CHARS]
+        return OTHER_MODELS
+
     def count_usage(self, changes: list[UsageChange]) -> None:
         for change in changes:
+            model = self._model_label(change.model)
             deltas = {
                 "prompt": change.prompt_tokens,
                 "completion": change.completion_tokens,
@@ -186,10 +215,10 @@ class LedgerMetrics:
             }
             for kind, delta in deltas.items():
                 if delta > 0:
-                    self.tokens.labels(change.model, kind).inc(delta)
+                    self.tokens.labels(model, kind).inc(delta)
                 elif delta < 0:
-                    self.tokens_reversed.labels(change.model, kind).inc(-delta)
+                    self.tokens_reversed.labels(model, kind).inc(-delta)
             if change.cost_micros > 0:
-                self.cost.labels(change.model).inc(change.cost_micros)
+                self.cost.labels(model).inc(change.cost_micros)
             elif change.cost_micros < 0:
-                self.cost_reversed.labels(change.model).inc(-change.cost_micros)
+                self.cost_reversed.labels(model).inc(-change.cost_micros)

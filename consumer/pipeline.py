@@ -11,12 +11,19 @@ One batch, in one direction:
         a record the database rejects (SQLSTATE 22/23) is isolated by splitting the batch
         under savepoints
      c. dead-letter the records rejected inside the transaction, awaited, before COMMIT
-  3. mirror the new offsets to Kafka (for lag tooling only; PostgreSQL is the truth)
+  3. mirror the new offsets to Kafka (for lag tooling only, bounded: PostgreSQL is the truth)
   4. metrics
 
 The stored offsets are the source of truth: on assignment the consumer seeks to them, and a
 fenced batch re-seeks to them. A rebalance waits for the batch in flight (or abandons it if it
 is stuck retrying), so a partition is never committed after it was given up.
+
+No record and no database answer ends the process (SPEC section 4): a record is applied or
+dead-lettered; a transient failure retries the batch with backoff (a batch that keeps timing
+out is retried in halves); an unexpected exception is logged with its traceback and retried
+the same way, not-ready meanwhile. Only two things stop a partition, each with one ERROR line,
+a metric and a /readyz reason: a dead letter the dead-letter topic refuses for good, and a
+stored offset outside the partition's log with LEDGER_OFFSET_RESET=fail.
 """
 
 from __future__ import annotations
@@ -25,48 +32,44 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TypeAlias, TypeVar
+from typing import TypeVar
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
-from aiokafka.structs import ConsumerRecord
+from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
 
+from consumer.batch import Applied, Decoded, Record, apply_isolating, decode_records
 from consumer.dlq import DeadLetter, DeadLetterQueue
 from consumer.errors import (
     BatchAbandoned,
+    BatchTooSlow,
+    DeadLetterRefusedError,
     DeadLetterUnavailableError,
     FencedError,
-    PoisonError,
     TransientError,
-    classify_database_error,
+    UnexpectedError,
 )
 from consumer.health import Readiness
 from consumer.lag import PartitionEnds, held_partitions
 from consumer.logs import fields
-from consumer.merge import BatchPlan, Outcome
 from consumer.metrics import LedgerMetrics
-from consumer.retry import Backoff, retry_transient
+from consumer.outages import Outage
+from consumer.retry import Backoff, as_transient, retry_transient
 from consumer.settings import Settings
-from consumer.store import OffsetMove, advance_offsets, apply_events, load_offsets
-from producer.events import AnyEvent, Rejection, RejectReason, decode_event
+from consumer.store import (
+    OffsetMove,
+    advance_offsets,
+    load_offsets,
+    reset_offsets,
+)
 
 log = logging.getLogger(__name__)
-# aiokafka ships no type information: a record is a ConsumerRecord[bytes, bytes].
-Record: TypeAlias = ConsumerRecord
 T = TypeVar("T")
 BATCH_BACKOFF = Backoff(initial=0.1, maximum=5.0)
 IDLE_SYNC_SECONDS = 2.0
-
-
-@dataclass
-class Applied:
-    """What one committed batch did, for metrics."""
-
-    events: list[tuple[AnyEvent, Outcome]] = field(default_factory=list)
-    letters: list[DeadLetter] = field(default_factory=list)
-    plans: list[BatchPlan] = field(default_factory=list)
+MIRROR_SECONDS = 2.0  # the offset mirror is best-effort: never longer than this
+PROBE_SECONDS = 5.0  # while the broker seems down, ask it for metadata this often
+TIMEOUTS_BEFORE_HALVING = 2
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -105,6 +108,10 @@ class Pipeline:
         self._stop = asyncio.Event()
         self._lag_partitions: set[int] = set()
         self._last_sync = time.monotonic()
+        self._last_probe = 0.0
+        self.database = Outage("database")
+        self.kafka = Outage("Kafka")
+        self._mirror = Outage("Kafka offset mirror")
 
     @property
     def listener(self) -> ConsumerRebalanceListener:
@@ -153,18 +160,30 @@ class Pipeline:
         )
 
     async def run(self, *, until_idle: bool = False) -> None:
-        """Consume until stopped (or, with until_idle, until every partition is caught up)."""
+        """Consume until stopped (or, with until_idle, until every partition is caught up or
+        stopped: `halted` says which stopped, and why)."""
+        failures = 0
         while not self._stop.is_set():
-            batch = await self.consumer.getmany(timeout_ms=500, max_records=self.settings.max_batch)
-            records = sorted(
-                (r for rs in batch.values() for r in rs), key=lambda r: (r.partition, r.offset)
-            )
-            async with self._batch_lock:
-                if records:
-                    await self.put(records)
-                caught_up = await self._update_lag()
+            try:
+                records = await self._fetch()
+                async with self._batch_lock:
+                    if records:
+                        await self.put(records)
+                    caught_up = await self._update_lag()
+                self.readiness.unexpected = None
+                failures = 0
+            except Exception as error:
+                failures += 1
+                log.exception(
+                    "unexpected error in the consumer loop",
+                    extra=fields(error=type(error).__name__),
+                )
+                self.readiness.unexpected = f"unexpected {type(error).__name__}"
+                await asyncio.sleep(self.backoff.delay(failures))
+                continue
             if records:
                 continue
+            await self._probe_kafka()
             if until_idle and caught_up:
                 log.info("caught up: every assigned partition is at its last stable offset")
                 return
@@ -172,33 +191,73 @@ class Pipeline:
                 async with self._batch_lock:
                     await self._follow_stored_offsets()
 
-    async def put(self, records: list[Record]) -> None:
-        owned = [r for r in records if self._expects(r)]
-        if not owned:
-            return
-        started = time.monotonic()
-        events, event_records, letters = self._decode(owned)
+    async def _fetch(self) -> list[Record]:
         try:
+            batch = await self.consumer.getmany(timeout_ms=500, max_records=self.settings.max_batch)
+        except OffsetOutOfRangeError as error:
+            async with self._batch_lock:
+                await self._offsets_out_of_range(error.args[0] if error.args else {})
+            return []
+        except NoOffsetForPartitionError:
+            # A fetch that raced the assignment, before open() sought the partition to the
+            # stored offset (the start never depends on Kafka's group offsets).
+            return []
+        return sorted(
+            (r for rs in batch.values() for r in rs), key=lambda r: (r.partition, r.offset)
+        )
+
+    async def put(self, records: list[Record]) -> bool:
+        """Apply records, or dead-letter them; never raise because of them. False when the
+        batch was not committed (fenced, abandoned): its partitions were rewound."""
+        owned = [r for r in records if self._expects(r)]
+        while owned:
+            try:
+                return await self._put(owned)
+            except DeadLetterRefusedError as refused:
+                # Nothing of those partitions was committed: stop them where they stand,
+                # and go on with the others.
+                await self._halt(refused.partitions, f"dead letter refused: {refused.reason}")
+                owned = [r for r in owned if r.partition not in refused.partitions]
+            except BatchTooSlow:
+                middle = len(owned) // 2
+                log.warning(
+                    "batch keeps timing out: committing it in halves",
+                    extra=fields(records=len(owned), first=middle),
+                )
+                # Sorted by (partition, offset): per partition, each half starts where the
+                # previous one ended, so the second goes only after the first committed.
+                if not await self.put(owned[:middle]):
+                    return False
+                owned = owned[middle:]
+        return True
+
+    async def _put(self, owned: list[Record]) -> bool:
+        started = time.monotonic()
+        splittable = len(owned) > 1
+        try:
+            decoded = await self._with_retry(lambda: self._decode(owned))
+            letters = decoded.letters
             await self._with_retry(lambda: self.dlq_report(letters))  # 1
             applied = await self._with_retry(
-                lambda: self._commit(owned, events, event_records)
+                lambda: self._commit(owned, decoded), splittable=splittable
             )  # 2
         except FencedError as fenced:
             self.metrics.fenced_batches.inc()
             log.warning("batch fenced", extra=fields(partitions=fenced.partitions))
             await self._rewind(owned, reload=True)
-            return
+            return False
         except BatchAbandoned:
             log.warning("batch abandoned", extra=fields(records=len(owned)))
             await self._rewind(owned, reload=False)
-            return
+            return False
         await self._mirror_offsets()  # 3
         self._observe(applied, letters, len(owned), time.monotonic() - started)  # 4
+        return True
 
     def _expects(self, record: Record) -> bool:
-        """Owned, and not below the offset this owner has committed: a fetch issued before a
-        seek can hand back records that are already in the ledger."""
-        if record.partition not in self.positions:
+        """Owned, running, and not below the offset this owner has committed: a fetch issued
+        before a seek can hand back records that are already in the ledger."""
+        if record.partition not in self.positions or record.partition in self.readiness.halted:
             return False
         position = self.positions[record.partition]
         return position is None or record.offset >= position
@@ -210,87 +269,38 @@ class Pipeline:
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def _decode(
-        self, records: list[Record]
-    ) -> tuple[list[AnyEvent], list[Record], list[DeadLetter]]:
-        events, event_records, letters = [], [], []
-        for record in records:
-            result = decode_event(
-                record.value,
-                timestamp_ms=record.timestamp,
-                max_bytes=self.settings.max_event_bytes,
-                max_future_skew=self.settings.future_skew,
-            )
-            if isinstance(result, Rejection):
-                letters.append(DeadLetter(record, result.reason, result.detail))
-            else:
-                events.append(result)
-                event_records.append(record)
-        return events, event_records, letters
+    async def _decode(self, records: list[Record]) -> Decoded:
+        return decode_records(
+            records,
+            max_bytes=self.settings.max_event_bytes,
+            max_future_skew=self.settings.future_skew,
+        )
 
     async def dlq_report(self, letters: Sequence[DeadLetter]) -> None:
-        try:
-            await self.dlq.report(letters)
-        except KafkaError as error:
-            raise DeadLetterUnavailableError(
-                f"dead-letter topic: {type(error).__name__}"
-            ) from error
+        await self.dlq.report(letters)
 
-    async def _commit(
-        self, records: list[Record], events: list[AnyEvent], event_records: list[Record]
-    ) -> Applied:
+    async def _commit(self, records: list[Record], decoded: Decoded) -> Applied:
         moves = self._moves(records)
         applied = Applied()
-        async with self.pool.acquire() as conn, conn.transaction():
-            await advance_offsets(conn, self.settings.group_id, self.settings.topic, moves)  # 2a
-            await self._apply_isolating(
-                conn, list(zip(events, event_records, strict=True)), applied
-            )  # 2b
-            await self.dlq_report(applied.letters)  # 2c
-        for move in moves:
-            self.positions[move.partition] = move.next_offset
-        self.readiness.database_ok = True
-        self.readiness.progressed()
-        return applied
-
-    async def _apply_isolating(
-        self,
-        conn: asyncpg.Connection,
-        items: list[tuple[AnyEvent, Record]],
-        applied: Applied,
-    ) -> None:
-        """Apply under a savepoint; on a data error split the batch until the record is alone."""
-        if not items:
-            return
+        try:
+            conn = await self.pool.acquire()
+        except TimeoutError as error:  # no connection: not a batch too big for its timeout
+            raise TransientError("database unreachable: connecting timed out") from error
         try:
             async with conn.transaction():
-                plan = await apply_events(conn, [event for event, _ in items])
-        except asyncpg.PostgresError as error:
-            mapped = classify_database_error(error)
-            if not isinstance(mapped, PoisonError):
-                raise
-            if len(items) == 1:
-                event, record = items[0]
-                log.warning(
-                    "record rejected by the database",
-                    extra=fields(
-                        partition=record.partition, offset=record.offset, error=str(mapped)
-                    ),
-                )
-                applied.letters.append(
-                    DeadLetter(record, RejectReason.DATABASE_REJECTED, str(mapped))
-                )
-                applied.events.append((event, Outcome.REJECTED))
-                return
-            middle = len(items) // 2
-            await self._apply_isolating(conn, items[:middle], applied)
-            await self._apply_isolating(conn, items[middle:], applied)
-            return
-        applied.plans.append(plan)
-        for index, ((event, record), outcome) in enumerate(zip(items, plan.outcomes, strict=True)):
-            applied.events.append((event, outcome))
-            if rejection := plan.rejections.get(index):
-                applied.letters.append(DeadLetter(record, rejection.reason, rejection.detail))
+                await advance_offsets(
+                    conn, self.settings.group_id, self.settings.topic, moves
+                )  # 2a
+                await apply_isolating(
+                    conn, list(zip(decoded.events, decoded.records, strict=True)), applied
+                )  # 2b
+                await self.dlq_report(applied.letters)  # 2c
+        finally:
+            await self.pool.release(conn)
+        for move in moves:
+            self.positions[move.partition] = move.next_offset
+        self.readiness.progressed()
+        return applied
 
     def _moves(self, records: list[Record]) -> list[OffsetMove]:
         last: dict[int, int] = {}
@@ -301,30 +311,68 @@ class Pipeline:
             for partition, offset in sorted(last.items())
         ]
 
-    async def _with_retry(self, operation: Callable[[], Awaitable[T]]) -> T:
-        """Retry transient failures; fetching stays paused while it waits, whatever it runs
-        for (a batch, loading offsets on assignment, following stored offsets when idle)."""
+    async def _with_retry(
+        self, operation: Callable[[], Awaitable[T]], *, splittable: bool = False
+    ) -> T:
+        """Retry transient failures, and unexpected ones, with capped backoff; fetching stays
+        paused while it waits, whatever it runs for (a batch, loading offsets on assignment,
+        following stored offsets when idle). A batch that keeps timing out (statement_timeout,
+        a client timeout) raises BatchTooSlow when it can be split."""
         paused: list[TopicPartition] = []
+        timeouts = 0
+
+        async def attempt() -> T:
+            try:
+                result = await operation()
+            except (FencedError, BatchAbandoned, BatchTooSlow, DeadLetterRefusedError):
+                raise
+            except Exception as error:
+                if as_transient(error) is not None:
+                    raise
+                log.exception(
+                    "unexpected error: the batch will be retried",
+                    extra=fields(error=type(error).__name__),
+                )
+                raise UnexpectedError(f"unexpected {type(error).__name__}") from error
+            self.readiness.unexpected = None
+            self.database.recovered()
+            self.readiness.database_ok = True
+            return result
 
         def on_retry(error: TransientError, attempt: int, delay: float) -> None:
+            nonlocal timeouts
             if self._revoking or self._stop.is_set():
                 raise BatchAbandoned from error
-            if not isinstance(error, DeadLetterUnavailableError):
+            if isinstance(error, UnexpectedError):
+                self.readiness.unexpected = str(error)
+                self.metrics.db_retries.labels("unexpected").inc()
+            elif not isinstance(error, DeadLetterUnavailableError):
                 self.readiness.database_ok = False
+                self.database.failing(str(error))
                 self.metrics.db_retries.labels(error.sqlstate or "unavailable").inc()
+            else:
+                self.kafka.failing(str(error))
+            timeouts = timeouts + 1 if error.timed_out else 0
+            if splittable and timeouts >= TIMEOUTS_BEFORE_HALVING:
+                raise BatchTooSlow from error
             if not paused:
                 paused.extend(self.consumer.assignment())
                 self.consumer.pause(*paused)
-            log.warning(
+            log.debug(
                 "transient failure, retrying",
                 extra=fields(error=str(error), attempt=attempt, delay_seconds=round(delay, 2)),
             )
 
         try:
-            return await retry_transient(operation, self.backoff, on_retry)
+            return await retry_transient(attempt, self.backoff, on_retry)
         finally:
-            if still_assigned := [tp for tp in paused if tp in self.consumer.assignment()]:
-                self.consumer.resume(*still_assigned)
+            halted = self.readiness.halted
+            if still := [
+                tp
+                for tp in paused
+                if tp in self.consumer.assignment() and tp.partition not in halted
+            ]:
+                self.consumer.resume(*still)
 
     async def _load_offsets(self, partitions: list[int]) -> dict[int, int]:
         async def load() -> dict[int, int]:
@@ -381,17 +429,87 @@ class Pipeline:
         await self._seek([TopicPartition(self.settings.topic, p) for p in moved], stored)
 
     async def _mirror_offsets(self) -> None:
+        """Best-effort and bounded: without a group coordinator the commit would wait, and hold
+        the ledger and a shutdown with it."""
         offsets = {
             TopicPartition(self.settings.topic, p): offset
             for p, offset in self.positions.items()
             if offset is not None
         }
         try:
-            await self.consumer.commit(offsets)
-        except KafkaError as error:  # lag tooling only: PostgreSQL holds the truth
-            log.warning(
-                "could not mirror offsets to Kafka", extra=fields(error=type(error).__name__)
+            async with asyncio.timeout(MIRROR_SECONDS):
+                await self.consumer.commit(offsets)
+        except (KafkaError, TimeoutError) as error:  # lag tooling only: PostgreSQL holds the truth
+            self._mirror.failing(f"skipped: {type(error).__name__}")
+        else:
+            self._mirror.recovered()
+
+    async def _probe_kafka(self) -> None:
+        """While aiokafka reports trouble reaching the broker, ask it for metadata now and then:
+        the answer is what ends the outage (for the log and /readyz)."""
+        now = time.monotonic()
+        self.readiness.kafka_ok = not self.kafka.down
+        if not self.kafka.down or now - self._last_probe < PROBE_SECONDS:
+            return
+        self._last_probe = now
+        try:
+            async with asyncio.timeout(PROBE_SECONDS / 2):
+                await self.consumer.topics()
+        except (KafkaError, TimeoutError) as error:
+            self.kafka.failing(type(error).__name__)
+        else:
+            self.kafka.recovered()
+        self.readiness.kafka_ok = not self.kafka.down
+
+    async def _halt(self, partitions: Sequence[int], reason: str) -> None:
+        """Stop these partitions where the ledger stands: nothing past the stored offset is
+        applied or skipped until the cause is fixed and the consumer restarted."""
+        for partition in partitions:
+            log.error(
+                "partition stopped",
+                extra=fields(
+                    partition=partition, stored_offset=self.positions.get(partition), reason=reason
+                ),
             )
+            self.readiness.halted[partition] = reason
+            self.metrics.halted_partitions.labels(str(partition)).set(1)
+        tps = [TopicPartition(self.settings.topic, p) for p in partitions]
+        owned = [tp for tp in tps if tp in self.consumer.assignment()]
+        self.consumer.pause(*owned)
+        await self._seek(
+            owned, {p: o for p in partitions if (o := self.positions.get(p)) is not None}
+        )
+
+    async def _offsets_out_of_range(self, out_of_range: dict[TopicPartition, int]) -> None:
+        """A stored offset outside the partition's log (topic recreated, retention passed,
+        unclean election): never skipped silently."""
+        for tp, offset in sorted(out_of_range.items()):
+            if tp.partition not in self.positions or tp.partition in self.readiness.halted:
+                continue
+            start = (await self.consumer.beginning_offsets([tp]))[tp]
+            end = (await self.consumer.end_offsets([tp]))[tp]
+            self.metrics.offset_resets.labels(str(tp.partition)).inc()
+            detail = f"stored offset {offset} is outside the log [{start}, {end})"
+            if self.settings.offset_reset == "fail":
+                await self._halt([tp.partition], f"offset out of range: {detail}")
+                continue
+            log.error(
+                "offset out of range: resuming from the log start (LEDGER_OFFSET_RESET=earliest)",
+                extra=fields(partition=tp.partition, offset=offset, log_start=start, log_end=end),
+            )
+            expected = self.positions[tp.partition]
+
+            async def move(
+                partition: int = tp.partition, expected: int | None = expected, to: int = start
+            ) -> None:
+                async with self.pool.acquire() as conn:
+                    await reset_offsets(
+                        conn, self.settings.group_id, self.settings.topic, partition, expected, to
+                    )
+
+            await self._with_retry(move)
+            self.positions[tp.partition] = start
+            self.consumer.seek(tp, start)
 
     async def _update_lag(self) -> bool:
         """Refresh lag, records held by open transactions and readiness; True when every
@@ -399,7 +517,7 @@ class Pipeline:
         read_committed consumer can read (consumer/lag.py)."""
         ends: dict[int, PartitionEnds] = {}
         caught_up = bool(self.positions)
-        for partition in sorted(self.positions):
+        for partition in sorted(set(self.positions) - set(self.readiness.halted)):
             tp = TopicPartition(self.settings.topic, partition)
             highwater, stable = self.consumer.highwater(tp), self.consumer.last_stable_offset(tp)
             # None until a fetch answered; -1 from a consumer that is not read_committed

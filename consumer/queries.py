@@ -12,9 +12,10 @@ from typing import Any
 import asyncpg
 
 from consumer.ledger import LedgerRows, message_values, thread_values, usage_values
-from consumer.merge import UNATTRIBUTED, USAGE_FIELDS, MessageKey, MessageRow, ThreadRow, UsageRow
+from consumer.merge import USAGE_FIELDS, MessageKey, MessageRow, ThreadRow, UsageRow
 from consumer.store import content_claim, source_claim, stored_key
 from producer import jsonvalues
+from producer.events import UNATTRIBUTED
 
 
 async def read_ledger(conn: asyncpg.Connection) -> LedgerRows:

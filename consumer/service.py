@@ -2,7 +2,12 @@
 
 Resources are async context managers composed with an AsyncExitStack, released in reverse
 order: the HTTP server, then the consumer (leaving the group), the dead-letter producer, and
-the database pool last. SIGTERM/SIGINT only request a stop: the batch in flight commits first.
+the database pool last, each for a bounded time.
+
+SIGTERM/SIGINT, at any moment from the first line on (SPEC section 4): while starting, the
+start is abandoned; while running, the batch in flight may finish; either way the process
+exits 0 within STOP_GRACE_SECONDS + the bounded releases (< 10 s), even with the broker or the
+database hung.
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 
@@ -18,12 +25,16 @@ from consumer.dlq import HEADER_HEADROOM, DeadLetterQueue
 from consumer.health import HealthServer, Readiness
 from consumer.logs import fields
 from consumer.metrics import LedgerMetrics
+from consumer.outages import KafkaLogFilter
 from consumer.pipeline import Pipeline
 from consumer.settings import Settings
 from consumer.store import create_pool, ping
 from consumer.topics import prepare_topics
 
 log = logging.getLogger(__name__)
+STOP_GRACE_SECONDS = 5.0  # after a stop request, the batch in flight gets this long
+RELEASE_SECONDS = 1.0  # each resource then gets this long to close
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def source_consumer(
@@ -38,7 +49,9 @@ def source_consumer(
         group_id=group_id or settings.group_id,
         client_id="token-ledger",
         enable_auto_commit=False,
-        auto_offset_reset="earliest",
+        # Never reset silently: a stored offset outside the log is the pipeline's to judge
+        # (LEDGER_OFFSET_RESET); every assigned partition is sought explicitly anyway.
+        auto_offset_reset="none",
         isolation_level="read_committed",
         max_partition_fetch_bytes=fetch_bytes,
         fetch_max_bytes=max(50 * 1024 * 1024, fetch_bytes),
@@ -46,55 +59,99 @@ def source_consumer(
     )
 
 
-async def consume(settings: Settings, *, until_idle: bool = False) -> None:
+def _bounded(close: Callable[[], Awaitable[Any]], what: str) -> Callable[[], Awaitable[None]]:
+    async def bounded() -> None:
+        try:
+            async with asyncio.timeout(RELEASE_SECONDS):
+                await close()
+        except TimeoutError:
+            log.warning("gave up waiting to close", extra=fields(resource=what))
+
+    return bounded
+
+
+async def consume(settings: Settings, *, until_idle: bool = False) -> dict[int, str]:
+    """Run until stopped, or with until_idle until caught up; returns the partitions that
+    stopped on their own (partition -> why), which --until-idle reports as a failure."""
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    pipeline: Pipeline | None = None
+    stopping = False
+
+    def on_signal() -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        if pipeline is None:
+            log.info("stop requested while starting")
+            main.cancel()
+            return
+        pipeline.request_stop()
+        loop.call_later(STOP_GRACE_SECONDS, main.cancel)  # a batch hung on the database
+
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        async with AsyncExitStack() as stack:
+            pipeline = await _start(settings, stack, until_idle)
+            if not stopping:
+                await pipeline.run(until_idle=until_idle)
+            return dict(pipeline.readiness.halted)
+    except asyncio.CancelledError:
+        if not stopping:
+            raise
+        return {}
+    finally:
+        for sig, handler in previous.items():
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, handler)
+        log.info("stopped")
+
+
+async def _start(settings: Settings, stack: AsyncExitStack, until_idle: bool) -> Pipeline:
     limits = await prepare_topics(settings)
     security = settings.kafka_security()
     metrics = LedgerMetrics()
     readiness = Readiness(stall_seconds=settings.stall_seconds)
     fetch_bytes = limits.source_max_bytes + HEADER_HEADROOM
-    async with AsyncExitStack() as stack:
-        pool = await create_pool(settings.database_url.get_secret_value())
-        stack.push_async_callback(pool.close)
-        dlq = await stack.enter_async_context(
-            DeadLetterQueue(
-                settings.kafka_bootstrap,
-                settings.dlq_topic,
-                max_record_bytes=limits.source_max_bytes,
-                **security,
-            )
-        )
-        consumer = source_consumer(settings, fetch_bytes)
-        pipeline = Pipeline(settings, consumer, pool, dlq, metrics, readiness)
-        consumer.subscribe([settings.topic], listener=pipeline.listener)
-        await consumer.start()
-        stack.push_async_callback(consumer.stop)  # leaves the group
-        stack.push_async_callback(pipeline.stop)  # runs first: waits for the batch in flight
+    pool = await create_pool(settings.database_url.get_secret_value())
+    stack.push_async_callback(_bounded(pool.close, "database pool"))
+    stack.callback(pool.terminate)  # whatever the bounded close left open
+    dlq = await DeadLetterQueue(
+        settings.kafka_bootstrap, settings.dlq_topic, **security
+    ).__aenter__()
+    stack.push_async_callback(_bounded(dlq.close, "dead-letter producer"))
+    consumer = source_consumer(settings, fetch_bytes)
+    pipeline = Pipeline(settings, consumer, pool, dlq, metrics, readiness)
+    kafka_logs = KafkaLogFilter(pipeline.kafka)
+    logging.getLogger("aiokafka").addFilter(kafka_logs)
+    stack.callback(logging.getLogger("aiokafka").removeFilter, kafka_logs)
+    consumer.subscribe([settings.topic], listener=pipeline.listener)
+    await consumer.start()
+    stack.push_async_callback(_bounded(consumer.stop, "Kafka consumer"))  # leaves the group
+    stack.push_async_callback(pipeline.stop)  # runs first: waits for the batch in flight
 
-        async def database_answers() -> bool:
-            return await ping(pool)
+    async def database_answers() -> bool:
+        return await ping(pool)
 
-        health = HealthServer(
-            settings.metrics_host, settings.metrics_port, metrics, readiness, database_answers
-        )
-        await health.start()
-        stack.push_async_callback(health.stop)
-
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, pipeline.request_stop)
-        stack.callback(
-            lambda: [loop.remove_signal_handler(s) for s in (signal.SIGTERM, signal.SIGINT)]
-        )
-        log.info(
-            "consuming",
-            extra=fields(
-                topic=settings.topic,
-                group=settings.group_id,
-                dlq=settings.dlq_topic,
-                max_batch=settings.max_batch,
-                metrics_host=health.host,
-                metrics_port=health.port,
-            ),
-        )
-        await pipeline.run(until_idle=until_idle)
-    log.info("stopped")
+    health = HealthServer(
+        settings.metrics_host, settings.metrics_port, metrics, readiness, database_answers
+    )
+    await health.start()
+    stack.push_async_callback(_bounded(health.stop, "HTTP server"))
+    log.info(
+        "consuming",
+        extra=fields(
+            topic=settings.topic,
+            group=settings.group_id,
+            dlq=settings.dlq_topic,
+            max_batch=settings.max_batch,
+            metrics_host=health.host,
+            metrics_port=health.port,
+            until_idle=until_idle,
+        ),
+    )
+    return pipeline

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     max_future_skew: float = Field(
         DEFAULT_MAX_FUTURE_SKEW.total_seconds(), gt=0, le=10 * 365 * 86400
     )
+    # A stored offset outside its partition's log: stop that partition, or resume at its start.
+    offset_reset: Literal["fail", "earliest"] = "fail"
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

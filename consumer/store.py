@@ -4,7 +4,10 @@ size:
 
     advance_offsets  1-2 statements  compare-and-set of consumer_offsets (first: it serialises
                                      two owners of a partition before any ledger row is locked)
-    load_state       2 statements    the stored registers of the batch's threads and messages
+    load_state       2 statements    the stored registers of the batch's threads (locked, so
+                                     that another writer of a thread - its records split over
+                                     partitions - waits, and the counters' view of the stored
+                                     usage stays exact) and messages
     write_plan       <= 5 statements guarded upserts: threads, turn messages, turn-less
                                      messages (+ a check that no other writer keyed another
                                      message by the same event_id), token usage; keys sorted
@@ -35,12 +38,11 @@ from consumer.merge import (
     StoredMessage,
     StoredState,
     ThreadRow,
-    attribution,
     message_keys,
     reduce_batch,
 )
 from producer import jsonvalues
-from producer.events import AnyEvent
+from producer.events import AnyEvent, attribution
 
 
 def canonical_json(value: Any) -> str:
@@ -129,6 +131,34 @@ async def advance_offsets(
         raise FencedError(missed)
 
 
+async def reset_offsets(
+    conn: asyncpg.Connection,
+    group_id: str,
+    topic: str,
+    partition: int,
+    expected: int | None,
+    next_offset: int,
+) -> None:
+    """Move one partition's stored next_offset from `expected` to `next_offset` (either way;
+    used when the stored offset lies outside the partition's log). FencedError if it moved."""
+    if expected is None:
+        return await advance_offsets(
+            conn, group_id, topic, [OffsetMove(partition, None, next_offset)]
+        )
+    moved = await conn.fetchval(
+        "UPDATE consumer_offsets SET next_offset = $5, updated_at = now()"
+        " WHERE group_id = $1 AND topic = $2 AND partition = $3 AND next_offset = $4"
+        " RETURNING partition",
+        group_id,
+        topic,
+        partition,
+        expected,
+        next_offset,
+    )
+    if moved is None:
+        raise FencedError([partition])
+
+
 async def load_offsets(
     conn: asyncpg.Connection, group_id: str, topic: str, partitions: Iterable[int]
 ) -> dict[int, int]:
@@ -149,6 +179,7 @@ _LOAD_THREADS = """
 SELECT id, search_space_id, created_at, updated_at, created_by_id, created_by_at,
        created_by_event_id, created_by_digest
 FROM chat_threads WHERE id = ANY($1::bigint[])
+ORDER BY id FOR UPDATE
 """
 
 _MESSAGE_REGISTERS = """

@@ -51,6 +51,8 @@ LEGACY_EVENT_NAMESPACE = uuid.UUID("6f1d8a52-4a8e-5c2b-9d0e-7b3f2a9c4e11")
 
 DEFAULT_MAX_FUTURE_SKEW = timedelta(hours=1)
 USAGE_MEASURES = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
+# The share of a usage row's totals that its per-model breakdown does not cover (SPEC §7).
+UNATTRIBUTED = "(unattributed)"
 
 Id64 = Annotated[int, Field(ge=1, le=MAX_INT64)]
 Count64 = Annotated[int, Field(ge=0, le=MAX_INT64)]
@@ -74,18 +76,40 @@ class RejectReason(StrEnum):
     DATABASE_REJECTED = "database_rejected"  # SQLSTATE class 22/23 isolated to this record
 
 
+_RFC3339_DATE = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]")
+
+
 def _text_or_datetime(value: object) -> object:
-    # Lax mode would read a number as a Unix time; the contract says RFC 3339 text.
-    if isinstance(value, str | datetime):
+    # Lax mode would read a number, or a number in a string, as a Unix time; the contract says
+    # RFC 3339 text.
+    if isinstance(value, datetime) or (isinstance(value, str) and _RFC3339_DATE.match(value)):
         return value
     raise ValueError("expected an RFC 3339 timestamp string")
 
 
+def _exact_int(value: object) -> object:
+    # A Literal accepts anything equal to it: True == 1 and Decimal("1.0") == 1.
+    if type(value) is int:
+        return value
+    raise ValueError("expected an integer")
+
+
+SchemaVersion = BeforeValidator(_exact_int)
+
+
+# asyncpg reads these two instants back as PostgreSQL's -infinity/infinity (naive datetimes),
+# which would then not compare with any other occurred_at: keep them out of the ledger.
+_UNSTORABLE = frozenset((datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)))
+
+
 def _in_utc(value: datetime) -> datetime:
     try:
-        return value.astimezone(UTC)
+        utc = value.astimezone(UTC)
     except OverflowError:
         raise ValueError("timestamp outside years 1..9999 in UTC") from None
+    if utc in _UNSTORABLE:
+        raise ValueError("timestamp at the very edge of years 1..9999 (reserved for infinity)")
+    return utc
 
 
 def _uuid_text(value: object) -> object:
@@ -172,7 +196,7 @@ class LegacyTokenUsage(_Strict):
 
 class _Envelope(_Strict):
     event_id: Uuid
-    schema_version: Literal[1]
+    schema_version: Annotated[Literal[1], SchemaVersion]
     occurred_at: Timestamp
     thread_id: Id64
     search_space_id: Id64
@@ -232,7 +256,7 @@ class LegacyAppendV0(_Strict):
     """The legacy frontend's append body as the old route received it (schema_version 0)."""
 
     type: Literal["message.appended"]
-    schema_version: Literal[0]
+    schema_version: Annotated[Literal[0], SchemaVersion]
     thread_id: Id64
     search_space_id: Id64
     user_id: Uuid | None = None
@@ -265,6 +289,9 @@ _KNOWN_TYPES = frozenset(("turn.started", "turn.finalized", "message.appended"))
 # after. A number beyond that would be rejected by the database only if its row won.
 _NUMERIC_MAX_ADJUSTED = 131071
 _NUMERIC_MAX_SCALE = 16383
+# Deeper JSON is refused (the pydantic parser used before refused past ~200): everything after
+# the decoder may walk a value recursively, and Python's stack is ~1000 frames.
+MAX_NESTING = 128
 
 
 class _NotJsonError(ValueError):
@@ -300,6 +327,18 @@ def decode_event(
     max_future_skew: timedelta | None = DEFAULT_MAX_FUTURE_SKEW,
 ) -> AnyEvent | Rejection:
     """Validate a record value into a current-version event, or reject it. Never raises."""
+    try:
+        return _decode(value, timestamp_ms, max_bytes, max_future_skew)
+    except RecursionError:  # the nesting limit should make this unreachable; never crash on it
+        return Rejection(reason=RejectReason.INVALID_JSON, detail="nested too deep")
+
+
+def _decode(
+    value: bytes | None,
+    timestamp_ms: int | None,
+    max_bytes: int,
+    max_future_skew: timedelta | None,
+) -> AnyEvent | Rejection:
     if value is None or len(value) == 0:
         return Rejection(reason=RejectReason.EMPTY_VALUE, detail="record has no value")
     if len(value) > max_bytes:
@@ -323,6 +362,10 @@ def decode_event(
         )
     except (ValueError, RecursionError) as exc:  # an integer past 4300 digits, deep nesting
         return Rejection(reason=RejectReason.INVALID_JSON, detail=type(exc).__name__)
+    if value.count(b"[") + value.count(b"{") > MAX_NESTING and _nesting(document) > MAX_NESTING:
+        return Rejection(
+            reason=RejectReason.INVALID_JSON, detail=f"nested deeper than {MAX_NESTING} levels"
+        )
     if (b"\\ud" in value or b"\\uD" in value) and _has_lone_surrogate(document):
         return Rejection(
             reason=RejectReason.INVALID_JSON, detail="a \\u escape names a lone UTF-16 surrogate"
@@ -330,7 +373,7 @@ def decode_event(
     result = _validate(document, timestamp_ms)
     if isinstance(result, Rejection):
         return result
-    if max_future_skew is not None and timestamp_ms is not None:
+    if max_future_skew is not None and timestamp_ms is not None and timestamp_ms >= 0:
         record_time = _record_time(timestamp_ms)
         if record_time is not None and result.occurred_at - record_time > max_future_skew:
             return Rejection(
@@ -340,6 +383,19 @@ def decode_event(
             )
     result._unknown_fields = _count_unknown(result, document)
     return result
+
+
+def _nesting(document: Any) -> int:
+    """The deepest nesting of arrays and objects (a loop, not recursion)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            deepest = max(deepest, depth)
+            inner = value.values() if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in inner if isinstance(item, dict | list))
+    return deepest
 
 
 def _has_lone_surrogate(document: Any) -> bool:
@@ -459,10 +515,35 @@ def _count_unknown(event: AnyEvent, document: dict[str, Any]) -> int:
     return count
 
 
+def attribution(
+    totals: Mapping[str, int], breakdown: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, int]]:
+    """Per model, the measures of one usage row; what the breakdown does not cover (missing,
+    partial or not adding up) is `(unattributed)`, so the models always sum to the totals."""
+    shares: dict[str, dict[str, int]] = {}
+    covered = dict.fromkeys(USAGE_MEASURES, 0)
+    for model, entry in breakdown.items():
+        share = {}
+        for name in USAGE_MEASURES:
+            value = entry.get(name) if isinstance(entry, Mapping) else None
+            amount = value if isinstance(value, int) and not isinstance(value, bool) else 0
+            share[name] = amount
+            covered[name] += amount
+        shares[model] = share
+    rest = {name: totals[name] - covered[name] for name in USAGE_MEASURES}
+    if any(rest.values()):
+        # A breakdown may itself name "(unattributed)": the remainder adds to it.
+        named = shares.get(UNATTRIBUTED, dict.fromkeys(USAGE_MEASURES, 0))
+        shares[UNATTRIBUTED] = {name: named[name] + rest[name] for name in USAGE_MEASURES}
+    return shares
+
+
 def payload_digest(event: AnyEvent) -> bytes:
     """SHA-256 of the event as the ledger sees it: what orders differing copies of one
     event_id (SPEC section 3 "Identity"); exact copies have equal digests."""
-    text = jsonvalues.dumps(event.model_dump(), sort_keys=True, ensure_ascii=True)
+    # exclude_unset: what the ledger stores (e.g. a legacy breakdown entry as sent), so copies
+    # that would store differently never share a digest.
+    text = jsonvalues.dumps(event.model_dump(exclude_unset=True), sort_keys=True, ensure_ascii=True)
     return hashlib.sha256(text.encode()).digest()
 
 

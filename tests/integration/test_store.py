@@ -14,6 +14,7 @@ import pytest
 
 from consumer.errors import FencedError, PoisonError, classify_database_error
 from consumer.ledger import expected_rows, rebuild
+from consumer.merge import reduce_batch
 from consumer.queries import read_ledger
 from consumer.retry import Backoff, retry_transient
 from consumer.store import (
@@ -22,10 +23,13 @@ from consumer.store import (
     apply_events,
     asyncpg_dsn,
     load_offsets,
+    load_state,
+    write_plan,
 )
 from producer.events import AnyEvent, Rejection, decode_event
 from producer.simulator import TrafficConfig, plan_traffic
 from tests.factories import appended, call, finalized, started
+from tests.integration.harness import wait_for
 
 GROUP, TOPIC = "token-ledger", "chat.turn-events"
 
@@ -186,3 +190,44 @@ async def test_database_rejection_is_classified_as_poison(ledger: asyncpg.Connec
     assert isinstance(mapped, PoisonError)
     assert mapped.sqlstate == "23514"
     assert "ck_chat_threads_id_positive" in str(mapped)
+
+
+async def test_a_second_writer_of_a_thread_waits_so_the_counters_stay_exact(
+    ledger: asyncpg.Connection, ledger_url: str
+) -> None:
+    """A thread's records split over two partitions (e.g. after adding partitions): the second
+    writer must not count usage against a stored state that changes under it."""
+    await apply_events(ledger, [started(seconds=0)])  # the thread exists
+    legacy = appended(cost=100, seconds=5)  # rank 1
+    final = finalized(calls=[call(cost=7)], seconds=10)  # rank 2: authoritative
+    other = await asyncpg.connect(asyncpg_dsn(ledger_url))
+    counted = 0
+    try:
+        async with other.transaction():
+            stored = await load_state(other, [final])  # locks the thread until commit
+
+            async def first_writer() -> int:
+                async with ledger.transaction():
+                    plan = await apply_events(ledger, [legacy])
+                return sum(change.cost_micros for change in plan.usage_changes)
+
+            waiting = asyncio.create_task(first_writer())
+            await wait_for(lambda: _waits_on_a_lock(other), within=30, what="a lock wait")
+            assert not waiting.done()
+            plan = reduce_batch([final], stored)
+            await write_plan(other, plan)
+            counted += sum(change.cost_micros for change in plan.usage_changes)
+        counted += await waiting
+    finally:
+        await other.close()
+    total = await ledger.fetchval("SELECT sum(cost_micros) FROM token_usage")
+    assert counted == total == 7
+
+
+async def _waits_on_a_lock(conn: asyncpg.Connection) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+    )

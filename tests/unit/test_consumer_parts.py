@@ -12,7 +12,13 @@ import pytest
 from aiokafka.structs import ConsumerRecord
 
 from consumer.dlq import DETAIL_LIMIT, DeadLetter, dead_letter_headers
-from consumer.errors import PoisonError, TransientError, classify_database_error
+from consumer.errors import (
+    PoisonError,
+    Policy,
+    TransientError,
+    classify_database_error,
+    sqlstate_policy,
+)
 from consumer.health import Readiness
 from consumer.merge import UsageChange
 from consumer.metrics import LedgerMetrics
@@ -28,6 +34,17 @@ from producer.events import RejectReason
         (asyncpg.AdminShutdownError("x"), TransientError, "57P01"),
         (asyncpg.ConnectionDoesNotExistError("x"), TransientError, "08003"),
         (asyncpg.TooManyConnectionsError("x"), TransientError, "53300"),
+        (asyncpg.DiskFullError("x"), TransientError, "53100"),
+        (asyncpg.QueryCanceledError("x"), TransientError, "57014"),
+        (asyncpg.CannotConnectNowError("x"), TransientError, "57P03"),
+        (asyncpg.PostgresIOError("x"), TransientError, "58030"),
+        (asyncpg.InternalServerError("x"), TransientError, "XX000"),
+        (asyncpg.LockNotAvailableError("x"), TransientError, "55P03"),
+        (
+            asyncpg.InterfaceError("cannot call Transaction.__aexit__(): connection is closed"),
+            TransientError,
+            "",
+        ),
         (ConnectionRefusedError(), TransientError, ""),
         (TimeoutError(), TransientError, ""),
         (asyncpg.CheckViolationError("x"), PoisonError, "23514"),
@@ -41,6 +58,23 @@ def test_database_errors_map_to_the_taxonomy(
     mapped = classify_database_error(error)
     assert isinstance(mapped, kind)
     assert getattr(mapped, "sqlstate", "") == sqlstate
+
+
+def test_timeouts_are_the_ones_that_halve_a_batch() -> None:
+    statement_timeout = classify_database_error(asyncpg.QueryCanceledError("x"))
+    client_timeout = classify_database_error(TimeoutError())
+    deadlock = classify_database_error(asyncpg.DeadlockDetectedError("x"))
+    assert isinstance(statement_timeout, TransientError) and statement_timeout.timed_out
+    assert isinstance(client_timeout, TransientError) and client_timeout.timed_out
+    assert isinstance(deadlock, TransientError) and not deadlock.timed_out
+
+
+def test_the_sqlstate_policy_table_covers_every_class_the_spec_names() -> None:
+    for code in ("08006", "40001", "40P01", "53200", "57P01", "57P02", "57P03", "58000", "XX000"):
+        assert sqlstate_policy(code) is Policy.TRANSIENT, code
+    assert sqlstate_policy("57014") is Policy.HALVE
+    assert sqlstate_policy("22P02") is sqlstate_policy("23505") is Policy.POISON
+    assert sqlstate_policy("42P01") is None  # a programming error: retried as unexpected
 
 
 def test_programming_errors_are_not_mapped() -> None:

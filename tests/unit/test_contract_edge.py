@@ -10,15 +10,17 @@ from typing import Any
 
 import pytest
 
-from consumer.merge import UNATTRIBUTED, StoredState, attribution, reduce_batch
+from consumer.merge import StoredState, reduce_batch
 from consumer.metrics import LedgerMetrics
 from producer import jsonvalues
 from producer.events import (
+    UNATTRIBUTED,
     MessageAppended,
     Rejection,
     RejectReason,
     TurnFinalized,
     TurnStarted,
+    attribution,
     decode_event,
     payload_digest,
 )
@@ -205,9 +207,73 @@ def test_an_event_stamped_in_the_future_is_dead_lettered() -> None:
 
 
 @pytest.mark.parametrize(
-    "stamp", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "10000-01-01T00:00:00Z"]
+    "stamp",
+    [
+        "0001-01-01T00:00:00+01:00",
+        "9999-12-31T23:59:59-01:00",
+        "10000-01-01T00:00:00Z",
+        "0001-01-01T00:00:00Z",  # read back by asyncpg as -infinity
+        "9999-12-31T23:59:59.999999Z",  # and this one as infinity
+    ],
 )
 def test_a_timestamp_outside_the_utc_range_is_schema_invalid(stamp: str) -> None:
     body = {**example("turn.started"), "occurred_at": stamp}
     rejected = _decode(body, ts=None)
+    assert isinstance(rejected, Rejection) and rejected.reason is RejectReason.SCHEMA_INVALID
+
+
+# -- found by review: each failed before its fix ----------------------------------------------
+
+
+def test_deep_nesting_is_invalid_json_whatever_it_holds() -> None:
+    deep = "[" * 400 + "1.5" + "]" * 400
+    finalized = json.dumps(example("turn.finalized")).replace('{"hits": 3}', deep)
+    with_pair = json.dumps(example("turn.finalized")).replace(
+        '{"hits": 3}', '{"s": "\\ud83d\\ude00", "d": ' + deep + "}"
+    )
+    v0 = json.dumps(example("message.appended.v0")).replace(
+        '"text": "an old', '"x": ' + "[" * 600 + "1" + "]" * 600 + ', "text": "an old'
+    )
+    for text in (finalized, with_pair, v0):
+        rejected = _decode(text.encode())
+        assert isinstance(rejected, Rejection) and rejected.reason is RejectReason.INVALID_JSON
+    shallow = json.dumps(example("turn.finalized")).replace(
+        '{"hits": 3}', "[" * 100 + "1.5" + "]" * 100
+    )
+    event = _decode(shallow.encode())
+    assert isinstance(event, TurnFinalized)
+    reduce_batch([event], StoredState())  # the digest and the merge walk it without trouble
+
+
+def test_a_record_without_a_timestamp_is_not_in_the_future() -> None:
+    assert isinstance(_decode(example("turn.finalized"), ts=-1), TurnFinalized)
+
+
+def test_a_breakdown_naming_unattributed_still_adds_up() -> None:
+    totals = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cost_micros": 12345}
+    shares = attribution(totals, {UNATTRIBUTED: {"cost_micros": 3000}, "m": {"cost_micros": 5000}})
+    assert sum(share["cost_micros"] for share in shares.values()) == 12345
+
+
+def test_absent_and_null_measures_are_different_copies() -> None:
+    body = _legacy_with({"gpt-4o-mini": {"prompt_tokens": 100}})
+    absent = _decode(body)
+    body["token_usage"]["usage"]["gpt-4o-mini"]["cost_micros"] = None
+    null = _decode(body)
+    assert payload_digest(absent) != payload_digest(null)
+    a, b = reduce_batch([absent, null], StoredState()), reduce_batch([null, absent], StoredState())
+    assert a.usage == b.usage
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("schema_version", True),
+        ("schema_version", 1.0),
+        ("occurred_at", "1795684502"),
+        ("occurred_at", 1795684502),
+    ],
+)
+def test_lookalikes_of_the_contract_are_schema_invalid(field: str, value: Any) -> None:
+    rejected = _decode({**example("turn.started"), field: value})
     assert isinstance(rejected, Rejection) and rejected.reason is RejectReason.SCHEMA_INVALID

@@ -44,7 +44,7 @@ EXPECTED_EMPTY = {
 
 def _tool(name: str) -> str:
     path = shutil.which(name)
-    assert path, f"{name} is missing: apt-get install -y prometheus (.ci/run does)"
+    assert path, f"{name} is missing: apt-get install -y prometheus (`make test` does)"
     return path
 
 

@@ -4,11 +4,11 @@ ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never
 RUN pip install --no-cache-dir uv==0.13.8
 WORKDIR /app
 COPY pyproject.toml uv.lock README.md ./
-RUN uv sync --frozen --no-dev --no-install-project
+RUN uv sync --frozen --no-dev --extra consumer --no-install-project
 COPY producer ./producer
 COPY consumer ./consumer
 COPY migrations ./migrations
-RUN uv sync --frozen --no-dev --no-editable
+RUN uv sync --frozen --no-dev --extra consumer --no-editable
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --no-create-home ledger

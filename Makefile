@@ -6,19 +6,28 @@ UV := .tools/bin/uv
 VENV := .venv
 RUN := $(VENV)/bin
 
-.PHONY: setup jars services services-down status lint typecheck test demo bench clean
+.PHONY: setup system-packages test-packages jars services services-down status lint typecheck test demo bench clean
 
 setup: $(VENV)/.synced jars  ## Python env from the lock file + the Kafka broker jars
 
+# devstack/system_packages.py is the one list of distribution packages: it installs what is
+# missing (as root with apt-get) or names the packages and the command, and stops make.
+system-packages:  ## Java, Maven, PostgreSQL: what `make demo` needs from the distribution
+	$(PYTHON) -m devstack.system_packages demo
+
+test-packages:  ## the same and Prometheus (promtool, the live dashboard test): for `make test`
+	$(PYTHON) -m devstack.system_packages test
+
 $(UV):
+	$(PYTHON) -m devstack.system_packages venv
 	$(PYTHON) -m venv .tools
 	.tools/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
 $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --frozen --quiet
+	$(UV) sync --frozen --quiet --all-extras  # the consumer extra too: the service, its CLI, the tests
 	touch $@
 
-jars: $(VENV)/.synced
+jars: $(VENV)/.synced system-packages
 	@$(RUN)/python -c 'from devstack.kafka import ensure_jars; print("kafka jars:", ensure_jars())'
 
 services: setup  ## start Kafka (KRaft) + PostgreSQL in the background (state in .devstack/)
@@ -37,7 +46,7 @@ lint: $(VENV)/.synced
 typecheck: $(VENV)/.synced
 	$(RUN)/mypy
 
-test: setup lint typecheck  ## lint, types, then every unit and integration test (starts its own services)
+test: test-packages setup lint typecheck  ## lint, types, then every unit and integration test (starts its own services)
 	$(RUN)/pytest
 
 demo: services  ## everything on this machine: consumer + simulated traffic, checked against the simulator

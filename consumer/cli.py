@@ -22,6 +22,7 @@ from rich.table import Table
 from consumer.logs import configure_logging
 from consumer.settings import Settings, SettingsError, load_settings
 from consumer.store import asyncpg_dsn
+from consumer.tables import print_table
 from producer.client import TurnEventProducer, ensure_topic
 from producer.simulator import TrafficConfig, plan_traffic
 
@@ -203,12 +204,15 @@ app.add_typer(dlq_app, name="dlq")
 
 
 def _print_dead_letters(views: list[DeadLetterView]) -> None:
-    table = Table("dlq offset", "reason", "source", "failed at", "bytes", "detail")
-    for v in views:
-        table.add_row(
-            f"{v.partition}:{v.offset}", v.reason, v.source, v.failed_at, str(v.size), v.detail
-        )
-    Console().print(table)
+    print_table(
+        ("dlq offset", "reason", "source", "failed at", "bytes", "detail"),
+        [
+            (f"{v.partition}:{v.offset}", v.reason, v.source, v.failed_at, v.size, v.detail)
+            for v in views
+        ],
+        numeric={"bytes"},
+        row_lines=True,  # details wrap over several lines in a narrow terminal
+    )
 
 
 @dlq_app.command("list")
@@ -271,10 +275,13 @@ def usage(
         for row in rows:
             typer.echo(json.dumps(row))
         return
-    table = Table(*group_by, *USAGE_MEASURES, "usage rows", title="token usage")
-    for row in rows:
-        table.add_row(*(str(row[c]) for c in [*group_by, *USAGE_MEASURES, "usage_rows"]))
-    Console().print(table)
+    columns = [*group_by, *USAGE_MEASURES, "usage_rows"]  # the --json keys
+    print_table(
+        columns,
+        [[row[c] for c in columns] for row in rows],
+        title="token usage",
+        numeric={*USAGE_MEASURES, "usage_rows"},
+    )
 
 
 def _utc(moment: datetime | None) -> datetime | None:

@@ -151,13 +151,15 @@ async def usage_report(
         raise ValueError(f"group by one or more of {', '.join(USAGE_DIMENSIONS)}: got {unknown}")
     source = _BY_MODEL if "model" in group_by else "token_usage"
     measures = ", ".join(f"sum(u.{m}) AS {m}" for m in USAGE_MEASURES)
-    dimensions = ", ".join(f"{USAGE_DIMENSIONS[d]} AS {d}" for d in group_by)
+    # Quoted: a bare `user` in GROUP BY is PostgreSQL's CURRENT_USER, not the column alias.
+    aliases = ", ".join(f'"{d}"' for d in group_by)
+    dimensions = ", ".join(f'{USAGE_DIMENSIONS[d]} AS "{d}"' for d in group_by)
     rows = await conn.fetch(
         f"SELECT {dimensions}, {measures}, count(DISTINCT u.id) AS usage_rows"
         f" FROM {source} AS u"
         " WHERE ($1::timestamptz IS NULL OR u.created_at >= $1)"
         "   AND ($2::timestamptz IS NULL OR u.created_at < $2)"
-        f" GROUP BY {', '.join(group_by)} ORDER BY {', '.join(group_by)}",
+        f" GROUP BY {aliases} ORDER BY {aliases}",
         since,
         until,
     )

@@ -151,7 +151,11 @@ class ProducerResource:
         self._started = False
 
     async def __aenter__(self) -> Self:
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except BaseException:
+            await self._producer.stop()  # a half-started client holds sockets and tasks
+            raise
         self._started = True
         return self
 

@@ -149,12 +149,17 @@ def v0_copy(event: MessageAppended, seconds: int) -> AnyEvent:
 
 
 @st.composite
-def differing_copies(draw: st.DrawFn, base: list[AnyEvent]) -> list[AnyEvent]:
+def differing_copies(
+    draw: st.DrawFn, base: list[AnyEvent], reused_ids: bool = True
+) -> list[AnyEvent]:
     """Copies of some events under the same event_id that are NOT exact: re-stamped, with
-    another payload, or (legacy appends) a v0 body re-sent later."""
+    another payload, or (legacy appends) a v0 body re-sent later; with `reused_ids`, also a
+    turn-less message's event_id reused in another thread (event_id_conflict, which arrival
+    order decides)."""
     copies: list[AnyEvent] = []
+    ways = ["restamp", "payload", "v0", "rekey"] if reused_ids else ["restamp", "payload", "v0"]
     for event in draw(st.lists(st.sampled_from(base), max_size=3)) if base else []:
-        how = draw(st.sampled_from(["restamp", "payload", "v0", "rekey"]))
+        how = draw(st.sampled_from(ways))
         if how == "rekey" and isinstance(event, MessageAppended) and event.turn_id is None:
             # The same event_id for a turn-less message elsewhere: event_id_conflict.
             other = next(t for t in THREADS if t != event.thread_id)
@@ -178,9 +183,11 @@ def with_duplicates(draw: st.DrawFn, base: list[AnyEvent]) -> list[AnyEvent]:
 
 
 @st.composite
-def delivered(draw: st.DrawFn, consistent_spaces: bool = True) -> list[AnyEvent]:
+def delivered(
+    draw: st.DrawFn, consistent_spaces: bool = True, reused_ids: bool = True
+) -> list[AnyEvent]:
     base = draw(st.lists(events(consistent_spaces), min_size=1, max_size=12))
-    return with_duplicates(draw, base + draw(differing_copies(base)))
+    return with_duplicates(draw, base + draw(differing_copies(base, reused_ids)))
 
 
 @st.composite

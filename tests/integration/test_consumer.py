@@ -318,7 +318,8 @@ async def test_operator_commands_dlq_usage_and_replay(
     by_model = {row.pop("model"): row for row in map(json.loads, report.stdout.splitlines())}
     for model, sums in expect.per_model.items():
         assert {k: by_model[model][k] for k in sums} == sums, model
-    assert "token usage" in stack.cli("usage", "--by", "space", "--by", "day").stdout
+    table = stack.cli("usage", "--by", "space", "--by", "day").stdout  # a pipe: tab-separated
+    assert table.startswith("space\tday\tprompt_tokens\t")
     assert stack.cli("usage", "--by", "planet").returncode == 2
 
     before = await ledger_summary(stack)

@@ -39,12 +39,16 @@ EXPECTED_EMPTY = {
     "TokenLedgerDatabaseRetryStorm": "the database never failed in this run",
     "TokenLedgerFencedBatches": "a single consumer is never fenced",
     "Database retries by SQLSTATE / A": "no retry happened, so the labelled counter has no series",
+    "TokenLedgerOffsetReset": "every stored offset is inside its partition's log",
+    "TokenLedgerPartitionStopped": "no partition stopped",
+    "Offset resets and stopped partitions / A": "no offset reset, so the counter has no series",
+    "Offset resets and stopped partitions / B": "no partition stopped, so the gauge has no series",
 }
 
 
 def _tool(name: str) -> str:
     path = shutil.which(name)
-    assert path, f"{name} is missing: apt-get install -y prometheus (.ci/run does)"
+    assert path, f"{name} is missing: apt-get install -y prometheus (`make test` does)"
     return path
 
 

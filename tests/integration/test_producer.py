@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from datetime import UTC, datetime
 
@@ -114,8 +115,15 @@ async def test_ensure_topic_creates_once_and_keeps_existing(kafka_bootstrap: str
 
 
 def _partition_count(bootstrap: str, topic: str) -> int:
+    """The topic's partitions once the broker's metadata names any (a topic created a moment
+    ago can briefly be listed with none)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "meta"})
     try:
-        return len(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        deadline = time.monotonic() + 30
+        while True:
+            count = len(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+            if count or time.monotonic() > deadline:
+                return count
+            time.sleep(0.1)  # polling the broker's metadata, in a worker thread
     finally:
         consumer.close()

@@ -129,7 +129,11 @@ def classify_database_error(error: BaseException) -> LedgerError | None:
     if isinstance(error, TimeoutError):  # before OSError, its base class
         return TransientError("database timed out", timed_out=True)
     # The connection died under us: inside a statement, at COMMIT, in the transaction's exit
-    # or the pool's release (asyncpg says "connection is closed" with an InterfaceError).
-    if isinstance(error, asyncpg.InterfaceError | ConnectionError | OSError):
+    # or the pool's release (asyncpg says "connection is closed" with an InterfaceError, and a
+    # pooled connection whose server sent FATAL but has not closed yet raises an
+    # InternalClientError "cannot switch to state ...").
+    if isinstance(
+        error, asyncpg.InterfaceError | asyncpg.InternalClientError | ConnectionError | OSError
+    ):
         return TransientError(f"database unreachable: {type(error).__name__}")
     return None

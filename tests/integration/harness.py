@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -15,12 +16,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from sqlalchemy.engine import make_url
 
 from consumer.store import asyncpg_dsn
+from devstack.postgres import PostgresServer, find_bindir
 from devstack.processes import free_port
 from producer.client import TurnEventProducer, ensure_topic
 from producer.simulator import Expectation
@@ -224,6 +227,179 @@ async def _send_all(
     """Send and wait for every acknowledgement (inside the producer's transaction)."""
     acks = [await producer.send(topic, value, key=key) for key, value in records]
     await asyncio.gather(*acks)
+
+
+def restart_postgres(server: PostgresServer, mode: Literal["fast", "immediate"]) -> float:
+    """`pg_ctl restart -m MODE` of a test's own server; returns the seconds it took.
+
+    fast: backends are terminated (SQLSTATE 57P01), a shutdown checkpoint is written, and the
+    server starts again; immediate: every process is killed (SIGQUIT) and the start recovers
+    from the WAL. Either way pg_ctl returns once the server accepts connections again. The
+    server log goes to its file (without -l the postmaster would inherit pg_ctl's stdout)."""
+    started = time.monotonic()
+    result = subprocess.run(
+        [
+            *_as_service_user(),
+            str(find_bindir() / "pg_ctl"),
+            "-D",
+            str(server.datadir),
+            "-l",
+            str(server.log_file),
+            "-m",
+            mode,
+            "-w",
+            "-t",
+            "60",
+            "restart",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"pg_ctl restart -m {mode} failed:\n{result.stderr}")
+    return time.monotonic() - started
+
+
+def _as_service_user() -> list[str]:
+    """Like devstack: initdb, pg_ctl and postgres refuse to run as root."""
+    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+
+# asyncpg ends a transaction with the simple query "COMMIT;": 'Q', int32 length, text, NUL.
+_COMMIT_MESSAGE = b"Q\x00\x00\x00\x0cCOMMIT;\x00"
+
+
+class PostgresProxy:
+    """A TCP proxy in front of PostgreSQL, for the network's share of database faults.
+
+    lose_commit_answers=(every, at_most): every `every`-th COMMIT (up to `at_most` of them)
+    reaches the server, which commits it and answers; the proxy cuts the connection instead
+    of passing the answer on. The client cannot know the outcome of its COMMIT (what a
+    restart or a network failure at that moment leaves it with), though it is durable.
+
+    close_delay: when the server closes a connection, the client hears of it that much later
+    (whatever the server said last, e.g. its FATAL on termination, passes at once). A lost or
+    late FIN; also the widest form of the window every client has between reading a
+    server's last words and seeing its socket close."""
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        lose_commit_answers: tuple[int, int] = (1, 0),
+        close_delay: float = 0.0,
+    ) -> None:
+        self.database_url = make_url(database_url)
+        self.upstream = (self.database_url.host or "127.0.0.1", self.database_url.port or 5432)
+        self.every, self.at_most = lose_commit_answers
+        self.close_delay = close_delay
+        self.commits = 0  # COMMITs seen
+        self.lost = 0  # answers to a COMMIT lost
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        """The database URL, through this proxy."""
+        proxied = self.database_url.set(host="127.0.0.1", port=self.port)
+        return proxied.render_as_string(hide_password=False)
+
+    async def __aenter__(self) -> PostgresProxy:
+        self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()  # ends both pumps of every connection
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=10)
+        await self._server.wait_closed()
+
+    async def _connection(
+        self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
+        this = asyncio.current_task()
+        assert this is not None
+        self._handlers.add(this)
+        self._writers.add(client_writer)
+        server_writer: asyncio.StreamWriter | None = None
+        try:
+            server_reader, server_writer = await asyncio.open_connection(*self.upstream)
+            self._writers.add(server_writer)
+            await self._pump(client_reader, client_writer, server_reader, server_writer)
+        except OSError:
+            pass  # either side went away: so does the other
+        finally:
+            for writer in (client_writer, server_writer):
+                if writer is not None:
+                    writer.close()
+                    self._writers.discard(writer)
+            self._handlers.discard(this)
+
+    async def _pump(
+        self,
+        client_reader: asyncio.StreamReader,
+        client_writer: asyncio.StreamWriter,
+        server_reader: asyncio.StreamReader,
+        server_writer: asyncio.StreamWriter,
+    ) -> None:
+        lose_answer = asyncio.Event()
+
+        async def upstream() -> None:  # client -> server
+            while data := await client_reader.read(65536):
+                if _COMMIT_MESSAGE in data:
+                    self.commits += 1
+                    if self.commits % self.every == 0 and self.lost < self.at_most:
+                        lose_answer.set()
+                server_writer.write(data)
+                await server_writer.drain()
+
+        async def downstream() -> None:  # server -> client
+            while data := await server_reader.read(65536):
+                if lose_answer.is_set():
+                    self.lost += 1  # committed on the server, never heard of by the client
+                    return
+                client_writer.write(data)
+                await client_writer.drain()
+            await asyncio.sleep(self.close_delay)  # the server has closed: tell the client later
+
+        pumps = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident set size (VmRSS in /proc/PID/status), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024  # "VmRSS:	  123456 kB"
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def log_messages(log: str) -> list[str]:
+    """The msg field of every JSON line of a consumer's log (LEDGER_LOG_FORMAT=json)."""
+    messages = []
+    for line in log.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a traceback or a line not written by the logger
+        if isinstance(entry, dict) and isinstance(entry.get("msg"), str):
+            messages.append(entry["msg"])
+    return messages
 
 
 async def ledger_summary(stack: Stack) -> dict[str, Any]:

@@ -105,23 +105,51 @@ def simulate(
     second_finalize_rate: Annotated[float, typer.Option(min=0, max=1)] = 0.05,
     shuffle_rate: Annotated[float, typer.Option(min=0, max=1)] = 0.2,
     poison_rate: Annotated[float, typer.Option(min=0, max=1)] = 0.01,
+    legacy_partial_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="legacy breakdowns partial per model")
+    ] = TrafficConfig.legacy_partial_rate,
+    legacy_empty_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="legacy breakdowns sent as {}")
+    ] = TrafficConfig.legacy_empty_rate,
+    legacy_null_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="legacy breakdowns sent as null")
+    ] = TrafficConfig.legacy_null_rate,
+    v0_resend_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="v0 bodies re-sent after everything else")
+    ] = TrafficConfig.v0_resend_rate,
+    retry_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="records re-sent later by a producer retry")
+    ] = TrafficConfig.retry_rate,
+    unknown_field_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="calls, parts, envelopes with unknown fields")
+    ] = TrafficConfig.unknown_field_rate,
     partitions: Annotated[int, typer.Option(min=1, help="if the topic must be created")] = 3,
     expect: Annotated[
         Path | None, typer.Option(help="write the expected ledger summary (JSON) here")
     ] = None,
 ) -> None:
-    """Produce realistic traffic (duplicates, legacy appends, shuffles, poison) to the topic."""
+    """Produce realistic traffic (duplicates, retries, legacy appends with loose breakdowns,
+    v0 re-sends, unknown fields, shuffles, poison) to the topic."""
     settings = _settings()
-    config = TrafficConfig(
-        threads=threads,
-        turns_per_thread=turns,
-        seed=seed,
-        duplicate_rate=duplicate_rate,
-        legacy_rate=legacy_rate,
-        second_finalize_rate=second_finalize_rate,
-        shuffle_rate=shuffle_rate,
-        poison_rate=poison_rate,
-    )
+    try:
+        config = TrafficConfig(
+            threads=threads,
+            turns_per_thread=turns,
+            seed=seed,
+            duplicate_rate=duplicate_rate,
+            legacy_rate=legacy_rate,
+            second_finalize_rate=second_finalize_rate,
+            shuffle_rate=shuffle_rate,
+            poison_rate=poison_rate,
+            legacy_partial_rate=legacy_partial_rate,
+            legacy_empty_rate=legacy_empty_rate,
+            legacy_null_rate=legacy_null_rate,
+            v0_resend_rate=v0_resend_rate,
+            retry_rate=retry_rate,
+            unknown_field_rate=unknown_field_rate,
+        )
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
     records, expectation = plan_traffic(config)
     asyncio.run(_publish(settings, records, partitions))
     summary = expectation.to_json()

@@ -3,13 +3,27 @@
 `plan_traffic(TrafficConfig(...))` returns the records to publish (key, value) in publish order
 and an `Expectation`: the ledger summary that applying them must yield. The expectation is
 kept by construction (what each scenario creates), not by running the merge rules, so it is an
-independent check of the consumer.
+independent check of the consumer; per model it splits each usage row with
+`producer.events.attribution` (SPEC section 7), as `token-ledger usage --by model` does.
 
 Scenarios per thread: turns (started + finalized, with text and tool-call parts and 1-3 LLM
 calls from a model mix), some finalized twice (content of the later, cost of the first), legacy
 appends that shadow a server turn (never win), standalone legacy messages (v1 and v0 bodies),
-duplicate publishes of any record, shuffles inside a thread (finalize before start), and poison
-records that must each end in the dead-letter topic.
+shuffles inside a thread (finalize before start), and poison records that must each end in the
+dead-letter topic. Every shape the contract allows (SPEC sections 2-3), each at its own rate:
+
+- legacy `token_usage.usage` full, partial per model (any subset of the measures, some null),
+  `{}` or null: the totals count, the breakdown's gaps are `(unattributed)`;
+- exact copies: a retry published right after the original (`duplicate_rate`) or later, after
+  other events of its thread (`retry_rate`); v0 bodies re-sent after everything else
+  (`v0_resend_rate`): same bytes, later record timestamp, hence a later occurred_at;
+- fields this consumer does not know yet (`unknown_field_rate`): `cached_tokens` and
+  `reasoning_tokens` in usage calls and `providerMetadata` in content parts (kept: counted in
+  `Expectation.kept_unknown_fields`), `trace_id` and `producer` in the envelope (ignored).
+
+`Expectation.shapes` counts what was published of each. Without an explicit `start` the plan
+ends about now (start = now - `TrafficConfig.span()`), so no occurred_at lies ahead of its
+record's timestamp however large the plan.
 """
 
 from __future__ import annotations
@@ -17,22 +31,23 @@ from __future__ import annotations
 import json
 import random
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from producer import jsonvalues
 from producer.client import thread_key
 from producer.events import (
+    USAGE_MEASURES,
     AnyEvent,
     ContentPart,
-    LegacyTokenUsage,
     MessageAppended,
-    ModelUsage,
     TurnFinalized,
     TurnStarted,
     TurnUsage,
     UsageCall,
-    encode_event,
+    attribution,
 )
 
 # (model, call_kind, micros per 1k prompt tokens, micros per 1k completion tokens)
@@ -49,6 +64,37 @@ QUERIES = (
     "Explain KRaft in two sentences 🚀",
     "数据库事务的隔离级别有哪些？",  # noqa: RUF001 - real CJK punctuation on purpose
 )
+# Fields of newer producers that this consumer does not know: kept where they are (calls,
+# parts), ignored in the envelope.
+UNKNOWN_CALL_FIELDS = ("cached_tokens", "reasoning_tokens")
+UNKNOWN_PART_FIELD = "providerMetadata"
+UNKNOWN_ENVELOPE_FIELDS = ("trace_id", "producer")
+# What the ledger must keep of them: sums over the stored call_details, parts in stored content.
+KEPT_UNKNOWN_FIELDS = (
+    *(f"call_details.{name}" for name in UNKNOWN_CALL_FIELDS),
+    f"content.{UNKNOWN_PART_FIELD}",
+)
+SHAPES = (
+    "finalized_twice",
+    "shuffled_threads",
+    "legacy_shadowing_a_turn",
+    "legacy_turnless_v1",
+    "v0_bodies",
+    "legacy_usage_full",
+    "legacy_usage_partial",
+    "legacy_usage_empty",
+    "legacy_usage_null",
+    "duplicates_right_after",
+    "retries_later",
+    "v0_resent_later",
+    "unknown_call_fields",
+    "unknown_part_fields",
+    "unknown_envelope_fields",
+    "poison",
+)
+# How far occurred_at moves within a thread: before a start, before each finalize, and the
+# jitter of a legacy append around its turn.
+START_GAP_MS, FINALIZE_GAP_MS, LEGACY_JITTER_MS = 5_000, 20_000, 30_000
 
 
 @dataclass(frozen=True)
@@ -62,7 +108,26 @@ class TrafficConfig:
     shuffle_rate: float = 0.2
     poison_rate: float = 0.01
     search_spaces: int = 5
-    start: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # Of legacy token_usage: breakdown partial per model, `{}`, null (the rest: full).
+    legacy_partial_rate: float = 0.3
+    legacy_empty_rate: float = 0.15
+    legacy_null_rate: float = 0.15
+    v0_resend_rate: float = 0.5  # v0 bodies published again after everything else
+    retry_rate: float = 0.02  # records re-sent later by a producer retry (exact copies)
+    unknown_field_rate: float = 0.1  # calls, parts and envelopes with fields not known yet
+    start: datetime | None = None  # None: the plan ends about now
+
+    def __post_init__(self) -> None:
+        if self.legacy_partial_rate + self.legacy_empty_rate + self.legacy_null_rate > 1:
+            raise ValueError("legacy partial + empty + null rates exceed 1")
+
+    def span(self) -> timedelta:
+        """An upper bound of how far the plan's occurred_at run past its start."""
+        per_turn = START_GAP_MS + 2 * FINALIZE_GAP_MS
+        return timedelta(
+            seconds=self.threads,
+            milliseconds=self.turns_per_thread * per_turn + LEGACY_JITTER_MS,
+        )
 
 
 @dataclass
@@ -72,8 +137,12 @@ class Expectation:
     usage_rows: int = 0
     dead_letters: int = 0
     records: int = 0
-    duplicates: int = 0
+    duplicates: int = 0  # exact copies published: right after, retried later, v0 re-sent
     per_model: dict[str, dict[str, int]] = field(default_factory=dict)
+    kept_unknown_fields: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(KEPT_UNKNOWN_FIELDS, 0)
+    )
+    shapes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SHAPES, 0))
 
     @property
     def total_cost_micros(self) -> int:
@@ -83,15 +152,25 @@ class Expectation:
     def total_tokens(self) -> int:
         return sum(m["total_tokens"] for m in self.per_model.values())
 
-    def count_usage(self, by_model: dict[str, ModelUsage]) -> None:
+    def count_usage(
+        self, totals: Mapping[str, int], breakdown: Mapping[str, Mapping[str, Any]]
+    ) -> None:
+        """One authoritative usage row: its totals, split per model by the attribution rule."""
         self.usage_rows += 1
-        for model, usage in by_model.items():
-            totals = self.per_model.setdefault(
-                model,
-                {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cost_micros": 0},
-            )
-            for name in totals:
-                totals[name] += getattr(usage, name)
+        for model, share in attribution(totals, breakdown).items():
+            sums = self.per_model.setdefault(model, dict.fromkeys(USAGE_MEASURES, 0))
+            for name in USAGE_MEASURES:
+                sums[name] += share[name]
+
+    def keep_calls(self, calls: list[UsageCall]) -> None:
+        for call in calls:
+            for name, value in (call.model_extra or {}).items():
+                self.kept_unknown_fields[f"call_details.{name}"] += value
+
+    def keep_parts(self, parts: list[dict[str, Any]]) -> None:
+        self.kept_unknown_fields[f"content.{UNKNOWN_PART_FIELD}"] += sum(
+            UNKNOWN_PART_FIELD in part for part in parts
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -104,6 +183,8 @@ class Expectation:
             "total_tokens": self.total_tokens,
             "total_cost_micros": self.total_cost_micros,
             "per_model": {model: self.per_model[model] for model in sorted(self.per_model)},
+            "kept_unknown_fields": dict(self.kept_unknown_fields),
+            "shapes": dict(self.shapes),
         }
 
 
@@ -114,11 +195,33 @@ class _Planner:
     def __init__(self, config: TrafficConfig) -> None:
         self.config = config
         self.rng = random.Random(config.seed)  # noqa: S311 - reproducible traffic, not secrets
+        self.start = config.start if config.start is not None else datetime.now(UTC) - config.span()
         self.expect = Expectation()
         self.poisoned_threads: set[int] = set()
+        self.late: list[Record] = []  # published after everything else
 
     def uuid(self) -> uuid.UUID:
         return uuid.UUID(int=self.rng.getrandbits(128), version=4)
+
+    def shape(self, name: str) -> None:
+        self.expect.shapes[name] += 1
+
+    def unknown(self) -> bool:
+        return self.rng.random() < self.config.unknown_field_rate
+
+    def encode(self, event: AnyEvent, **sent: Any) -> bytes:
+        """The event's wire form (`sent` replaces fields with what a frontend sends as is);
+        some envelopes carry fields this consumer does not know (ignored)."""
+        document = {**event.model_dump(), **sent}
+        if self.unknown():
+            self.shape("unknown_envelope_fields")
+            trace, producer = UNKNOWN_ENVELOPE_FIELDS
+            document = {
+                trace: f"{self.rng.getrandbits(128):032x}",
+                **document,
+                producer: {"name": "chat-api", "version": "2.7.0"},
+            }
+        return jsonvalues.dumps(document).encode()
 
     def calls(self) -> list[UsageCall]:
         calls = []
@@ -126,33 +229,40 @@ class _Planner:
             model, kind, prompt_rate, completion_rate = self.rng.choice(MODELS)
             prompt = self.rng.randint(20, 4000)
             completion = 0 if kind == "embedding" else self.rng.randint(1, 1500)
-            calls.append(
-                UsageCall(
-                    model=model,
-                    prompt_tokens=prompt,
-                    completion_tokens=completion,
-                    total_tokens=prompt + completion,
-                    cost_micros=(prompt * prompt_rate + completion * completion_rate) // 1000,
-                    call_kind=kind,
-                )
-            )
+            call: dict[str, Any] = {
+                "model": model,
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+                "cost_micros": (prompt * prompt_rate + completion * completion_rate) // 1000,
+                "call_kind": kind,
+            }
+            if self.unknown():  # today's APIs report these; this consumer does not know them
+                self.shape("unknown_call_fields")
+                cached, reasoning = UNKNOWN_CALL_FIELDS
+                call[cached] = self.rng.randint(0, prompt)
+                if completion:
+                    call[reasoning] = self.rng.randint(0, completion)
+            calls.append(UsageCall.model_validate(call))
         return calls
 
-    def content(self, turn: int) -> list[ContentPart]:
-        parts = [ContentPart(type="text", text=f"Answer {turn}: {self.rng.choice(QUERIES)} …")]
-        if self.rng.random() < 0.4:
-            call_id = f"call_{self.rng.getrandbits(32):08x}"
+    def content(self, text: str, *, tools: bool = True) -> list[dict[str, Any]]:
+        parts: list[dict[str, Any]] = [{"type": "text", "text": text}]
+        if tools and self.rng.random() < 0.4:
             parts.append(
-                ContentPart.model_validate(
-                    {
-                        "type": "tool-call",
-                        "toolCallId": call_id,
-                        "toolName": "search",
-                        "args": {"q": "Q3"},
-                        "result": {"hits": self.rng.randint(0, 9)},
-                    }
-                )
+                {
+                    "type": "tool-call",
+                    "toolCallId": f"call_{self.rng.getrandbits(32):08x}",
+                    "toolName": "search",
+                    "args": {"q": "Q3"},
+                    "result": {"hits": self.rng.randint(0, 9)},
+                }
             )
+        for part in parts:
+            if self.unknown():
+                self.shape("unknown_part_fields")
+                item = f"msg_{self.rng.getrandbits(64):016x}"
+                part[UNKNOWN_PART_FIELD] = {"openai": {"itemId": item}}
         return parts
 
     def thread(self, index: int) -> list[Record]:
@@ -161,129 +271,201 @@ class _Planner:
         thread_id = rng.randint(1, 2**62)
         space = rng.randint(1, cfg.search_spaces)
         user = self.uuid()
-        at = cfg.start + timedelta(seconds=index)
+        at = self.start + timedelta(seconds=index)
         envelope: dict[str, Any] = {
             "schema_version": 1,
             "thread_id": thread_id,
             "search_space_id": space,
             "user_id": user,
         }
-        events: list[AnyEvent | bytes] = []
+        records: list[bytes] = []
         self.expect.threads += 1
         for turn in range(cfg.turns_per_thread):
             turn_id = f"{thread_id}:{int(at.timestamp() * 1000) + turn}"
-            at += timedelta(milliseconds=rng.randint(1, 5000))
-            events.append(
-                TurnStarted(
-                    **envelope,
-                    type="turn.started",
-                    event_id=self.uuid(),
-                    occurred_at=at,
-                    turn_id=turn_id,
-                    user_query=rng.choice(QUERIES),
-                    mentioned_documents=[
-                        {"id": turn, "title": "Q3 report", "document_type": "FILE"}
-                    ]
-                    if rng.random() < 0.3
-                    else [],
-                )
+            at += timedelta(milliseconds=rng.randint(1, START_GAP_MS))
+            documents = [{"id": turn, "title": "Q3 report", "document_type": "FILE"}]
+            started = TurnStarted(
+                **envelope,
+                type="turn.started",
+                event_id=self.uuid(),
+                occurred_at=at,
+                turn_id=turn_id,
+                user_query=rng.choice(QUERIES),
+                mentioned_documents=documents if rng.random() < 0.3 else [],
             )
+            records.append(self.encode(started))
             self.expect.messages += 2
             calls = self.calls() if rng.random() < 0.9 else []
             finalizes = 2 if rng.random() < cfg.second_finalize_rate else 1
+            if finalizes == 2:
+                self.shape("finalized_twice")
+            content: list[dict[str, Any]] = []
             for attempt in range(finalizes):
-                at += timedelta(milliseconds=rng.randint(1, 20000))
+                at += timedelta(milliseconds=rng.randint(1, FINALIZE_GAP_MS))
                 these_calls = calls if attempt == 0 else (self.calls() if calls else [])
-                events.append(
-                    TurnFinalized(
-                        **envelope,
-                        type="turn.finalized",
-                        event_id=self.uuid(),
-                        occurred_at=at,
-                        turn_id=turn_id,
-                        content=self.content(turn) if rng.random() < 0.95 else [],
-                        usage=TurnUsage(calls=these_calls) if these_calls else None,
-                    )
+                answer = f"Answer {turn}: {rng.choice(QUERIES)} …"
+                content = self.content(answer) if rng.random() < 0.95 else []
+                finalized = TurnFinalized(
+                    **envelope,
+                    type="turn.finalized",
+                    event_id=self.uuid(),
+                    occurred_at=at,
+                    turn_id=turn_id,
+                    content=_parts(content),
+                    usage=TurnUsage(calls=these_calls) if these_calls else None,
                 )
+                records.append(self.encode(finalized))
+            self.expect.keep_parts(content)  # the later finalize's content wins
             if calls:  # the first finalize's cost is authoritative
-                self.expect.count_usage(_by_model(calls))
+                self.expect.count_usage(_totals(calls), _by_model(calls))
+                self.expect.keep_calls(calls)
                 if rng.random() < cfg.legacy_rate:  # a legacy append shadowing it never wins
-                    events.append(self.legacy(envelope, at, turn_id, rng.choice(MODELS)[0]))
+                    self.shape("legacy_shadowing_a_turn")
+                    jitter = rng.randint(-LEGACY_JITTER_MS, LEGACY_JITTER_MS)
+                    shadow = at + timedelta(milliseconds=jitter)
+                    records.append(self.legacy(envelope, shadow, turn_id, wins=False))
             if rng.random() < cfg.legacy_rate:
-                events.append(self.standalone_legacy(envelope, at))
-        records = [e if isinstance(e, bytes) else encode_event(e) for e in events]
+                records.append(self.standalone_legacy(envelope, at))
         if rng.random() < cfg.shuffle_rate:
+            self.shape("shuffled_threads")
             rng.shuffle(records)  # e.g. finalize before start; the ledger must not care
+        records = self.retried(records)
         if rng.random() < cfg.poison_rate * cfg.turns_per_thread:
             records.append(self.poison(envelope))
             self.poisoned_threads.add(index)
         key = thread_key(thread_id)
         return [(key, value) for value in records]
 
+    def retried(self, records: list[bytes]) -> list[bytes]:
+        """Producer retries: the same record published again later, when possible after
+        other records of its thread (exact copies: same event_id, occurred_at, payload)."""
+        due: list[list[bytes]] = [[] for _ in range(len(records) + 1)]
+        for position, value in enumerate(records):
+            if self.rng.random() < self.config.retry_rate:
+                later = self.rng.randint(min(position + 2, len(records)), len(records))
+                due[later].append(value)
+                self.shape("retries_later")
+                self.expect.duplicates += 1
+        retried: list[bytes] = []
+        for position, value in enumerate(records):
+            retried += [*due[position], value]
+        return retried + due[len(records)]
+
+    def legacy_usage(self) -> tuple[dict[str, Any], dict[str, int], dict[str, dict[str, Any]]]:
+        """A legacy `token_usage` as a frontend sends it, its totals and its breakdown as the
+        ledger stores it: full, partial per model, `{}` or null (stored as `{}`)."""
+        cfg, rng = self.config, self.rng
+        full: dict[str, dict[str, Any]] = {}
+        for model in rng.sample([m[0] for m in MODELS], rng.randint(1, 2)):
+            prompt, completion = rng.randint(10, 900), rng.randint(1, 300)
+            full[model] = {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+                "cost_micros": rng.randint(1, 9000),
+            }
+        totals = {name: sum(entry[name] for entry in full.values()) for name in USAGE_MEASURES}
+        draw = rng.random()
+        breakdown: dict[str, dict[str, Any]] | None = full
+        shape = "full"
+        if draw < cfg.legacy_partial_rate:
+            shape, breakdown = "partial", {m: self.partial(e) for m, e in full.items()}
+        elif draw < cfg.legacy_partial_rate + cfg.legacy_empty_rate:
+            shape, breakdown = "empty", {}
+        elif draw < cfg.legacy_partial_rate + cfg.legacy_empty_rate + cfg.legacy_null_rate:
+            shape, breakdown = "null", None
+        self.shape(f"legacy_usage_{shape}")
+        details = [{"model": model, **entry} for model, entry in full.items()]
+        return {**totals, "usage": breakdown, "call_details": details}, totals, breakdown or {}
+
+    def partial(self, entry: dict[str, int]) -> dict[str, int | None]:
+        """Some of a model's measures (at least one left out; some of those sent as null)."""
+        kept = self.rng.sample(USAGE_MEASURES, self.rng.randint(0, 3))
+        return {
+            name: entry[name] if name in kept else None
+            for name in USAGE_MEASURES
+            if name in kept or self.rng.random() < 0.3
+        }
+
     def legacy(
-        self, envelope: dict[str, Any], at: datetime, turn_id: str | None, model: str
-    ) -> MessageAppended:
-        prompt, completion = self.rng.randint(10, 900), self.rng.randint(1, 300)
-        usage = ModelUsage(
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            total_tokens=prompt + completion,
-            cost_micros=self.rng.randint(1, 9000),
-        )
-        return MessageAppended(
+        self, envelope: dict[str, Any], at: datetime, turn_id: str | None, *, wins: bool
+    ) -> bytes:
+        """A v1 legacy assistant append with token usage; `wins` when it is a message of its
+        own (shadowing a server turn, it never wins)."""
+        token_usage, totals, breakdown = self.legacy_usage()
+        content = self.content(f"Answer 0: {self.rng.choice(QUERIES)} …")
+        if wins:
+            self.expect.count_usage(totals, breakdown)
+            self.expect.keep_parts(content)
+        message = MessageAppended(
             **envelope,
             type="message.appended",
             event_id=self.uuid(),
-            occurred_at=at + timedelta(milliseconds=self.rng.randint(-30000, 30000)),
+            occurred_at=at,
             turn_id=turn_id,
             role="assistant",
-            content=self.content(0),
-            token_usage=LegacyTokenUsage(
-                **usage.model_dump(),
-                usage={model: usage},
-                call_details=[{"model": model, **usage.model_dump()}],
-            ),
+            content=_parts(content),
         )
+        return self.encode(message, token_usage=token_usage)
 
-    def standalone_legacy(self, envelope: dict[str, Any], at: datetime) -> AnyEvent | bytes:
+    def standalone_legacy(self, envelope: dict[str, Any], at: datetime) -> bytes:
         """A legacy message without turn_id: a row of its own (keyed by its event_id)."""
         self.expect.messages += 1
         kind = self.rng.random()
-        if kind < 0.4:
-            message = self.legacy(envelope, at, None, self.rng.choice(MODELS)[0])
-            assert message.token_usage and message.token_usage.usage
-            self.expect.count_usage(message.token_usage.usage)
-            return message
         if kind < 0.7:
-            return MessageAppended(
+            self.shape("legacy_turnless_v1")
+        if kind < 0.4:
+            return self.legacy(envelope, at, None, wins=True)
+        if kind < 0.7:
+            content = self.content("typed in the old frontend", tools=False)
+            self.expect.keep_parts(content)
+            message = MessageAppended(
                 **envelope,
                 type="message.appended",
                 event_id=self.uuid(),
                 occurred_at=at,
                 role="user",
-                content=[ContentPart(type="text", text="typed in the old frontend")],
+                content=_parts(content),
             )
-        # v0 body: its event_id derives from the body, so the text must make it unique.
-        body = {
+            return self.encode(message)
+        return self.v0_body(envelope)
+
+    def v0_body(self, envelope: dict[str, Any]) -> bytes:
+        """A v0 body: its event_id derives from the body (the text makes it unique), its
+        occurred_at is the record timestamp; some are re-sent after everything else."""
+        self.shape("v0_bodies")
+        assistant = self.rng.random() < 0.5
+        content = self.content(f"old bundle message {self.uuid()}", tools=assistant)
+        body: dict[str, Any] = {
             "type": "message.appended",
             "schema_version": 0,
             "thread_id": envelope["thread_id"],
             "search_space_id": envelope["search_space_id"],
             "user_id": str(envelope["user_id"]),
             "turn_id": None,
-            "role": "user",
-            "content": [{"type": "text", "text": f"old bundle message {self.uuid()}"}],
+            "role": "assistant" if assistant else "user",
+            "content": content,
         }
-        return json.dumps(body).encode()
+        if assistant:
+            body["token_usage"], totals, breakdown = self.legacy_usage()
+            self.expect.count_usage(totals, breakdown)
+        self.expect.keep_parts(content)
+        value = json.dumps(body).encode()
+        if self.rng.random() < self.config.v0_resend_rate:
+            self.late.append((thread_key(envelope["thread_id"]), value))
+            self.shape("v0_resent_later")
+            self.expect.duplicates += 1
+        return value
 
     def poison(self, envelope: dict[str, Any]) -> bytes:
         self.expect.dead_letters += 1
+        self.shape("poison")
         good = {
             **envelope,
             "user_id": str(envelope["user_id"]),
             "type": "turn.started",
             "event_id": str(self.uuid()),
-            "occurred_at": self.config.start.isoformat(),
+            "occurred_at": self.start.isoformat(),
             "turn_id": "poison:1",
             "user_query": "q",
         }
@@ -302,16 +484,20 @@ class _Planner:
         return choice if isinstance(choice, bytes) else json.dumps(choice).encode()
 
 
-def _by_model(calls: list[UsageCall]) -> dict[str, ModelUsage]:
-    sums: dict[str, ModelUsage] = {}
+def _parts(parts: list[dict[str, Any]]) -> list[ContentPart]:
+    return [ContentPart.model_validate(part) for part in parts]
+
+
+def _totals(calls: list[UsageCall]) -> dict[str, int]:
+    return {name: sum(getattr(call, name) for call in calls) for name in USAGE_MEASURES}
+
+
+def _by_model(calls: list[UsageCall]) -> dict[str, dict[str, int]]:
+    sums: dict[str, dict[str, int]] = {}
     for call in calls:
-        prev = sums.get(call.model, ModelUsage())
-        sums[call.model] = ModelUsage(
-            prompt_tokens=call.prompt_tokens + (prev.prompt_tokens or 0),
-            completion_tokens=call.completion_tokens + (prev.completion_tokens or 0),
-            total_tokens=call.total_tokens + (prev.total_tokens or 0),
-            cost_micros=call.cost_micros + (prev.cost_micros or 0),
-        )
+        model = sums.setdefault(call.model, dict.fromkeys(USAGE_MEASURES, 0))
+        for name in USAGE_MEASURES:
+            model[name] += getattr(call, name)
     return sums
 
 
@@ -335,7 +521,11 @@ def plan_traffic(config: TrafficConfig) -> tuple[list[Record], Expectation]:
         if not is_poison and planner.rng.random() < config.duplicate_rate:
             records.append(record)  # a producer retry: the same bytes again
             planner.expect.duplicates += 1
+            planner.shape("duplicates_right_after")
         if is_last:
             live.pop(pick)
+    # v0 bodies re-sent by an old bundle after everything else: a later record timestamp.
+    planner.rng.shuffle(planner.late)
+    records += planner.late
     planner.expect.records = len(records)
     return records, planner.expect

@@ -22,10 +22,13 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy.engine import make_url
 
+from consumer.queries import usage_report
 from consumer.store import asyncpg_dsn
+from devstack import demo
 from devstack.postgres import PostgresServer, find_bindir
 from devstack.processes import free_port
 from producer.client import TurnEventProducer, ensure_topic
+from producer.events import USAGE_MEASURES
 from producer.simulator import Expectation
 
 REPO = Path(__file__).resolve().parents[2]
@@ -403,25 +406,17 @@ def log_messages(log: str) -> list[str]:
 
 
 async def ledger_summary(stack: Stack) -> dict[str, Any]:
-    """The ledger in the simulator's terms (Expectation.to_json)."""
+    """The ledger in the simulator's terms (Expectation.to_json); per model by the attribution
+    rule, as `token-ledger usage --by model` reports it, '(unattributed)' included."""
     conn = await stack.connect()
     try:
         threads = await conn.fetchval("SELECT count(*) FROM chat_threads")
         messages = await conn.fetchval("SELECT count(*) FROM chat_messages")
         usage_rows = await conn.fetchval("SELECT count(*) FROM token_usage")
-        per_model_rows = await conn.fetch(
-            "SELECT b.key AS model,"
-            " sum((b.value->>'prompt_tokens')::bigint) AS prompt_tokens,"
-            " sum((b.value->>'completion_tokens')::bigint) AS completion_tokens,"
-            " sum((b.value->>'total_tokens')::bigint) AS total_tokens,"
-            " sum((b.value->>'cost_micros')::bigint) AS cost_micros"
-            " FROM token_usage u, jsonb_each(u.model_breakdown) b GROUP BY b.key ORDER BY b.key"
-        )
+        by_model = await usage_report(conn, ["model"])
     finally:
         await conn.close()
-    per_model = {
-        r["model"]: {k: int(v) for k, v in dict(r).items() if k != "model"} for r in per_model_rows
-    }
+    per_model = {row["model"]: {name: row[name] for name in USAGE_MEASURES} for row in by_model}
     return {
         "threads": threads,
         "messages": messages,
@@ -433,6 +428,16 @@ async def ledger_summary(stack: Stack) -> dict[str, Any]:
 def expected_summary(expect: Expectation) -> dict[str, Any]:
     data = expect.to_json()
     return {k: data[k] for k in ("threads", "messages", "usage_rows", "per_model")}
+
+
+async def kept_unknown_fields(stack: Stack) -> dict[str, int]:
+    """What the ledger kept of the fields the simulator's producers add and this consumer does
+    not know, in the terms of Expectation.kept_unknown_fields (what `make demo` checks too)."""
+    conn = await stack.connect()
+    try:
+        return await demo.kept_unknown_fields(conn)
+    finally:
+        await conn.close()
 
 
 class ConsumerProcess:

@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 
-from producer.simulator import QUERIES, TrafficConfig, plan_traffic
+from producer.simulator import QUERIES, SHAPES, Expectation, TrafficConfig, plan_traffic
 from tests.integration.harness import (
     ConsumerProcess,
     Stack,
     expected_summary,
+    kept_unknown_fields,
     ledger_summary,
     wait_for,
 )
@@ -43,6 +44,13 @@ def _consumer(
     return process.start()
 
 
+def _every_shape(expect: Expectation, *but: str) -> Expectation:
+    """The plan carries every shape the simulator draws (SHAPES), so this test meets them."""
+    assert [name for name in SHAPES if not expect.shapes[name] and name not in but] == []
+    assert "(unattributed)" in expect.per_model
+    return expect
+
+
 async def test_end_to_end_ledger_equals_the_simulators_expectation(
     stack: Stack, processes: list[ConsumerProcess], tmp_path: Path
 ) -> None:
@@ -57,10 +65,12 @@ async def test_end_to_end_ledger_equals_the_simulators_expectation(
             start=START,
         )
     )
+    _every_shape(expect)
     await stack.publish(records)
     consumer = _consumer(stack, processes, tmp_path, "--until-idle", LEDGER_MAX_BATCH="100")
     assert consumer.wait() == 0, consumer.logs()
     assert await ledger_summary(stack) == expected_summary(expect)
+    assert await kept_unknown_fields(stack) == expect.kept_unknown_fields
     assert len(_first_of_each_source(await stack.dead_letters())) == expect.dead_letters
     assert await stack.caught_up()
     # Structured logs: every line is a JSON object; no password, message body or user query.
@@ -79,6 +89,7 @@ async def test_kill_9_mid_stream_and_restart_loses_and_duplicates_nothing(
     records, expect = plan_traffic(
         TrafficConfig(threads=150, turns_per_thread=5, seed=4, duplicate_rate=0.2, start=START)
     )
+    _every_shape(expect)
     await stack.publish_with_transactions(records, _aborted_traffic(seed=5))
     total = len(records)
     for round_ in range(3):
@@ -96,6 +107,7 @@ async def test_kill_9_mid_stream_and_restart_loses_and_duplicates_nothing(
     final = _consumer(stack, processes, tmp_path, "--until-idle")
     assert final.wait() == 0, final.logs()
     assert await ledger_summary(stack) == expected_summary(expect)
+    assert await kept_unknown_fields(stack) == expect.kept_unknown_fields
     assert len(_first_of_each_source(await stack.dead_letters())) == expect.dead_letters
 
 
@@ -289,8 +301,18 @@ async def test_operator_commands_dlq_usage_and_replay(
 ) -> None:
     stack = Stack.fresh(kafka_bootstrap, ledger_url, partitions=1)
     records, expect = plan_traffic(
-        TrafficConfig(threads=5, turns_per_thread=2, seed=3, poison_rate=0, start=START)
+        TrafficConfig(
+            threads=8,
+            turns_per_thread=2,
+            seed=9,
+            poison_rate=0,
+            legacy_rate=0.5,
+            retry_rate=0.1,
+            second_finalize_rate=0.2,
+            start=START,
+        )
     )
+    _every_shape(expect, "poison")
     poison = [(b"1", b"{not json"), (b"1", b'{"type":"turn.exploded","schema_version":1}')]
     await stack.publish(records + poison)
     assert _consumer(stack, processes, tmp_path, "--until-idle").wait() == 0
@@ -328,4 +350,5 @@ async def test_operator_commands_dlq_usage_and_replay(
     assert (await stack.stored_offsets())[0] == 0
     assert _consumer(stack, processes, tmp_path, "--until-idle").wait() == 0
     assert await ledger_summary(stack) == before == expected_summary(expect)
+    assert await kept_unknown_fields(stack) == expect.kept_unknown_fields
     assert stack.cli("replay").returncode == 2  # neither --from-time nor --to-offset

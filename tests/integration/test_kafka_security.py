@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -12,10 +13,17 @@ from pathlib import Path
 
 import pytest
 
+from consumer.failures import ExitCode
 from devstack.kafka import KafkaBroker
 from devstack.processes import free_port
 from producer.simulator import TrafficConfig, plan_traffic
-from tests.integration.harness import ConsumerProcess, Stack, expected_summary, ledger_summary
+from tests.integration.harness import (
+    REPO,
+    ConsumerProcess,
+    Stack,
+    expected_summary,
+    ledger_summary,
+)
 
 USER, PASSWORD = "ledger-consumer", "correct-horse-battery"
 
@@ -145,17 +153,33 @@ def test_wrong_credentials_fail_with_one_clear_line(
 ) -> None:
     stack = Stack.fresh(secure_broker.bootstrap, ledger_url)
     wrong = "not-the-password-4711"
-    consumer = ConsumerProcess(
-        _sasl_env(stack, secure_broker, wrong, LEDGER_LOG_FORMAT="text"), tmp_path / "c.log"
-    ).start()
+    env = _sasl_env(stack, secure_broker, wrong, LEDGER_LOG_FORMAT="text")
+    consumer = ConsumerProcess(env, tmp_path / "c.log").start()
     try:
-        assert consumer.wait(timeout=90) == 1
+        assert consumer.wait(timeout=90) == ExitCode.KAFKA_AUTHENTICATION
     finally:
         consumer.stop_quietly()
-    output = consumer.logs()
-    assert f"cannot connect to Kafka at {secure_broker.sasl_bootstrap} (SASL_PLAINTEXT)" in output
-    assert "Traceback" not in output
-    assert wrong not in output
+    # An operator command the same way: its own line, not the consumer's.
+    listed = subprocess.run(
+        [sys.executable, "-m", "consumer", "dlq", "list"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert listed.returncode == ExitCode.KAFKA_AUTHENTICATION, listed.stderr
+    for output in (consumer.logs(), listed.stderr):
+        lines = output.strip().splitlines()
+        assert len(lines) <= 2, output  # aiokafka's own line, then ours
+        assert lines[-1].startswith(
+            f"token-ledger: cannot connect to Kafka at {secure_broker.sasl_bootstrap} "
+            "(SASL_PLAINTEXT): authentication failed"
+        ), output
+        assert "LEDGER_KAFKA_SASL_PASSWORD" in lines[-1]
+        assert "Traceback" not in output
+        assert wrong not in output
 
 
 async def test_consumer_connects_over_tls_with_the_configured_ca(
@@ -184,12 +208,14 @@ async def test_consumer_connects_over_tls_with_the_configured_ca(
         consumer.stop_quietly()
     assert await ledger_summary(stack) == expected_summary(expect)
 
-    # Without our CA the broker's certificate is not trusted: one line, exit 1.
+    # Without our CA the broker's certificate is not trusted: one line naming the fix.
     untrusted = ConsumerProcess(
         {**env, "LEDGER_KAFKA_SSL_CAFILE": "", "LEDGER_LOG_FORMAT": "text"}, tmp_path / "u.log"
     ).start()
     try:
-        assert untrusted.wait(timeout=90) == 1, untrusted.logs()
+        assert untrusted.wait(timeout=90) == ExitCode.KAFKA_AUTHENTICATION, untrusted.logs()
     finally:
         untrusted.stop_quietly()
-    assert "cannot connect to Kafka" in untrusted.logs()
+    last = untrusted.logs().strip().splitlines()[-1]
+    assert last.startswith("token-ledger: cannot connect to Kafka"), untrusted.logs()
+    assert "TLS failed" in last and "LEDGER_KAFKA_SSL_CAFILE" in last

@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import asyncpg
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -21,7 +20,6 @@ from rich.table import Table
 
 from consumer.logs import configure_logging
 from consumer.settings import Settings, SettingsError, load_settings
-from consumer.store import asyncpg_dsn
 from consumer.tables import print_table
 from producer.client import TurnEventProducer, ensure_topic
 from producer.simulator import TrafficConfig, plan_traffic
@@ -74,10 +72,9 @@ def migrate(
 ) -> None:
     """Create or upgrade the ledger schema (alembic migrations)."""
     settings = _settings()
-    from consumer import migrate as migrations
+    from consumer.schema import migrate as run_migrate
 
-    migrations.upgrade(settings.database_url.get_secret_value(), revision)
-    typer.echo(f"database migrated to {revision}")
+    typer.echo(run_migrate(settings, revision))
 
 
 @app.command()
@@ -239,6 +236,7 @@ def usage(
     """Billing report: tokens and cost by user, search space, model and/or day."""
     settings = _settings()
     from consumer.queries import USAGE_DIMENSIONS, USAGE_MEASURES, usage_report
+    from consumer.schema import connect_checked
 
     group_by = by or ["space", "model"]
     if bad := [d for d in group_by if d not in USAGE_DIMENSIONS]:
@@ -249,7 +247,7 @@ def usage(
         raise typer.Exit(2)
 
     async def report() -> list[dict[str, Any]]:
-        conn = await asyncpg.connect(asyncpg_dsn(settings.database_url.get_secret_value()))
+        conn = await connect_checked(settings)
         try:
             return await usage_report(conn, group_by, _utc(since), _utc(until))
         finally:

@@ -22,8 +22,9 @@ from consumer import dlq
 from consumer.failures import TopicMissingError
 from consumer.ledger import Difference, compare, expected_rows, rebuild, totals
 from consumer.queries import read_ledger, rewind_offsets
+from consumer.schema import connect_checked
 from consumer.settings import Settings
-from consumer.store import asyncpg_dsn, load_offsets
+from consumer.store import load_offsets
 from producer.client import ProducerResource
 from producer.events import AnyEvent, Rejection, decode_event
 
@@ -33,7 +34,7 @@ FETCH_BYTES = 64 * 1024 * 1024
 
 @asynccontextmanager
 async def _database(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(asyncpg_dsn(settings.database_url.get_secret_value()))
+    conn = await connect_checked(settings)  # a ledger whose schema this release can read
     try:
         yield conn
     finally:

@@ -105,16 +105,18 @@ async def consume(settings: Settings, *, until_idle: bool = False) -> dict[int, 
             pipeline = await _start(settings, stack, until_idle)
             if not stopping:
                 await pipeline.run(until_idle=until_idle)
-            return dict(pipeline.readiness.halted)
+            halted = dict(pipeline.readiness.halted)
     except asyncio.CancelledError:
         if not stopping:
             raise
-        return {}
+        halted = {}
     finally:
         for sig, handler in previous.items():
             loop.remove_signal_handler(sig)
             signal.signal(sig, handler)
-        log.info("stopped")
+    # Not when it failed: then the command's one line (consumer/failures.py) says why.
+    log.info("stopped")
+    return halted
 
 
 async def _start(settings: Settings, stack: AsyncExitStack, until_idle: bool) -> Pipeline:

@@ -160,13 +160,15 @@ _DATABASE_BUSY = ("53", "57P")
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:
-    """The error and what caused it (SQLAlchemy and alembic wrap the asyncpg error)."""
+    """The error and what it says caused it (`raise ... from`: SQLAlchemy wraps asyncpg's
+    error so). Not the error it was raised while handling: a bug in an except block stays a
+    bug, whatever it was handling."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         yield current
-        current = current.__cause__ or current.__context__
+        current = current.__cause__
 
 
 def _raised_by_asyncpg(error: BaseException) -> bool:

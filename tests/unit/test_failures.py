@@ -110,6 +110,18 @@ def test_a_wrapped_driver_error_is_found_under_its_wrapper(settings: Settings) -
     assert isinstance(translate(wrapped.value, settings), PermissionDeniedError)
 
 
+def test_a_bug_while_handling_a_driver_error_stays_a_bug(settings: Settings) -> None:
+    def handle() -> None:
+        try:
+            raise asyncpg.InvalidPasswordError("password authentication failed")
+        except asyncpg.PostgresError:
+            raise KeyError("positions") from None
+
+    with pytest.raises(KeyError) as raised:
+        handle()
+    assert translate(raised.value, settings) is None
+
+
 def test_bugs_are_not_translated(settings: Settings) -> None:
     assert translate(KeyError("positions"), settings) is None
     assert translate(asyncpg.UndefinedColumnError("column x does not exist"), settings) is None

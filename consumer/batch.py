@@ -51,7 +51,9 @@ def decode_records(records: list[Record], *, max_bytes: int, max_future_skew: ti
             max_future_skew=max_future_skew,
         )
         if isinstance(result, Rejection):
-            decoded.letters.append(DeadLetter(record, result.reason, result.detail))
+            decoded.letters.append(
+                DeadLetter(record, result.reason, result.detail, result.event_type)
+            )
         else:
             decoded.events.append(result)
             decoded.records.append(record)

@@ -1,6 +1,7 @@
 """`token-ledger`: parse arguments, load settings, configure logging, call one coroutine.
 
-No logic lives here. A bad setting exits 2 with one line naming the variable.
+No logic lives here. A bad setting exits 2 with one line naming the variable; every other
+expected failure is one line and an exit code from the table in consumer/failures.py.
 """
 
 from __future__ import annotations
@@ -12,16 +13,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import asyncpg
 import typer
-from aiokafka.errors import KafkaConnectionError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
 from consumer.logs import configure_logging
 from consumer.settings import Settings, SettingsError, load_settings
-from consumer.store import asyncpg_dsn
 from consumer.tables import print_table
 from producer.client import TurnEventProducer, ensure_topic
 from producer.simulator import TrafficConfig, plan_traffic
@@ -60,23 +58,8 @@ def consume(
     settings = _settings()
     configure_logging(settings.log_format, settings.log_level)
     from consumer.service import consume as run_consumer
-    from consumer.topics import TopicConfigError
 
-    try:
-        halted = asyncio.run(run_consumer(settings, until_idle=until_idle))
-    except TopicConfigError as exc:
-        typer.echo(f"token-ledger: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except SettingsError as exc:  # e.g. a metrics host or port that cannot be bound
-        typer.echo(f"token-ledger: configuration error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except KafkaConnectionError as exc:  # at start: wrong address, TLS or credentials
-        typer.echo(
-            f"token-ledger: cannot connect to Kafka at {settings.kafka_bootstrap} "
-            f"({settings.kafka_security_protocol}): {type(exc).__name__}",
-            err=True,
-        )
-        raise typer.Exit(1) from None
+    halted = asyncio.run(run_consumer(settings, until_idle=until_idle))
     if until_idle and halted:  # it could not finish those partitions (logged as ERROR)
         stopped = "; ".join(f"partition {p}: {why}" for p, why in sorted(halted.items()))
         typer.echo(f"token-ledger: partitions stopped: {stopped}", err=True)
@@ -89,10 +72,9 @@ def migrate(
 ) -> None:
     """Create or upgrade the ledger schema (alembic migrations)."""
     settings = _settings()
-    from consumer import migrate as migrations
+    from consumer.schema import migrate as run_migrate
 
-    migrations.upgrade(settings.database_url.get_secret_value(), revision)
-    typer.echo(f"database migrated to {revision}")
+    typer.echo(run_migrate(settings, revision))
 
 
 @app.command()
@@ -282,6 +264,7 @@ def usage(
     """Billing report: tokens and cost by user, search space, model and/or day."""
     settings = _settings()
     from consumer.queries import USAGE_DIMENSIONS, USAGE_MEASURES, usage_report
+    from consumer.schema import connect_checked
 
     group_by = by or ["space", "model"]
     if bad := [d for d in group_by if d not in USAGE_DIMENSIONS]:
@@ -292,7 +275,7 @@ def usage(
         raise typer.Exit(2)
 
     async def report() -> list[dict[str, Any]]:
-        conn = await asyncpg.connect(asyncpg_dsn(settings.database_url.get_secret_value()))
+        conn = await connect_checked(settings)
         try:
             return await usage_report(conn, group_by, _utc(since), _utc(until))
         finally:
@@ -317,7 +300,6 @@ def _utc(moment: datetime | None) -> datetime | None:
 
 
 def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    from consumer.failures import run_cli
+
+    sys.exit(run_cli(app))  # the one place failures become a line and an exit code

@@ -68,6 +68,7 @@ class DeadLetter:
     record: ConsumerRecord  # [bytes, bytes]; aiokafka ships no type information
     reason: RejectReason
     detail: str
+    event_type: str | None = None  # for metrics: the type the record names, if one of ours
 
 
 def dead_letter_headers(letter: DeadLetter, failed_at: datetime) -> list[tuple[str, bytes]]:

@@ -53,3 +53,5 @@ def configure_logging(log_format: str, level: str) -> None:
     root.setLevel(level)
     # aiokafka logs every retriable broker hiccup at ERROR/WARNING; keep ours readable.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+    # alembic announces its plugins at INFO whenever `consume` reads the migrations' revisions.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))

@@ -167,7 +167,7 @@ class LedgerMetrics:
         seconds: float,
         outcomes: list[tuple[str, datetime, Outcome]],
         unknown_fields: list[tuple[str, int]],
-        undecodable: int,
+        undecodable: list[str | None],
         dead_letter_reasons: list[str],
         usage_changes: list[UsageChange],
     ) -> None:
@@ -182,8 +182,8 @@ class LedgerMetrics:
                 self.event_lag.observe(max(0.0, (now - occurred_at).total_seconds()))
         for event_type, count in unknown_fields:
             self.unknown_fields.labels(event_type).inc(count)
-        if undecodable:
-            self.events.labels("unknown", Outcome.REJECTED.value).inc(undecodable)
+        for named in undecodable:  # the type the record names if it is one of ours
+            self.events.labels(named or "unknown", Outcome.REJECTED.value).inc()
         for reason in dead_letter_reasons:
             self.dead_letters.labels(reason).inc()
         self.count_usage(usage_changes)

@@ -15,13 +15,16 @@ from datetime import datetime
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import UnknownTopicOrPartitionError, for_code
 from aiokafka.structs import ConsumerRecord
 
 from consumer import dlq
+from consumer.failures import TopicMissingError
 from consumer.ledger import Difference, compare, expected_rows, rebuild, totals
 from consumer.queries import read_ledger, rewind_offsets
+from consumer.schema import connect_checked
 from consumer.settings import Settings
-from consumer.store import asyncpg_dsn, load_offsets
+from consumer.store import load_offsets
 from producer.client import ProducerResource
 from producer.events import AnyEvent, Rejection, decode_event
 
@@ -31,7 +34,7 @@ FETCH_BYTES = 64 * 1024 * 1024
 
 @asynccontextmanager
 async def _database(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(asyncpg_dsn(settings.database_url.get_secret_value()))
+    conn = await connect_checked(settings)  # a ledger whose schema this release can read
     try:
         yield conn
     finally:
@@ -51,28 +54,41 @@ async def _reader(settings: Settings) -> AsyncIterator[AIOKafkaConsumer]:
         fetch_max_bytes=FETCH_BYTES,
         **settings.kafka_security(),
     )
-    await consumer.start()
     try:
+        await consumer.start()
         yield consumer
-    finally:
+    finally:  # also when start() fails: its half-made connections would be reported unclosed
         await consumer.stop()
 
 
-async def _partitions(settings: Settings, topic: str) -> list[TopicPartition]:
+async def _partitions(
+    settings: Settings, topic: str, *, variable: str | None = None
+) -> list[TopicPartition]:
+    """The topic's partitions. A topic named by `variable` must exist (else TopicMissingError);
+    one that may not exist yet (the dead letters, before the first) has none."""
     admin = AIOKafkaAdminClient(
         bootstrap_servers=settings.kafka_bootstrap, **settings.kafka_security()
     )
-    await admin.start()
     try:
+        await admin.start()
         described = await admin.describe_topics([topic])
     finally:
         await admin.close()
-    return sorted(
+    for t in described:  # e.g. TOPIC_AUTHORIZATION_FAILED: not the same as a missing topic
+        if t["topic"] == topic and t["error_code"] not in (0, UnknownTopicOrPartitionError.errno):
+            raise for_code(t["error_code"])(f"describing topic {topic}")
+    found = sorted(
         TopicPartition(topic, p["partition"])
         for t in described
         if t["topic"] == topic and t["error_code"] == 0
         for p in t["partitions"]
     )
+    if not found and variable is not None:
+        raise TopicMissingError(
+            f"topic {topic} does not exist at {settings.kafka_bootstrap}: check {variable} "
+            "(`token-ledger consume` creates it)"
+        )
+    return found
 
 
 async def read_range(
@@ -125,7 +141,7 @@ async def verify(settings: Settings) -> VerifyReport:
     """Rebuild the ledger from the topic (up to the stored offsets) and compare it."""
     report = VerifyReport()
     async with _reader(settings) as consumer, _database(settings) as conn:
-        partitions = await _partitions(settings, settings.topic)
+        partitions = await _partitions(settings, settings.topic, variable="LEDGER_TOPIC")
         stored = await load_offsets(
             conn, settings.group_id, settings.topic, [tp.partition for tp in partitions]
         )
@@ -165,7 +181,7 @@ async def replay(
     async with _reader(settings) as consumer, _database(settings) as conn:
         partitions = [
             tp
-            for tp in await _partitions(settings, settings.topic)
+            for tp in await _partitions(settings, settings.topic, variable="LEDGER_TOPIC")
             if partition is None or tp.partition == partition
         ]
         if from_time is not None:
@@ -197,9 +213,9 @@ class DeadLetterView:
 
 
 async def _dead_letters(
-    settings: Settings, consumer: AIOKafkaConsumer, topic: str
+    settings: Settings, consumer: AIOKafkaConsumer, topic: str, *, variable: str | None = None
 ) -> AsyncIterator[ConsumerRecord]:
-    partitions = await _partitions(settings, topic)
+    partitions = await _partitions(settings, topic, variable=variable)
     ends = await consumer.end_offsets(partitions) if partitions else {}
     async for record in read_range(consumer, ends):
         yield record
@@ -222,7 +238,10 @@ def _view(record: ConsumerRecord) -> DeadLetterView:
 async def list_dead_letters(settings: Settings, reason: str | None = None) -> list[DeadLetterView]:
     async with _reader(settings) as consumer:
         views = [
-            _view(record) async for record in _dead_letters(settings, consumer, settings.dlq_topic)
+            _view(record)
+            async for record in _dead_letters(
+                settings, consumer, settings.dlq_topic, variable="LEDGER_DLQ_TOPIC"
+            )
         ]
     return [view for view in views if reason is None or view.reason == reason]
 
@@ -238,7 +257,9 @@ async def replay_dead_letters(
     async with _reader(settings) as consumer:
         chosen = [
             record
-            async for record in _dead_letters(settings, consumer, settings.dlq_topic)
+            async for record in _dead_letters(
+                settings, consumer, settings.dlq_topic, variable="LEDGER_DLQ_TOPIC"
+            )
             if reason is None or _view(record).reason == reason
         ]
     if dry_run or not chosen:

@@ -552,7 +552,7 @@ class Pipeline:
                 for event, _ in applied.events
                 if event.unknown_fields
             ],
-            undecodable=len(decode_letters),
+            undecodable=[letter.event_type for letter in decode_letters],
             dead_letter_reasons=[letter.reason.value for letter in letters],
             usage_changes=[change for plan in applied.plans for change in plan.usage_changes],
         )

@@ -1,8 +1,13 @@
 """`token-ledger consume`: build every resource, run the pipeline, release everything.
 
 Resources are async context managers composed with an AsyncExitStack, released in reverse
-order: the HTTP server, then the consumer (leaving the group), the dead-letter producer, and
-the database pool last, each for a bounded time.
+order: the consumer (leaving the group), the dead-letter producer, the HTTP server, and the
+database pool last, each for a bounded time.
+
+Start: topics, the pool, one look at the database (schema.check_database: login, schema
+revision, privileges; a definite refusal stops the command with its one line), the HTTP server,
+then, if the database did not answer, a wait for it (not ready meanwhile), and only then the
+group.
 
 SIGTERM/SIGINT, at any moment from the first line on (SPEC section 4): while starting, the
 start is abandoned; while running, the batch in flight may finish; either way the process
@@ -27,6 +32,7 @@ from consumer.logs import fields
 from consumer.metrics import LedgerMetrics
 from consumer.outages import KafkaLogFilter
 from consumer.pipeline import Pipeline
+from consumer.schema import check_database, wait_until_usable
 from consumer.settings import Settings
 from consumer.store import create_pool, ping
 from consumer.topics import prepare_topics
@@ -99,16 +105,18 @@ async def consume(settings: Settings, *, until_idle: bool = False) -> dict[int, 
             pipeline = await _start(settings, stack, until_idle)
             if not stopping:
                 await pipeline.run(until_idle=until_idle)
-            return dict(pipeline.readiness.halted)
+            halted = dict(pipeline.readiness.halted)
     except asyncio.CancelledError:
         if not stopping:
             raise
-        return {}
+        halted = {}
     finally:
         for sig, handler in previous.items():
             loop.remove_signal_handler(sig)
             signal.signal(sig, handler)
-        log.info("stopped")
+    # Not when it failed: then the command's one line (consumer/failures.py) says why.
+    log.info("stopped")
+    return halted
 
 
 async def _start(settings: Settings, stack: AsyncExitStack, until_idle: bool) -> Pipeline:
@@ -120,6 +128,20 @@ async def _start(settings: Settings, stack: AsyncExitStack, until_idle: bool) ->
     pool = await create_pool(settings.database_url.get_secret_value())
     stack.push_async_callback(_bounded(pool.close, "database pool"))
     stack.callback(pool.terminate)  # whatever the bounded close left open
+    # Before joining the group: a refused login or a wrong schema met later, inside aiokafka's
+    # rebalance listener, would only be logged there and swallowed. A refusal stops us here.
+    unreachable = await check_database(pool, settings)
+
+    async def database_answers() -> bool:
+        return await ping(pool)
+
+    health = HealthServer(
+        settings.metrics_host, settings.metrics_port, metrics, readiness, database_answers
+    )
+    await health.start()
+    stack.push_async_callback(_bounded(health.stop, "HTTP server"))
+    if unreachable is not None:  # waited for like any outage: alive, not ready
+        await wait_until_usable(pool, settings, readiness, unreachable)
     dlq = await DeadLetterQueue(
         settings.kafka_bootstrap, settings.dlq_topic, **security
     ).__aenter__()
@@ -133,15 +155,6 @@ async def _start(settings: Settings, stack: AsyncExitStack, until_idle: bool) ->
     await consumer.start()
     stack.push_async_callback(_bounded(consumer.stop, "Kafka consumer"))  # leaves the group
     stack.push_async_callback(pipeline.stop)  # runs first: waits for the batch in flight
-
-    async def database_answers() -> bool:
-        return await ping(pool)
-
-    health = HealthServer(
-        settings.metrics_host, settings.metrics_port, metrics, readiness, database_answers
-    )
-    await health.start()
-    stack.push_async_callback(_bounded(health.stop, "HTTP server"))
     log.info(
         "consuming",
         extra=fields(

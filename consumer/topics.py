@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import UnknownTopicOrPartitionError, for_code
 
 from consumer.dlq import HEADER_HEADROOM
 from consumer.errors import LedgerError
@@ -33,8 +34,10 @@ async def _max_message_bytes(admin: AIOKafkaAdminClient, topic: str) -> int:
         responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
         for response in responses:
             for resource in response.to_object()["resources"]:
-                if resource["error_code"] != 0:
-                    continue
+                if resource["error_code"] == UnknownTopicOrPartitionError.errno:
+                    continue  # not propagated yet
+                if resource["error_code"] != 0:  # e.g. not authorised: asking again won't help
+                    raise for_code(resource["error_code"])(f"describing topic {topic}")
                 for entry in resource["config_entries"]:
                     if entry["config_names"] == MAX_MESSAGE_BYTES:
                         return int(entry["config_value"])

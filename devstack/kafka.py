@@ -107,6 +107,10 @@ class KafkaBroker:
     # Optional SSL listener; the keystore is one PEM file: PKCS#8 key, then the certificate chain.
     ssl_port: int | None = None
     ssl_keystore: Path | None = None
+    # Optional ACLs (KRaft's StandardAuthorizer): what no ACL names stays open to everyone, and
+    # the PLAINTEXT listeners' ANONYMOUS principal is a super user, so only what a test denies
+    # is denied.
+    authorizer: bool = False
 
     def __post_init__(self) -> None:
         self.workdir = self.workdir.resolve()  # postgres and java run with other cwds
@@ -145,6 +149,12 @@ class KafkaBroker:
             extra += [
                 "listener.name.ssl.ssl.keystore.type=PEM",
                 f"listener.name.ssl.ssl.keystore.location={self.ssl_keystore}",
+            ]
+        if self.authorizer:
+            extra += [
+                "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                "allow.everyone.if.no.acl.found=true",
+                "super.users=User:ANONYMOUS",
             ]
         return ",".join(listeners), protocols, extra
 

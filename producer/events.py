@@ -272,6 +272,9 @@ class Rejection(BaseModel):
     model_config = ConfigDict(frozen=True)
     reason: RejectReason
     detail: str
+    # The type the record's JSON names, when it is one of ours: metrics label the dead letter
+    # with it (events_total{type}) instead of "unknown".
+    event_type: str | None = None
 
 
 AnyEvent = TurnStarted | TurnFinalized | MessageAppended
@@ -362,17 +365,22 @@ def _decode(
         )
     except (ValueError, RecursionError) as exc:  # an integer past 4300 digits, deep nesting
         return Rejection(reason=RejectReason.INVALID_JSON, detail=type(exc).__name__)
+    event_type = _known_type(document)
     if value.count(b"[") + value.count(b"{") > MAX_NESTING and _nesting(document) > MAX_NESTING:
         return Rejection(
-            reason=RejectReason.INVALID_JSON, detail=f"nested deeper than {MAX_NESTING} levels"
+            reason=RejectReason.INVALID_JSON,
+            detail=f"nested deeper than {MAX_NESTING} levels",
+            event_type=event_type,
         )
     if (b"\\ud" in value or b"\\uD" in value) and _has_lone_surrogate(document):
         return Rejection(
-            reason=RejectReason.INVALID_JSON, detail="a \\u escape names a lone UTF-16 surrogate"
+            reason=RejectReason.INVALID_JSON,
+            detail="a \\u escape names a lone UTF-16 surrogate",
+            event_type=event_type,
         )
     result = _validate(document, timestamp_ms)
     if isinstance(result, Rejection):
-        return result
+        return result.model_copy(update={"event_type": event_type})
     if max_future_skew is not None and timestamp_ms is not None and timestamp_ms >= 0:
         record_time = _record_time(timestamp_ms)
         if record_time is not None and result.occurred_at - record_time > max_future_skew:
@@ -380,6 +388,7 @@ def _decode(
                 reason=RejectReason.OCCURRED_AT_IN_FUTURE,
                 detail=f"occurred_at is {(result.occurred_at - record_time).total_seconds():.0f}s"
                 f" ahead of the record timestamp (limit {max_future_skew.total_seconds():.0f}s)",
+                event_type=result.type,
             )
     result._unknown_fields = _count_unknown(result, document)
     return result
@@ -396,6 +405,11 @@ def _nesting(document: Any) -> int:
             inner = value.values() if isinstance(value, dict) else value
             stack.extend((item, depth + 1) for item in inner if isinstance(item, dict | list))
     return deepest
+
+
+def _known_type(document: Any) -> str | None:
+    kind = document.get("type") if isinstance(document, dict) else None
+    return kind if isinstance(kind, str) and kind in _KNOWN_TYPES else None
 
 
 def _has_lone_surrogate(document: Any) -> bool:

@@ -82,12 +82,12 @@ class Stack:
             **extra,
         }
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """`token-ledger ARGS` against this stack."""
+    def cli(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        """`token-ledger ARGS` against this stack (`env`: extra LEDGER_* variables)."""
         return subprocess.run(
             [sys.executable, "-m", "consumer", *args],
             cwd=REPO,
-            env=self.env(),
+            env=self.env(**env),
             capture_output=True,
             text=True,
             timeout=120,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -12,12 +13,30 @@ from pathlib import Path
 
 import pytest
 
+# Re-exported without __all__, which mypy's strict mode does not count as exported.
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AclBinding,
+    AclOperation,
+    AclPermissionType,
+    AdminClient,
+    ResourcePatternType,
+    ResourceType,
+)
+
+from consumer.failures import ExitCode
 from devstack.kafka import KafkaBroker
 from devstack.processes import free_port
 from producer.simulator import TrafficConfig, plan_traffic
-from tests.integration.harness import ConsumerProcess, Stack, expected_summary, ledger_summary
+from tests.integration.harness import (
+    REPO,
+    ConsumerProcess,
+    Stack,
+    expected_summary,
+    ledger_summary,
+)
 
 USER, PASSWORD = "ledger-consumer", "correct-horse-battery"
+LIMITED, LIMITED_PASSWORD = "ledger-limited", "staple-limited-4242"  # denied by an ACL
 
 
 def _certificates(directory: Path) -> tuple[Path, Path]:
@@ -94,7 +113,8 @@ def secure_broker(certificates: tuple[Path, Path]) -> Iterator[KafkaBroker]:
         port=free_port(),
         controller_port=free_port(),
         sasl_port=free_port(),
-        scram_users={USER: PASSWORD},
+        scram_users={USER: PASSWORD, LIMITED: LIMITED_PASSWORD},
+        authorizer=True,
         ssl_port=free_port(),
         ssl_keystore=certificates[1],
     )
@@ -145,17 +165,33 @@ def test_wrong_credentials_fail_with_one_clear_line(
 ) -> None:
     stack = Stack.fresh(secure_broker.bootstrap, ledger_url)
     wrong = "not-the-password-4711"
-    consumer = ConsumerProcess(
-        _sasl_env(stack, secure_broker, wrong, LEDGER_LOG_FORMAT="text"), tmp_path / "c.log"
-    ).start()
+    env = _sasl_env(stack, secure_broker, wrong, LEDGER_LOG_FORMAT="text")
+    consumer = ConsumerProcess(env, tmp_path / "c.log").start()
     try:
-        assert consumer.wait(timeout=90) == 1
+        assert consumer.wait(timeout=90) == ExitCode.KAFKA_AUTHENTICATION
     finally:
         consumer.stop_quietly()
-    output = consumer.logs()
-    assert f"cannot connect to Kafka at {secure_broker.sasl_bootstrap} (SASL_PLAINTEXT)" in output
-    assert "Traceback" not in output
-    assert wrong not in output
+    # An operator command the same way: its own line, not the consumer's.
+    listed = subprocess.run(
+        [sys.executable, "-m", "consumer", "dlq", "list"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert listed.returncode == ExitCode.KAFKA_AUTHENTICATION, listed.stderr
+    for output in (consumer.logs(), listed.stderr):
+        lines = output.strip().splitlines()
+        assert len(lines) <= 2, output  # aiokafka's own line, then ours
+        assert lines[-1].startswith(
+            f"token-ledger: cannot connect to Kafka at {secure_broker.sasl_bootstrap} "
+            "(SASL_PLAINTEXT): authentication failed"
+        ), output
+        assert "LEDGER_KAFKA_SASL_PASSWORD" in lines[-1]
+        assert "Traceback" not in output
+        assert wrong not in output
 
 
 async def test_consumer_connects_over_tls_with_the_configured_ca(
@@ -184,12 +220,64 @@ async def test_consumer_connects_over_tls_with_the_configured_ca(
         consumer.stop_quietly()
     assert await ledger_summary(stack) == expected_summary(expect)
 
-    # Without our CA the broker's certificate is not trusted: one line, exit 1.
+    # Without our CA the broker's certificate is not trusted: one line naming the fix.
     untrusted = ConsumerProcess(
         {**env, "LEDGER_KAFKA_SSL_CAFILE": "", "LEDGER_LOG_FORMAT": "text"}, tmp_path / "u.log"
     ).start()
     try:
-        assert untrusted.wait(timeout=90) == 1, untrusted.logs()
+        assert untrusted.wait(timeout=90) == ExitCode.KAFKA_AUTHENTICATION, untrusted.logs()
     finally:
         untrusted.stop_quietly()
-    assert "cannot connect to Kafka" in untrusted.logs()
+    last = untrusted.logs().strip().splitlines()[-1]
+    assert last.startswith("token-ledger: cannot connect to Kafka"), untrusted.logs()
+    assert "TLS failed" in last and "LEDGER_KAFKA_SSL_CAFILE" in last
+
+
+def test_a_denied_acl_is_permission_denied(
+    secure_broker: KafkaBroker, ledger_url: str, tmp_path: Path
+) -> None:
+    """A principal the broker authenticates but does not authorise: one line, exit 7."""
+    stack = Stack.fresh(secure_broker.bootstrap, ledger_url)
+    admin = AdminClient({"bootstrap.servers": secure_broker.bootstrap})  # ANONYMOUS: super user
+    denials = [
+        AclBinding(
+            kind,
+            prefix,
+            ResourcePatternType.PREFIXED,
+            f"User:{LIMITED}",
+            "*",
+            AclOperation.ALL,
+            AclPermissionType.DENY,
+        )
+        for kind, prefix in ((ResourceType.TOPIC, stack.topic), (ResourceType.GROUP, "group-"))
+    ]
+    for future in admin.create_acls(denials).values():
+        future.result(timeout=30)
+    env = stack.env(
+        LEDGER_KAFKA_BOOTSTRAP=secure_broker.sasl_bootstrap,
+        LEDGER_KAFKA_SECURITY_PROTOCOL="SASL_PLAINTEXT",
+        LEDGER_KAFKA_SASL_MECHANISM="SCRAM-SHA-256",
+        LEDGER_KAFKA_SASL_USERNAME=LIMITED,
+        LEDGER_KAFKA_SASL_PASSWORD=LIMITED_PASSWORD,
+        LEDGER_LOG_FORMAT="text",
+    )
+    consumer = ConsumerProcess(env, tmp_path / "c.log").start()
+    try:
+        assert consumer.wait(timeout=90) == ExitCode.PERMISSION_DENIED, consumer.logs()
+    finally:
+        consumer.stop_quietly()
+    listed = subprocess.run(
+        [sys.executable, "-m", "consumer", "dlq", "list"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert listed.returncode == ExitCode.PERMISSION_DENIED, listed.stderr
+    for output in (consumer.logs(), listed.stderr):
+        lines = output.strip().splitlines()
+        assert len(lines) <= 2, output
+        assert "TopicAuthorizationFailedError" in lines[-1] and "grant" in lines[-1], output
+        assert "Traceback" not in output and LIMITED_PASSWORD not in output

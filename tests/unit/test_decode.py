@@ -314,3 +314,24 @@ def test_encode_decode_round_trip_of_every_example() -> None:
         event = decode_event(example_bytes(name), timestamp_ms=TS)
         assert not isinstance(event, Rejection)
         assert decode_event(encode_event(event), timestamp_ms=TS) == event
+
+
+@pytest.mark.parametrize(
+    ("value", "event_type"),
+    [
+        (_with("turn.finalized", content=[{"type": 1}]), "turn.finalized"),  # schema_invalid
+        (_with("turn.started", schema_version=2), "turn.started"),  # unsupported_version
+        (_with("message.appended", role="robot"), "message.appended"),
+        (_with("turn.started", occurred_at="2026-11-26T12:00:00Z"), "turn.started"),  # future
+        (_with("turn.started", type="turn.exploded"), None),  # unknown_type
+        (_with("turn.started", type=["turn.started"]), None),  # not a string
+        (b'["turn.started"]', None),  # not an object
+        (b'{"type":"turn.started",', None),  # invalid_json: nothing names a type
+    ],
+)
+def test_a_rejection_names_the_type_the_record_does(value: bytes, event_type: str | None) -> None:
+    """events_total{type, outcome="dead_lettered"} is labelled by it; "unknown" only when the
+    record names no type of ours."""
+    result = decode_event(value, timestamp_ms=TS)
+    assert isinstance(result, Rejection)
+    assert result.event_type == event_type, result

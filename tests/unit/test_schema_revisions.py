@@ -1,0 +1,47 @@
+"""The schema revision check's rules (consumer/schema.py), and the convention that makes a
+later revision recognisable without its file: ids are sequence numbers on one linear chain."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from alembic.script import ScriptDirectory
+
+from consumer.migrate import MIGRATIONS
+from consumer.schema import Revisions, SchemaState, code_revisions
+
+
+def test_migrations_are_one_numbered_chain() -> None:
+    script = ScriptDirectory(str(MIGRATIONS))
+    assert len(script.get_heads()) == 1, "one head: a branch would make 'later' undecidable"
+    previous = None
+    for number, revision in enumerate(reversed(list(script.walk_revisions())), start=1):
+        assert re.fullmatch(r"\d{4}", revision.revision), revision.revision
+        assert int(revision.revision) == number, "revision ids count up from 0001, no gaps"
+        assert revision.down_revision == previous
+        previous = revision.revision
+
+
+def test_the_code_knows_its_head() -> None:
+    revisions = code_revisions()
+    assert revisions.head == ScriptDirectory(str(MIGRATIONS)).get_current_head()
+    assert revisions.chain[0] == "0001"
+
+
+@pytest.mark.parametrize(
+    ("found", "state"),
+    [
+        (["0003"], SchemaState.CURRENT),
+        (["0002"], SchemaState.BEHIND),
+        (["0001"], SchemaState.BEHIND),
+        ([], SchemaState.MISSING),
+        (["0004"], SchemaState.AHEAD),  # a later release: migrations are additive
+        (["9999"], SchemaState.AHEAD),
+        (["0000"], SchemaState.UNKNOWN),  # numbered, but before ours: no release wrote it
+        (["c0ffee"], SchemaState.UNKNOWN),  # another application's alembic
+        (["0003", "0004"], SchemaState.UNKNOWN),  # branches
+    ],
+)
+def test_judge(found: list[str], state: SchemaState) -> None:
+    assert Revisions(("0001", "0002", "0003")).judge(found) is state

@@ -70,7 +70,10 @@ class Outage:
 
 
 class KafkaLogFilter(logging.Filter):
-    """Attached to the `aiokafka` logger by the service (see module docstring)."""
+    """Attached by the service to the root logger's handlers, not to the `aiokafka` logger: a
+    logger's filters see only what is logged on that very logger, and aiokafka's coordinator,
+    fetcher and connections log on child loggers (`aiokafka.consumer.fetcher`, ...), whose
+    records reach the handlers without passing the parent logger's filters."""
 
     def __init__(self, outage: Outage) -> None:
         super().__init__()
@@ -78,7 +81,7 @@ class KafkaLogFilter(logging.Filter):
         self._last_seen: dict[str, float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
+        if record.levelno < logging.WARNING or not _from_aiokafka(record):
             return True
         message = record.getMessage()
         if any(word in message.lower() for word in _CONNECTION_WORDS):
@@ -90,3 +93,7 @@ class KafkaLogFilter(logging.Filter):
             return False
         self._last_seen[template] = now
         return True
+
+
+def _from_aiokafka(record: logging.LogRecord) -> bool:
+    return record.name == "aiokafka" or record.name.startswith("aiokafka.")

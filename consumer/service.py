@@ -105,7 +105,8 @@ async def consume(settings: Settings, *, until_idle: bool = False) -> dict[int, 
             pipeline = await _start(settings, stack, until_idle)
             if not stopping:
                 await pipeline.run(until_idle=until_idle)
-            halted = dict(pipeline.readiness.halted)
+            # A stop that was asked for is a clean exit (SIGTERM -> 0), halted partitions or not.
+            halted = {} if stopping else dict(pipeline.readiness.halted)
     except asyncio.CancelledError:
         if not stopping:
             raise
@@ -149,8 +150,9 @@ async def _start(settings: Settings, stack: AsyncExitStack, until_idle: bool) ->
     consumer = source_consumer(settings, fetch_bytes)
     pipeline = Pipeline(settings, consumer, pool, dlq, metrics, readiness)
     kafka_logs = KafkaLogFilter(pipeline.kafka)
-    logging.getLogger("aiokafka").addFilter(kafka_logs)
-    stack.callback(logging.getLogger("aiokafka").removeFilter, kafka_logs)
+    for handler in logging.getLogger().handlers:  # aiokafka logs on child loggers too
+        handler.addFilter(kafka_logs)
+        stack.callback(handler.removeFilter, kafka_logs)
     consumer.subscribe([settings.topic], listener=pipeline.listener)
     await consumer.start()
     stack.push_async_callback(_bounded(consumer.stop, "Kafka consumer"))  # leaves the group

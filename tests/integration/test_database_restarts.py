@@ -319,17 +319,7 @@ async def test_a_connection_terminated_idle_in_the_pool_is_a_database_failure(
         ).start()
         processes.append(consumer)
         await wait_for(stack.caught_up, within=90, what="the first half", context=consumer.logs)
-        conn = await stack.connect()
-        try:
-            backends = await conn.fetch(
-                "SELECT pid FROM pg_stat_activity"
-                " WHERE application_name = 'token-ledger' AND datname = current_database()"
-            )
-            for backend in backends:
-                await conn.execute("SELECT pg_terminate_backend($1)", backend["pid"])
-        finally:
-            await conn.close()
-        assert backends, "the consumer holds no connection"
+        assert await _terminate_consumer_backends(stack), "the consumer holds no connection"
         await stack.publish(records[half:])
         await wait_for(stack.caught_up, within=90, what="the second half", context=consumer.logs)
         assert _alive(consumer), consumer.logs()[-4000:]
@@ -337,3 +327,86 @@ async def test_a_connection_terminated_idle_in_the_pool_is_a_database_failure(
         assert _outage_lines(consumer) == (1, 1), consumer.logs()[-4000:]
         code, _ = await asyncio.to_thread(consumer.terminate)
         assert code == 0, consumer.logs()[-4000:]
+
+
+async def test_readyz_answers_while_a_pooled_connection_has_read_its_fatal(
+    kafka_bootstrap: str, ledger_url: str, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    """/readyz pings the database through the consumer's pool. When the connection it takes
+    has read its server's FATAL but not yet its close (the moment above), the ping raises
+    asyncpg's InternalClientError: /readyz must still answer — 503 "database unreachable",
+    then 200 once the pool has a new connection — not close without an answer. Three rounds:
+    in each, the pipeline's idle sync may take the spoiled connection before the probe does."""
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    records, _ = await asyncio.to_thread(
+        plan_traffic,
+        TrafficConfig(threads=20, turns_per_thread=2, seed=22, poison_rate=0, start=START),
+    )
+    await stack.publish(records)
+    async with PostgresProxy(ledger_url, close_delay=10.0) as proxy:
+        consumer = ConsumerProcess(
+            stack.env(LEDGER_DATABASE_URL=proxy.url, LEDGER_STALL_SECONDS="600"),
+            tmp_path / "consumer.log",
+        ).start()
+        processes.append(consumer)
+        await wait_for(stack.caught_up, within=90, what="the backlog", context=consumer.logs)
+        answers: list[tuple[int, str]] = []
+        for _ in range(3):
+            await wait_for(partial(_ready, consumer), within=30, what="ready")
+            pids: list[int] = []
+
+            async def terminated_some(pids: list[int] = pids) -> bool:
+                pids += await _terminate_consumer_backends(stack)
+                return bool(pids)
+
+            # The pool may be empty for a moment (its spoiled connection closed, /readyz's
+            # answer cached): the pipeline's idle sync opens one within seconds.
+            await wait_for(terminated_some, within=30, what="a connection to terminate")
+            # Gone: each has sent its FATAL, which the proxy passes on at once (the close it
+            # passes on ten seconds later).
+            await wait_for(partial(_backends_gone, stack, pids), within=30, what="backends gone")
+            # /readyz reuses an answer for a second: ask until it has pinged again (an answer
+            # other than "ready"), or until the pipeline's idle sync (every 2 s) must have
+            # taken the spoiled connection instead.
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:
+                answers.append(await asyncio.to_thread(consumer.http, "/readyz"))
+                if answers[-1][0] != 200:
+                    break
+                await asyncio.sleep(0.1)  # the poll interval
+        assert all(status in (200, 503) for status, _ in answers), answers
+        assert all("database unreachable" in body for status, body in answers if status == 503)
+        assert "http request failed" not in log_messages(consumer.logs()), consumer.logs()[-4000:]
+        assert _alive(consumer), consumer.logs()[-4000:]
+        code, _ = await asyncio.to_thread(consumer.terminate)
+        assert code == 0, consumer.logs()[-4000:]
+
+
+async def _terminate_consumer_backends(stack: Stack) -> list[int]:
+    """pg_terminate_backend every connection of the consumer to this test's database (as a
+    restart does); returns their pids."""
+    conn = await stack.connect()
+    try:
+        pids: list[int] = [
+            row["pid"]
+            for row in await conn.fetch(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE application_name = 'token-ledger' AND datname = current_database()"
+            )
+        ]
+        for pid in pids:  # one by one: a WHERE may call the function before filtering rows
+            await conn.execute("SELECT pg_terminate_backend($1)", pid)
+        return pids
+    finally:
+        await conn.close()
+
+
+async def _backends_gone(stack: Stack, pids: list[int]) -> bool:
+    conn = await stack.connect()
+    try:
+        left = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = any($1::int[])", pids
+        )
+        return bool(left == 0)
+    finally:
+        await conn.close()

@@ -21,7 +21,6 @@ _CONNECTION_WORDS = (
     "connect",
     "connection",
     "unable to update metadata",
-    "coordinator",
     "timed out",
     "timeout",
     "failed fetch messages",

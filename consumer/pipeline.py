@@ -181,7 +181,9 @@ class Pipeline:
                 self.readiness.unexpected = f"unexpected {type(error).__name__}"
                 await asyncio.sleep(self.backoff.delay(failures))
                 continue
-            if records:
+            if records:  # the broker answered: whatever aiokafka logged, it is reachable
+                self.kafka.recovered()
+                self.readiness.kafka_ok = True
                 continue
             await self._probe_kafka()
             if until_idle and caught_up:

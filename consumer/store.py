@@ -72,7 +72,15 @@ async def ping(pool: asyncpg.Pool, seconds: float = 2.0) -> bool:
     try:
         async with asyncio.timeout(seconds):
             return bool(await pool.fetchval("SELECT 1"))
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+    except (
+        OSError,
+        TimeoutError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        # A pooled connection that has read its server's FATAL (a restart terminating idle
+        # backends) but not yet its close: the pool terminates it on release.
+        asyncpg.InternalClientError,
+    ):
         return False
 
 

@@ -52,8 +52,8 @@ test: test-packages setup lint typecheck  ## lint, types, then every unit and in
 demo: services  ## everything on this machine: consumer + simulated traffic, checked against the simulator
 	$(RUN)/python -m devstack.demo
 
-bench: services  ## batch writer throughput by batch size, as ratios against one transaction per event
-	set -a && . .devstack/ledger.env && set +a && $(RUN)/python -m bench.ledger_apply
+bench: setup  ## the consumer end to end against the baseline commit, on its own services (--full: BENCH_ARGS=--full)
+	$(RUN)/python -m bench $(BENCH_ARGS)
 
 clean: services-down
 	rm -rf .devstack .venv .tools

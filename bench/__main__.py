@@ -1,0 +1,224 @@
+"""`make bench`: the consumer end to end, against a baseline commit measured in the same run.
+
+    .venv/bin/python -m bench [--runs 3] [--records 200000] [--full] [--baseline f8f748f]
+
+Everything runs on a throw-away Kafka broker and PostgreSQL started for the benchmark
+(bench/services.py). The baseline is the given commit's tree, exported with `git archive`
+into .bench/ and run with the same interpreter and dependencies, interleaved with the
+candidate (this tree) run by run, so both see the same machine and the same noise: compare
+the ratios, not the absolute figures. Each figure is the median of --runs with min and max.
+
+A quick run: drains of the backlog (first, and again after `replay --to-offset 0`), the raw
+read, the COPY and naive bounds, produce -> commit latency for 15 s, 1-3 consumers. --full adds
+the latency at 60 s and peak RSS draining 1,000,000 records. Writes the Markdown table to
+stdout and everything to bench/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.backlog import publish_backlog
+from bench.ceilings import copy_ceiling, naive, raw_read
+from bench.consumers import Consumer, Tree
+from bench.latency import produce_to_commit
+from bench.report import Results, summary, table
+from bench.services import Databases, Services, running_services
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "latest.json"
+NAIVE_RECORDS = 3_000
+LATENCY_RATE = 1_000
+
+
+def export_baseline(commit: str) -> Tree:
+    target = ROOT / ".bench" / f"baseline-{commit}"
+    if not (target / "consumer").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", commit], cwd=ROOT, capture_output=True, check=True
+        )
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    return Tree(f"baseline {commit}", target)
+
+
+async def ledger_totals(url: str) -> dict[str, int]:
+    import asyncpg
+
+    from consumer.store import asyncpg_dsn
+
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        row = await conn.fetchrow(
+            "SELECT (SELECT count(*) FROM chat_threads) AS threads,"
+            " (SELECT count(*) FROM chat_messages) AS messages,"
+            " (SELECT count(*) FROM token_usage) AS usage_rows,"
+            " (SELECT coalesce(sum(cost_micros), 0) FROM token_usage) AS cost_micros"
+        )
+        return {k: int(v) for k, v in dict(row).items()}
+    finally:
+        await conn.close()
+
+
+class Bench:
+    def __init__(self, services: Services, args: argparse.Namespace, trees: list[Tree]) -> None:
+        self.services = services
+        self.args = args
+        self.trees = trees
+        self.databases = Databases(services)
+        self.results = Results()
+        self._groups = 0
+
+    def consumer(self, tree: Tree, url: str, topic: str) -> Consumer:
+        self._groups += 1
+        return Consumer(tree, self.services, url, topic, f"bench-{self._groups}")
+
+    async def drains(self, topic: str, records: int) -> str:
+        """First drain and re-drain, trees interleaved run by run; returns the URL of the
+        candidate's last drained ledger (kept for the COPY bound)."""
+        kept = ""
+        for run in range(self.args.runs):
+            order = self.trees if run % 2 == 0 else self.trees[::-1]
+            totals = {}
+            for tree in order:
+                url = await self.databases.fresh()
+                consumer = self.consumer(tree, url, topic)
+                first = await consumer.drain()
+                totals[tree.name] = await ledger_totals(url)
+                consumer.run("replay", "--to-offset", "0")
+                again = await consumer.drain()
+                if await ledger_totals(url) != totals[tree.name]:
+                    raise RuntimeError(f"{tree.name}: the re-drain changed the ledger")
+                self.results.drain(tree.name, "first drain", first, records)
+                self.results.drain(tree.name, "re-drain", again, records)
+                print(f"run {run + 1} {tree.name}: first {first}, again {again}", flush=True)
+                if tree is self.trees[-1] and run == self.args.runs - 1:
+                    kept = url
+                else:
+                    await self.databases.drop(url)
+            if len(set(map(json.dumps, totals.values()))) != 1:
+                raise RuntimeError(f"the trees wrote different ledgers: {totals}")
+            self.results.ledger = next(iter(totals.values()))
+        return kept
+
+    async def run(self) -> None:
+        args = self.args
+        started = time.monotonic()
+        backlog = await publish_backlog(
+            self.services.bootstrap,
+            "bench.backlog",
+            records=args.records,
+            partitions=6,
+            sample=NAIVE_RECORDS,
+        )
+        self.results.records = backlog.records
+        print(f"backlog: {backlog.records} records on 6 partitions", flush=True)
+        for _ in range(args.runs):
+            self.results.add(
+                "raw aiokafka read",
+                "records/s",
+                _rate(await raw_read(self.services.bootstrap, backlog.topic, backlog.partitions)),
+            )
+        drained = await self.drains(backlog.topic, backlog.records)
+        for _ in range(args.runs):
+            empty = await self.databases.fresh()
+            bound = await copy_ceiling(self.services, drained, empty)
+            await self.databases.drop(empty)
+            self.results.add("PostgreSQL COPY ceiling", "events/s", backlog.records / bound.seconds)
+            self.results.add(
+                "PostgreSQL COPY ceiling",
+                "PostgreSQL µs/event",
+                bound.pg_cpu_seconds / backlog.records * 1e6,
+            )
+        await self.databases.drop(drained)
+        for _ in range(args.runs):
+            url = await self.databases.fresh()
+            slow = await naive(self.services, url, backlog.sample)
+            await self.databases.drop(url)
+            self.results.add("naive: a transaction per event", "events/s", _rate(slow))
+        seconds = 60.0 if args.full else 15.0
+        for tree in self.trees:
+            for run in range(args.runs):
+                url = await self.databases.fresh()
+                consumer = self.consumer(tree, url, f"bench.latency.{self._groups}")
+                latency = await produce_to_commit(consumer, rate=LATENCY_RATE, seconds=seconds)
+                await self.databases.drop(url)
+                self.results.latency(tree.name, latency)
+                print(f"latency {tree.name} run {run + 1}: {latency}", flush=True)
+        candidate = self.trees[-1]
+        for processes in (1, 2, 3):
+            for _ in range(args.runs):
+                url = await self.databases.fresh()
+                drain = await self.consumer(candidate, url, backlog.topic).drain(processes)
+                await self.databases.drop(url)
+                self.results.drain(
+                    candidate.name, f"{processes} consumer(s)", drain, backlog.records
+                )
+        if args.full:
+            await self.million()
+        self.results.seconds = time.monotonic() - started
+
+    async def million(self) -> None:
+        big = await publish_backlog(
+            self.services.bootstrap, "bench.million", records=1_000_000, partitions=6, sample=0
+        )
+        for tree in self.trees:
+            url = await self.databases.fresh()
+            drain = await self.consumer(tree, url, big.topic).drain()
+            await self.databases.drop(url)
+            self.results.drain(tree.name, "1,000,000 records", drain, big.records)
+            print(f"million {tree.name}: {drain}", flush=True)
+
+
+def _rate(ceiling: Any) -> float:
+    return float(ceiling.items / ceiling.seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--full", action="store_true", help="60 s latency, 1,000,000 records")
+    parser.add_argument("--baseline", default="f8f748f", help="commit to compare against")
+    args = parser.parse_args()
+    trees = [export_baseline(args.baseline), Tree("candidate", ROOT)]
+    with running_services() as services:
+        bench = Bench(services, args, trees)
+        asyncio.run(bench.run())
+    results = bench.results
+    meta = {
+        "runs": args.runs,
+        "full": args.full,
+        "records": results.records,
+        "baseline": args.baseline,
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+        "machine": f"{platform.machine()}, {_cores()} cores",
+        "ledger": results.ledger,
+        "seconds": round(results.seconds),
+    }
+    rendered = table(results, trees[0].name, trees[1].name)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps({"meta": meta, "figures": summary(results), "table": rendered}, indent=2) + "\n"
+    )
+    print(rendered)
+    print(f"\n{json.dumps(meta)}\nwritten to {RESULTS.relative_to(ROOT)}")
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""A simulated backlog on a topic of its own: the simulator's realistic traffic (duplicates,
+retries, legacy appends, v0 re-sends, unknown fields, shuffles, 1 % poison), planned and
+published in chunks of threads so that a million records never sit in memory at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from producer.client import TurnEventProducer
+from producer.simulator import TrafficConfig, plan_traffic
+
+THREADS_PER_CHUNK = 2_000  # about 25,000 records
+RECORDS_PER_THREAD = 12.7  # what the simulator's defaults give (5 turns a thread)
+
+
+@dataclass
+class Backlog:
+    topic: str
+    partitions: int
+    records: int = 0
+    sample: list[tuple[bytes, bytes]] = field(default_factory=list)  # the first records, in order
+
+
+async def create_topic(bootstrap: str, name: str, partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, replication_factor=1)])
+    finally:
+        await admin.close()
+
+
+async def publish_backlog(
+    bootstrap: str, topic: str, *, records: int, partitions: int, sample: int, seed: int = 1
+) -> Backlog:
+    """At least `records` simulated records on a new topic; keeps the first `sample` of them."""
+    await create_topic(bootstrap, topic, partitions)
+    backlog = Backlog(topic, partitions)
+    chunk = 0
+    async with TurnEventProducer(bootstrap, topic=topic) as producer:
+        while backlog.records < records:
+            left = records - backlog.records
+            threads = min(THREADS_PER_CHUNK, int(left / RECORDS_PER_THREAD) + 1)
+            # Each chunk its own seed: thread ids are random 62-bit numbers, never shared.
+            planned, _ = plan_traffic(TrafficConfig(threads=threads, seed=seed * 1000 + chunk))
+            chunk += 1
+            if len(backlog.sample) < sample:
+                backlog.sample.extend(planned[: sample - len(backlog.sample)])
+            async for acked in producer.publish_records(planned):
+                backlog.records += acked
+    return backlog

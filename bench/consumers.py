@@ -1,0 +1,136 @@
+"""`token-ledger consume` as the child process it is in production, from a given code tree
+(the candidate's, or the baseline commit's), measured from outside: wall time from start to
+exit, the child's CPU and peak RSS from its rusage (start-up imports included, as an operator
+pays them), and PostgreSQL's CPU over the same span."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.services import Services
+
+PYTHON = sys.executable  # the project's venv: baseline and candidate share the dependencies
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A code tree whose consumer is measured: this worktree, or the baseline's export."""
+
+    name: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class Drain:
+    seconds: float
+    cpu_seconds: float  # all consumer processes together
+    pg_cpu_seconds: float
+    peak_rss_kib: int  # the largest of the processes
+
+
+@dataclass
+class Consumer:
+    tree: Tree
+    services: Services
+    database_url: str
+    topic: str
+    group: str
+
+    def env(self, metrics_port: int = 0, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+        env.update(
+            LEDGER_KAFKA_BOOTSTRAP=self.services.bootstrap,
+            LEDGER_DATABASE_URL=self.database_url,
+            LEDGER_TOPIC=self.topic,
+            LEDGER_DLQ_TOPIC=f"{self.topic}.dlq",
+            LEDGER_GROUP_ID=self.group,
+            LEDGER_METRICS_HOST="127.0.0.1",
+            LEDGER_METRICS_PORT=str(metrics_port),
+            LEDGER_LOG_LEVEL="WARNING",
+            PYTHONPATH=str(self.tree.path),
+            **extra,
+        )
+        return env
+
+    def start(self, *args: str, metrics_port: int = 0) -> tuple[subprocess.Popen[bytes], Path]:
+        log = Path(tempfile.mkstemp(prefix=f"bench-{self.tree.name}-", suffix=".log")[1])
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [PYTHON, "-m", "consumer", *args],
+                cwd=self.tree.path,
+                env=self.env(metrics_port),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        return process, log
+
+    def run(self, *args: str) -> None:
+        """A short command (replay, verify) to completion; raises with its output on failure."""
+        result = subprocess.run(
+            [PYTHON, "-m", "consumer", *args],
+            cwd=self.tree.path,
+            env=self.env(),
+            capture_output=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{args}: exit {result.returncode}\n{result.stdout[-3000:]!r}")
+
+    async def drain(self, processes: int = 1) -> Drain:
+        """`consume --until-idle` in `processes` members of one group, until the last exits."""
+        pg_before = self.services.postgres_cpu()
+        started = time.monotonic()
+        children = [self.start("consume", "--until-idle") for _ in range(processes)]
+        waited = await asyncio.gather(
+            *(asyncio.to_thread(os.wait4, child.pid, 0) for child, _ in children)
+        )
+        seconds = time.monotonic() - started
+        pg_cpu = self.services.postgres_cpu() - pg_before
+        for (child, log), (_, status, _) in zip(children, waited, strict=True):
+            child.returncode = os.waitstatus_to_exitcode(status)
+            if child.returncode != 0:
+                raise RuntimeError(
+                    f"{self.tree.name} consumer exited {child.returncode}:\n"
+                    + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+                )
+            log.unlink()
+        return Drain(
+            seconds=seconds,
+            cpu_seconds=sum(usage.ru_utime + usage.ru_stime for _, _, usage in waited),
+            pg_cpu_seconds=pg_cpu,
+            peak_rss_kib=max(usage.ru_maxrss for _, _, usage in waited),
+        )
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
+            return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+async def wait_ready(port: int, seconds: float = 60.0) -> None:
+    """Until the consumer's /readyz answers 200 (partitions assigned, database answering)."""
+    deadline = time.monotonic() + seconds
+    while not await asyncio.to_thread(_ready, port):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the consumer never became ready")
+        await asyncio.sleep(0.2)
+
+
+def stop(process: subprocess.Popen[bytes], log: Path) -> None:
+    process.send_signal(signal.SIGTERM)
+    if process.wait(timeout=30) != 0:
+        raise RuntimeError(f"consumer exited {process.returncode}:\n{log.read_text()[-3000:]}")
+    log.unlink()

@@ -107,6 +107,7 @@ class Pipeline:
         self._revoking = False
         self._stop = asyncio.Event()
         self._lag_partitions: set[int] = set()
+        self._opening: set[int] = set()  # assigned, paused, not yet sought to stored offsets
         self._last_sync = time.monotonic()
         self._last_probe = 0.0
         self.database = Outage("database")
@@ -126,21 +127,15 @@ class Pipeline:
     # -- SinkTask verbs ------------------------------------------------------------------------
 
     async def open(self, assigned: Sequence[TopicPartition]) -> None:
-        """Seek every newly assigned partition to the offset stored in PostgreSQL.
+        """Take newly assigned partitions: paused until the run loop has sought them to the
+        offsets stored in PostgreSQL (_open_pending).
 
-        Under the batch lock, so the loop never sees a partition before its seek is done."""
+        Not here: aiokafka awaits this listener inside the group join, so waiting on a database
+        that is away would outlast the rebalance and get this member evicted."""
         self.metrics.rebalances.inc()
         mine = [tp for tp in assigned if tp.topic == self.settings.topic]
-        async with self._batch_lock:
-            stored = await self._load_offsets([tp.partition for tp in mine])
-            await self._seek(mine, stored)
-            for tp in mine:
-                self.positions[tp.partition] = stored.get(tp.partition)
-        self.readiness.assigned = frozenset(self.positions)
-        log.info(
-            "partitions assigned",
-            extra=fields(partitions=sorted(self.positions), stored_offsets=stored),
-        )
+        self.consumer.pause(*mine)
+        self._opening.update(tp.partition for tp in mine)
 
     async def close(self, revoked: Sequence[TopicPartition]) -> None:
         """Give partitions up only once the batch in flight has committed or been abandoned."""
@@ -148,6 +143,7 @@ class Pipeline:
         try:
             async with self._batch_lock:
                 for tp in revoked:
+                    self._opening.discard(tp.partition)
                     self.positions.pop(tp.partition, None)
                     if tp.partition in self._lag_partitions:
                         self._lag_partitions.discard(tp.partition)
@@ -165,6 +161,9 @@ class Pipeline:
         failures = 0
         while not self._stop.is_set():
             try:
+                if self._opening:
+                    async with self._batch_lock:
+                        await self._open_pending()
                 records = await self._fetch()
                 async with self._batch_lock:
                     if records:
@@ -192,6 +191,28 @@ class Pipeline:
             if time.monotonic() - self._last_sync > IDLE_SYNC_SECONDS:
                 async with self._batch_lock:
                     await self._follow_stored_offsets()
+
+    async def _open_pending(self) -> None:
+        """Seek the partitions open() took to their stored offsets, then let them fetch.
+
+        Retried while the database is away; abandoned when they are revoked or on stop."""
+        opening = sorted(self._opening)
+        try:
+            stored = await self._load_offsets(opening)
+        except BatchAbandoned:
+            return  # close() or stop() takes it from here
+        tps = [TopicPartition(self.settings.topic, p) for p in opening]
+        await self._seek(tps, stored)
+        for partition in opening:
+            self.positions[partition] = stored.get(partition)
+            self._opening.discard(partition)
+        self.readiness.assigned = frozenset(self.positions)
+        halted = self.readiness.halted
+        self.consumer.resume(*[tp for tp in tps if tp.partition not in halted])
+        log.info(
+            "partitions assigned",
+            extra=fields(partitions=opening, stored_offsets=stored),
+        )
 
     async def _fetch(self) -> list[Record]:
         try:
@@ -372,7 +393,9 @@ class Pipeline:
             if still := [
                 tp
                 for tp in paused
-                if tp in self.consumer.assignment() and tp.partition not in halted
+                if tp in self.consumer.assignment()
+                and tp.partition not in halted
+                and tp.partition not in self._opening  # resumed once sought
             ]:
                 self.consumer.resume(*still)
 
@@ -518,7 +541,7 @@ class Pipeline:
         assigned partition is caught up: at its last stable offset, the end of what a
         read_committed consumer can read (consumer/lag.py)."""
         ends: dict[int, PartitionEnds] = {}
-        caught_up = bool(self.positions)
+        caught_up = bool(self.positions) and not self._opening
         for partition in sorted(set(self.positions) - set(self.readiness.halted)):
             tp = TopicPartition(self.settings.topic, partition)
             highwater, stable = self.consumer.highwater(tp), self.consumer.last_stable_offset(tp)

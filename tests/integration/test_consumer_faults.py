@@ -279,3 +279,63 @@ async def test_consumer_started_while_the_database_is_down_waits_for_it(
 
 async def _healthz(consumer: ConsumerProcess) -> bool:
     return await consumer.status("/healthz") == 200
+
+
+async def _group_state(stack: Stack) -> tuple[str, int]:
+    """The consumer group's state and member count, as the broker sees them."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.bootstrap)
+    await admin.start()
+    try:
+        [response] = await admin.describe_consumer_groups([stack.group_id])
+    finally:
+        await admin.close()
+    _, _, state, _, _, members, *_ = response.groups[0]
+    return state, len(members)
+
+
+async def test_a_database_away_during_a_rebalance_does_not_hold_the_group(
+    kafka_bootstrap: str,
+    own_postgres: PostgresServer,
+    processes: list[ConsumerProcess],
+    tmp_path: Path,
+) -> None:
+    """aiokafka awaits the assignment listener inside the group join: if it waited there for
+    the stored offsets while the database is away, the next rebalance could not complete (and
+    past the rebalance timeout this member would be evicted). The offsets are loaded by the
+    run loop instead, the partitions paused until then."""
+    stack = Stack.fresh(kafka_bootstrap, own_postgres.url)
+    records, expect = plan_traffic(
+        TrafficConfig(threads=40, turns_per_thread=4, seed=16, poison_rate=0, start=START)
+    )
+    await stack.create_topic()
+    consumer = ConsumerProcess(stack.env(), tmp_path / "c.log").start()
+    processes.append(consumer)
+    await wait_for(lambda: _status_is(consumer, 200), within=30, what="ready")
+    await asyncio.to_thread(own_postgres.stop)
+
+    async def stable_with(members: int) -> bool:
+        return await _group_state(stack) == ("Stable", members)
+
+    # A second member joins and leaves: two rebalances while the database is away.
+    visitor = source_consumer(
+        load_settings(
+            kafka_bootstrap=stack.bootstrap,
+            database_url=stack.database_url,
+            topic=stack.topic,
+            group_id=stack.group_id,
+        ),
+        1024 * 1024,
+    )
+    visitor.subscribe([stack.topic])
+    await visitor.start()
+    try:
+        await wait_for(lambda: stable_with(2), within=30, what="the visitor joined")
+    finally:
+        await visitor.stop()
+    await wait_for(lambda: stable_with(1), within=30, what="the group settled without the visitor")
+    assert consumer.process is not None and consumer.process.poll() is None
+
+    await stack.publish(records)
+    await asyncio.to_thread(own_postgres.start)
+    await wait_for(stack.caught_up, within=90, what="every record applied", context=consumer.logs)
+    assert await ledger_summary(stack) == expected_summary(expect)

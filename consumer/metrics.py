@@ -13,6 +13,7 @@ the same labels: `sum(cost_micros_total) - sum(cost_micros_reversed_total)` equa
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
@@ -171,21 +172,29 @@ class LedgerMetrics:
         dead_letter_reasons: list[str],
         usage_changes: list[UsageChange],
     ) -> None:
-        """Everything one committed batch did."""
+        """Everything one committed batch did: counted per label set first, so a batch costs
+        one `labels()` lookup per distinct label set, not one per event."""
         now = datetime.now(UTC)
         self.batch_size.observe(records)
         self.batch_seconds.observe(seconds)
         self.last_commit.set(now.timestamp())
+        events: collections.Counter[tuple[str, str]] = collections.Counter()
+        observe_lag = self.event_lag.observe
         for event_type, occurred_at, outcome in outcomes:
-            self.events.labels(event_type, outcome.value).inc()
+            events[event_type, outcome.value] += 1
             if outcome is not Outcome.REJECTED:
-                self.event_lag.observe(max(0.0, (now - occurred_at).total_seconds()))
-        for event_type, count in unknown_fields:
-            self.unknown_fields.labels(event_type).inc(count)
+                observe_lag(max(0.0, (now - occurred_at).total_seconds()))
         for named in undecodable:  # the type the record names if it is one of ours
-            self.events.labels(named or "unknown", Outcome.REJECTED.value).inc()
-        for reason in dead_letter_reasons:
-            self.dead_letters.labels(reason).inc()
+            events[named or "unknown", Outcome.REJECTED.value] += 1
+        for (event_type, outcome_name), count in events.items():
+            self.events.labels(event_type, outcome_name).inc(count)
+        unknown: collections.Counter[str] = collections.Counter()
+        for event_type, count in unknown_fields:
+            unknown[event_type] += count
+        for event_type, count in unknown.items():
+            self.unknown_fields.labels(event_type).inc(count)
+        for reason, count in collections.Counter(dead_letter_reasons).items():
+            self.dead_letters.labels(reason).inc(count)
         self.count_usage(usage_changes)
 
     def set_uncommitted(self, records: Mapping[int, int]) -> None:
@@ -206,19 +215,23 @@ class LedgerMetrics:
         return OTHER_MODELS
 
     def count_usage(self, changes: list[UsageChange]) -> None:
+        # Summed per model first: the counters move once per label set and sign, as they
+        # would for each change one by one.
+        up: collections.Counter[tuple[Counter, str, str]] = collections.Counter()
+        down: collections.Counter[tuple[Counter, str, str]] = collections.Counter()
         for change in changes:
             model = self._model_label(change.model)
-            deltas = {
-                "prompt": change.prompt_tokens,
-                "completion": change.completion_tokens,
-                "total": change.total_tokens,
-            }
-            for kind, delta in deltas.items():
+            deltas = (
+                (self.tokens, self.tokens_reversed, "prompt", change.prompt_tokens),
+                (self.tokens, self.tokens_reversed, "completion", change.completion_tokens),
+                (self.tokens, self.tokens_reversed, "total", change.total_tokens),
+                (self.cost, self.cost_reversed, "", change.cost_micros),
+            )
+            for forward, reversed_, kind, delta in deltas:
                 if delta > 0:
-                    self.tokens.labels(model, kind).inc(delta)
+                    up[forward, model, kind] += delta
                 elif delta < 0:
-                    self.tokens_reversed.labels(model, kind).inc(-delta)
-            if change.cost_micros > 0:
-                self.cost.labels(model).inc(change.cost_micros)
-            elif change.cost_micros < 0:
-                self.cost_reversed.labels(model).inc(-change.cost_micros)
+                    down[reversed_, model, kind] += -delta
+        for totals in (up, down):
+            for (counter, model, kind), amount in totals.items():
+                (counter.labels(model, kind) if kind else counter.labels(model)).inc(amount)

@@ -318,8 +318,14 @@ def _not_a_number(token: str) -> Any:
     raise _NotJsonError(f"{token} is not JSON")
 
 
+# One decoder for every record: json.loads with hooks would build a new one per call.
+_DECODER = json.JSONDecoder(parse_float=_exact_number, parse_constant=_not_a_number)
+
+
 def _parse(text: str) -> Any:
-    return json.loads(text, parse_float=_exact_number, parse_constant=_not_a_number)
+    if text.startswith("\ufeff"):  # what json.loads refuses before decoding
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    return _DECODER.decode(text)
 
 
 def decode_event(

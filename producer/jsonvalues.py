@@ -31,16 +31,20 @@ def _plain(value: Any) -> str:
     raise TypeError(f"{type(value).__name__} is not JSON")
 
 
+# Built once: json.dumps with any option set builds a new encoder per call.
+_ENCODERS = {
+    (sort_keys, ensure_ascii): json.JSONEncoder(
+        ensure_ascii=ensure_ascii, separators=_COMPACT, sort_keys=sort_keys, default=_plain
+    )
+    for sort_keys in (False, True)
+    for ensure_ascii in (False, True)
+}
+
+
 def dumps(value: Any, *, sort_keys: bool = False, ensure_ascii: bool = False) -> str:
     """Compact JSON text of `value`; Decimals are written exactly (never through a float)."""
     try:
-        return json.dumps(
-            value,
-            ensure_ascii=ensure_ascii,
-            separators=_COMPACT,
-            sort_keys=sort_keys,
-            default=_plain,
-        )
+        return _ENCODERS[sort_keys, ensure_ascii].encode(value)
     except _HasDecimal:
         return _encode(value, sort_keys, ensure_ascii)
 

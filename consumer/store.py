@@ -384,11 +384,17 @@ WITH v AS (
          total_tokens, cost_micros, model_breakdown, call_details, search_space_id, user_id,
          source, source_rank, source_at, source_event_id, source_digest, created_at)
 ), joined AS (
-  SELECT v.*, m.id AS message_id
-  FROM v LEFT JOIN chat_messages AS m
-    ON m.thread_id = v.thread_id AND m.role = v.role
-   AND (m.turn_id = v.turn_id
-        OR (v.turn_id IS NULL AND m.turn_id IS NULL AND m.content_event_id = v.origin_event_id))
+  -- One probe of the unique index that keys the message (an OR of both keys in one join
+  -- condition could use neither, and read every message of the thread instead).
+  SELECT v.*, CASE WHEN v.turn_id IS NOT NULL THEN (
+      SELECT m.id FROM chat_messages AS m
+      WHERE m.thread_id = v.thread_id AND m.turn_id = v.turn_id AND m.role = v.role)
+    ELSE (
+      SELECT m.id FROM chat_messages AS m
+      WHERE m.turn_id IS NULL AND m.content_event_id = v.origin_event_id
+        AND m.thread_id = v.thread_id AND m.role = v.role)
+    END AS message_id
+  FROM v
 ), written AS (
   INSERT INTO token_usage AS u (usage_type, prompt_tokens, completion_tokens, total_tokens,
     cost_micros, model_breakdown, call_details, thread_id, message_id, search_space_id,

@@ -1,11 +1,21 @@
-"""One batch's records through the merge and into the ledger, without Kafka: decode them, and
-apply what decodes under a savepoint, isolating what the database refuses. Used inside the
-pipeline's transaction (consumer/pipeline.py owns offsets, retries and dead-letter delivery)
-and by the property tests that feed arbitrary records through it."""
+"""One batch's records into the ledger, top down (the pipeline owns retries and Kafka):
+
+  1. decode_records   every record becomes an event or a dead letter (pure)
+  2. commit_batch     one transaction:
+     a. advance the stored offsets by compare-and-set from where this owner expects them
+        (first: a zombie owner blocks here, then finds them moved and is fenced)
+     b. apply_isolating: load the stored registers, reduce the batch against them
+        (merge.reduce_batch), write what changes; a record the database rejects (SQLSTATE
+        22/23) is isolated by splitting the batch under savepoints
+     c. dead-letter what the transaction rejected, awaited, before COMMIT
+
+Also used without Kafka by the property tests, which feed arbitrary records through it.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TypeAlias
@@ -14,15 +24,16 @@ import asyncpg
 from aiokafka.structs import ConsumerRecord
 
 from consumer.dlq import DeadLetter
-from consumer.errors import PoisonError, classify_database_error
+from consumer.errors import PoisonError, TransientError, classify_database_error
 from consumer.logs import fields
-from consumer.merge import BatchPlan, Outcome
-from consumer.store import apply_events
+from consumer.merge import BatchPlan, Outcome, reduce_batch
+from consumer.store import OffsetMove, advance_offsets, load_state, write_plan
 from producer.events import AnyEvent, Rejection, RejectReason, decode_event
 
 log = logging.getLogger(__name__)
 # aiokafka ships no type information: a record is a ConsumerRecord[bytes, bytes].
 Record: TypeAlias = ConsumerRecord
+Report = Callable[[Sequence[DeadLetter]], Awaitable[None]]
 
 
 @dataclass
@@ -58,6 +69,41 @@ def decode_records(records: list[Record], *, max_bytes: int, max_future_skew: ti
             decoded.events.append(result)
             decoded.records.append(record)
     return decoded
+
+
+async def commit_batch(
+    pool: asyncpg.Pool,
+    group_id: str,
+    topic: str,
+    moves: Sequence[OffsetMove],
+    decoded: Decoded,
+    report: Report,
+) -> Applied:
+    """Steps 2a-2c in one transaction: rows and offsets commit together or not at all."""
+    applied = Applied()
+    try:
+        conn = await pool.acquire()
+    except TimeoutError as error:  # no connection: not a batch too big for its timeout
+        raise TransientError("database unreachable: connecting timed out") from error
+    try:
+        async with conn.transaction():
+            await advance_offsets(conn, group_id, topic, moves)  # 2a
+            await apply_isolating(
+                conn, list(zip(decoded.events, decoded.records, strict=True)), applied
+            )  # 2b
+            await report(applied.letters)  # 2c
+    finally:
+        await pool.release(conn)
+    return applied
+
+
+async def apply_events(conn: asyncpg.Connection, events: Sequence[AnyEvent]) -> BatchPlan:
+    """Read the stored registers, reduce the batch against them, write what changes.
+
+    Must run inside the caller's transaction (together with `advance_offsets`)."""
+    plan = reduce_batch(events, await load_state(conn, events))
+    await write_plan(conn, plan)
+    return plan
 
 
 async def apply_isolating(

@@ -1,18 +1,20 @@
 """The Kafka loop, in Kafka Connect SinkTask verbs: open(partitions), put(batch),
-close(partitions), stop().
+close(partitions), stop(). Where partitions stand is consumer/checkpoint.py; what one batch
+does in the database is consumer/batch.py.
 
 One batch, in one direction:
-  1. decode every record; dead-letter what cannot be an event (awaited: acked before any
-     offset moves past it)
-  2. one transaction, retried with capped backoff on transient failures (fetching paused):
-     a. advance consumer_offsets by compare-and-set from the positions this owner expects
-        (first: a zombie owner blocks here, then finds the offsets moved and is fenced)
-     b. merge the batch against the stored registers and write the rows (store.apply_events);
-        a record the database rejects (SQLSTATE 22/23) is isolated by splitting the batch
-        under savepoints
-     c. dead-letter the records rejected inside the transaction, awaited, before COMMIT
+  1. decode every record (while the previous batch's transaction is in flight); dead-letter
+     what cannot be an event (awaited: acked before any offset moves past it)
+  2. one transaction (batch.commit_batch), retried with capped backoff on transient failures
+     (fetching paused): offsets by compare-and-set, load state, reduce, write, dead letters
   3. mirror the new offsets to Kafka (for lag tooling only, bounded: PostgreSQL is the truth)
   4. metrics
+
+Stages overlap: batch N+1 is fetched and decoded while batch N's transaction runs, so the
+database and the decoder work at the same time. Batch N+1 is applied only after N committed,
+with offsets moved from where N left them; if N was fenced, abandoned or failed, or anything
+sought a partition meanwhile, N+1 is discarded and its partitions fetched again from where the
+ledger stands.
 
 The stored offsets are the source of truth: on assignment the consumer seeks to them, and a
 fenced batch re-seeks to them. A rebalance waits for the batch in flight (or abandons it if it
@@ -29,47 +31,33 @@ stored offset outside the partition's log with LEDGER_OFFSET_RESET=fail.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
 
-from consumer.batch import Applied, Decoded, Record, apply_isolating, decode_records
+from consumer.batch import Applied, Decoded, Record, Report, commit_batch, decode_records
+from consumer.checkpoint import Checkpoints
 from consumer.dlq import DeadLetter, DeadLetterQueue
-from consumer.errors import (
-    BatchAbandoned,
-    BatchTooSlow,
-    DeadLetterRefusedError,
-    DeadLetterUnavailableError,
-    FencedError,
-    TransientError,
-    UnexpectedError,
-)
+from consumer.errors import BatchAbandoned, BatchTooSlow, DeadLetterRefusedError, FencedError
 from consumer.health import Readiness
 from consumer.lag import PartitionEnds, held_partitions
 from consumer.logs import fields
 from consumer.metrics import LedgerMetrics
-from consumer.outages import Outage
-from consumer.retry import Backoff, as_transient, retry_transient
+from consumer.retry import Backoff, Retrier
 from consumer.settings import Settings
-from consumer.store import (
-    OffsetMove,
-    advance_offsets,
-    load_offsets,
-    reset_offsets,
-)
+from consumer.store import OffsetMove
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 BATCH_BACKOFF = Backoff(initial=0.1, maximum=5.0)
 IDLE_SYNC_SECONDS = 2.0
-MIRROR_SECONDS = 2.0  # the offset mirror is best-effort: never longer than this
 PROBE_SECONDS = 5.0  # while the broker seems down, ask it for metadata this often
-TIMEOUTS_BEFORE_HALVING = 2
+# The batch transaction: (offset moves, decoded records, dead-letter report) -> what it did.
+Commit = Callable[[Sequence[OffsetMove], Decoded, Report], Awaitable[Applied]]
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -88,35 +76,39 @@ class Pipeline:
         self,
         settings: Settings,
         consumer: AIOKafkaConsumer,
-        pool: asyncpg.Pool,
         dlq: DeadLetterQueue,
         metrics: LedgerMetrics,
         readiness: Readiness,
-        backoff: Backoff = BATCH_BACKOFF,
+        checkpoints: Checkpoints,
+        retry: Retrier,
+        commit: Commit,
     ) -> None:
         self.settings = settings
         self.consumer = consumer
-        self.pool = pool
         self.dlq = dlq
         self.metrics = metrics
         self.readiness = readiness
-        self.backoff = backoff
-        # partition -> the stored next_offset this owner's next batch starts from (None: no row)
-        self.positions: dict[int, int | None] = {}
-        self._batch_lock = asyncio.Lock()
-        self._revoking = False
+        self.checkpoints = checkpoints
+        self.retry = retry
+        self.commit = commit
+        self.database = retry.database
+        self.kafka = retry.kafka
+        self.revoking = False
         self._stop = asyncio.Event()
+        self._batch_lock = asyncio.Lock()
+        self._inflight: asyncio.Task[bool] | None = None
+        self._stale: list[Record] = []  # fetched but never applied: fetched again
         self._lag_partitions: set[int] = set()
-        self._opening: set[int] = set()  # assigned, paused, not yet sought to stored offsets
         self._last_sync = time.monotonic()
         self._last_probe = 0.0
-        self.database = Outage("database")
-        self.kafka = Outage("Kafka")
-        self._mirror = Outage("Kafka offset mirror")
 
     @property
     def listener(self) -> ConsumerRebalanceListener:
         return _Rebalance(self)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def request_stop(self) -> None:
         """Stop taking work; the batch in flight still commits."""
@@ -127,30 +119,21 @@ class Pipeline:
     # -- SinkTask verbs ------------------------------------------------------------------------
 
     async def open(self, assigned: Sequence[TopicPartition]) -> None:
-        """Take newly assigned partitions: paused until the run loop has sought them to the
-        offsets stored in PostgreSQL (_open_pending).
-
-        Not here: aiokafka awaits this listener inside the group join, so waiting on a database
-        that is away would outlast the rebalance and get this member evicted."""
         self.metrics.rebalances.inc()
-        mine = [tp for tp in assigned if tp.topic == self.settings.topic]
-        self.consumer.pause(*mine)
-        self._opening.update(tp.partition for tp in mine)
+        self.checkpoints.open(assigned)
 
     async def close(self, revoked: Sequence[TopicPartition]) -> None:
         """Give partitions up only once the batch in flight has committed or been abandoned."""
-        self._revoking = True
+        self.revoking = True
         try:
             async with self._batch_lock:
+                self.checkpoints.close(revoked)
                 for tp in revoked:
-                    self._opening.discard(tp.partition)
-                    self.positions.pop(tp.partition, None)
                     if tp.partition in self._lag_partitions:
                         self._lag_partitions.discard(tp.partition)
                         self.metrics.consumer_lag.remove(str(tp.partition))
         finally:
-            self._revoking = False
-        self.readiness.assigned = frozenset(self.positions)
+            self.revoking = False
         log.info(
             "partitions revoked", extra=fields(partitions=sorted(tp.partition for tp in revoked))
         )
@@ -159,87 +142,125 @@ class Pipeline:
         """Consume until stopped (or, with until_idle, until every partition is caught up or
         stopped: `halted` says which stopped, and why)."""
         failures = 0
-        while not self._stop.is_set():
-            try:
-                if self._opening:
-                    async with self._batch_lock:
-                        await self._open_pending()
-                records = await self._fetch()
-                async with self._batch_lock:
-                    if records:
-                        await self.put(records)
-                    caught_up = await self._update_lag()
-                self.readiness.unexpected = None
-                failures = 0
-            except Exception as error:
-                failures += 1
-                log.exception(
-                    "unexpected error in the consumer loop",
-                    extra=fields(error=type(error).__name__),
-                )
-                self.readiness.unexpected = f"unexpected {type(error).__name__}"
-                await asyncio.sleep(self.backoff.delay(failures))
-                continue
-            if records:  # the broker answered: whatever aiokafka logged, it is reachable
-                self.kafka.recovered()
-                self.readiness.kafka_ok = True
-                continue
-            await self._probe_kafka()
-            if until_idle and caught_up:
-                log.info("caught up: every assigned partition is at its last stable offset")
-                return
-            if time.monotonic() - self._last_sync > IDLE_SYNC_SECONDS:
-                async with self._batch_lock:
-                    await self._follow_stored_offsets()
-
-    async def _open_pending(self) -> None:
-        """Seek the partitions open() took to their stored offsets, then let them fetch.
-
-        Retried while the database is away; abandoned when they are revoked or on stop."""
-        opening = sorted(self._opening)
         try:
-            stored = await self._load_offsets(opening)
-        except BatchAbandoned:
-            return  # close() or stop() takes it from here
-        tps = [TopicPartition(self.settings.topic, p) for p in opening]
-        await self._seek(tps, stored)
-        for partition in opening:
-            self.positions[partition] = stored.get(partition)
-            self._opening.discard(partition)
-        self.readiness.assigned = frozenset(self.positions)
-        halted = self.readiness.halted
-        self.consumer.resume(*[tp for tp in tps if tp.partition not in halted])
-        log.info(
-            "partitions assigned",
-            extra=fields(partitions=opening, stored_offsets=stored),
-        )
+            while not self._stop.is_set():
+                records: list[Record] = []
+                caught_up = False
+                try:
+                    await self._prepare_partitions()
+                    generation = self.checkpoints.generation  # before the fetch: see _step
+                    records = await self._fetch()
+                    caught_up = await self._step(records, generation)
+                    self.readiness.unexpected = None
+                    failures = 0
+                except Exception as error:
+                    self._stale.extend(records)
+                    failures += 1
+                    log.exception(
+                        "unexpected error in the consumer loop",
+                        extra=fields(error=type(error).__name__),
+                    )
+                    self.readiness.unexpected = f"unexpected {type(error).__name__}"
+                    await asyncio.sleep(self.retry.backoff.delay(failures))
+                    continue
+                if records:  # the broker answered: whatever aiokafka logged, it is reachable
+                    self.kafka.recovered()
+                    self.readiness.kafka_ok = True
+                    continue
+                await self._probe_kafka()
+                if until_idle and caught_up:
+                    log.info("caught up: every assigned partition is at its last stable offset")
+                    return
+                if time.monotonic() - self._last_sync > IDLE_SYNC_SECONDS:
+                    self._last_sync = time.monotonic()
+                    async with self._batch_lock:
+                        await self.checkpoints.follow()
+        finally:
+            await self._settle(quietly=True)
+
+    async def _prepare_partitions(self) -> None:
+        """Before fetching: seek newly assigned partitions, and those whose fetched records
+        were never applied."""
+        if self.checkpoints.opening or self._stale:
+            await self._settle()
+            async with self._batch_lock:
+                if self._stale:
+                    stale, self._stale = self._stale, []
+                    await self.checkpoints.rewind(stale, reload=False)
+                if self.checkpoints.opening:
+                    await self.checkpoints.open_pending()
+
+    async def _step(self, records: list[Record], generation: int) -> bool:
+        """Decode the fetched batch while the previous one commits, then hand it on; True when
+        nothing was fetched and every partition is caught up. `generation`: the checkpoints'
+        when the fetch began; a seek since means the records may come from old positions."""
+        decoded = self._decode(records) if records else None  # 1, overlapping the commit
+        committed = await self._settle()
+        if decoded is None:
+            async with self._batch_lock:
+                return await self._update_lag()
+        if not committed or generation != self.checkpoints.generation:
+            self._stale.extend(records)  # fetched from positions that no longer hold
+            return False
+        self._inflight = asyncio.create_task(self._put_prepared(records, decoded))
+        return False
+
+    async def _settle(self, *, quietly: bool = False) -> bool:
+        """Wait for the batch in flight; whether it committed."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return True
+        if quietly:
+            try:
+                return await inflight
+            except Exception as error:  # stopping: nothing left to retry it
+                log.exception(
+                    "the batch in flight failed", extra=fields(error=type(error).__name__)
+                )
+                return False
+        return await inflight
+
+    async def _put_prepared(self, records: list[Record], decoded: Decoded) -> bool:
+        try:
+            async with self._batch_lock:
+                committed = await self.put(records, decoded)
+                await self._update_lag()
+                return committed
+        except Exception:
+            self._stale.extend(records)  # never applied: fetched again, never skipped
+            raise
 
     async def _fetch(self) -> list[Record]:
         try:
             batch = await self.consumer.getmany(timeout_ms=500, max_records=self.settings.max_batch)
         except OffsetOutOfRangeError as error:
+            await self._settle()
             async with self._batch_lock:
-                await self._offsets_out_of_range(error.args[0] if error.args else {})
+                await self.checkpoints.out_of_range(error.args[0] if error.args else {})
             return []
         except NoOffsetForPartitionError:
-            # A fetch that raced the assignment, before open() sought the partition to the
+            # A fetch that raced the assignment, before the partition was sought to the
             # stored offset (the start never depends on Kafka's group offsets).
             return []
         return sorted(
             (r for rs in batch.values() for r in rs), key=lambda r: (r.partition, r.offset)
         )
 
-    async def put(self, records: list[Record]) -> bool:
+    async def put(self, records: list[Record], decoded: Decoded | None = None) -> bool:
         """Apply records, or dead-letter them; never raise because of them. False when the
         batch was not committed (fenced, abandoned): its partitions were rewound."""
-        owned = [r for r in records if self._expects(r)]
+        owned = [r for r in records if self.checkpoints.expects(r)]
+        if len(owned) != len(records):
+            decoded = None  # decoded for records some of which are not ours (any more)
         while owned:
             try:
-                return await self._put(owned)
+                return await self._put(owned, decoded)
             except DeadLetterRefusedError as refused:
                 # Nothing of those partitions was committed: stop them where they stand,
                 # and go on with the others.
-                await self._halt(refused.partitions, f"dead letter refused: {refused.reason}")
+                await self.checkpoints.halt(
+                    refused.partitions, f"dead letter refused: {refused.reason}"
+                )
                 owned = [r for r in owned if r.partition not in refused.partitions]
             except BatchTooSlow:
                 middle = len(owned) // 2
@@ -252,47 +273,41 @@ class Pipeline:
                 if not await self.put(owned[:middle]):
                     return False
                 owned = owned[middle:]
+            decoded = None
         return True
 
-    async def _put(self, owned: list[Record]) -> bool:
+    async def _put(self, owned: list[Record], decoded: Decoded | None) -> bool:
         started = time.monotonic()
-        splittable = len(owned) > 1
         try:
-            decoded = await self._with_retry(lambda: self._decode(owned))
-            letters = decoded.letters
-            await self._with_retry(lambda: self.dlq_report(letters))  # 1
-            applied = await self._with_retry(
-                lambda: self._commit(owned, decoded), splittable=splittable
+            ready = decoded if decoded is not None else self._decode(owned)
+            letters = ready.letters
+            await self.retry(lambda: self.dlq_report(letters))  # 1
+            applied = await self.retry(
+                lambda: self._commit(owned, ready), splittable=len(owned) > 1
             )  # 2
         except FencedError as fenced:
             self.metrics.fenced_batches.inc()
             log.warning("batch fenced", extra=fields(partitions=fenced.partitions))
-            await self._rewind(owned, reload=True)
+            await self.checkpoints.rewind(owned, reload=True)
             return False
         except BatchAbandoned:
             log.warning("batch abandoned", extra=fields(records=len(owned)))
-            await self._rewind(owned, reload=False)
+            await self.checkpoints.rewind(owned, reload=False)
             return False
-        await self._mirror_offsets()  # 3
+        await self.checkpoints.mirror()  # 3
         self._observe(applied, letters, len(owned), time.monotonic() - started)  # 4
         return True
 
-    def _expects(self, record: Record) -> bool:
-        """Owned, running, and not below the offset this owner has committed: a fetch issued
-        before a seek can hand back records that are already in the ledger."""
-        if record.partition not in self.positions or record.partition in self.readiness.halted:
-            return False
-        position = self.positions[record.partition]
-        return position is None or record.offset >= position
-
     async def stop(self) -> None:
         self.request_stop()
+        await self._settle(quietly=True)
         await self._batch_lock.acquire()  # wait for the batch in flight
         self._batch_lock.release()
 
     # -- steps ---------------------------------------------------------------------------------
 
-    async def _decode(self, records: list[Record]) -> Decoded:
+    def _decode(self, records: list[Record]) -> Decoded:
+        """Pure, and never raises for a record (producer.events.decode_event)."""
         return decode_records(
             records,
             max_bytes=self.settings.max_event_bytes,
@@ -303,171 +318,11 @@ class Pipeline:
         await self.dlq.report(letters)
 
     async def _commit(self, records: list[Record], decoded: Decoded) -> Applied:
-        moves = self._moves(records)
-        applied = Applied()
-        try:
-            conn = await self.pool.acquire()
-        except TimeoutError as error:  # no connection: not a batch too big for its timeout
-            raise TransientError("database unreachable: connecting timed out") from error
-        try:
-            async with conn.transaction():
-                await advance_offsets(
-                    conn, self.settings.group_id, self.settings.topic, moves
-                )  # 2a
-                await apply_isolating(
-                    conn, list(zip(decoded.events, decoded.records, strict=True)), applied
-                )  # 2b
-                await self.dlq_report(applied.letters)  # 2c
-        finally:
-            await self.pool.release(conn)
-        for move in moves:
-            self.positions[move.partition] = move.next_offset
+        moves = self.checkpoints.moves(records)
+        applied = await self.commit(moves, decoded, self.dlq_report)
+        self.checkpoints.committed(moves)
         self.readiness.progressed()
         return applied
-
-    def _moves(self, records: list[Record]) -> list[OffsetMove]:
-        last: dict[int, int] = {}
-        for record in records:
-            last[record.partition] = max(last.get(record.partition, -1), record.offset)
-        return [
-            OffsetMove(partition, self.positions[partition], offset + 1)
-            for partition, offset in sorted(last.items())
-        ]
-
-    async def _with_retry(
-        self, operation: Callable[[], Awaitable[T]], *, splittable: bool = False
-    ) -> T:
-        """Retry transient failures, and unexpected ones, with capped backoff; fetching stays
-        paused while it waits, whatever it runs for (a batch, loading offsets on assignment,
-        following stored offsets when idle). A batch that keeps timing out (statement_timeout,
-        a client timeout) raises BatchTooSlow when it can be split."""
-        paused: list[TopicPartition] = []
-        timeouts = 0
-
-        async def attempt() -> T:
-            try:
-                result = await operation()
-            except (FencedError, BatchAbandoned, BatchTooSlow, DeadLetterRefusedError):
-                raise
-            except Exception as error:
-                if as_transient(error) is not None:
-                    raise
-                log.exception(
-                    "unexpected error: the batch will be retried",
-                    extra=fields(error=type(error).__name__),
-                )
-                raise UnexpectedError(f"unexpected {type(error).__name__}") from error
-            self.readiness.unexpected = None
-            self.database.recovered()
-            self.readiness.database_ok = True
-            return result
-
-        def on_retry(error: TransientError, attempt: int, delay: float) -> None:
-            nonlocal timeouts
-            if self._revoking or self._stop.is_set():
-                raise BatchAbandoned from error
-            if isinstance(error, UnexpectedError):
-                self.readiness.unexpected = str(error)
-                self.metrics.db_retries.labels("unexpected").inc()
-            elif not isinstance(error, DeadLetterUnavailableError):
-                self.readiness.database_ok = False
-                self.database.failing(str(error))
-                self.metrics.db_retries.labels(error.sqlstate or "unavailable").inc()
-            else:
-                self.kafka.failing(str(error))
-            timeouts = timeouts + 1 if error.timed_out else 0
-            if splittable and timeouts >= TIMEOUTS_BEFORE_HALVING:
-                raise BatchTooSlow from error
-            if not paused:
-                paused.extend(self.consumer.assignment())
-                self.consumer.pause(*paused)
-            log.debug(
-                "transient failure, retrying",
-                extra=fields(error=str(error), attempt=attempt, delay_seconds=round(delay, 2)),
-            )
-
-        try:
-            return await retry_transient(attempt, self.backoff, on_retry)
-        finally:
-            halted = self.readiness.halted
-            if still := [
-                tp
-                for tp in paused
-                if tp in self.consumer.assignment()
-                and tp.partition not in halted
-                and tp.partition not in self._opening  # resumed once sought
-            ]:
-                self.consumer.resume(*still)
-
-    async def _load_offsets(self, partitions: list[int]) -> dict[int, int]:
-        async def load() -> dict[int, int]:
-            async with self.pool.acquire() as conn:
-                return await load_offsets(
-                    conn, self.settings.group_id, self.settings.topic, partitions
-                )
-
-        return await self._with_retry(load)
-
-    async def _seek(self, partitions: Sequence[TopicPartition], stored: dict[int, int]) -> None:
-        for tp in partitions:
-            if tp.partition in stored:
-                self.consumer.seek(tp, stored[tp.partition])
-            else:  # nothing applied yet: the database, not Kafka's group offset, decides
-                await self.consumer.seek_to_beginning(tp)
-
-    async def _rewind(self, records: list[Record], *, reload: bool) -> None:
-        """After a rolled-back batch, fetch its partitions again from where the ledger stands.
-
-        Fenced: another owner moved the stored offsets, so read them. Abandoned: nothing was
-        committed, so the offsets this owner expects still hold (and the database may be down).
-        """
-        partitions = sorted({r.partition for r in records} & set(self.positions))
-        expected = {p: self.positions[p] for p in partitions}
-        if reload:
-            try:
-                stored = await self._load_offsets(partitions)
-                expected = {p: stored.get(p) for p in partitions}
-            except BatchAbandoned:
-                pass  # shutting down or giving the partitions up while the database is away
-        self.positions.update(expected)
-        await self._seek(
-            [TopicPartition(self.settings.topic, p) for p in partitions],
-            {p: offset for p, offset in expected.items() if offset is not None},
-        )
-
-    async def _follow_stored_offsets(self) -> None:
-        """When idle, pick up offsets moved by someone else (`token-ledger replay`, a new owner)."""
-        self._last_sync = time.monotonic()
-        try:
-            stored = await self._load_offsets(sorted(self.positions))
-        except BatchAbandoned:
-            return  # shutting down while the database is away
-        moved = [p for p in sorted(self.positions) if stored.get(p) != self.positions[p]]
-        if not moved:
-            return
-        log.info(
-            "stored offsets moved: seeking to them",
-            extra=fields(partitions=moved, offsets={p: stored.get(p) for p in moved}),
-        )
-        for partition in moved:
-            self.positions[partition] = stored.get(partition)
-        await self._seek([TopicPartition(self.settings.topic, p) for p in moved], stored)
-
-    async def _mirror_offsets(self) -> None:
-        """Best-effort and bounded: without a group coordinator the commit would wait, and hold
-        the ledger and a shutdown with it."""
-        offsets = {
-            TopicPartition(self.settings.topic, p): offset
-            for p, offset in self.positions.items()
-            if offset is not None
-        }
-        try:
-            async with asyncio.timeout(MIRROR_SECONDS):
-                await self.consumer.commit(offsets)
-        except (KafkaError, TimeoutError) as error:  # lag tooling only: PostgreSQL holds the truth
-            self._mirror.failing(f"skipped: {type(error).__name__}")
-        else:
-            self._mirror.recovered()
 
     async def _probe_kafka(self) -> None:
         """While aiokafka reports trouble reaching the broker, ask it for metadata now and then:
@@ -486,63 +341,14 @@ class Pipeline:
             self.kafka.recovered()
         self.readiness.kafka_ok = not self.kafka.down
 
-    async def _halt(self, partitions: Sequence[int], reason: str) -> None:
-        """Stop these partitions where the ledger stands: nothing past the stored offset is
-        applied or skipped until the cause is fixed and the consumer restarted."""
-        for partition in partitions:
-            log.error(
-                "partition stopped",
-                extra=fields(
-                    partition=partition, stored_offset=self.positions.get(partition), reason=reason
-                ),
-            )
-            self.readiness.halted[partition] = reason
-            self.metrics.halted_partitions.labels(str(partition)).set(1)
-        tps = [TopicPartition(self.settings.topic, p) for p in partitions]
-        owned = [tp for tp in tps if tp in self.consumer.assignment()]
-        self.consumer.pause(*owned)
-        await self._seek(
-            owned, {p: o for p in partitions if (o := self.positions.get(p)) is not None}
-        )
-
-    async def _offsets_out_of_range(self, out_of_range: dict[TopicPartition, int]) -> None:
-        """A stored offset outside the partition's log (topic recreated, retention passed,
-        unclean election): never skipped silently."""
-        for tp, offset in sorted(out_of_range.items()):
-            if tp.partition not in self.positions or tp.partition in self.readiness.halted:
-                continue
-            start = (await self.consumer.beginning_offsets([tp]))[tp]
-            end = (await self.consumer.end_offsets([tp]))[tp]
-            self.metrics.offset_resets.labels(str(tp.partition)).inc()
-            detail = f"stored offset {offset} is outside the log [{start}, {end})"
-            if self.settings.offset_reset == "fail":
-                await self._halt([tp.partition], f"offset out of range: {detail}")
-                continue
-            log.error(
-                "offset out of range: resuming from the log start (LEDGER_OFFSET_RESET=earliest)",
-                extra=fields(partition=tp.partition, offset=offset, log_start=start, log_end=end),
-            )
-            expected = self.positions[tp.partition]
-
-            async def move(
-                partition: int = tp.partition, expected: int | None = expected, to: int = start
-            ) -> None:
-                async with self.pool.acquire() as conn:
-                    await reset_offsets(
-                        conn, self.settings.group_id, self.settings.topic, partition, expected, to
-                    )
-
-            await self._with_retry(move)
-            self.positions[tp.partition] = start
-            self.consumer.seek(tp, start)
-
     async def _update_lag(self) -> bool:
         """Refresh lag, records held by open transactions and readiness; True when every
         assigned partition is caught up: at its last stable offset, the end of what a
         read_committed consumer can read (consumer/lag.py)."""
+        positions = self.checkpoints.positions
         ends: dict[int, PartitionEnds] = {}
-        caught_up = bool(self.positions) and not self._opening
-        for partition in sorted(set(self.positions) - set(self.readiness.halted)):
+        caught_up = bool(positions) and not self.checkpoints.opening
+        for partition in sorted(set(positions) - set(self.readiness.halted)):
             tp = TopicPartition(self.settings.topic, partition)
             highwater, stable = self.consumer.highwater(tp), self.consumer.last_stable_offset(tp)
             # None until a fetch answered; -1 from a consumer that is not read_committed
@@ -573,9 +379,9 @@ class Pipeline:
                 (event.type, event.occurred_at, outcome) for event, outcome in applied.events
             ],
             unknown_fields=[
-                (event.type, event.unknown_fields)
+                (event.type, count)
                 for event, _ in applied.events
-                if event.unknown_fields
+                if (count := event.unknown_fields)
             ],
             undecodable=[letter.event_type for letter in decode_letters],
             dead_letter_reasons=[letter.reason.value for letter in letters],
@@ -585,3 +391,31 @@ class Pipeline:
             "batch committed",
             extra=fields(records=records, seconds=round(seconds, 4), dead_letters=len(letters)),
         )
+
+
+def build_pipeline(
+    settings: Settings,
+    consumer: AIOKafkaConsumer,
+    pool: asyncpg.Pool,
+    dlq: DeadLetterQueue,
+    metrics: LedgerMetrics,
+    readiness: Readiness,
+    *,
+    backoff: Backoff = BATCH_BACKOFF,
+    commit: Commit | None = None,
+) -> Pipeline:
+    """The pipeline as `consume` runs it; tests may swap the batch transaction (`commit`)."""
+    pipeline: Pipeline | None = None
+    checkpoints: Checkpoints | None = None
+
+    def abandon() -> bool:  # the partitions are being given up, or the consumer stops
+        return pipeline is not None and (pipeline.revoking or pipeline.stopping)
+
+    def held() -> set[int]:
+        return checkpoints.opening if checkpoints is not None else set()
+
+    retry = Retrier(consumer, readiness, metrics, backoff, abandon=abandon, held=held)
+    checkpoints = Checkpoints(settings, consumer, pool, metrics, readiness, retry)
+    commit = commit or functools.partial(commit_batch, pool, settings.group_id, settings.topic)
+    pipeline = Pipeline(settings, consumer, dlq, metrics, readiness, checkpoints, retry, commit)
+    return pipeline

@@ -31,7 +31,7 @@ from consumer.health import HealthServer, Readiness
 from consumer.logs import fields
 from consumer.metrics import LedgerMetrics
 from consumer.outages import KafkaLogFilter
-from consumer.pipeline import Pipeline
+from consumer.pipeline import Pipeline, build_pipeline
 from consumer.schema import check_database, wait_until_usable
 from consumer.settings import Settings
 from consumer.store import create_pool, ping
@@ -148,7 +148,7 @@ async def _start(settings: Settings, stack: AsyncExitStack, until_idle: bool) ->
     ).__aenter__()
     stack.push_async_callback(_bounded(dlq.close, "dead-letter producer"))
     consumer = source_consumer(settings, fetch_bytes)
-    pipeline = Pipeline(settings, consumer, pool, dlq, metrics, readiness)
+    pipeline = build_pipeline(settings, consumer, pool, dlq, metrics, readiness)
     kafka_logs = KafkaLogFilter(pipeline.kafka)
     for handler in logging.getLogger().handlers:  # aiokafka logs on child loggers too
         handler.addFilter(kafka_logs)

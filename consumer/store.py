@@ -16,7 +16,8 @@ size:
 Every upsert repeats its partial index predicate in the conflict target and carries a guard
 (`DO UPDATE ... WHERE new claim beats stored claim`) so stored rows only move forward under the
 merge rules, whatever a concurrent writer did since `load_state` read them.
-The caller owns the transaction: rows and offsets commit together or not at all.
+SQL only: the merge runs in consumer/batch.py, between `load_state` and `write_plan`. The
+caller owns the transaction: rows and offsets commit together or not at all.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from consumer.merge import (
     StoredState,
     ThreadRow,
     message_keys,
-    reduce_batch,
 )
 from producer import jsonvalues
 from producer.events import AnyEvent, attribution
@@ -489,13 +489,3 @@ async def write_plan(conn: asyncpg.Connection, plan: BatchPlan) -> None:
             # The message rows were written above in this transaction, so only a concurrent
             # writer can have taken the key; the retry sees its row and decides again.
             raise ConcurrentWriteError(f"{orphans} usage rows found no message row to attach to")
-
-
-async def apply_events(conn: asyncpg.Connection, events: Sequence[AnyEvent]) -> BatchPlan:
-    """Read the stored registers, reduce the batch against them, write what changes.
-
-    Must run inside the caller's transaction (together with `advance_offsets`).
-    """
-    plan = reduce_batch(events, await load_state(conn, events))
-    await write_plan(conn, plan)
-    return plan

@@ -19,7 +19,7 @@ from consumer.dlq import HEADER_HEADROOM, DeadLetterQueue
 from consumer.health import Readiness
 from consumer.metrics import LedgerMetrics
 from consumer.migrate import upgrade
-from consumer.pipeline import Pipeline
+from consumer.pipeline import build_pipeline
 from consumer.service import source_consumer
 from consumer.settings import load_settings
 from consumer.store import create_pool
@@ -167,7 +167,7 @@ async def _run_pipeline(stack: Stack, kafka_group: str) -> LedgerMetrics:
             consumer = source_consumer(
                 settings, limits.source_max_bytes + HEADER_HEADROOM, group_id=kafka_group
             )
-            pipeline = Pipeline(settings, consumer, pool, dlq, metrics, Readiness(600))
+            pipeline = build_pipeline(settings, consumer, pool, dlq, metrics, Readiness(600))
             consumer.subscribe([stack.topic], listener=pipeline.listener)
             await consumer.start()
             try:

@@ -13,10 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from consumer.batch import apply_events
 from consumer.ledger import LedgerRows
 from consumer.merge import USAGE_FIELDS
 from consumer.queries import read_ledger, usage_report
-from consumer.store import apply_events, asyncpg_dsn
+from consumer.store import asyncpg_dsn
 from producer.events import AnyEvent
 from tests.reference import reference_rows
 from tests.strategies import batch_splits, delivered

@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from consumer.batch import apply_events
 from consumer.errors import FencedError, PoisonError, classify_database_error
 from consumer.ledger import expected_rows, rebuild
 from consumer.merge import reduce_batch
@@ -20,7 +21,6 @@ from consumer.retry import Backoff, retry_transient
 from consumer.store import (
     OffsetMove,
     advance_offsets,
-    apply_events,
     asyncpg_dsn,
     load_offsets,
     load_state,

@@ -1,0 +1,246 @@
+"""Where each partition stands: the stored offsets in PostgreSQL are the truth, Kafka's
+positions follow them.
+
+- open: newly assigned partitions are paused and pending; `open_pending` (run by the loop, not
+  by aiokafka's listener) loads their stored offsets with retry, seeks, and resumes them.
+- expects / moves: which fetched records this owner may apply, and the compare-and-set moves
+  (from the offset it expects to the next one) that its batch transaction makes.
+- committed / rewind: after a batch, the new positions; after a rolled-back one, a seek back
+  to where the ledger stands (reloaded when another owner moved it).
+- follow: when idle, offsets moved by someone else (`token-ledger replay`, a new owner).
+- mirror: the positions to Kafka, for lag tooling only, best-effort and bounded.
+- halt / out of range: a partition stopped where the ledger stands, never skipped silently.
+
+Every seek bumps `generation`: a batch fetched before it may hold records from the old
+positions, and is rewound instead of applied (consumer/pipeline.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from consumer.batch import Record
+from consumer.errors import BatchAbandoned
+from consumer.health import Readiness
+from consumer.logs import fields
+from consumer.metrics import LedgerMetrics
+from consumer.outages import Outage
+from consumer.retry import Retrier
+from consumer.settings import Settings
+from consumer.store import OffsetMove, load_offsets, reset_offsets
+
+log = logging.getLogger(__name__)
+MIRROR_SECONDS = 2.0  # the offset mirror is best-effort: never longer than this
+
+
+class Checkpoints:
+    def __init__(
+        self,
+        settings: Settings,
+        consumer: AIOKafkaConsumer,
+        pool: asyncpg.Pool,
+        metrics: LedgerMetrics,
+        readiness: Readiness,
+        retry: Retrier,
+    ) -> None:
+        self.settings = settings
+        self.consumer = consumer
+        self.pool = pool
+        self.metrics = metrics
+        self.readiness = readiness
+        self.retry = retry
+        # partition -> the stored next_offset this owner's next batch starts from (None: no row)
+        self.positions: dict[int, int | None] = {}
+        self.opening: set[int] = set()  # assigned, paused, not yet sought to stored offsets
+        self.generation = 0  # bumped by every seek
+        self._mirror = Outage("Kafka offset mirror")
+
+    def _tp(self, partition: int) -> TopicPartition:
+        return TopicPartition(self.settings.topic, partition)
+
+    # -- assignment ----------------------------------------------------------------------------
+
+    def open(self, assigned: Sequence[TopicPartition]) -> None:
+        """Take newly assigned partitions: paused until `open_pending` has sought them.
+
+        Not in aiokafka's listener: it awaits the listener inside the group join, so waiting
+        on a database that is away would outlast the rebalance and get this member evicted."""
+        mine = [tp for tp in assigned if tp.topic == self.settings.topic]
+        self.consumer.pause(*mine)
+        self.opening.update(tp.partition for tp in mine)
+
+    async def open_pending(self) -> None:
+        """Seek the partitions `open` took to their stored offsets, then let them fetch.
+
+        Retried while the database is away; abandoned when they are revoked or on stop."""
+        opening = sorted(self.opening)
+        try:
+            stored = await self.load(opening)
+        except BatchAbandoned:
+            return  # close() or stop() takes it from here
+        tps = [self._tp(p) for p in opening]
+        await self.seek(tps, stored)
+        for partition in opening:
+            self.positions[partition] = stored.get(partition)
+            self.opening.discard(partition)
+        self.readiness.assigned = frozenset(self.positions)
+        halted = self.readiness.halted
+        self.consumer.resume(*[tp for tp in tps if tp.partition not in halted])
+        log.info("partitions assigned", extra=fields(partitions=opening, stored_offsets=stored))
+
+    def close(self, revoked: Sequence[TopicPartition]) -> None:
+        """Forget revoked partitions (the caller waited for the batch in flight)."""
+        for tp in revoked:
+            self.opening.discard(tp.partition)
+            self.positions.pop(tp.partition, None)
+        self.readiness.assigned = frozenset(self.positions)
+
+    # -- batches -------------------------------------------------------------------------------
+
+    def expects(self, record: Record) -> bool:
+        """Owned, running, and not below the offset this owner has committed: a fetch issued
+        before a seek can hand back records that are already in the ledger."""
+        if record.partition not in self.positions or record.partition in self.readiness.halted:
+            return False
+        position = self.positions[record.partition]
+        return position is None or record.offset >= position
+
+    def moves(self, records: Sequence[Record]) -> list[OffsetMove]:
+        last: dict[int, int] = {}
+        for record in records:
+            last[record.partition] = max(last.get(record.partition, -1), record.offset)
+        return [
+            OffsetMove(partition, self.positions[partition], offset + 1)
+            for partition, offset in sorted(last.items())
+        ]
+
+    def committed(self, moves: Sequence[OffsetMove]) -> None:
+        for move in moves:
+            self.positions[move.partition] = move.next_offset
+
+    async def load(self, partitions: list[int]) -> dict[int, int]:
+        async def load() -> dict[int, int]:
+            async with self.pool.acquire() as conn:
+                return await load_offsets(
+                    conn, self.settings.group_id, self.settings.topic, partitions
+                )
+
+        return await self.retry(load)
+
+    async def seek(self, partitions: Sequence[TopicPartition], stored: dict[int, int]) -> None:
+        self.generation += 1
+        for tp in partitions:
+            if tp.partition in stored:
+                self.consumer.seek(tp, stored[tp.partition])
+            else:  # nothing applied yet: the database, not Kafka's group offset, decides
+                await self.consumer.seek_to_beginning(tp)
+
+    async def rewind(self, records: Sequence[Record], *, reload: bool) -> None:
+        """After a rolled-back (or discarded) batch, fetch its partitions again from where the
+        ledger stands.
+
+        Fenced: another owner moved the stored offsets, so read them. Abandoned, discarded:
+        nothing was committed, so the offsets this owner expects still hold (and the database
+        may be down)."""
+        partitions = sorted({r.partition for r in records} & set(self.positions))
+        expected = {p: self.positions[p] for p in partitions}
+        if reload:
+            try:
+                stored = await self.load(partitions)
+                expected = {p: stored.get(p) for p in partitions}
+            except BatchAbandoned:
+                pass  # shutting down or giving the partitions up while the database is away
+        self.positions.update(expected)
+        await self.seek(
+            [self._tp(p) for p in partitions],
+            {p: offset for p, offset in expected.items() if offset is not None},
+        )
+
+    async def follow(self) -> None:
+        """When idle, pick up offsets moved by someone else (`token-ledger replay`, a new owner)."""
+        try:
+            stored = await self.load(sorted(self.positions))
+        except BatchAbandoned:
+            return  # shutting down while the database is away
+        moved = [p for p in sorted(self.positions) if stored.get(p) != self.positions[p]]
+        if not moved:
+            return
+        log.info(
+            "stored offsets moved: seeking to them",
+            extra=fields(partitions=moved, offsets={p: stored.get(p) for p in moved}),
+        )
+        for partition in moved:
+            self.positions[partition] = stored.get(partition)
+        await self.seek([self._tp(p) for p in moved], stored)
+
+    async def mirror(self) -> None:
+        """Best-effort and bounded: without a group coordinator the commit would wait, and hold
+        the ledger and a shutdown with it."""
+        offsets = {
+            self._tp(p): offset for p, offset in self.positions.items() if offset is not None
+        }
+        try:
+            async with asyncio.timeout(MIRROR_SECONDS):
+                await self.consumer.commit(offsets)
+        except (KafkaError, TimeoutError) as error:  # lag tooling only: PostgreSQL holds the truth
+            self._mirror.failing(f"skipped: {type(error).__name__}")
+        else:
+            self._mirror.recovered()
+
+    # -- stopped partitions --------------------------------------------------------------------
+
+    async def halt(self, partitions: Sequence[int], reason: str) -> None:
+        """Stop these partitions where the ledger stands: nothing past the stored offset is
+        applied or skipped until the cause is fixed and the consumer restarted."""
+        for partition in partitions:
+            log.error(
+                "partition stopped",
+                extra=fields(
+                    partition=partition, stored_offset=self.positions.get(partition), reason=reason
+                ),
+            )
+            self.readiness.halted[partition] = reason
+            self.metrics.halted_partitions.labels(str(partition)).set(1)
+        owned = [tp for tp in map(self._tp, partitions) if tp in self.consumer.assignment()]
+        self.consumer.pause(*owned)
+        await self.seek(
+            owned, {p: o for p in partitions if (o := self.positions.get(p)) is not None}
+        )
+
+    async def out_of_range(self, out_of_range: dict[TopicPartition, int]) -> None:
+        """A stored offset outside the partition's log (topic recreated, retention passed,
+        unclean election): never skipped silently."""
+        for tp, offset in sorted(out_of_range.items()):
+            if tp.partition not in self.positions or tp.partition in self.readiness.halted:
+                continue
+            start = (await self.consumer.beginning_offsets([tp]))[tp]
+            end = (await self.consumer.end_offsets([tp]))[tp]
+            self.metrics.offset_resets.labels(str(tp.partition)).inc()
+            detail = f"stored offset {offset} is outside the log [{start}, {end})"
+            if self.settings.offset_reset == "fail":
+                await self.halt([tp.partition], f"offset out of range: {detail}")
+                continue
+            log.error(
+                "offset out of range: resuming from the log start (LEDGER_OFFSET_RESET=earliest)",
+                extra=fields(partition=tp.partition, offset=offset, log_start=start, log_end=end),
+            )
+            expected = self.positions[tp.partition]
+
+            async def move(
+                partition: int = tp.partition, expected: int | None = expected, to: int = start
+            ) -> None:
+                async with self.pool.acquire() as conn:
+                    await reset_offsets(
+                        conn, self.settings.group_id, self.settings.topic, partition, expected, to
+                    )
+
+            await self.retry(move)
+            self.positions[tp.partition] = start
+            self.generation += 1
+            self.consumer.seek(tp, start)

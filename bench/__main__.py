@@ -3,9 +3,9 @@
     .venv/bin/python -m bench [--runs 3] [--records 200000] [--full] [--baseline f8f748f]
 
 Everything runs on a throw-away Kafka broker and PostgreSQL started for the benchmark
-(bench/services.py). The baseline is the given commit's tree, exported with `git archive`
-into .bench/ and run with the same interpreter and dependencies, interleaved with the
-candidate (this tree) run by run, so both see the same machine and the same noise: compare
+(bench/services.py). The baseline and the candidate (HEAD unless given) are commits' trees,
+exported with `git archive` into .bench/ and run with the same interpreter and dependencies,
+interleaved run by run, so both see the same machine and the same noise: compare
 the ratios, not the absolute figures. Each figure is the median of --runs with min and max.
 
 A quick run: drains of the backlog (first, and again after `replay --to-offset 0`), the raw
@@ -38,15 +38,24 @@ NAIVE_RECORDS = 3_000
 LATENCY_RATE = 1_000
 
 
-def export_baseline(commit: str) -> Tree:
-    target = ROOT / ".bench" / f"baseline-{commit}"
+def export(commit: str, name: str) -> Tree:
+    """The tree of `commit`, as committed: edits made while the benchmark runs never leak
+    into it."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", commit],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    target = ROOT / ".bench" / commit
     if not (target / "consumer").is_dir():
         target.mkdir(parents=True, exist_ok=True)
         archive = subprocess.run(
             ["git", "archive", "--format=tar", commit], cwd=ROOT, capture_output=True, check=True
         )
         subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
-    return Tree(f"baseline {commit}", target)
+    return Tree(f"{name} {commit}", target)
 
 
 async def ledger_totals(url: str) -> dict[str, int]:
@@ -187,8 +196,9 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--full", action="store_true", help="60 s latency, 1,000,000 records")
     parser.add_argument("--baseline", default="f8f748f", help="commit to compare against")
+    parser.add_argument("--candidate", default="HEAD", help="commit to measure")
     args = parser.parse_args()
-    trees = [export_baseline(args.baseline), Tree("candidate", ROOT)]
+    trees = [export(args.baseline, "baseline"), export(args.candidate, "candidate")]
     with running_services() as services:
         bench = Bench(services, args, trees)
         asyncio.run(bench.run())
@@ -198,9 +208,7 @@ def main() -> None:
         "full": args.full,
         "records": results.records,
         "baseline": args.baseline,
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip(),
+        "candidate": trees[1].name,
         "machine": f"{platform.machine()}, {_cores()} cores",
         "ledger": results.ledger,
         "seconds": round(results.seconds),

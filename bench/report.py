@@ -130,7 +130,7 @@ def table(results: Results, baseline: str, candidate: str) -> str:
     lines = [
         f"{results.records:,} simulated records, 6 partitions; median (min-max) of each figure",
         "",
-        f"| scenario | measure | {baseline} | candidate | candidate / baseline |",
+        f"| scenario | measure | {baseline} | {candidate} | candidate / baseline |",
         "|---|---|---|---|---|",
     ]
     rows = list(dict.fromkeys((scenario, measure) for _, scenario, measure in results.samples))

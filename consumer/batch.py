@@ -106,15 +106,22 @@ async def apply_events(conn: asyncpg.Connection, events: Sequence[AnyEvent]) -> 
     return plan
 
 
+Apply = Callable[[asyncpg.Connection, Sequence[AnyEvent]], Awaitable[BatchPlan]]
+
+
 async def apply_isolating(
-    conn: asyncpg.Connection, items: list[tuple[AnyEvent, Record]], applied: Applied
+    conn: asyncpg.Connection,
+    items: list[tuple[AnyEvent, Record]],
+    applied: Applied,
+    apply: Apply = apply_events,
 ) -> None:
-    """Apply under a savepoint; on a data error split the batch until the record is alone."""
+    """Apply under a savepoint; on a data error split the batch until the record is alone.
+    (`apply`: the unit tests' stand-in for the database.)"""
     if not items:
         return
     try:
         async with conn.transaction():
-            plan = await apply_events(conn, [event for event, _ in items])
+            plan = await apply(conn, [event for event, _ in items])
     except asyncpg.PostgresError as error:
         mapped = classify_database_error(error)
         if not isinstance(mapped, PoisonError):
@@ -129,8 +136,8 @@ async def apply_isolating(
             applied.events.append((event, Outcome.REJECTED))
             return
         middle = len(items) // 2
-        await apply_isolating(conn, items[:middle], applied)
-        await apply_isolating(conn, items[middle:], applied)
+        await apply_isolating(conn, items[:middle], applied, apply)
+        await apply_isolating(conn, items[middle:], applied, apply)
         return
     applied.plans.append(plan)
     for index, ((event, record), outcome) in enumerate(zip(items, plan.outcomes, strict=True)):

@@ -1,0 +1,238 @@
+"""The pipeline's batch verbs in-process, with small fakes at the Kafka and database edges:
+a partition log that fetches and seeks, a stored-offsets table with compare-and-set, and the
+batch transaction as a function (tests/integration/ runs the same verbs on real services)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from consumer.batch import Applied, Decoded, Report, apply_isolating
+from consumer.dlq import DeadLetter
+from consumer.errors import FencedError, TransientError
+from consumer.health import Readiness
+from consumer.merge import BatchPlan, Outcome
+from consumer.metrics import LedgerMetrics
+from consumer.pipeline import Pipeline, build_pipeline
+from consumer.retry import Backoff
+from consumer.settings import load_settings
+from consumer.store import OffsetMove
+from producer.events import AnyEvent, RejectReason
+from producer.simulator import TrafficConfig, plan_traffic
+
+TOPIC = "chat.turn-events"
+TP = TopicPartition(TOPIC, 0)
+
+
+def _records(count: int) -> list[ConsumerRecord]:
+    planned, _ = plan_traffic(TrafficConfig(threads=count // 10 + 1, seed=3, poison_rate=0))
+    now = int(time.time() * 1000)
+    return [
+        ConsumerRecord(TOPIC, 0, offset, now, 0, key, value, None, len(key), len(value), ())
+        for offset, (key, value) in enumerate(planned[:count])
+    ]
+
+
+class FakeLog:
+    """One partition of the source topic, as much of AIOKafkaConsumer as the pipeline uses."""
+
+    def __init__(self, records: list[ConsumerRecord]) -> None:
+        self.records = records
+        self.next = 0  # the fetch position
+        self.paused: set[TopicPartition] = set()
+        self.seeks: list[int] = []
+        self.mirrored: list[dict[TopicPartition, int]] = []
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TP}
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self.paused.update(tps)
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self.paused.difference_update(tps)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.next = offset
+        self.seeks.append(offset)
+
+    async def seek_to_beginning(self, tp: TopicPartition) -> None:
+        self.seek(tp, 0)
+
+    async def getmany(self, *, timeout_ms: int, max_records: int) -> dict[Any, Any]:
+        await asyncio.sleep(0)
+        if TP in self.paused or self.next >= len(self.records):
+            return {}
+        batch = self.records[self.next : self.next + max_records]
+        self.next += len(batch)
+        return {TP: batch}
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.mirrored.append(offsets)
+
+    def highwater(self, tp: TopicPartition) -> int:
+        return len(self.records)
+
+    def last_stable_offset(self, tp: TopicPartition) -> int:
+        return len(self.records)
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self.next
+
+
+class FakeOffsets:
+    """consumer_offsets: what `load_offsets` reads (through a pool) and the batch transaction
+    moves by compare-and-set."""
+
+    def __init__(self) -> None:
+        self.stored: dict[int, int] = {}
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[FakeOffsets]:
+        yield self
+
+    async def fetch(self, query: str, *args: Any) -> list[dict[str, int]]:
+        return [{"partition": p, "next_offset": o} for p, o in self.stored.items()]
+
+
+class FakeLedger:
+    """The batch transaction: moves offsets by compare-and-set, remembers what it applied."""
+
+    def __init__(self, offsets: FakeOffsets) -> None:
+        self.offsets = offsets
+        self.applied: list[int] = []  # offsets of the records committed, in commit order
+        self.fail_next: list[Exception] = []
+
+    async def __call__(
+        self, moves: Sequence[OffsetMove], decoded: Decoded, report: Report
+    ) -> Applied:
+        await asyncio.sleep(0)  # in flight: the loop fetches and decodes meanwhile
+        await asyncio.sleep(0)
+        if self.fail_next:
+            raise self.fail_next.pop(0)
+        for move in moves:
+            if self.offsets.stored.get(move.partition) != move.expected:
+                raise FencedError([move.partition])
+        for move in moves:
+            self.offsets.stored[move.partition] = move.next_offset
+        self.applied.extend(record.offset for record in decoded.records)
+        return Applied(events=[(event, Outcome.APPLIED) for event in decoded.events])
+
+
+class FakeDlq:
+    def __init__(self) -> None:
+        self.letters: list[DeadLetter] = []
+
+    async def report(self, letters: Sequence[DeadLetter]) -> None:
+        self.letters.extend(letters)
+
+
+def _pipeline(log: FakeLog, ledger: FakeLedger, max_batch: int = 4) -> Pipeline:
+    settings = load_settings(
+        kafka_bootstrap="127.0.0.1:9",
+        database_url="postgresql+asyncpg://ledger:ledger@127.0.0.1:9/ledger",
+        topic=TOPIC,
+        max_batch=max_batch,
+    )
+    return build_pipeline(
+        settings,
+        log,
+        ledger.offsets,
+        FakeDlq(),  # type: ignore[arg-type]
+        LedgerMetrics(),
+        Readiness(600),
+        backoff=Backoff(initial=0.001, maximum=0.001),
+        commit=ledger,
+    )
+
+
+async def test_put_moves_offsets_from_the_expected_position_and_mirrors_them() -> None:
+    records = _records(8)
+    log, ledger = FakeLog(records), FakeLedger(FakeOffsets())
+    ledger.offsets.stored[0] = 5
+    pipeline = _pipeline(log, ledger)
+    pipeline.checkpoints.positions[0] = 5
+    # A fetch issued before a seek hands back records already in the ledger: skipped.
+    assert await pipeline.put(records)
+    assert ledger.applied == [5, 6, 7]
+    assert ledger.offsets.stored == {0: 8}
+    assert pipeline.checkpoints.positions == {0: 8}
+    assert log.mirrored[-1] == {TP: 8}
+
+
+async def test_a_fenced_batch_rolls_back_and_seeks_to_the_stored_offset() -> None:
+    records = _records(6)
+    log, ledger = FakeLog(records), FakeLedger(FakeOffsets())
+    ledger.offsets.stored[0] = 4  # another owner got here first
+    pipeline = _pipeline(log, ledger)
+    pipeline.checkpoints.positions[0] = 2
+    assert not await pipeline.put(records[2:])
+    assert ledger.applied == []
+    assert pipeline.checkpoints.positions == {0: 4}
+    assert log.seeks[-1] == 4
+    assert pipeline.metrics.registry.get_sample_value("token_ledger_fenced_batches_total") == 1
+
+
+async def test_a_batch_retrying_while_its_partitions_are_revoked_is_abandoned() -> None:
+    records = _records(4)
+    log, ledger = FakeLog(records), FakeLedger(FakeOffsets())
+    pipeline = _pipeline(log, ledger)
+    pipeline.checkpoints.positions[0] = None  # nothing stored yet
+    ledger.fail_next = [TransientError("database away")] * 3
+    pipeline.revoking = True
+    assert not await pipeline.put(records)
+    assert ledger.applied == []
+    assert ledger.offsets.stored == {}
+    assert log.seeks[-1] == 0  # fetched again from the beginning: nothing was committed
+    assert TP not in log.paused  # fetching resumed after the retries
+
+
+async def test_a_record_the_database_rejects_is_isolated_and_dead_lettered() -> None:
+    records = _records(7)
+    pipeline = _pipeline(FakeLog(records), FakeLedger(FakeOffsets()))
+    decoded = pipeline._decode(records)
+    poison = decoded.events[4]
+
+    async def apply(conn: Any, events: Sequence[AnyEvent]) -> BatchPlan:
+        if any(event is poison for event in events):  # identity: exact copies are equal
+            raise asyncpg.CheckViolationError("violates check constraint")
+        return BatchPlan([], [], [], [Outcome.APPLIED] * len(events), [])
+
+    class Savepoints:
+        def transaction(self) -> Any:
+            return _nothing()
+
+    applied = Applied()
+    items = list(zip(decoded.events, decoded.records, strict=True))
+    await apply_isolating(Savepoints(), items, applied, apply)
+    assert [letter.record.offset for letter in applied.letters] == [decoded.records[4].offset]
+    assert applied.letters[0].reason is RejectReason.DATABASE_REJECTED
+    assert [outcome for _, outcome in applied.events] == [
+        Outcome.REJECTED if event is poison else Outcome.APPLIED for event in decoded.events
+    ]
+
+
+@asynccontextmanager
+async def _nothing() -> AsyncIterator[None]:
+    yield
+
+
+async def test_the_batch_fetched_during_a_fenced_commit_is_discarded_never_skipped() -> None:
+    records = _records(30)
+    log, ledger = FakeLog(records), FakeLedger(FakeOffsets())
+    ledger.offsets.stored[0] = 0
+    pipeline = _pipeline(log, ledger)
+    await pipeline.open([TP])
+    ledger.fail_next = [FencedError([0]), TransientError("blip")]
+    await pipeline.run(until_idle=True)
+    # Every record applied exactly once, in offset order: the batch decoded while the first
+    # commit was in flight was fetched again from where the ledger stood.
+    assert ledger.applied == list(range(30))
+    assert ledger.offsets.stored == {0: 30}

@@ -24,8 +24,17 @@ Per partition:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+if TYPE_CHECKING:
+    from consumer.checkpoint import Checkpoints
+    from consumer.health import Readiness
+    from consumer.metrics import LedgerMetrics
 
 
 @dataclass(frozen=True)
@@ -68,3 +77,38 @@ def held_partitions(
         since = before.since if before is not None and before.stable == end.stable else now
         held[partition] = Held(end.stable, end.uncommitted, since)
     return held
+
+
+async def update_lag(
+    consumer: AIOKafkaConsumer,
+    topic: str,
+    checkpoints: Checkpoints,
+    metrics: LedgerMetrics,
+    readiness: Readiness,
+    reported: set[int],
+) -> bool:
+    """Refresh lag, records held by open transactions and readiness; True when every
+    assigned partition is caught up: at its last stable offset, the end of what a
+    read_committed consumer can read. `reported`: partitions with a lag series (grows)."""
+    positions = checkpoints.positions
+    ends: dict[int, PartitionEnds] = {}
+    caught_up = bool(positions) and not checkpoints.opening
+    for partition in sorted(set(positions) - set(readiness.halted)):
+        tp = TopicPartition(topic, partition)
+        highwater, stable = consumer.highwater(tp), consumer.last_stable_offset(tp)
+        # None until a fetch answered; -1 from a consumer that is not read_committed
+        # (service.source_consumer always is): either way the end is unknown.
+        if highwater is None or stable is None or stable < 0:
+            caught_up = False
+            continue
+        end = PartitionEnds(await consumer.position(tp), stable, highwater)
+        ends[partition] = end
+        metrics.consumer_lag.labels(str(partition)).set(end.lag)
+        reported.add(partition)
+        caught_up = caught_up and end.lag == 0
+    metrics.set_uncommitted({p: end.uncommitted for p, end in ends.items()})
+    readiness.held = held_partitions(readiness.held, ends, time.monotonic())
+    readiness.lag = sum(end.lag for end in ends.values())
+    if readiness.lag == 0:
+        readiness.progressed()  # idle is not stalled
+    return caught_up

@@ -21,11 +21,9 @@ fenced batch re-seeks to them. A rebalance waits for the batch in flight (or aba
 is stuck retrying), so a partition is never committed after it was given up.
 
 No record and no database answer ends the process (SPEC section 4): a record is applied or
-dead-lettered; a transient failure retries the batch with backoff (a batch that keeps timing
-out is retried in halves); an unexpected exception is logged with its traceback and retried
-the same way, not-ready meanwhile. Only two things stop a partition, each with one ERROR line,
-a metric and a /readyz reason: a dead letter the dead-letter topic refuses for good, and a
-stored offset outside the partition's log with LEDGER_OFFSET_RESET=fail.
+dead-lettered; transient and unexpected failures retry the batch with backoff (retry.Retrier;
+one that keeps timing out is retried in halves). Only a dead letter refused for good and a
+stored offset outside the log (LEDGER_OFFSET_RESET=fail) stop a partition (checkpoint.halt).
 """
 
 from __future__ import annotations
@@ -45,7 +43,7 @@ from consumer.checkpoint import Checkpoints
 from consumer.dlq import DeadLetter, DeadLetterQueue
 from consumer.errors import BatchAbandoned, BatchTooSlow, DeadLetterRefusedError, FencedError
 from consumer.health import Readiness
-from consumer.lag import PartitionEnds, held_partitions
+from consumer.lag import update_lag
 from consumer.logs import fields
 from consumer.metrics import LedgerMetrics
 from consumer.retry import Backoff, Retrier
@@ -342,31 +340,14 @@ class Pipeline:
         self.readiness.kafka_ok = not self.kafka.down
 
     async def _update_lag(self) -> bool:
-        """Refresh lag, records held by open transactions and readiness; True when every
-        assigned partition is caught up: at its last stable offset, the end of what a
-        read_committed consumer can read (consumer/lag.py)."""
-        positions = self.checkpoints.positions
-        ends: dict[int, PartitionEnds] = {}
-        caught_up = bool(positions) and not self.checkpoints.opening
-        for partition in sorted(set(positions) - set(self.readiness.halted)):
-            tp = TopicPartition(self.settings.topic, partition)
-            highwater, stable = self.consumer.highwater(tp), self.consumer.last_stable_offset(tp)
-            # None until a fetch answered; -1 from a consumer that is not read_committed
-            # (service.source_consumer always is): either way the end is unknown.
-            if highwater is None or stable is None or stable < 0:
-                caught_up = False
-                continue
-            end = PartitionEnds(await self.consumer.position(tp), stable, highwater)
-            ends[partition] = end
-            self.metrics.consumer_lag.labels(str(partition)).set(end.lag)
-            self._lag_partitions.add(partition)
-            caught_up = caught_up and end.lag == 0
-        self.metrics.set_uncommitted({p: end.uncommitted for p, end in ends.items()})
-        self.readiness.held = held_partitions(self.readiness.held, ends, time.monotonic())
-        self.readiness.lag = sum(end.lag for end in ends.values())
-        if self.readiness.lag == 0:
-            self.readiness.progressed()  # idle is not stalled
-        return caught_up
+        return await update_lag(
+            self.consumer,
+            self.settings.topic,
+            self.checkpoints,
+            self.metrics,
+            self.readiness,
+            self._lag_partitions,
+        )
 
     def _observe(
         self, applied: Applied, decode_letters: list[DeadLetter], records: int, seconds: float

@@ -104,10 +104,6 @@ class Pipeline:
     def listener(self) -> ConsumerRebalanceListener:
         return _Rebalance(self)
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
     def request_stop(self) -> None:
         """Stop taking work; the batch in flight still commits."""
         if not self._stop.is_set():
@@ -390,7 +386,7 @@ def build_pipeline(
     checkpoints: Checkpoints | None = None
 
     def abandon() -> bool:  # the partitions are being given up, or the consumer stops
-        return pipeline is not None and (pipeline.revoking or pipeline.stopping)
+        return pipeline is not None and (pipeline.revoking or pipeline._stop.is_set())
 
     def held() -> set[int]:
         return checkpoints.opening if checkpoints is not None else set()

@@ -3,19 +3,19 @@ the database holds. Pure; used by `token-ledger verify` and the property tests."
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from consumer.merge import (
+    Fold,
     MessageKey,
     MessageRow,
     StoredState,
     ThreadRow,
     UsageRow,
-    reduce_batch,
 )
-from producer.events import AnyEvent
+from producer.events import AnyEvent, payload_digest
 
 
 @dataclass(frozen=True)
@@ -25,14 +25,31 @@ class Ledger:
     usage: dict[MessageKey, UsageRow]
 
 
-def rebuild(events: Sequence[AnyEvent]) -> Ledger:
+class Rebuild:
+    """The ledger built one event at a time (in arrival order) from an empty database.
+
+    Holds the ledger's rows, never the events, so `verify` streams a whole topic through it.
+    From an empty database every folded row is written: these are reduce_batch's rows for the
+    same events (an exact copy folds to no change, so duplicates need no bookkeeping)."""
+
+    def __init__(self) -> None:
+        self._fold = Fold(StoredState())
+
+    def add(self, event: AnyEvent) -> None:
+        if self._fold.check(event) is None:
+            self._fold.add(event, payload_digest(event))
+
+    def ledger(self) -> Ledger:
+        fold = self._fold
+        return Ledger(threads=fold.threads, messages=fold.messages, usage=fold.usage)
+
+
+def rebuild(events: Iterable[AnyEvent]) -> Ledger:
     """The ledger the given events (in arrival order) must produce from an empty database."""
-    plan = reduce_batch(events, StoredState())
-    return Ledger(
-        threads={row.id: row for row in plan.threads},
-        messages={row.key: row for row in plan.messages},
-        usage={row.key: row for row in plan.usage},
-    )
+    built = Rebuild()
+    for event in events:
+        built.add(event)
+    return built.ledger()
 
 
 @dataclass(frozen=True)

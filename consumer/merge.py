@@ -373,27 +373,55 @@ def _fold(rows: dict[K, R], key: K, row: R) -> None:
     rows[key] = row if current is None else current.merge(row)
 
 
+class Fold:
+    """Events folded one at a time (in arrival order) into one candidate row per key, against
+    the stored threads and turn-less keys. Holds rows, never events: `verify` folds a whole
+    topic through it."""
+
+    def __init__(self, stored: StoredState) -> None:
+        self.spaces = {thread_id: row.search_space_id for thread_id, row in stored.threads.items()}
+        # A turn-less message is keyed by its event_id: the first key seen for an id holds it.
+        self.origins = {
+            k.origin_event_id: k for k in stored.messages if k.origin_event_id is not None
+        }
+        self.threads: dict[int, ThreadRow] = {}
+        self.messages: dict[MessageKey, MessageRow] = {}
+        self.usage: dict[MessageKey, UsageRow] = {}
+
+    def check(self, event: AnyEvent) -> Rejection | None:
+        """Why the event cannot be applied after what came before it; None binds its thread."""
+        rejection = _rejection(event, self.spaces, self.origins)
+        if rejection is None:
+            self.spaces.setdefault(event.thread_id, event.search_space_id)
+        return rejection
+
+    def add(self, event: AnyEvent, digest: bytes) -> None:
+        """Fold an event that passed `check` (folding an exact copy again changes nothing)."""
+        _fold(self.threads, event.thread_id, thread_candidate(event, digest))
+        event_messages, event_usage = candidates(event, digest)
+        for message in event_messages:
+            if message.key.origin_event_id is not None:
+                self.origins.setdefault(message.key.origin_event_id, message.key)
+            _fold(self.messages, message.key, message)
+        if event_usage is not None:
+            _fold(self.usage, event_usage.key, event_usage)
+
+
 def reduce_batch(events: Sequence[AnyEvent], stored: StoredState) -> BatchPlan:
     """Fold a batch (in arrival order) against the stored registers."""
-    spaces = {thread_id: row.search_space_id for thread_id, row in stored.threads.items()}
-    # A turn-less message is keyed by its event_id: the first key seen for an id holds it.
-    origins = {k.origin_event_id: k for k in stored.messages if k.origin_event_id is not None}
-    threads: dict[int, ThreadRow] = {}
-    messages: dict[MessageKey, MessageRow] = {}
-    usage: dict[MessageKey, UsageRow] = {}
+    fold = Fold(stored)
     decided: list[Outcome | None] = []  # None: accepted, decided once the batch is folded
     copies: list[Copy | None] = []
     rejections: dict[int, Rejection] = {}
     seen: set[Copy] = set()
 
     for index, event in enumerate(events):
-        rejection = _rejection(event, spaces, origins)
+        rejection = fold.check(event)
         if rejection is not None:
             rejections[index] = rejection
             decided.append(Outcome.REJECTED)
             copies.append(None)
             continue
-        spaces.setdefault(event.thread_id, event.search_space_id)
         digest = payload_digest(event)
         copy = Copy(event.event_id, event.occurred_at, digest)
         copies.append(copy)
@@ -402,15 +430,9 @@ def reduce_batch(events: Sequence[AnyEvent], stored: StoredState) -> BatchPlan:
             continue
         seen.add(copy)
         decided.append(None)
-        _fold(threads, event.thread_id, thread_candidate(event, digest))
-        event_messages, event_usage = candidates(event, digest)
-        for message in event_messages:
-            if message.key.origin_event_id is not None:
-                origins.setdefault(message.key.origin_event_id, message.key)
-            _fold(messages, message.key, message)
-        if event_usage is not None:
-            _fold(usage, event_usage.key, event_usage)
+        fold.add(event, digest)
 
+    threads, messages, usage = fold.threads, fold.messages, fold.usage
     outcomes = _outcomes(copies, decided, messages, usage, stored)
     changed_messages = sorted(
         (row for row in messages.values() if _message_changes(row, stored.messages.get(row.key))),

@@ -20,13 +20,13 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer import dlq
 from consumer.failures import TopicMissingError
-from consumer.ledger import Difference, compare, expected_rows, rebuild, totals
+from consumer.ledger import Difference, Rebuild, compare, expected_rows, totals
 from consumer.queries import read_ledger, rewind_offsets
 from consumer.schema import connect_checked
 from consumer.settings import Settings
 from consumer.store import load_offsets
 from producer.client import ProducerResource
-from producer.events import AnyEvent, Rejection, decode_event
+from producer.events import Rejection, decode_event
 
 log = logging.getLogger(__name__)
 FETCH_BYTES = 64 * 1024 * 1024
@@ -138,7 +138,9 @@ async def _dead_lettered_positions(
 
 
 async def verify(settings: Settings) -> VerifyReport:
-    """Rebuild the ledger from the topic (up to the stored offsets) and compare it."""
+    """Rebuild the ledger from the topic (up to the stored offsets) and compare it. Memory
+    is the ledger's rows (expected and stored) and the dead letters' positions, whatever the
+    number of records, duplicates and replays on the topic."""
     report = VerifyReport()
     async with _reader(settings) as consumer, _database(settings) as conn:
         partitions = await _partitions(settings, settings.topic, variable="LEDGER_TOPIC")
@@ -146,7 +148,7 @@ async def verify(settings: Settings) -> VerifyReport:
             conn, settings.group_id, settings.topic, [tp.partition for tp in partitions]
         )
         skip = await _dead_lettered_positions(settings, consumer)
-        events: list[AnyEvent] = []
+        built = Rebuild()  # streamed: holds the ledger's rows, never the topic's events
         ends = {tp: stored.get(tp.partition, 0) for tp in partitions}
         async for record in read_range(consumer, ends):
             report.records_read += 1
@@ -159,8 +161,8 @@ async def verify(settings: Settings) -> VerifyReport:
             if isinstance(event, Rejection) or (record.partition, record.offset) in skip:
                 report.skipped += 1
                 continue
-            events.append(event)
-        expected = expected_rows(rebuild(events))
+            built.add(event)
+        expected = expected_rows(built.ledger())
         actual = await read_ledger(conn)
     report.expected, report.actual = totals(expected), totals(actual)
     report.differences = compare(expected, actual)

@@ -9,13 +9,22 @@ once a minute per message.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
 
 from consumer.logs import fields
 
+if TYPE_CHECKING:
+    from consumer.health import Readiness
+
 log = logging.getLogger(__name__)
 REMINDER_SECONDS = 60.0
+PROBE_SECONDS = 5.0  # while the broker seems down, ask it for metadata this often
 # What aiokafka says while it cannot reach a broker (connection, metadata, coordinator).
 _CONNECTION_WORDS = (
     "connect",
@@ -96,3 +105,29 @@ class KafkaLogFilter(logging.Filter):
 
 def _from_aiokafka(record: logging.LogRecord) -> bool:
     return record.name == "aiokafka" or record.name.startswith("aiokafka.")
+
+
+class KafkaProbe:
+    """While aiokafka reports trouble reaching the broker, ask it for metadata now and then:
+    the answer is what ends the outage (for the log and /readyz)."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, kafka: Outage, readiness: Readiness) -> None:
+        self.consumer = consumer
+        self.kafka = kafka
+        self.readiness = readiness
+        self._last = 0.0
+
+    async def __call__(self) -> None:
+        now = time.monotonic()
+        self.readiness.kafka_ok = not self.kafka.down
+        if not self.kafka.down or now - self._last < PROBE_SECONDS:
+            return
+        self._last = now
+        try:
+            async with asyncio.timeout(PROBE_SECONDS / 2):
+                await self.consumer.topics()
+        except (KafkaError, TimeoutError) as error:
+            self.kafka.failing(type(error).__name__)
+        else:
+            self.kafka.recovered()
+        self.readiness.kafka_ok = not self.kafka.down

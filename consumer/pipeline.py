@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
+from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 
 from consumer.batch import Applied, Decoded, Record, Report, commit_batch, decode_records
 from consumer.checkpoint import Checkpoints
@@ -46,6 +46,7 @@ from consumer.health import Readiness
 from consumer.lag import update_lag
 from consumer.logs import fields
 from consumer.metrics import LedgerMetrics
+from consumer.outages import KafkaProbe
 from consumer.retry import Backoff, Retrier
 from consumer.settings import Settings
 from consumer.store import OffsetMove
@@ -53,7 +54,6 @@ from consumer.store import OffsetMove
 log = logging.getLogger(__name__)
 BATCH_BACKOFF = Backoff(initial=0.1, maximum=5.0)
 IDLE_SYNC_SECONDS = 2.0
-PROBE_SECONDS = 5.0  # while the broker seems down, ask it for metadata this often
 # The batch transaction: (offset moves, decoded records, dead-letter report) -> what it did.
 Commit = Callable[[Sequence[OffsetMove], Decoded, Report], Awaitable[Applied]]
 
@@ -98,7 +98,7 @@ class Pipeline:
         self._stale: list[Record] = []  # fetched but never applied: fetched again
         self._lag_partitions: set[int] = set()
         self._last_sync = time.monotonic()
-        self._last_probe = 0.0
+        self._probe = KafkaProbe(consumer, self.kafka, readiness)
 
     @property
     def listener(self) -> ConsumerRebalanceListener:
@@ -161,7 +161,7 @@ class Pipeline:
                     self.kafka.recovered()
                     self.readiness.kafka_ok = True
                     continue
-                await self._probe_kafka()
+                await self._probe()
                 if until_idle and caught_up:
                     log.info("caught up: every assigned partition is at its last stable offset")
                     return
@@ -169,8 +169,13 @@ class Pipeline:
                     self._last_sync = time.monotonic()
                     async with self._batch_lock:
                         await self.checkpoints.follow()
-        finally:
-            await self._settle(quietly=True)
+        except asyncio.CancelledError:
+            # Cancelled (a stop whose batch hangs on the database): the batch in flight runs
+            # in its own task, so it is cancelled with us, uncommitted.
+            if self._inflight is not None:
+                self._inflight.cancel()
+            raise
+        await self._settle(quietly=True)
 
     async def _prepare_partitions(self) -> None:
         """Before fetching: seek newly assigned partitions, and those whose fetched records
@@ -207,6 +212,11 @@ class Pipeline:
         if quietly:
             try:
                 return await inflight
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # we are cancelled, not just the batch (run() cancelled it)
+                return False
             except Exception as error:  # stopping: nothing left to retry it
                 log.exception(
                     "the batch in flight failed", extra=fields(error=type(error).__name__)
@@ -317,23 +327,6 @@ class Pipeline:
         self.checkpoints.committed(moves)
         self.readiness.progressed()
         return applied
-
-    async def _probe_kafka(self) -> None:
-        """While aiokafka reports trouble reaching the broker, ask it for metadata now and then:
-        the answer is what ends the outage (for the log and /readyz)."""
-        now = time.monotonic()
-        self.readiness.kafka_ok = not self.kafka.down
-        if not self.kafka.down or now - self._last_probe < PROBE_SECONDS:
-            return
-        self._last_probe = now
-        try:
-            async with asyncio.timeout(PROBE_SECONDS / 2):
-                await self.consumer.topics()
-        except (KafkaError, TimeoutError) as error:
-            self.kafka.failing(type(error).__name__)
-        else:
-            self.kafka.recovered()
-        self.readiness.kafka_ok = not self.kafka.down
 
     async def _update_lag(self) -> bool:
         return await update_lag(

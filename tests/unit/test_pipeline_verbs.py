@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
+import pytest
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
@@ -236,3 +237,37 @@ async def test_the_batch_fetched_during_a_fenced_commit_is_discarded_never_skipp
     # commit was in flight was fetched again from where the ledger stood.
     assert ledger.applied == list(range(30))
     assert ledger.offsets.stored == {0: 30}
+
+
+async def test_cancelling_the_loop_cancels_the_batch_in_flight() -> None:
+    """A stop whose batch hangs on the database cancels the loop (service.STOP_GRACE_SECONDS):
+    the batch, in its own task, must not outlive it."""
+
+    class QuietLog(FakeLog):  # like aiokafka: a fetch with nothing to read waits
+        async def getmany(self, *, timeout_ms: int, max_records: int) -> dict[Any, Any]:
+            if self.next >= len(self.records):
+                await asyncio.Event().wait()
+            return await super().getmany(timeout_ms=timeout_ms, max_records=max_records)
+
+    log, ledger = QuietLog(_records(4)), FakeLedger(FakeOffsets())
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def hung(moves: Sequence[OffsetMove], decoded: Decoded, report: Report) -> Applied:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # a database that never answers
+        finally:
+            cancelled.set()
+        raise AssertionError("unreachable")
+
+    pipeline = _pipeline(log, ledger)
+    pipeline.commit = hung
+    await pipeline.open([TP])
+    running = asyncio.create_task(pipeline.run())
+    await started.wait()
+    await asyncio.sleep(0)  # the loop goes back to fetching while the batch is in flight
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    await cancelled.wait()
+    assert ledger.offsets.stored == {}

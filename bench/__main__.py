@@ -9,8 +9,9 @@ interleaved run by run, so both see the same machine and the same noise: compare
 the ratios, not the absolute figures. Each figure is the median of --runs with min and max.
 
 A quick run: drains of the backlog (first, and again after `replay --to-offset 0`), the raw
-read, the COPY and naive bounds, produce -> commit latency for 15 s, 1-3 consumers. --full adds
-the latency at 60 s and peak RSS draining 1,000,000 records. Writes the Markdown table to
+read, the COPY and naive bounds, produce -> commit latency for --runs of 15 s, 1-3 consumers
+(one run each). --full: the latency over one run of 60 s, and the candidate's peak RSS draining
+1,000,000 records. Writes the Markdown table to
 stdout and everything to bench/results/latest.json.
 """
 
@@ -152,9 +153,10 @@ class Bench:
             slow = await naive(self.services, url, backlog.sample)
             await self.databases.drop(url)
             self.results.add("naive: a transaction per event", "events/s", _rate(slow))
-        seconds = 60.0 if args.full else 15.0
+        # --full: one minute each (60,000 samples); quick: --runs of 15 s.
+        seconds, runs = (60.0, 1) if args.full else (15.0, args.runs)
         for tree in self.trees:
-            for run in range(args.runs):
+            for run in range(runs):
                 url = await self.databases.fresh()
                 consumer = self.consumer(tree, url, f"bench.latency.{self._groups}")
                 latency = await produce_to_commit(consumer, rate=LATENCY_RATE, seconds=seconds)
@@ -162,14 +164,11 @@ class Bench:
                 self.results.latency(tree.name, latency)
                 print(f"latency {tree.name} run {run + 1}: {latency}", flush=True)
         candidate = self.trees[-1]
-        for processes in (1, 2, 3):
-            for _ in range(args.runs):
-                url = await self.databases.fresh()
-                drain = await self.consumer(candidate, url, backlog.topic).drain(processes)
-                await self.databases.drop(url)
-                self.results.drain(
-                    candidate.name, f"{processes} consumer(s)", drain, backlog.records
-                )
+        for processes in (1, 2, 3):  # one run each: 1-3 members side by side, not a median
+            url = await self.databases.fresh()
+            drain = await self.consumer(candidate, url, backlog.topic).drain(processes)
+            await self.databases.drop(url)
+            self.results.drain(candidate.name, f"{processes} consumer(s)", drain, backlog.records)
         if args.full:
             await self.million()
         self.results.seconds = time.monotonic() - started
@@ -178,7 +177,7 @@ class Bench:
         big = await publish_backlog(
             self.services.bootstrap, "bench.million", records=1_000_000, partitions=6, sample=0
         )
-        for tree in self.trees:
+        for tree in self.trees[1:]:  # the candidate: the target is its peak RSS
             url = await self.databases.fresh()
             drain = await self.consumer(tree, url, big.topic).drain()
             await self.databases.drop(url)

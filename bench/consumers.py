@@ -1,7 +1,7 @@
 """`token-ledger consume` as the child process it is in production, from a given code tree
 (the candidate's, or the baseline commit's), measured from outside: wall time from start to
-exit, the child's CPU and peak RSS from its rusage (start-up imports included, as an operator
-pays them), and PostgreSQL's CPU over the same span."""
+exit, the child's CPU from its rusage (start-up imports included, as an operator pays them),
+its peak RSS from /proc, and PostgreSQL's CPU over the same span."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bench.services import Services
 
+PEAK_POLL_SECONDS = 0.1
 PYTHON = sys.executable  # the project's venv: baseline and candidate share the dependencies
 
 
@@ -91,9 +92,14 @@ class Consumer:
         pg_before = self.services.postgres_cpu()
         started = time.monotonic()
         children = [self.start("consume", "--until-idle") for _ in range(processes)]
+        peaks = [0] * processes
+        pids = [child.pid for child, _ in children]
+        watcher = asyncio.create_task(_watch_peaks(pids, peaks))
         waited = await asyncio.gather(
             *(asyncio.to_thread(os.wait4, child.pid, 0) for child, _ in children)
         )
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
         seconds = time.monotonic() - started
         pg_cpu = self.services.postgres_cpu() - pg_before
         for (child, log), (_, status, _) in zip(children, waited, strict=True):
@@ -108,7 +114,7 @@ class Consumer:
             seconds=seconds,
             cpu_seconds=sum(usage.ru_utime + usage.ru_stime for _, _, usage in waited),
             pg_cpu_seconds=pg_cpu,
-            peak_rss_kib=max(usage.ru_maxrss for _, _, usage in waited),
+            peak_rss_kib=max(peaks),
         )
 
 
@@ -118,6 +124,26 @@ def _ready(port: int) -> bool:
             return True
     except (urllib.error.URLError, OSError):
         return False
+
+
+async def _watch_peaks(pids: list[int], peaks: list[int]) -> None:
+    """Each process's peak RSS (VmHWM), read until it exits. Not rusage's ru_maxrss: after
+    fork and exec that keeps the parent's high-water mark (the benchmark's own memory)."""
+    while True:
+        for index, pid in enumerate(pids):
+            peaks[index] = max(peaks[index], _high_water_kib(pid))
+        await asyncio.sleep(PEAK_POLL_SECONDS)
+
+
+def _high_water_kib(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # exited
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
 
 
 async def wait_ready(port: int, seconds: float = 60.0) -> None:

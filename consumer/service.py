@@ -112,9 +112,15 @@ async def consume(settings: Settings, *, until_idle: bool = False) -> dict[int, 
             raise
         halted = {}
     finally:
-        for sig, handler in previous.items():
-            loop.remove_signal_handler(sig)
-            signal.signal(sig, handler)
+        # remove_signal_handler leaves SIG_DFL behind: blocked meanwhile, a SIGTERM arriving
+        # now waits for the previous handler instead of killing the process.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for sig, handler in previous.items():
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, handler)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     # Not when it failed: then the command's one line (consumer/failures.py) says why.
     log.info("stopped")
     return halted

@@ -3,14 +3,16 @@ usage counters."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
 from aiokafka.structs import ConsumerRecord
 
+from consumer import pipeline as pipeline_module
 from consumer.dlq import DETAIL_LIMIT, DeadLetter, dead_letter_headers
 from consumer.errors import (
     PoisonError,
@@ -22,7 +24,9 @@ from consumer.errors import (
 from consumer.health import Readiness
 from consumer.merge import UsageChange
 from consumer.metrics import LedgerMetrics
+from consumer.pipeline import Pipeline
 from consumer.retry import Backoff, retry_transient
+from consumer.settings import load_settings
 from producer.events import RejectReason
 
 
@@ -194,3 +198,31 @@ def test_usage_counters_move_by_the_difference_and_never_down() -> None:
     assert value("token_ledger_cost_micros_reversed_total", {"model": "m"}) == 300
     assert value("token_ledger_tokens_total", {"model": "m", "kind": "completion"}) == 60
     assert value("token_ledger_tokens_reversed_total", {"model": "m", "kind": "prompt"}) == 40
+
+
+class _CoordinatorGone:
+    """The Kafka edge of the offset mirror when the group coordinator never answers."""
+
+    async def commit(self, offsets: object) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_the_offset_mirror_gives_up_instead_of_holding_the_ledger(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The mirror is for lag tooling only: a commit that hangs must not hold the batch lock
+    (every partition) or a shutdown with it."""
+    monkeypatch.setattr(pipeline_module, "MIRROR_SECONDS", 0.05)
+    settings = load_settings(database_url="postgresql+asyncpg://ledger@127.0.0.1/ledger")
+    pipeline = Pipeline(
+        settings,
+        cast(Any, _CoordinatorGone()),
+        cast(Any, None),
+        cast(Any, None),
+        LedgerMetrics(),
+        Readiness(stall_seconds=60),
+    )
+    pipeline.positions = {0: 10}
+    async with asyncio.timeout(10):  # a hang guard: the mirror itself gives up after 0.05 s
+        await pipeline._mirror_offsets()
+    assert pipeline._mirror.down

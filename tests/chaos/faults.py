@@ -126,6 +126,19 @@ class FaultHand:
             await asyncio.sleep(0.1)
         return self.rng.choice(sorted(self.fleet.slots))
 
+    async def _member_slot(self) -> int:
+        """A consumer that has joined the group (logged `consuming`): only a member can leave.
+        (A SIGTERM in the interpreter's first milliseconds, before any code of ours runs,
+        ends a process by the default action: that is no leave.)"""
+        deadline = time.monotonic() + 60
+        while True:
+            joined = [s for s, m in self.fleet.slots.items() if '"consuming"' in m.process.logs()]
+            if joined:
+                return self.rng.choice(sorted(joined))
+            if time.monotonic() > deadline:
+                raise RuntimeError("no consumer joined the group within 60 s")
+            await asyncio.sleep(0.2)
+
     async def _replace(self, slot: int, delay: float) -> None:
         await asyncio.sleep(delay)
         member = self.fleet.start(slot)
@@ -204,7 +217,7 @@ class FaultHand:
         self._note(f"broker back ({down:.1f} s down)")
 
     async def leave_fault(self, kind: str) -> None:
-        slot = await self._live_slot()
+        slot = await self._member_slot()
         member = self.fleet.slots.pop(slot)
         code, seconds = await asyncio.to_thread(member.process.terminate)
         member.ended = f"stopped (exit {code} in {seconds:.1f} s)"

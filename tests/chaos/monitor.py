@@ -26,6 +26,7 @@ class PartitionWatch:
     end: int = 0
     since: float = field(default_factory=time.monotonic)  # last progress, or caught up
     max_stall: float = 0.0
+    stalled_at: tuple[float, float] = (0.0, 0.0)  # the longest stall: from, to (monotonic)
 
 
 @dataclass
@@ -92,7 +93,8 @@ class Monitor:
             if offset != watch.stored or offset >= end:
                 watch.since = now  # progress, or nothing to read: not stalled
             watch.stored, watch.end = offset, end
-            watch.max_stall = max(watch.max_stall, now - watch.since)
+            if now - watch.since > watch.max_stall:
+                watch.max_stall, watch.stalled_at = now - watch.since, (watch.since, now)
             lag += max(0, end - offset)
         self.max_lag = max(self.max_lag, lag)
 

@@ -8,7 +8,7 @@ import random
 import uuid
 from datetime import UTC, datetime
 
-from producer.events import RejectReason, Rejection, decode_event
+from producer.events import Rejection, RejectReason, decode_event
 from producer.simulator import PoisonContext
 from tests.chaos.poison import CORPUS, MAX_EVENT_BYTES, PoisonDraws
 

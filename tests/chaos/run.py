@@ -93,9 +93,9 @@ async def run_chaos(config: ChaosConfig, workdir: Path) -> dict[str, Any]:
     # The postgres user must reach its data directory (mkdtemp makes it 0700).
     await asyncio.to_thread(workdir.chmod, 0o755)
     services = ChaosServices(workdir, secrets)
-    await services.start()
     fleet: Fleet | None = None
     try:
+        await services.start()  # inside: a half-started pair is stopped too
         stack = Stack.fresh(services.broker.bootstrap, services.database_url)
         await stack.create_topic()
         records, expect, draws = plan(config, secrets)

@@ -1,5 +1,6 @@
-"""Review r10 (issue #10, commit 945017c): paths on which a record is skipped (the stored offset
-moves past it, never applied nor dead-lettered) or a partition stalls.
+"""Paths on which a record could be skipped (the stored offset moving past it, never applied
+nor dead-lettered) or a partition stall: a batch committed in halves whose first half is fenced
+or stops a partition, and an offset reset that another owner's move fences.
 
 Each test runs a real Pipeline in-process against the real broker and database; a fault is
 injected at the database seam (`Pipeline._commit`, `Pipeline._open_pending`) where the real
@@ -13,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import pytest
 from aiokafka import AIOKafkaProducer
 
 from consumer.dlq import HEADER_HEADROOM, DeadLetterQueue
@@ -132,13 +132,6 @@ async def _run(
     return pipeline
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="r10 money: put() halves a timing-out batch; when the first half is fenced it "
-    "returns False and drops the second half without rewinding its partitions "
-    "(pipeline.py:252-253, _rewind only sees the first half): the next batch of such a "
-    "partition advances the stored offset past records never applied",
-)
 async def test_a_fence_in_the_first_half_of_a_halved_batch_skips_nothing(
     kafka_bootstrap: str, ledger_url: str
 ) -> None:
@@ -174,13 +167,6 @@ async def test_a_fence_in_the_first_half_of_a_halved_batch_skips_nothing(
     assert await ledger_summary(stack) == expected_summary(expect)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="r10 money: put() halts a partition whose dead letter is refused in the first "
-    "half of a halved batch, then commits the second half without filtering the halted "
-    "partition (pipeline.py:254 `owned = owned[middle:]` skips _expects): the stored offset "
-    "moves past the record that was neither applied nor dead-lettered",
-)
 async def test_a_dead_letter_refused_in_the_first_half_keeps_the_partition_where_it_stands(
     kafka_bootstrap: str, ledger_url: str
 ) -> None:
@@ -210,13 +196,6 @@ async def test_a_dead_letter_refused_in_the_first_half_keeps_the_partition_where
     assert (await stack.stored_offsets()).get(0) in (None, 0), await stack.stored_offsets()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="r10 stall: with LEDGER_OFFSET_RESET=earliest, a stored offset moved by someone "
-    "else between the load and the reset makes reset_offsets raise FencedError out of _fetch "
-    "(pipeline.py:535 -> 222); the run loop logs a traceback and `continue`s before "
-    "_follow_stored_offsets, the fetch hits the same out-of-range error: forever",
-)
 async def test_an_offset_reset_that_is_fenced_follows_the_stored_offset(
     kafka_bootstrap: str, ledger_url: str
 ) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
+import asyncpg
 from aiokafka import AIOKafkaConsumer
 
 from consumer.dlq import HEADER_HEADROOM, DeadLetterQueue
@@ -32,10 +33,12 @@ from consumer.logs import fields
 from consumer.metrics import LedgerMetrics
 from consumer.outages import KafkaLogFilter
 from consumer.pipeline import Pipeline
+from consumer.relay import BILLING_PARTITIONS, BillingProducer, Relay
 from consumer.schema import check_database, wait_until_usable
 from consumer.settings import Settings
 from consumer.store import create_pool, ping
 from consumer.topics import prepare_topics
+from producer.client import ensure_topic
 
 log = logging.getLogger(__name__)
 STOP_GRACE_SECONDS = 5.0  # after a stop request, the batch in flight gets this long
@@ -84,12 +87,14 @@ async def consume(settings: Settings, *, until_idle: bool = False) -> dict[int, 
     assert main is not None
     pipeline: Pipeline | None = None
     stopping = False
+    relay_stop = asyncio.Event()
 
     def on_signal() -> None:
         nonlocal stopping
         if stopping:
             return
         stopping = True
+        relay_stop.set()
         if pipeline is None:
             log.info("stop requested while starting")
             main.cancel()
@@ -102,9 +107,15 @@ async def consume(settings: Settings, *, until_idle: bool = False) -> dict[int, 
         loop.add_signal_handler(sig, on_signal)
     try:
         async with AsyncExitStack() as stack:
-            pipeline = await _start(settings, stack, until_idle)
+            pipeline, relay = await _start(settings, stack, until_idle)
+            if relay is not None:
+                relaying = asyncio.create_task(relay.run(relay_stop))
+                stack.push_async_callback(_finish, relaying, relay_stop)
             if not stopping:
                 await pipeline.run(until_idle=until_idle)
+            if until_idle and relay is not None and not stopping:
+                # Caught up means billed too: every revision the drain wrote is on its topic.
+                await relay.run(relay_stop, until_empty=True)
             # A stop that was asked for is a clean exit (SIGTERM -> 0), halted partitions or not.
             halted = {} if stopping else dict(pipeline.readiness.halted)
     except asyncio.CancelledError:
@@ -126,7 +137,35 @@ async def consume(settings: Settings, *, until_idle: bool = False) -> dict[int, 
     return halted
 
 
-async def _start(settings: Settings, stack: AsyncExitStack, until_idle: bool) -> Pipeline:
+async def _finish(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    stop.set()
+    try:
+        async with asyncio.timeout(RELEASE_SECONDS):
+            await task
+    except TimeoutError:
+        log.warning("gave up waiting for the billing relay")
+
+
+async def start_relay(
+    settings: Settings, stack: AsyncExitStack, pool: asyncpg.Pool, metrics: LedgerMetrics
+) -> Relay:
+    """The billing relay's producer, its topic ensured (keyed by thread like the source)."""
+    security = settings.kafka_security()
+    await ensure_topic(
+        settings.kafka_bootstrap, settings.billing_topic, partitions=BILLING_PARTITIONS, **security
+    )
+    producer = await BillingProducer(
+        settings.kafka_bootstrap, settings.billing_topic, **security
+    ).__aenter__()
+    stack.push_async_callback(_bounded(producer.close, "billing producer"))
+    return Relay(
+        pool, producer, metrics, retention=settings.outbox_retention, batch=settings.relay_batch
+    )
+
+
+async def _start(
+    settings: Settings, stack: AsyncExitStack, until_idle: bool
+) -> tuple[Pipeline, Relay | None]:
     limits = await prepare_topics(settings)
     security = settings.kafka_security()
     metrics = LedgerMetrics()
@@ -153,6 +192,7 @@ async def _start(settings: Settings, stack: AsyncExitStack, until_idle: bool) ->
         settings.kafka_bootstrap, settings.dlq_topic, **security
     ).__aenter__()
     stack.push_async_callback(_bounded(dlq.close, "dead-letter producer"))
+    relay = await start_relay(settings, stack, pool, metrics) if settings.relay else None
     consumer = source_consumer(settings, fetch_bytes)
     pipeline = Pipeline(settings, consumer, pool, dlq, metrics, readiness)
     kafka_logs = KafkaLogFilter(pipeline.kafka)
@@ -173,6 +213,29 @@ async def _start(settings: Settings, stack: AsyncExitStack, until_idle: bool) ->
             metrics_host=health.host,
             metrics_port=health.port,
             until_idle=until_idle,
+            billing_relay=settings.relay,
         ),
     )
-    return pipeline
+    return pipeline, relay
+
+
+async def relay(settings: Settings) -> None:
+    """`token-ledger relay`: the billing relay alone, until SIGTERM/SIGINT (exit 0). Its backlog
+    shows in the consumers' token_ledger_outbox_pending (every consumer counts it)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with AsyncExitStack() as stack:
+            pool = await create_pool(settings.database_url.get_secret_value(), max_size=2)
+            stack.push_async_callback(_bounded(pool.close, "database pool"))
+            stack.callback(pool.terminate)
+            await check_database(pool, settings)
+            billing = await start_relay(settings, stack, pool, LedgerMetrics())
+            log.info("relaying", extra=fields(topic=settings.billing_topic))
+            await billing.run(stop)
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+    log.info("stopped")

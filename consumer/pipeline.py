@@ -48,6 +48,7 @@ from consumer.errors import (
     FencedError,
     TransientError,
     UnexpectedError,
+    database_away,
 )
 from consumer.health import Readiness
 from consumer.lag import PartitionEnds, held_partitions
@@ -148,6 +149,9 @@ class Pipeline:
                     if tp.partition in self._lag_partitions:
                         self._lag_partitions.discard(tp.partition)
                         self.metrics.consumer_lag.remove(str(tp.partition))
+                    # Its owner now judges it (and meets the same cause, if it lasts).
+                    if self.readiness.halted.pop(tp.partition, None) is not None:
+                        self.metrics.halted_partitions.remove(str(tp.partition))
         finally:
             self._revoking = False
         self.readiness.assigned = frozenset(self.positions)
@@ -250,8 +254,12 @@ class Pipeline:
                 # Sorted by (partition, offset): per partition, each half starts where the
                 # previous one ended, so the second goes only after the first committed.
                 if not await self.put(owned[:middle]):
+                    # Nothing of the second half was committed: its partitions are fetched
+                    # again from where the ledger stands, not from past it.
+                    await self._rewind(owned[middle:], reload=True)
                     return False
-                owned = owned[middle:]
+                # A partition the first half stopped keeps its records where they stand.
+                owned = [r for r in owned[middle:] if self._expects(r)]
         return True
 
     async def _put(self, owned: list[Record]) -> bool:
@@ -370,8 +378,9 @@ class Pipeline:
                 self.readiness.unexpected = str(error)
                 self.metrics.db_retries.labels("unexpected").inc()
             elif not isinstance(error, DeadLetterUnavailableError):
-                self.readiness.database_ok = False
-                self.database.failing(str(error))
+                if database_away(error):
+                    self.readiness.database_ok = False
+                    self.database.failing(str(error))
                 self.metrics.db_retries.labels(error.sqlstate or "unavailable").inc()
             else:
                 self.kafka.failing(str(error))
@@ -532,7 +541,13 @@ class Pipeline:
                         conn, self.settings.group_id, self.settings.topic, partition, expected, to
                     )
 
-            await self._with_retry(move)
+            try:
+                await self._with_retry(move)
+            except FencedError:  # someone else moved it meanwhile (replay, a new owner)
+                await self._follow_stored_offsets()
+                continue
+            except BatchAbandoned:
+                return  # stopping, or giving the partition up, while the database is away
             self.positions[tp.partition] = start
             self.consumer.seek(tp, start)
 

@@ -19,6 +19,7 @@ from consumer.errors import (
     Policy,
     TransientError,
     classify_database_error,
+    database_away,
     sqlstate_policy,
 )
 from consumer.health import Readiness
@@ -226,3 +227,26 @@ async def test_the_offset_mirror_gives_up_instead_of_holding_the_ledger(
     async with asyncio.timeout(10):  # a hang guard: the mirror itself gives up after 0.05 s
         await pipeline._mirror_offsets()
     assert pipeline._mirror.down
+
+
+@pytest.mark.parametrize(
+    ("error", "away"),
+    [
+        (asyncpg.ConnectionDoesNotExistError("x"), True),
+        (asyncpg.AdminShutdownError("x"), True),
+        (asyncpg.TooManyConnectionsError("x"), True),
+        (ConnectionRefusedError(), True),
+        (asyncpg.QueryCanceledError("x"), False),  # statement_timeout: the batch, not the server
+        (asyncpg.DeadlockDetectedError("x"), False),
+        (asyncpg.SerializationError("x"), False),
+        (asyncpg.LockNotAvailableError("x"), False),
+    ],
+)
+def test_only_connection_failures_count_as_the_database_being_away(
+    error: Exception, away: bool
+) -> None:
+    """A deadlock or a statement timeout is retried and counted, but is no outage: no
+    'database unreachable' line, and /readyz stays ready."""
+    transient = classify_database_error(error)
+    assert isinstance(transient, TransientError)
+    assert database_away(transient) is away

@@ -282,7 +282,7 @@ def usage(
 ) -> None:
     """Billing report: tokens and cost by user, search space, model and/or day."""
     settings = _settings()
-    from consumer.queries import USAGE_DIMENSIONS, USAGE_MEASURES, usage_report
+    from consumer.queries import REPORTED, USAGE_DIMENSIONS, usage_report
     from consumer.schema import connect_checked
 
     group_by = by or ["space", "model"]
@@ -301,7 +301,7 @@ def usage(
             await conn.close()
 
     rows = asyncio.run(report())
-    columns = [*group_by, *USAGE_MEASURES, "usage_rows"]
+    columns = [*group_by, *REPORTED, "usage_rows"]
     if as_json or output is UsageFormat.json:
         for row in rows:
             typer.echo(json.dumps({c: row[c] for c in columns}))
@@ -314,7 +314,7 @@ def usage(
             columns,
             [[row[c] for c in columns] for row in rows],
             title="token usage",
-            numeric={*USAGE_MEASURES, "usage_rows"},
+            numeric={*REPORTED, "usage_rows"},
         )
 
 

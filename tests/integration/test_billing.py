@@ -220,11 +220,19 @@ async def test_usage_in_every_format_equals_a_direct_aggregate(
     consume_until_idle(stack)
     conn = await stack.connect()
     try:
+        kinds = ("cached_tokens", "reasoning_tokens")
         rows = await conn.fetch(
-            "SELECT search_space_id::text AS space, to_char(created_at AT TIME ZONE 'UTC',"
-            " 'YYYY-MM-DD') AS day, "
-            + ", ".join(f"sum({m})::bigint AS {m}" for m in MEASURES)
-            + ", count(*) AS usage_rows FROM token_usage GROUP BY 1, 2 ORDER BY 1, 2"
+            "WITH r AS (SELECT u.*, "
+            + ", ".join(
+                f"(SELECT sum((b.value->>'{k}')::bigint) FROM jsonb_each(u.model_breakdown) AS b)"
+                f" AS {k}"
+                for k in kinds
+            )
+            + " FROM token_usage AS u)"
+            " SELECT search_space_id::text AS space,"
+            " to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, "
+            + ", ".join(f"sum({m})::bigint AS {m}" for m in (*MEASURES, *kinds))
+            + ", count(*) AS usage_rows FROM r GROUP BY 1, 2 ORDER BY 1, 2"
         )
     finally:
         await conn.close()

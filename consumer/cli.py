@@ -61,11 +61,17 @@ def consume(
     configure_logging(settings.log_format, settings.log_level)
     from consumer.service import consume as run_consumer
 
-    halted = asyncio.run(run_consumer(settings, until_idle=until_idle))
-    if until_idle and halted:  # it could not finish those partitions (logged as ERROR)
+    unfinished = asyncio.run(run_consumer(settings, until_idle=until_idle))
+    if not until_idle or not unfinished:
+        return
+    # It could not finish these (each logged as ERROR when it happened).
+    if halted := unfinished.partitions:
         stopped = "; ".join(f"partition {p}: {why}" for p, why in sorted(halted.items()))
         typer.echo(f"token-ledger: partitions stopped: {stopped}", err=True)
-        raise typer.Exit(1)
+    if refused := unfinished.billing:
+        listed = "; ".join(f"{rev}: {why}" for rev, why in sorted(refused.items()))
+        typer.echo(f"token-ledger: billing revisions refused by the topic: {listed}", err=True)
+    raise typer.Exit(1)
 
 
 @app.command()

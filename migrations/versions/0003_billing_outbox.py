@@ -58,6 +58,18 @@ BEGIN
   RETURN NULL;
 END $$
 """
+# Usage that exists before this revision is revision 1 of its row, pending like any other, so
+# that billing's sum of deltas starts from what the ledger already holds.
+BACKFILL = """
+INSERT INTO billing_outbox (usage_id, revision, thread_id, message_id, user_id,
+  search_space_id, source, occurred_at, prompt_tokens, completion_tokens, total_tokens,
+  cost_micros, model_breakdown, delta_prompt_tokens, delta_completion_tokens,
+  delta_total_tokens, delta_cost_micros)
+SELECT id, revision, thread_id, message_id, user_id, search_space_id, source, source_at,
+  prompt_tokens, completion_tokens, total_tokens, cost_micros, model_breakdown,
+  prompt_tokens, completion_tokens, total_tokens, cost_micros
+FROM token_usage ORDER BY id
+"""
 OUTBOX_REVISED = """
 CREATE FUNCTION billing_outbox_revised() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -133,6 +145,7 @@ def upgrade() -> None:
         "CREATE TRIGGER billing_outbox_revised AFTER UPDATE ON token_usage"
         " REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"
         " FOR EACH STATEMENT EXECUTE FUNCTION billing_outbox_revised()",
+        BACKFILL,
     ):
         op.execute(statement)
 

@@ -143,7 +143,7 @@ async def test_live_dashboard_and_alert_queries_and_counter_totals(
                     seed=seed,
                     duplicate_rate=0.3,
                     shuffle_rate=0.5,
-                    poison_rate=0.03,
+                    poison_rate=0.08,  # every poison kind in both waves: rates need two samples
                     start=start,
                 )
             )

@@ -16,7 +16,7 @@ from producer.events import USAGE_MEASURES, UsageCall, attribution
 
 # Fields of newer producers that this consumer does not know: kept where they are (calls,
 # parts), ignored in the envelope.
-UNKNOWN_CALL_FIELDS = ("cached_tokens", "reasoning_tokens")
+UNKNOWN_CALL_FIELDS = ("audio_tokens", "provider_latency_ms")
 UNKNOWN_PART_FIELD = "providerMetadata"
 UNKNOWN_ENVELOPE_FIELDS = ("trace_id", "producer")
 # What the ledger must keep of them: sums over the stored call_details, parts in stored content.

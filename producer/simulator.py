@@ -17,8 +17,9 @@ dead-letter topic. Every shape the contract allows (SPEC sections 2-3), each at 
 - exact copies: a retry published right after the original (`duplicate_rate`) or later, after
   other events of its thread (`retry_rate`); v0 bodies re-sent after everything else
   (`v0_resend_rate`): same bytes, later record timestamp, hence a later occurred_at;
-- fields this consumer does not know yet (`unknown_field_rate`): `cached_tokens` and
-  `reasoning_tokens` in usage calls and `providerMetadata` in content parts (kept: counted in
+- token kinds: half the calls report `cached_tokens`, and chat calls `reasoning_tokens`;
+- fields this consumer does not know yet (`unknown_field_rate`): `audio_tokens` and
+  `provider_latency_ms` in usage calls and `providerMetadata` in content parts (kept: counted in
   `Expectation.kept_unknown_fields`), `trace_id` and `producer` in the envelope (ignored).
 
 `Expectation.shapes` counts what was published of each. Without an explicit `start` the plan
@@ -183,12 +184,15 @@ class _Planner:
                 "cost_micros": (prompt * prompt_rate + completion * completion_rate) // 1000,
                 "call_kind": kind,
             }
-            if self.unknown():  # today's APIs report these; this consumer does not know them
-                self.shape("unknown_call_fields")
-                cached, reasoning = UNKNOWN_CALL_FIELDS
-                call[cached] = self.rng.randint(0, prompt)
+            if self.rng.random() < 0.5:  # token kinds, as today's APIs report them
+                call["cached_tokens"] = self.rng.randint(0, prompt)
                 if completion:
-                    call[reasoning] = self.rng.randint(0, completion)
+                    call["reasoning_tokens"] = self.rng.randint(0, completion)
+            if self.unknown():  # what newer producers add and this consumer does not know
+                self.shape("unknown_call_fields")
+                audio, latency = UNKNOWN_CALL_FIELDS
+                call[audio] = self.rng.randint(0, prompt)
+                call[latency] = self.rng.randint(1, 9000)
             calls.append(UsageCall.model_validate(call))
         return calls
 

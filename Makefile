@@ -5,8 +5,9 @@ UV_VERSION := 0.13.8
 UV := .tools/bin/uv
 VENV := .venv
 RUN := $(VENV)/bin
+SEED ?= 1
 
-.PHONY: setup system-packages test-packages jars services services-down status lint typecheck test demo bench clean
+.PHONY: setup system-packages test-packages jars services services-down status lint typecheck test demo bench clean chaos
 
 setup: $(VENV)/.synced jars  ## Python env from the lock file + the Kafka broker jars
 
@@ -57,3 +58,6 @@ bench: setup  ## the consumer end to end against the baseline commit, on its own
 
 clean: services-down
 	rm -rf .devstack .venv .tools
+
+chaos: setup  ## three consumers under kills, restarts, rebalances and poison, reconciled exactly (SEED=n, SHORT=1)
+	$(RUN)/python -m tests.chaos --seed $(SEED) $(if $(SHORT),--short) --out chaos-summary-$(SEED).json

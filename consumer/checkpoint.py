@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from consumer.batch import Record
-from consumer.errors import BatchAbandoned
+from consumer.errors import BatchAbandoned, FencedError
 from consumer.health import Readiness
 from consumer.logs import fields
 from consumer.metrics import LedgerMetrics
@@ -240,7 +240,13 @@ class Checkpoints:
                         conn, self.settings.group_id, self.settings.topic, partition, expected, to
                     )
 
-            await self.retry(move)
+            try:
+                await self.retry(move)
+            except FencedError:  # someone else moved it meanwhile (replay, a new owner)
+                await self.follow()
+                continue
+            except BatchAbandoned:
+                return  # stopping, or giving the partition up, while the database is away
             self.positions[tp.partition] = start
             self.generation += 1
             self.consumer.seek(tp, start)

@@ -7,9 +7,11 @@ expected failure is one line and an exit code from the table in consumer/failure
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
 import sys
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -59,11 +61,17 @@ def consume(
     configure_logging(settings.log_format, settings.log_level)
     from consumer.service import consume as run_consumer
 
-    halted = asyncio.run(run_consumer(settings, until_idle=until_idle))
-    if until_idle and halted:  # it could not finish those partitions (logged as ERROR)
+    unfinished = asyncio.run(run_consumer(settings, until_idle=until_idle))
+    if not until_idle or not unfinished:
+        return
+    # It could not finish these (each logged as ERROR when it happened).
+    if halted := unfinished.partitions:
         stopped = "; ".join(f"partition {p}: {why}" for p, why in sorted(halted.items()))
         typer.echo(f"token-ledger: partitions stopped: {stopped}", err=True)
-        raise typer.Exit(1)
+    if refused := unfinished.billing:
+        listed = "; ".join(f"{rev}: {why}" for rev, why in sorted(refused.items()))
+        typer.echo(f"token-ledger: billing revisions refused by the topic: {listed}", err=True)
+    raise typer.Exit(1)
 
 
 @app.command()
@@ -252,18 +260,35 @@ def dlq_replay(
     typer.echo(f"{'would replay' if dry_run else 'replayed'} {len(views)} record(s)")
 
 
+class UsageFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
 @app.command()
 def usage(
     by: Annotated[
         list[str] | None, typer.Option(help="user, space, model, day (repeat to combine)")
     ] = None,
-    since: Annotated[datetime | None, typer.Option(help="from this time (UTC if no zone)")] = None,
-    until: Annotated[datetime | None, typer.Option(help="before this time")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per row")] = False,
+    since: Annotated[
+        datetime | None, typer.Option(help="from this time, inclusive (UTC if no zone)")
+    ] = None,
+    until: Annotated[
+        datetime | None, typer.Option(help="up to this time, exclusive (UTC if no zone)")
+    ] = None,
+    output: Annotated[
+        UsageFormat,
+        typer.Option(
+            "--format",
+            help="table for people; csv (header + rows) or json (one object per line) for jobs",
+        ),
+    ] = UsageFormat.table,
+    as_json: Annotated[bool, typer.Option("--json", help="the same as --format json")] = False,
 ) -> None:
     """Billing report: tokens and cost by user, search space, model and/or day."""
     settings = _settings()
-    from consumer.queries import USAGE_DIMENSIONS, USAGE_MEASURES, usage_report
+    from consumer.queries import REPORTED, USAGE_DIMENSIONS, usage_report
     from consumer.schema import connect_checked
 
     group_by = by or ["space", "model"]
@@ -282,17 +307,32 @@ def usage(
             await conn.close()
 
     rows = asyncio.run(report())
-    if as_json:
+    columns = [*group_by, *REPORTED, "usage_rows"]
+    if as_json or output is UsageFormat.json:
         for row in rows:
-            typer.echo(json.dumps(row))
-        return
-    columns = [*group_by, *USAGE_MEASURES, "usage_rows"]  # the --json keys
-    print_table(
-        columns,
-        [[row[c] for c in columns] for row in rows],
-        title="token usage",
-        numeric={*USAGE_MEASURES, "usage_rows"},
-    )
+            typer.echo(json.dumps({c: row[c] for c in columns}))
+    elif output is UsageFormat.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([row[c] for c in columns] for row in rows)
+    else:
+        print_table(
+            columns,
+            [[row[c] for c in columns] for row in rows],
+            title="token usage",
+            numeric={*REPORTED, "usage_rows"},
+        )
+
+
+@app.command()
+def relay() -> None:
+    """Publish pending usage revisions to the billing topic, alone (consume relays them too,
+    unless LEDGER_RELAY=false)."""
+    settings = _settings()
+    configure_logging(settings.log_format, settings.log_level)
+    from consumer.service import relay as run_relay
+
+    asyncio.run(run_relay(settings))
 
 
 def _utc(moment: datetime | None) -> datetime | None:

@@ -56,6 +56,20 @@ class UnexpectedError(TransientError):
     """An exception nobody classified; the batch is retried rather than the process ended."""
 
 
+# A connection failure, a server shutting down or refusing more connections: the database is
+# away (logged as an outage, not ready). A deadlock, a timeout or a race is a retry, not that.
+_AWAY_STATES = ("08", "57P01", "57P02", "57P03", "53300")
+
+
+def database_away(error: TransientError) -> bool:
+    if isinstance(
+        error, ThreadRaceError | ConcurrentWriteError | DeadLetterUnavailableError | UnexpectedError
+    ):
+        return False
+    # No SQLSTATE: refused, reset or timed out connecting, or a client timeout on a hung server.
+    return error.sqlstate == "" or error.sqlstate.startswith(_AWAY_STATES)
+
+
 class DeadLetterRefusedError(LedgerError):
     """The dead-letter topic refused records for good; their partitions must stop."""
 

@@ -39,6 +39,7 @@ from enum import StrEnum
 from typing import Any, NamedTuple, Protocol, Self, TypeVar
 
 from producer.events import (
+    TOKEN_KINDS,
     USAGE_MEASURES,
     AnyEvent,
     MessageAppended,
@@ -298,13 +299,17 @@ def candidates(
             sums = breakdown.setdefault(call.model, dict.fromkeys(USAGE_FIELDS, 0))
             for name in USAGE_FIELDS:
                 sums[name] += getattr(call, name)
+            for kind in TOKEN_KINDS:  # only where reported: absent is not zero
+                if (value := getattr(call, kind)) is not None:
+                    sums[kind] = sums.get(kind, 0) + value
         usage = UsageRow(
             key=key,
             claim=claim,
             source=event.type,
             **{name: sum(getattr(c, name) for c in calls) for name in USAGE_FIELDS},
             model_breakdown=breakdown,
-            call_details={"calls": _dump(calls)},
+            # As sent: a token kind the call did not report stays absent, not null.
+            call_details={"calls": [call.model_dump(exclude_unset=True) for call in calls]},
             search_space_id=event.search_space_id,
             user_id=event.user_id,
             created_at=event.occurred_at,

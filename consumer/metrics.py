@@ -87,6 +87,17 @@ class LedgerMetrics:
             registry=r,
         )
         self._uncommitted_partitions: set[int] = set()
+        self.outbox_pending = Gauge(
+            "token_ledger_outbox_pending",
+            "Usage revisions in billing_outbox not yet published to the billing topic.",
+            registry=r,
+        )
+        self.billing_refused = Gauge(
+            "token_ledger_billing_refused",
+            "Usage revisions the billing topic refused for good (too large, not authorised);"
+            " each holds its message's later revisions until the relay restarts.",
+            registry=r,
+        )
         self.tokens = Counter(
             "token_ledger_tokens",
             "Tokens of authoritative usage, by model and kind (prompt, completion, total).",

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     LargeBinary,
@@ -23,10 +24,14 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     Uuid,
+    func,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+
+from consumer.billing import BILLED_MEASURES
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -130,6 +135,9 @@ token_usage = Table(
     Column("source_digest", LargeBinary, nullable=False, server_default=EMPTY_DIGEST),
     Column("created_at", TIMESTAMP, nullable=False),
     Column("updated_at", TIMESTAMP, nullable=False),
+    # 1, 2, … per change of the billed values or of the winning claim (a trigger counts them:
+    # migrations/versions/0003_billing_outbox.py); the billing stream's revision number.
+    Column("revision", Integer, nullable=False, server_default=text("1")),
     CheckConstraint("usage_type = 'chat'", name="usage_type"),
     CheckConstraint(
         "prompt_tokens >= 0 AND completion_tokens >= 0 AND total_tokens >= 0",
@@ -147,6 +155,34 @@ token_usage = Table(
     Index("ix_token_usage_thread_id", "thread_id"),
     Index("ix_token_usage_search_space_id_created_at", "search_space_id", "created_at"),
     Index("ix_token_usage_user_id_created_at", "user_id", "created_at"),
+)
+
+# One row per usage revision, written by token_usage's triggers in the transaction that changed
+# the usage; consumer/billing.py publishes the pending ones (published_at IS NULL).
+billing_outbox = Table(
+    "billing_outbox",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("usage_id", BigInteger, nullable=False),
+    Column("revision", Integer, nullable=False),
+    Column("thread_id", BigInteger, nullable=False),
+    Column("message_id", BigInteger, nullable=True),
+    Column("user_id", Uuid, nullable=True),
+    Column("search_space_id", BigInteger, nullable=False),
+    Column("source", String(32), nullable=False),
+    Column("occurred_at", TIMESTAMP, nullable=False),
+    *(Column(m, BigInteger, nullable=False) for m in BILLED_MEASURES),
+    Column("model_breakdown", JSONB, nullable=False),
+    *(Column(f"delta_{m}", BigInteger, nullable=False) for m in BILLED_MEASURES),
+    Column("created_at", TIMESTAMP, nullable=False, server_default=func.now()),
+    Column("published_at", TIMESTAMP, nullable=True),
+    UniqueConstraint("usage_id", "revision"),
+    Index("ix_billing_outbox_pending", "id", postgresql_where=text("published_at IS NULL")),
+    Index(
+        "ix_billing_outbox_published_at",
+        "published_at",
+        postgresql_where=text("published_at IS NOT NULL"),
+    ),
 )
 
 consumer_offsets = Table(

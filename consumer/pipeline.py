@@ -126,6 +126,9 @@ class Pipeline:
                     if tp.partition in self._lag_partitions:
                         self._lag_partitions.discard(tp.partition)
                         self.metrics.consumer_lag.remove(str(tp.partition))
+                    # Its owner now judges it (and meets the same cause, if it lasts).
+                    if self.readiness.halted.pop(tp.partition, None) is not None:
+                        self.metrics.halted_partitions.remove(str(tp.partition))
         finally:
             self.revoking = False
         log.info(
@@ -275,8 +278,12 @@ class Pipeline:
                 # Sorted by (partition, offset): per partition, each half starts where the
                 # previous one ended, so the second goes only after the first committed.
                 if not await self.put(owned[:middle]):
+                    # Nothing of the second half was committed: its partitions are fetched
+                    # again from where the ledger stands, not from past it.
+                    await self.checkpoints.rewind(owned[middle:], reload=True)
                     return False
-                owned = owned[middle:]
+                # A partition the first half stopped keeps its records where they stand.
+                owned = [r for r in owned[middle:] if self.checkpoints.expects(r)]
             decoded = None
         return True
 

@@ -15,7 +15,7 @@ from consumer.ledger import LedgerRows, message_values, thread_values, usage_val
 from consumer.merge import USAGE_FIELDS, MessageKey, MessageRow, ThreadRow, UsageRow
 from consumer.store import content_claim, source_claim, stored_key
 from producer import jsonvalues
-from producer.events import UNATTRIBUTED
+from producer.events import TOKEN_KINDS, UNATTRIBUTED
 
 
 async def read_ledger(conn: asyncpg.Connection) -> LedgerRows:
@@ -114,6 +114,7 @@ USAGE_DIMENSIONS = {
     "day": "to_char(u.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
 }
 USAGE_MEASURES = USAGE_FIELDS
+REPORTED = (*USAGE_MEASURES, *TOKEN_KINDS)
 
 
 def _share(measure: str) -> str:
@@ -121,20 +122,39 @@ def _share(measure: str) -> str:
     return f"coalesce((b.value->>'{measure}')::bigint, 0)"
 
 
+def _kind(kind: str) -> str:
+    # Token kinds are counted where a breakdown entry reports them as a JSON number (a legacy
+    # entry is kept as sent, so anything else may be there: it counts as not reported).
+    value = f"b.value->'{kind}'"
+    return f"CASE WHEN jsonb_typeof({value}) = 'number' THEN ({value})::numeric ELSE 0 END"
+
+
 # One row per (usage row, model) by merge.attribution: the breakdown's numbers, and what they
 # leave of the row's totals under '(unattributed)', so the models of a row sum to its totals.
+# Token kinds exist only per model: the unattributed share has none.
 _BY_MODEL = f"""(
   SELECT u.id, u.user_id, u.search_space_id, u.created_at, b.key AS model,
-         {", ".join(f"{_share(m)} AS {m}" for m in USAGE_FIELDS)}
+         {", ".join(f"{_share(m)} AS {m}" for m in USAGE_FIELDS)},
+         {", ".join(f"{_kind(k)} AS {k}" for k in TOKEN_KINDS)}
   FROM token_usage AS u CROSS JOIN LATERAL jsonb_each(u.model_breakdown) AS b
   UNION ALL
   SELECT u.id, u.user_id, u.search_space_id, u.created_at, '{UNATTRIBUTED}',
-         {", ".join(f"u.{m} - c.{m}" for m in USAGE_FIELDS)}
+         {", ".join(f"u.{m} - c.{m}" for m in USAGE_FIELDS)},
+         {", ".join(f"0 AS {k}" for k in TOKEN_KINDS)}
   FROM token_usage AS u CROSS JOIN LATERAL (
     SELECT {", ".join(f"coalesce(sum({_share(m)}), 0) AS {m}" for m in USAGE_FIELDS)}
     FROM jsonb_each(u.model_breakdown) AS b
   ) AS c
   WHERE {" OR ".join(f"u.{m} <> c.{m}" for m in USAGE_FIELDS)}
+)"""
+
+# One row per usage row, with its token kinds summed over its breakdown.
+_BY_ROW = f"""(
+  SELECT u.*, {", ".join(f"k.{kind}" for kind in TOKEN_KINDS)}
+  FROM token_usage AS u CROSS JOIN LATERAL (
+    SELECT {", ".join(f"coalesce(sum({_kind(k)}), 0) AS {k}" for k in TOKEN_KINDS)}
+    FROM jsonb_each(u.model_breakdown) AS b
+  ) AS k
 )"""
 
 
@@ -144,13 +164,14 @@ async def usage_report(
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """Token and cost sums of the ledger grouped by the chosen dimensions (UTC days); by model,
-    each row is split by merge.attribution, so the groups always sum to the ungrouped totals."""
+    """Token and cost sums of the ledger grouped by the chosen dimensions (UTC days), with the
+    token kinds of the breakdowns; by model, each row is split by merge.attribution, so the
+    groups always sum to the ungrouped totals."""
     unknown = [d for d in group_by if d not in USAGE_DIMENSIONS]
     if unknown or not group_by:
         raise ValueError(f"group by one or more of {', '.join(USAGE_DIMENSIONS)}: got {unknown}")
-    source = _BY_MODEL if "model" in group_by else "token_usage"
-    measures = ", ".join(f"sum(u.{m}) AS {m}" for m in USAGE_MEASURES)
+    source = _BY_MODEL if "model" in group_by else _BY_ROW
+    measures = ", ".join(f"sum(u.{m}) AS {m}" for m in REPORTED)
     # Quoted: a bare `user` in GROUP BY is PostgreSQL's CURRENT_USER, not the column alias.
     aliases = ", ".join(f'"{d}"' for d in group_by)
     dimensions = ", ".join(f'{USAGE_DIMENSIONS[d]} AS "{d}"' for d in group_by)

@@ -26,6 +26,7 @@ from consumer.errors import (
     TransientError,
     UnexpectedError,
     classify_database_error,
+    database_away,
 )
 from consumer.health import Readiness
 from consumer.logs import fields
@@ -136,8 +137,9 @@ class Retrier:
                 self.readiness.unexpected = str(error)
                 self.metrics.db_retries.labels("unexpected").inc()
             elif not isinstance(error, DeadLetterUnavailableError):
-                self.readiness.database_ok = False
-                self.database.failing(str(error))
+                if database_away(error):
+                    self.readiness.database_ok = False
+                    self.database.failing(str(error))
                 self.metrics.db_retries.labels(error.sqlstate or "unavailable").inc()
             else:
                 self.kafka.failing(str(error))

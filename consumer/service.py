@@ -22,8 +22,10 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 from aiokafka import AIOKafkaConsumer
 
 from consumer.dlq import HEADER_HEADROOM, DeadLetterQueue
@@ -32,10 +34,12 @@ from consumer.logs import fields
 from consumer.metrics import LedgerMetrics
 from consumer.outages import KafkaLogFilter
 from consumer.pipeline import Pipeline, build_pipeline
+from consumer.relay import BILLING_PARTITIONS, BillingProducer, Relay
 from consumer.schema import check_database, wait_until_usable
 from consumer.settings import Settings
 from consumer.store import create_pool, ping
-from consumer.topics import prepare_topics
+from consumer.topics import MAX_MESSAGE_BYTES, prepare_topics
+from producer.client import ensure_topic
 
 log = logging.getLogger(__name__)
 STOP_GRACE_SECONDS = 5.0  # after a stop request, the batch in flight gets this long
@@ -76,20 +80,33 @@ def _bounded(close: Callable[[], Awaitable[Any]], what: str) -> Callable[[], Awa
     return bounded
 
 
-async def consume(settings: Settings, *, until_idle: bool = False) -> dict[int, str]:
-    """Run until stopped, or with until_idle until caught up; returns the partitions that
-    stopped on their own (partition -> why), which --until-idle reports as a failure."""
+@dataclass(frozen=True)
+class Unfinished:
+    """What `consume --until-idle` could not finish, which it reports as a failure."""
+
+    partitions: dict[int, str] = field(default_factory=dict)  # stopped: partition -> why
+    billing: dict[str, str] = field(default_factory=dict)  # refused: revision id -> why
+
+    def __bool__(self) -> bool:
+        return bool(self.partitions or self.billing)
+
+
+async def consume(settings: Settings, *, until_idle: bool = False) -> Unfinished:
+    """Run until stopped, or with until_idle until caught up (and billed); returns what could
+    not be finished on its own."""
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
     pipeline: Pipeline | None = None
     stopping = False
+    relay_stop = asyncio.Event()
 
     def on_signal() -> None:
         nonlocal stopping
         if stopping:
             return
         stopping = True
+        relay_stop.set()
         if pipeline is None:
             log.info("stop requested while starting")
             main.cancel()
@@ -102,25 +119,89 @@ async def consume(settings: Settings, *, until_idle: bool = False) -> dict[int, 
         loop.add_signal_handler(sig, on_signal)
     try:
         async with AsyncExitStack() as stack:
-            pipeline = await _start(settings, stack, until_idle)
+            pipeline, relay = await _start(settings, stack, until_idle)
+            if relay is not None:
+                relaying = asyncio.create_task(relay.run(relay_stop))
+                stack.push_async_callback(_finish, relaying, relay_stop)
             if not stopping:
                 await pipeline.run(until_idle=until_idle)
+            if until_idle and relay is not None and not stopping:
+                # Caught up means billed too: every revision the drain wrote is on its topic.
+                await relay.run(relay_stop, until_empty=True)
             # A stop that was asked for is a clean exit (SIGTERM -> 0), halted partitions or not.
-            halted = {} if stopping else dict(pipeline.readiness.halted)
+            unfinished = (
+                Unfinished()
+                if stopping
+                else Unfinished(
+                    dict(pipeline.readiness.halted),
+                    {} if relay is None else dict(relay.refused.values()),
+                )
+            )
     except asyncio.CancelledError:
         if not stopping:
             raise
-        halted = {}
+        unfinished = Unfinished()
     finally:
-        for sig, handler in previous.items():
-            loop.remove_signal_handler(sig)
-            signal.signal(sig, handler)
+        # remove_signal_handler leaves SIG_DFL behind: blocked meanwhile, a SIGTERM arriving
+        # now waits for the previous handler instead of killing the process.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for sig, handler in previous.items():
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, handler)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     # Not when it failed: then the command's one line (consumer/failures.py) says why.
     log.info("stopped")
-    return halted
+    return unfinished
 
 
-async def _start(settings: Settings, stack: AsyncExitStack, until_idle: bool) -> Pipeline:
+async def _finish(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    stop.set()
+    try:
+        async with asyncio.timeout(RELEASE_SECONDS):
+            await task
+    except TimeoutError:
+        log.warning("gave up waiting for the billing relay")
+
+
+async def start_relay(
+    settings: Settings,
+    stack: AsyncExitStack,
+    pool: asyncpg.Pool,
+    metrics: LedgerMetrics,
+    record_bytes: int,
+) -> Relay:
+    """The billing relay and its producer. The topic is ensured by the relay's first pass, not
+    here: billing that cannot reach its topic must not keep the ledger from starting."""
+    security = settings.kafka_security()
+
+    async def billing_topic() -> None:
+        await ensure_topic(
+            settings.kafka_bootstrap,
+            settings.billing_topic,
+            partitions=BILLING_PARTITIONS,
+            config={MAX_MESSAGE_BYTES: str(record_bytes)},  # a revision of the largest event
+            **security,
+        )
+
+    producer = await BillingProducer(
+        settings.kafka_bootstrap, settings.billing_topic, **security
+    ).__aenter__()
+    stack.push_async_callback(_bounded(producer.close, "billing producer"))
+    return Relay(
+        pool,
+        producer,
+        metrics,
+        retention=settings.outbox_retention,
+        batch=settings.relay_batch,
+        prepare=billing_topic,
+    )
+
+
+async def _start(
+    settings: Settings, stack: AsyncExitStack, until_idle: bool
+) -> tuple[Pipeline, Relay | None]:
     limits = await prepare_topics(settings)
     security = settings.kafka_security()
     metrics = LedgerMetrics()
@@ -147,6 +228,9 @@ async def _start(settings: Settings, stack: AsyncExitStack, until_idle: bool) ->
         settings.kafka_bootstrap, settings.dlq_topic, **security
     ).__aenter__()
     stack.push_async_callback(_bounded(dlq.close, "dead-letter producer"))
+    relay = (
+        await start_relay(settings, stack, pool, metrics, fetch_bytes) if settings.relay else None
+    )
     consumer = source_consumer(settings, fetch_bytes)
     pipeline = build_pipeline(settings, consumer, pool, dlq, metrics, readiness)
     kafka_logs = KafkaLogFilter(pipeline.kafka)
@@ -167,6 +251,48 @@ async def _start(settings: Settings, stack: AsyncExitStack, until_idle: bool) ->
             metrics_host=health.host,
             metrics_port=health.port,
             until_idle=until_idle,
+            billing_relay=settings.relay,
         ),
     )
-    return pipeline
+    return pipeline, relay
+
+
+async def relay(settings: Settings) -> None:
+    """`token-ledger relay`: the billing relay alone, until SIGTERM/SIGINT (exit 0 within 10 s,
+    even with Kafka or the database hung). Its backlog shows in the consumers'
+    token_ledger_outbox_pending (every consumer counts the whole outbox)."""
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            stop.set()
+            loop.call_later(STOP_GRACE_SECONDS, main.cancel)  # a pass hung on Kafka or the database
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        async with AsyncExitStack() as stack:
+            pool = await create_pool(settings.database_url.get_secret_value(), max_size=2)
+            stack.push_async_callback(_bounded(pool.close, "database pool"))
+            stack.callback(pool.terminate)
+            await check_database(pool, settings)
+            limits = await prepare_topics(settings)
+            billing = await start_relay(
+                settings, stack, pool, LedgerMetrics(), limits.source_max_bytes + HEADER_HEADROOM
+            )
+            log.info("relaying", extra=fields(topic=settings.billing_topic))
+            await billing.run(stop)
+    except asyncio.CancelledError:
+        if not stop.is_set():
+            raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    log.info("stopped")

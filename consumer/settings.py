@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     )
     # A stored offset outside its partition's log: stop that partition, or resume at its start.
     offset_reset: Literal["fail", "earliest"] = "fail"
+    # The billing stream (SPEC section 9): where revisions go, whether `consume` relays them
+    # itself (false: run `token-ledger relay` instead), how long published ones are kept.
+    billing_topic: str = Field("billing.token-usage", min_length=1, max_length=249)
+    relay: bool = True
+    relay_batch: int = Field(500, ge=1, le=10_000)  # revisions per publish-and-mark transaction
+    outbox_retention: timedelta = Field(timedelta(days=7), gt=timedelta(0))
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -16,11 +16,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from producer.billing import BillingEvent
 from producer.client import DEFAULT_TOPIC
 from producer.events import EVENT_TYPES, LegacyAppendV0, RejectReason
 
 SCHEMA_DIR = Path(__file__).parent / "schema"
 DLQ_TOPIC = f"{DEFAULT_TOPIC}.dlq"
+BILLING_TOPIC = "billing.token-usage"
+BILLING_SCHEMA = f"{BILLING_TOPIC}.v1.json"
 
 
 def _schema(model: type[BaseModel], name: str) -> dict[str, Any]:
@@ -44,6 +47,7 @@ def _asyncapi(schema_files: list[str]) -> dict[str, Any]:
             "payload": {"$ref": f"./{name}"},
         }
         for name in schema_files
+        if name != BILLING_SCHEMA
     }
     header = {"type": "string"}
     return {
@@ -67,6 +71,13 @@ def _asyncapi(schema_files: list[str]) -> dict[str, Any]:
                 "address": DEFAULT_TOPIC,
                 "messages": {key: {"$ref": f"#/components/messages/{key}"} for key in messages},
             },
+            "billingUsage": {
+                "address": BILLING_TOPIC,
+                "description": "One record per revision of a message's authoritative usage "
+                "(CloudEvents 1.0, structured JSON). At-least-once: a duplicate is the identical "
+                "record; dedupe by id. Key: thread_id as decimal UTF-8.",
+                "messages": {"usageRevision": {"$ref": "#/components/messages/usageRevision"}},
+            },
             "deadLetters": {
                 "address": DLQ_TOPIC,
                 "description": "Records the ledger could not apply: original key and value, "
@@ -80,6 +91,10 @@ def _asyncapi(schema_files: list[str]) -> dict[str, Any]:
                 "action": "receive",
                 "channel": {"$ref": "#/channels/turnEvents"},
             },
+            "publishUsageRevisions": {
+                "action": "send",
+                "channel": {"$ref": "#/channels/billingUsage"},
+            },
             "publishDeadLetters": {
                 "action": "send",
                 "channel": {"$ref": "#/channels/deadLetters"},
@@ -88,6 +103,11 @@ def _asyncapi(schema_files: list[str]) -> dict[str, Any]:
         "components": {
             "messages": {
                 **messages,
+                "usageRevision": {
+                    "name": "usageRevision",
+                    "contentType": "application/cloudevents+json",
+                    "payload": {"$ref": f"./{BILLING_SCHEMA}"},
+                },
                 "deadLetter": {
                     "name": "deadLetter",
                     "contentType": "application/octet-stream",
@@ -120,6 +140,9 @@ def render() -> dict[str, str]:
         files[name] = json.dumps(_schema(model, name.removesuffix(".json")), indent=2) + "\n"
     legacy = "message.appended.v0.json"
     files[legacy] = json.dumps(_schema(LegacyAppendV0, "message.appended.v0"), indent=2) + "\n"
+    files[BILLING_SCHEMA] = (
+        json.dumps(_schema(BillingEvent, BILLING_SCHEMA.removesuffix(".json")), indent=2) + "\n"
+    )
     files["asyncapi.json"] = json.dumps(_asyncapi(sorted(files)), indent=2) + "\n"
     return files
 

@@ -53,6 +53,9 @@ DEFAULT_MAX_FUTURE_SKEW = timedelta(hours=1)
 USAGE_MEASURES = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
 # The share of a usage row's totals that its per-model breakdown does not cover (SPEC §7).
 UNATTRIBUTED = "(unattributed)"
+# Kinds of tokens a call may report besides its measures (today's LLM APIs do): summed per model
+# into the usage row's model_breakdown when present, never into the row's totals.
+TOKEN_KINDS = ("cached_tokens", "reasoning_tokens")
 
 Id64 = Annotated[int, Field(ge=1, le=MAX_INT64)]
 Count64 = Annotated[int, Field(ge=0, le=MAX_INT64)]
@@ -145,7 +148,7 @@ class ContentPart(BaseModel):
 
 
 class UsageCall(_Open):
-    """One LLM call; fields added by newer producers (e.g. cached_tokens) stay in call_details."""
+    """One LLM call; fields added by newer producers stay in call_details."""
 
     model: str = Field(min_length=1, max_length=200)
     prompt_tokens: Count64
@@ -153,6 +156,9 @@ class UsageCall(_Open):
     total_tokens: Count64
     cost_micros: Count64
     call_kind: str = Field(min_length=1, max_length=64)
+    # TOKEN_KINDS: prompt tokens served from a cache, completion tokens spent on reasoning.
+    cached_tokens: Count64 | None = None
+    reasoning_tokens: Count64 | None = None
 
 
 class TurnUsage(_Strict):
@@ -160,8 +166,8 @@ class TurnUsage(_Strict):
 
     @model_validator(mode="after")
     def _sums_fit_bigint(self) -> Self:
-        for name in USAGE_MEASURES:
-            if sum(getattr(call, name) for call in self.calls) > MAX_INT64:
+        for name in (*USAGE_MEASURES, *TOKEN_KINDS):
+            if sum(getattr(call, name) or 0 for call in self.calls) > MAX_INT64:
                 raise ValueError(f"sum of {name} over the calls exceeds 2^63-1")
         return self
 

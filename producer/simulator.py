@@ -17,8 +17,9 @@ dead-letter topic. Every shape the contract allows (SPEC sections 2-3), each at 
 - exact copies: a retry published right after the original (`duplicate_rate`) or later, after
   other events of its thread (`retry_rate`); v0 bodies re-sent after everything else
   (`v0_resend_rate`): same bytes, later record timestamp, hence a later occurred_at;
-- fields this consumer does not know yet (`unknown_field_rate`): `cached_tokens` and
-  `reasoning_tokens` in usage calls and `providerMetadata` in content parts (kept: counted in
+- token kinds: half the calls report `cached_tokens`, and chat calls `reasoning_tokens`;
+- fields this consumer does not know yet (`unknown_field_rate`): `audio_tokens` and
+  `provider_latency_ms` in usage calls and `providerMetadata` in content parts (kept: counted in
   `Expectation.kept_unknown_fields`), `trace_id` and `producer` in the envelope (ignored).
 
 `Expectation.shapes` counts what was published of each. Without an explicit `start` the plan
@@ -31,10 +32,9 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from producer import jsonvalues
 from producer.client import thread_key
@@ -47,8 +47,15 @@ from producer.events import (
     TurnStarted,
     TurnUsage,
     UsageCall,
-    attribution,
+    v0_event_id,
 )
+from producer.expectation import KEPT_UNKNOWN_FIELDS as KEPT_UNKNOWN_FIELDS
+from producer.expectation import SHAPES as SHAPES
+from producer.expectation import UNKNOWN_CALL_FIELDS as UNKNOWN_CALL_FIELDS
+from producer.expectation import UNKNOWN_ENVELOPE_FIELDS as UNKNOWN_ENVELOPE_FIELDS
+from producer.expectation import UNKNOWN_PART_FIELD as UNKNOWN_PART_FIELD
+from producer.expectation import Expectation as Expectation
+from producer.expectation import row_key
 
 # (model, call_kind, micros per 1k prompt tokens, micros per 1k completion tokens)
 MODELS = (
@@ -63,34 +70,6 @@ QUERIES = (
     "Why does `SELECT * FROM t WHERE a = '1'; DROP TABLE t;--` look dangerous?",
     "Explain KRaft in two sentences 🚀",
     "数据库事务的隔离级别有哪些？",  # noqa: RUF001 - real CJK punctuation on purpose
-)
-# Fields of newer producers that this consumer does not know: kept where they are (calls,
-# parts), ignored in the envelope.
-UNKNOWN_CALL_FIELDS = ("cached_tokens", "reasoning_tokens")
-UNKNOWN_PART_FIELD = "providerMetadata"
-UNKNOWN_ENVELOPE_FIELDS = ("trace_id", "producer")
-# What the ledger must keep of them: sums over the stored call_details, parts in stored content.
-KEPT_UNKNOWN_FIELDS = (
-    *(f"call_details.{name}" for name in UNKNOWN_CALL_FIELDS),
-    f"content.{UNKNOWN_PART_FIELD}",
-)
-SHAPES = (
-    "finalized_twice",
-    "shuffled_threads",
-    "legacy_shadowing_a_turn",
-    "legacy_turnless_v1",
-    "v0_bodies",
-    "legacy_usage_full",
-    "legacy_usage_partial",
-    "legacy_usage_empty",
-    "legacy_usage_null",
-    "duplicates_right_after",
-    "retries_later",
-    "v0_resent_later",
-    "unknown_call_fields",
-    "unknown_part_fields",
-    "unknown_envelope_fields",
-    "poison",
 )
 # How far occurred_at moves within a thread: before a start, before each finalize, and the
 # jitter of a legacy append around its turn.
@@ -114,8 +93,10 @@ class TrafficConfig:
     legacy_null_rate: float = 0.15
     v0_resend_rate: float = 0.5  # v0 bodies published again after everything else
     retry_rate: float = 0.02  # records re-sent later by a producer retry (exact copies)
+    restamp_rate: float = 0.0  # retries that re-stamped occurred_at (differing copies)
     unknown_field_rate: float = 0.1  # calls, parts and envelopes with fields not known yet
     start: datetime | None = None  # None: the plan ends about now
+    queries: tuple[str, ...] = QUERIES  # what users ask; answers quote them too
 
     def __post_init__(self) -> None:
         if self.legacy_partial_rate + self.legacy_empty_rate + self.legacy_null_rate > 1:
@@ -130,75 +111,41 @@ class TrafficConfig:
         )
 
 
-@dataclass
-class Expectation:
-    threads: int = 0
-    messages: int = 0
-    usage_rows: int = 0
-    dead_letters: int = 0
-    records: int = 0
-    duplicates: int = 0  # exact copies published: right after, retried later, v0 re-sent
-    per_model: dict[str, dict[str, int]] = field(default_factory=dict)
-    kept_unknown_fields: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(KEPT_UNKNOWN_FIELDS, 0)
-    )
-    shapes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SHAPES, 0))
-
-    @property
-    def total_cost_micros(self) -> int:
-        return sum(m["cost_micros"] for m in self.per_model.values())
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(m["total_tokens"] for m in self.per_model.values())
-
-    def count_usage(
-        self, totals: Mapping[str, int], breakdown: Mapping[str, Mapping[str, Any]]
-    ) -> None:
-        """One authoritative usage row: its totals, split per model by the attribution rule."""
-        self.usage_rows += 1
-        for model, share in attribution(totals, breakdown).items():
-            sums = self.per_model.setdefault(model, dict.fromkeys(USAGE_MEASURES, 0))
-            for name in USAGE_MEASURES:
-                sums[name] += share[name]
-
-    def keep_calls(self, calls: list[UsageCall]) -> None:
-        for call in calls:
-            for name, value in (call.model_extra or {}).items():
-                self.kept_unknown_fields[f"call_details.{name}"] += value
-
-    def keep_parts(self, parts: list[dict[str, Any]]) -> None:
-        self.kept_unknown_fields[f"content.{UNKNOWN_PART_FIELD}"] += sum(
-            UNKNOWN_PART_FIELD in part for part in parts
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "threads": self.threads,
-            "messages": self.messages,
-            "usage_rows": self.usage_rows,
-            "dead_letters": self.dead_letters,
-            "records": self.records,
-            "duplicates": self.duplicates,
-            "total_tokens": self.total_tokens,
-            "total_cost_micros": self.total_cost_micros,
-            "per_model": {model: self.per_model[model] for model in sorted(self.per_model)},
-            "kept_unknown_fields": dict(self.kept_unknown_fields),
-            "shapes": dict(self.shapes),
-        }
-
-
 Record = tuple[bytes, bytes]
+# What turn.finalized with an empty content list stores (SPEC section 2).
+NO_TEXT_RESPONSE = {"type": "status", "text": "(no text response)"}
+
+
+@dataclass(frozen=True)
+class PoisonContext:
+    """What a poison record may build on: its thread's envelope (schema_version, thread_id,
+    search_space_id, user_id as text), a valid occurred_at, and the wire documents of the
+    thread's turn-less v1 messages, all published before it."""
+
+    envelope: dict[str, Any]
+    start: datetime
+    turnless: list[dict[str, Any]]
+
+
+class PoisonSource(Protocol):
+    """Draws a poison record for a thread, or None when the kind drawn does not fit it."""
+
+    def __call__(self, rng: random.Random, context: PoisonContext) -> bytes | None: ...
 
 
 class _Planner:
-    def __init__(self, config: TrafficConfig) -> None:
+    def __init__(self, config: TrafficConfig, poison: PoisonSource | None = None) -> None:
         self.config = config
         self.rng = random.Random(config.seed)  # noqa: S311 - reproducible traffic, not secrets
         self.start = config.start if config.start is not None else datetime.now(UTC) - config.span()
         self.expect = Expectation()
         self.poisoned_threads: set[int] = set()
         self.late: list[Record] = []  # published after everything else
+        self.poison_source = poison
+        # Of the thread being planned: records never to re-stamp (see `retried`), and the
+        # wire documents of its turn-less v1 messages (what an event_id_conflict can reuse).
+        self.pinned: set[bytes] = set()
+        self.turnless: list[dict[str, Any]] = []
 
     def uuid(self) -> uuid.UUID:
         return uuid.UUID(int=self.rng.getrandbits(128), version=4)
@@ -237,12 +184,15 @@ class _Planner:
                 "cost_micros": (prompt * prompt_rate + completion * completion_rate) // 1000,
                 "call_kind": kind,
             }
-            if self.unknown():  # today's APIs report these; this consumer does not know them
-                self.shape("unknown_call_fields")
-                cached, reasoning = UNKNOWN_CALL_FIELDS
-                call[cached] = self.rng.randint(0, prompt)
+            if self.rng.random() < 0.5:  # token kinds, as today's APIs report them
+                call["cached_tokens"] = self.rng.randint(0, prompt)
                 if completion:
-                    call[reasoning] = self.rng.randint(0, completion)
+                    call["reasoning_tokens"] = self.rng.randint(0, completion)
+            if self.unknown():  # what newer producers add and this consumer does not know
+                self.shape("unknown_call_fields")
+                audio, latency = UNKNOWN_CALL_FIELDS
+                call[audio] = self.rng.randint(0, prompt)
+                call[latency] = self.rng.randint(1, 9000)
             calls.append(UsageCall.model_validate(call))
         return calls
 
@@ -279,6 +229,8 @@ class _Planner:
             "user_id": user,
         }
         records: list[bytes] = []
+        pinned = self.pinned = set()  # records whose re-stamped copy would change the ledger
+        self.turnless = []
         self.expect.threads += 1
         for turn in range(cfg.turns_per_thread):
             turn_id = f"{thread_id}:{int(at.timestamp() * 1000) + turn}"
@@ -290,11 +242,12 @@ class _Planner:
                 event_id=self.uuid(),
                 occurred_at=at,
                 turn_id=turn_id,
-                user_query=rng.choice(QUERIES),
+                user_query=rng.choice(cfg.queries),
                 mentioned_documents=documents if rng.random() < 0.3 else [],
             )
             records.append(self.encode(started))
             self.expect.messages += 2
+            self.expect.set_content(row_key(thread_id, turn_id, "user", None), _asked(started))
             calls = self.calls() if rng.random() < 0.9 else []
             finalizes = 2 if rng.random() < cfg.second_finalize_rate else 1
             if finalizes == 2:
@@ -303,7 +256,7 @@ class _Planner:
             for attempt in range(finalizes):
                 at += timedelta(milliseconds=rng.randint(1, FINALIZE_GAP_MS))
                 these_calls = calls if attempt == 0 else (self.calls() if calls else [])
-                answer = f"Answer {turn}: {rng.choice(QUERIES)} …"
+                answer = f"Answer {turn}: {rng.choice(cfg.queries)} …"
                 content = self.content(answer) if rng.random() < 0.95 else []
                 finalized = TurnFinalized(
                     **envelope,
@@ -315,9 +268,15 @@ class _Planner:
                     usage=TurnUsage(calls=these_calls) if these_calls else None,
                 )
                 records.append(self.encode(finalized))
+                if attempt < finalizes - 1:  # re-stamped later, it would win the content
+                    pinned.add(records[-1])
             self.expect.keep_parts(content)  # the later finalize's content wins
+            answered = row_key(thread_id, turn_id, "assistant", None)
+            self.expect.set_content(answered, content or [NO_TEXT_RESPONSE])
             if calls:  # the first finalize's cost is authoritative
-                self.expect.count_usage(_totals(calls), _by_model(calls))
+                self.expect.count_usage(
+                    answered, "turn.finalized", _totals(calls), _by_model(calls)
+                )
                 self.expect.keep_calls(calls)
                 if rng.random() < cfg.legacy_rate:  # a legacy append shadowing it never wins
                     self.shape("legacy_shadowing_a_turn")
@@ -329,16 +288,20 @@ class _Planner:
         if rng.random() < cfg.shuffle_rate:
             self.shape("shuffled_threads")
             rng.shuffle(records)  # e.g. finalize before start; the ledger must not care
-        records = self.retried(records)
+        records = self.retried(records, pinned)
         if rng.random() < cfg.poison_rate * cfg.turns_per_thread:
             records.append(self.poison(envelope))
             self.poisoned_threads.add(index)
         key = thread_key(thread_id)
         return [(key, value) for value in records]
 
-    def retried(self, records: list[bytes]) -> list[bytes]:
+    def retried(self, records: list[bytes], pinned: set[bytes]) -> list[bytes]:
         """Producer retries: the same record published again later, when possible after
-        other records of its thread (exact copies: same event_id, occurred_at, payload)."""
+        other records of its thread (exact copies: same event_id, occurred_at, payload), and
+        (`restamp_rate`) retries that re-stamped occurred_at a little later: a differing copy
+        of the event_id, which takes part in the merge and must leave the ledger as it is.
+        `pinned` records are never re-stamped (the earlier of two finalizes would win the
+        content register; a v0 body has no occurred_at)."""
         due: list[list[bytes]] = [[] for _ in range(len(records) + 1)]
         for position, value in enumerate(records):
             if self.rng.random() < self.config.retry_rate:
@@ -346,6 +309,11 @@ class _Planner:
                 due[later].append(value)
                 self.shape("retries_later")
                 self.expect.duplicates += 1
+            restamp = self.config.restamp_rate and value not in pinned
+            if restamp and self.rng.random() < self.config.restamp_rate:
+                later = self.rng.randint(min(position + 1, len(records)), len(records))
+                due[later].append(_restamped(value, self.rng.randint(1, 3_000)))
+                self.expect.restamped += 1
         retried: list[bytes] = []
         for position, value in enumerate(records):
             retried += [*due[position], value]
@@ -393,10 +361,7 @@ class _Planner:
         """A v1 legacy assistant append with token usage; `wins` when it is a message of its
         own (shadowing a server turn, it never wins)."""
         token_usage, totals, breakdown = self.legacy_usage()
-        content = self.content(f"Answer 0: {self.rng.choice(QUERIES)} …")
-        if wins:
-            self.expect.count_usage(totals, breakdown)
-            self.expect.keep_parts(content)
+        content = self.content(f"Answer 0: {self.rng.choice(self.config.queries)} …")
         message = MessageAppended(
             **envelope,
             type="message.appended",
@@ -406,7 +371,14 @@ class _Planner:
             role="assistant",
             content=_parts(content),
         )
-        return self.encode(message, token_usage=token_usage)
+        value = self.encode(message, token_usage=token_usage)
+        if wins:
+            key = row_key(message.thread_id, None, "assistant", message.event_id)
+            self.expect.set_content(key, content)
+            self.expect.count_usage(key, "message.appended", totals, breakdown)
+            self.expect.keep_parts(content)
+            self.turnless.append(jsonvalues.loads(value))
+        return value
 
     def standalone_legacy(self, envelope: dict[str, Any], at: datetime) -> bytes:
         """A legacy message without turn_id: a row of its own (keyed by its event_id)."""
@@ -427,7 +399,12 @@ class _Planner:
                 role="user",
                 content=_parts(content),
             )
-            return self.encode(message)
+            self.expect.set_content(
+                row_key(message.thread_id, None, "user", message.event_id), content
+            )
+            value = self.encode(message)
+            self.turnless.append(jsonvalues.loads(value))
+            return value
         return self.v0_body(envelope)
 
     def v0_body(self, envelope: dict[str, Any]) -> bytes:
@@ -448,9 +425,13 @@ class _Planner:
         }
         if assistant:
             body["token_usage"], totals, breakdown = self.legacy_usage()
-            self.expect.count_usage(totals, breakdown)
+        key = row_key(body["thread_id"], None, body["role"], v0_event_id(body))
+        self.expect.set_content(key, content)
+        if assistant:
+            self.expect.count_usage(key, "message.appended", totals, breakdown)
         self.expect.keep_parts(content)
         value = json.dumps(body).encode()
+        self.pinned.add(value)  # no occurred_at to re-stamp: its re-sends are the v0 retries
         if self.rng.random() < self.config.v0_resend_rate:
             self.late.append((thread_key(envelope["thread_id"]), value))
             self.shape("v0_resent_later")
@@ -460,6 +441,13 @@ class _Planner:
     def poison(self, envelope: dict[str, Any]) -> bytes:
         self.expect.dead_letters += 1
         self.shape("poison")
+        if self.poison_source is not None:
+            context = PoisonContext(
+                {**envelope, "user_id": str(envelope["user_id"])}, self.start, self.turnless
+            )
+            while (drawn := self.poison_source(self.rng, context)) is None:
+                pass  # that kind needs what this thread lacks (e.g. a turn-less message)
+            return drawn
         good = {
             **envelope,
             "user_id": str(envelope["user_id"]),
@@ -484,6 +472,21 @@ class _Planner:
         return choice if isinstance(choice, bytes) else json.dumps(choice).encode()
 
 
+def _asked(started: TurnStarted) -> list[dict[str, Any]]:
+    """The user message a turn.started stores: the query, then the documents it mentions."""
+    parts: list[dict[str, Any]] = [{"type": "text", "text": started.user_query}]
+    if started.mentioned_documents:
+        parts.append({"type": "mentioned-documents", "documents": started.mentioned_documents})
+    return parts
+
+
+def _restamped(value: bytes, later_ms: int) -> bytes:
+    """The record as a retry that built its envelope again would send it: occurred_at later."""
+    document = jsonvalues.loads(value)
+    at = datetime.fromisoformat(document["occurred_at"]) + timedelta(milliseconds=later_ms)
+    return jsonvalues.dumps({**document, "occurred_at": at.isoformat()}).encode()
+
+
 def _parts(parts: list[dict[str, Any]]) -> list[ContentPart]:
     return [ContentPart.model_validate(part) for part in parts]
 
@@ -501,9 +504,12 @@ def _by_model(calls: list[UsageCall]) -> dict[str, dict[str, int]]:
     return sums
 
 
-def plan_traffic(config: TrafficConfig) -> tuple[list[Record], Expectation]:
-    """Every record to publish, in order, and the ledger summary they must produce."""
-    planner = _Planner(config)
+def plan_traffic(
+    config: TrafficConfig, poison: PoisonSource | None = None
+) -> tuple[list[Record], Expectation]:
+    """Every record to publish, in order, and the ledger they must produce. `poison` draws
+    the poison records (by default a handful of built-in kinds)."""
+    planner = _Planner(config, poison)
     per_thread = [planner.thread(i) for i in range(config.threads)]
     # Interleave threads at random while each keeps its own order (one key, one partition).
     records: list[Record] = []

@@ -81,12 +81,15 @@ def reference_rows(events: Sequence[AnyEvent]) -> LedgerRows:
                     m = breakdown.setdefault(c.model, dict.fromkeys(FIELDS, 0))
                     for f in FIELDS:
                         m[f] += getattr(c, f)
+                    for kind in ("cached_tokens", "reasoning_tokens"):
+                        if getattr(c, kind) is not None:
+                            m[kind] = m.get(kind, 0) + getattr(c, kind)
                 totals = tuple(sum(getattr(c, f) for c in calls) for f in FIELDS)
                 values = (
                     "turn.finalized",
                     *totals,
                     breakdown,
-                    {"calls": [c.model_dump() for c in calls]},
+                    {"calls": [c.model_dump(exclude_unset=True) for c in calls]},
                     e.search_space_id,
                     e.user_id,
                 )

@@ -50,8 +50,9 @@ calls = st.lists(
         completion=st.integers(0, 9),
         total=st.integers(0, 18),
         cost=st.integers(0, 99),
-        # Fields newer producers send (kept in call_details).
-        cached_tokens=st.integers(0, 9),
+        # Token kinds (summed per model into the breakdown), a field not known yet (kept).
+        cached_tokens=st.one_of(st.none(), st.integers(0, 9)),
+        audio_tokens=st.integers(0, 9),
     ),
     max_size=2,
 )

@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy.engine import make_url
 
 from consumer.queries import usage_report
+from consumer.relay import BILLING_PARTITIONS
 from consumer.store import asyncpg_dsn
 from devstack import demo
 from devstack.postgres import PostgresServer, find_bindir
@@ -75,6 +76,7 @@ class Stack:
             "LEDGER_DATABASE_URL": self.database_url,
             "LEDGER_TOPIC": self.topic,
             "LEDGER_DLQ_TOPIC": self.dlq_topic,
+            "LEDGER_BILLING_TOPIC": self.billing_topic,
             "LEDGER_GROUP_ID": self.group_id,
             "LEDGER_METRICS_HOST": "127.0.0.1",  # tests are never reachable from outside
             "LEDGER_METRICS_PORT": str(free_port()),
@@ -202,6 +204,31 @@ class Stack:
                     tp: o for tp, o in behind.items() if await consumer.position(tp) < stable[tp]
                 }
             return True
+        finally:
+            await consumer.stop()
+
+    @property
+    def billing_topic(self) -> str:
+        return f"{self.topic}.billing"
+
+    async def billing_records(self) -> list[Any]:
+        """Every record of the billing topic, partition by partition, in offset order."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            if self.billing_topic not in await consumer.topics():
+                return []  # no relay ever ran
+            partitions = [TopicPartition(self.billing_topic, p) for p in range(BILLING_PARTITIONS)]
+            ends = await consumer.end_offsets(partitions)
+            wanted = {tp: end for tp, end in ends.items() if end > 0}
+            consumer.assign(list(wanted))
+            for tp in wanted:
+                await consumer.seek_to_beginning(tp)
+            records: list[Any] = []
+            while len(records) < sum(wanted.values()):  # single writer, no transactions
+                batch = await consumer.getmany(timeout_ms=1000)
+                records += [r for rs in batch.values() for r in rs]
+            return sorted(records, key=lambda r: (r.partition, r.offset))
         finally:
             await consumer.stop()
 
@@ -441,10 +468,14 @@ async def kept_unknown_fields(stack: Stack) -> dict[str, int]:
 
 
 class ConsumerProcess:
-    """`python -m consumer consume` as a child process with its own environment."""
+    """`python -m consumer consume` (or another command) as a child process with its own
+    environment."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, *args: str, command: str = "consume"
+    ) -> None:
         self.env = env
+        self.command = command
         self.port = int(env["LEDGER_METRICS_PORT"])
         self.log_path = log_path
         self.args = args
@@ -453,7 +484,7 @@ class ConsumerProcess:
     def start(self) -> ConsumerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it while it runs
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "consumer", "consume", *self.args],
+            [sys.executable, "-m", "consumer", self.command, *self.args],
             cwd=REPO,
             env=self.env,
             stdout=log,

@@ -79,7 +79,7 @@ async def _drop_role(postgres_url: str, role: Role) -> None:
         for row in databases:
             conn = await asyncpg.connect(asyncpg_dsn(with_database(postgres_url, row["datname"])))
             try:
-                await conn.execute(f"DROP OWNED BY {role.name}")
+                await conn.execute(f"DROP OWNED BY {role.name} CASCADE")
             finally:
                 await conn.close()
         await admin.execute(f"DROP ROLE IF EXISTS {role.name}")
@@ -187,7 +187,7 @@ async def test_schema_behind_the_code(
     runs = await _run_all(stack, {k: v for k, v in DATABASE_COMMANDS.items() if k != "migrate"})
     for name, run in runs.items():
         _assert_one_line(
-            name, run, ExitCode.SCHEMA_BEHIND, "revision 0001", "needs 0002", "token-ledger migrate"
+            name, run, ExitCode.SCHEMA_BEHIND, "revision 0001", "needs 0003", "token-ledger migrate"
         )
     _assert_no_secret(operator, runs)
     migrated = stack.cli("migrate")
@@ -222,9 +222,9 @@ async def test_schema_ahead_of_the_code_is_used_with_a_warning(
         assert run.returncode == 0, f"{name}\n{run.stdout}{run.stderr}"
         assert "Traceback" not in run.stderr, name
     for name in ("verify", "replay", "usage", "consume"):
-        assert "revision 9999 is newer than this release's 0002" in runs[name].stderr, name
+        assert "revision 9999 is newer than this release's 0003" in runs[name].stderr, name
     assert (
-        "revision 9999 is newer than this release's 0002: left as it is" in runs["migrate"].stdout
+        "revision 9999 is newer than this release's 0003: left as it is" in runs["migrate"].stdout
     )
     _assert_no_secret(operator, runs)
     conn = await asyncpg.connect(asyncpg_dsn(ledger_url))

@@ -22,7 +22,7 @@ from producer.events import AnyEvent
 from tests.reference import reference_rows
 from tests.strategies import batch_splits, delivered
 
-TABLES = "token_usage, chat_messages, chat_threads, consumer_offsets"
+TABLES = "billing_outbox, token_usage, chat_messages, chat_threads, consumer_offsets"
 
 
 class LedgerDriver:
@@ -48,7 +48,33 @@ class LedgerDriver:
                 for name in USAGE_FIELDS:
                     counted[change.model, name] += getattr(change, name)
         await self._check_counters(counted)
-        return await read_ledger(self.conn)
+        ledger = await read_ledger(self.conn)
+        await self._check_revisions()
+        # A replay of everything (one batch) changes nothing, and writes no revision.
+        revisions = await self.conn.fetchval("SELECT count(*) FROM billing_outbox")
+        async with self.conn.transaction():
+            await apply_events(self.conn, [event for batch in batches for event in batch])
+        assert await self.conn.fetchval("SELECT count(*) FROM billing_outbox") == revisions
+        return ledger
+
+    async def _check_revisions(self) -> None:
+        """The billing outbox: revisions 1..n per usage row (n its current revision), and the
+        deltas of each row's revisions add up to its current values."""
+        measures = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
+        rows = await self.conn.fetch(
+            "SELECT u.id, u.revision, array_agg(o.revision ORDER BY o.revision) AS revisions, "
+            + ", ".join(f"u.{m} AS {m}, sum(o.delta_{m}) AS delta_{m}" for m in measures)
+            + " FROM token_usage AS u LEFT JOIN billing_outbox AS o ON o.usage_id = u.id"
+            " GROUP BY u.id"
+        )
+        for row in rows:
+            assert row["revisions"] == list(range(1, row["revision"] + 1)), dict(row)
+            for m in measures:
+                assert row[f"delta_{m}"] == row[m], dict(row)
+        orphans = await self.conn.fetchval(
+            "SELECT count(*) FROM billing_outbox WHERE usage_id NOT IN (SELECT id FROM token_usage)"
+        )
+        assert orphans == 0
 
     async def _check_counters(self, counted: Counter[tuple[str, str]]) -> None:
         by_model = await usage_report(self.conn, ["model"])

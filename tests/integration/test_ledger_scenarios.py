@@ -120,7 +120,7 @@ async def test_finalize_writes_content_and_one_usage_row(ledger: asyncpg.Connect
             "cost_micros": 12345,
         }
     }
-    assert json.loads(usage["call_details"]) == {"calls": [call().model_dump()]}
+    assert json.loads(usage["call_details"]) == {"calls": [call().model_dump(exclude_unset=True)]}
 
 
 async def test_usage_sums_calls_per_model(ledger: asyncpg.Connection) -> None:

@@ -15,7 +15,13 @@ from consumer.migrate import downgrade, upgrade
 from consumer.models import metadata
 from consumer.store import asyncpg_dsn
 
-LEDGER_TABLES = {"chat_threads", "chat_messages", "token_usage", "consumer_offsets"}
+LEDGER_TABLES = {
+    "chat_threads",
+    "chat_messages",
+    "token_usage",
+    "consumer_offsets",
+    "billing_outbox",
+}
 
 
 async def _tables(url: str) -> set[str]:

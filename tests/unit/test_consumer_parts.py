@@ -3,26 +3,31 @@ usage counters."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
 from aiokafka.structs import ConsumerRecord
 
+from consumer import checkpoint as checkpoint_module
+from consumer.checkpoint import Checkpoints
 from consumer.dlq import DETAIL_LIMIT, DeadLetter, dead_letter_headers
 from consumer.errors import (
     PoisonError,
     Policy,
     TransientError,
     classify_database_error,
+    database_away,
     sqlstate_policy,
 )
 from consumer.health import Readiness
 from consumer.merge import UsageChange
 from consumer.metrics import LedgerMetrics
 from consumer.retry import Backoff, retry_transient
+from consumer.settings import load_settings
 from producer.events import RejectReason
 
 
@@ -194,3 +199,54 @@ def test_usage_counters_move_by_the_difference_and_never_down() -> None:
     assert value("token_ledger_cost_micros_reversed_total", {"model": "m"}) == 300
     assert value("token_ledger_tokens_total", {"model": "m", "kind": "completion"}) == 60
     assert value("token_ledger_tokens_reversed_total", {"model": "m", "kind": "prompt"}) == 40
+
+
+class _CoordinatorGone:
+    """The Kafka edge of the offset mirror when the group coordinator never answers."""
+
+    async def commit(self, offsets: object) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_the_offset_mirror_gives_up_instead_of_holding_the_ledger(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The mirror is for lag tooling only: a commit that hangs must not hold the batch lock
+    (every partition) or a shutdown with it."""
+    monkeypatch.setattr(checkpoint_module, "MIRROR_SECONDS", 0.05)
+    settings = load_settings(database_url="postgresql+asyncpg://ledger@127.0.0.1/ledger")
+    checkpoints = Checkpoints(
+        settings,
+        cast(Any, _CoordinatorGone()),
+        cast(Any, None),
+        LedgerMetrics(),
+        Readiness(stall_seconds=60),
+        cast(Any, None),
+    )
+    checkpoints.positions = {0: 10}
+    async with asyncio.timeout(10):  # a hang guard: the mirror itself gives up after 0.05 s
+        await checkpoints.mirror()
+    assert checkpoints._mirror.down
+
+
+@pytest.mark.parametrize(
+    ("error", "away"),
+    [
+        (asyncpg.ConnectionDoesNotExistError("x"), True),
+        (asyncpg.AdminShutdownError("x"), True),
+        (asyncpg.TooManyConnectionsError("x"), True),
+        (ConnectionRefusedError(), True),
+        (asyncpg.QueryCanceledError("x"), False),  # statement_timeout: the batch, not the server
+        (asyncpg.DeadlockDetectedError("x"), False),
+        (asyncpg.SerializationError("x"), False),
+        (asyncpg.LockNotAvailableError("x"), False),
+    ],
+)
+def test_only_connection_failures_count_as_the_database_being_away(
+    error: Exception, away: bool
+) -> None:
+    """A deadlock or a statement timeout is retried and counted, but is no outage: no
+    'database unreachable' line, and /readyz stays ready."""
+    transient = classify_database_error(error)
+    assert isinstance(transient, TransientError)
+    assert database_away(transient) is away

@@ -171,14 +171,14 @@ def test_unknown_fields_are_accepted_kept_where_they_belong_and_counted() -> Non
     body = example("turn.finalized")
     body["trace_id"] = "t-1"  # envelope: ignored
     body["usage"]["currency"] = "USD"  # usage object: ignored
-    body["usage"]["calls"][0]["cached_tokens"] = 120  # call: kept in call_details
-    body["usage"]["calls"][0]["reasoning_tokens"] = 30
+    body["usage"]["calls"][0]["audio_tokens"] = 120  # call: kept in call_details
+    body["usage"]["calls"][0]["provider_latency_ms"] = 30
     body["content"][0]["citations"] = [1, 2]  # content part: kept (not unknown: parts are open)
     event = _decode(body)
     assert isinstance(event, TurnFinalized), event
     assert event.unknown_fields == 4
     (row,) = reduce_batch([event], StoredState()).usage
-    assert row.call_details["calls"][0]["cached_tokens"] == 120
+    assert row.call_details["calls"][0]["audio_tokens"] == 120
     (message,) = reduce_batch([event], StoredState()).messages
     assert message.content[0]["citations"] == [1, 2]
 
@@ -277,3 +277,21 @@ def test_absent_and_null_measures_are_different_copies() -> None:
 def test_lookalikes_of_the_contract_are_schema_invalid(field: str, value: Any) -> None:
     rejected = _decode({**example("turn.started"), field: value})
     assert isinstance(rejected, Rejection) and rejected.reason is RejectReason.SCHEMA_INVALID
+
+
+def test_token_kinds_are_summed_per_model_where_reported() -> None:
+    body = example("turn.finalized")
+    first = body["usage"]["calls"][0]
+    body["usage"]["calls"] = [
+        {**first, "model": "m1", "cached_tokens": 120, "reasoning_tokens": 30},
+        {**first, "model": "m1", "cached_tokens": 5},
+        {**first, "model": "m2"},
+    ]
+    event = _decode(body)
+    assert isinstance(event, TurnFinalized), event
+    assert event.unknown_fields == 0  # known: not counted as unknown
+    (row,) = reduce_batch([event], StoredState()).usage
+    assert row.model_breakdown["m1"]["cached_tokens"] == 125
+    assert row.model_breakdown["m1"]["reasoning_tokens"] == 30
+    assert "cached_tokens" not in row.model_breakdown["m2"]  # not reported is not zero
+    assert row.call_details["calls"][0]["cached_tokens"] == 120

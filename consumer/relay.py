@@ -1,0 +1,217 @@
+"""The outbox relay: pending usage revisions from `billing_outbox` to the billing topic.
+
+One pass (`publish_pending`), in one transaction:
+  1. take the relay lock (a transaction-scoped advisory lock: of several consumers, one relays
+     at a time, so revisions of one message are never published out of order);
+  2. read up to `batch` pending rows in id order (a message's revision n+1 is written only
+     after the transaction of revision n committed, so id order is revision order);
+  3. send them (idempotent producer, acks=all, key = thread_id: one thread, one partition)
+     and wait for every acknowledgement;
+  4. mark them published; COMMIT.
+Killed between 3 and 4, the next pass publishes the same rows again: at-least-once, and a
+duplicate is the identical record (consumer/billing.py). Published rows older than the
+retention are pruned now and then; the usage rows stay the source of truth.
+
+Nothing the broker or the database answers stops the relay: it waits, logs the outage once
+(consumer/outages.py), and tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
+
+import asyncpg
+from aiokafka.errors import KafkaError
+
+from consumer.billing import OUTBOX_COLUMNS, billing_event, encode
+from consumer.dlq import MAX_UNCOMPRESSED_BYTES, REFUSALS
+from consumer.logs import fields
+from consumer.metrics import LedgerMetrics
+from consumer.outages import Outage
+from consumer.retry import Backoff, as_transient
+from producer.client import ProducerResource, thread_key
+
+log = logging.getLogger(__name__)
+RELAY_LOCK = 0x70_6C_65_64_67_65_72  # pg advisory lock key: one relay per ledger database
+IDLE_SECONDS = 0.5  # how often an idle relay looks for new revisions
+PRUNE_SECONDS = 300.0
+BACKOFF = Backoff(initial=0.2, maximum=5.0)
+BILLING_PARTITIONS = 3  # when the relay creates the billing topic
+
+# Per message, only its oldest pending revision: revision n+1 is sent only once n is acked, so
+# a revision the broker refuses can never be overtaken by a later one of the same message.
+# Revisions refused for good ($2) are left where they are, and with them their message's later
+# ones.
+_PENDING = (
+    f"SELECT {OUTBOX_COLUMNS}"  # noqa: S608 - constant column names, no input
+    " FROM billing_outbox AS o LEFT JOIN chat_messages AS m ON m.id = o.message_id"
+    " WHERE o.published_at IS NULL AND o.usage_id <> ALL($2::bigint[])"
+    " AND NOT EXISTS (SELECT 1 FROM billing_outbox AS p"
+    "   WHERE p.usage_id = o.usage_id AND p.published_at IS NULL AND p.id < o.id)"
+    " ORDER BY o.id LIMIT $1"
+)
+_COUNT_PENDING = (
+    "SELECT count(*) AS pending,"
+    " count(*) FILTER (WHERE usage_id <> ALL($1::bigint[])) AS publishable"
+    " FROM billing_outbox WHERE published_at IS NULL"
+)
+
+
+class BillingProducer(ProducerResource):
+    def __init__(self, bootstrap_servers: str, topic: str, **kafka_options: object) -> None:
+        # Like the dead-letter producer: compressed, and no client-side size limit below the
+        # broker's (which judges the compressed batch).
+        super().__init__(
+            bootstrap_servers,
+            client_id="token-ledger-relay",
+            max_request_size=MAX_UNCOMPRESSED_BYTES,
+            compression_type="zstd",
+            **kafka_options,
+        )
+        self.topic = topic
+
+    async def publish(self, records: list[tuple[bytes, bytes]]) -> list[BaseException | None]:
+        """Send all, then wait for every acknowledgement; per record, None (acked) or why not.
+        A refusal of one record does not stop the others (each message has one record here)."""
+        sent: list[asyncio.Future[object] | BaseException] = []
+        for key, value in records:
+            try:
+                sent.append(await self._producer.send(self.topic, value, key=key))
+            except KafkaError as error:  # refused before sending (e.g. too large)
+                sent.append(error)
+        results = await asyncio.gather(*(_settled(item) for item in sent), return_exceptions=True)
+        return [r if isinstance(r, BaseException) else None for r in results]
+
+
+async def _settled(item: asyncio.Future[object] | BaseException) -> object:
+    if isinstance(item, BaseException):
+        raise item
+    return await item
+
+
+class Relay:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        producer: BillingProducer,
+        metrics: LedgerMetrics,
+        *,
+        retention: timedelta,
+        batch: int = 500,
+        prepare: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.producer = producer
+        self.metrics = metrics
+        self.retention = retention
+        self.batch = batch
+        self.prepare = prepare  # e.g. the billing topic ensured: retried like any pass
+        self.published = 0
+        # usage id -> (revision id, why): refused for good by the broker; until a restart, that
+        # message's revisions wait (nothing later of it may overtake the refused one).
+        self.refused: dict[int, tuple[str, str]] = {}
+        self._last_prune = 0.0
+        self._outage = Outage("billing relay")
+
+    async def publish_pending(self) -> int | None:
+        """One pass; the number of revisions published, or None when another relay holds the
+        lock. A revision the broker refuses for good is logged and set aside; any other
+        failure raises (the pass rolls back and is tried again)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RELAY_LOCK):
+                return None
+            rows = await conn.fetch(_PENDING, self.batch, sorted(self.refused))
+            if not rows:
+                return 0
+            results = await self.producer.publish(
+                [(thread_key(row["thread_id"]), encode(billing_event(row))) for row in rows]
+            )
+            acked = []
+            for row, error in zip(rows, results, strict=True):
+                if error is None:
+                    acked.append(row["id"])
+                elif isinstance(error, REFUSALS):
+                    self._refuse(row, error)
+                else:  # retriable: the whole pass again (what was acked is sent again)
+                    raise error
+            await conn.execute(
+                "UPDATE billing_outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
+                acked,
+            )
+        self.published += len(acked)
+        return len(acked)
+
+    def _refuse(self, row: Mapping[str, object], error: BaseException) -> None:
+        event_id = f"{row['usage_id']}:{row['revision']}"
+        reason = type(error).__name__
+        self.refused[int(str(row["usage_id"]))] = (event_id, reason)
+        self.metrics.billing_refused.set(len(self.refused))
+        log.error(
+            "billing revision refused: it and its message's later revisions wait",
+            extra=fields(id=event_id, error=reason),
+        )
+
+    async def pending(self) -> tuple[int, int]:
+        """(pending, publishable): what waits, and what of it is not held by a refusal."""
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(_COUNT_PENDING, sorted(self.refused))
+        self.metrics.outbox_pending.set(row["pending"])
+        return row["pending"], row["publishable"]
+
+    async def prune(self) -> int:
+        async with self.pool.acquire() as conn:
+            status: str = await conn.execute(
+                "DELETE FROM billing_outbox WHERE published_at < now() - $1::interval",
+                self.retention,
+            )
+        return int(status.rpartition(" ")[2])
+
+    async def _prune_when_due(self) -> None:
+        every = min(PRUNE_SECONDS, self.retention.total_seconds())
+        if time.monotonic() - self._last_prune < every:
+            return
+        self._last_prune = time.monotonic()
+        if pruned := await self.prune():
+            log.info("billing outbox pruned", extra=fields(rows=pruned))
+
+    async def run(self, stop: asyncio.Event, *, until_empty: bool = False) -> None:
+        """Relay until `stop` is set (or, with until_empty, until nothing publishable is
+        pending, whichever relay published it: see `refused` for what could not be)."""
+        failures = 0
+        prepared = self.prepare is None
+        while not stop.is_set():
+            try:
+                if not prepared and self.prepare is not None:
+                    await self.prepare()
+                    prepared = True
+                published = await self.publish_pending()
+                await self._prune_when_due()
+                _, publishable = await self.pending()
+            except Exception as error:  # no answer stops the relay: wait and try again
+                failures += 1
+                if as_transient(error) is None and not isinstance(error, KafkaError | OSError):
+                    log.exception(
+                        "unexpected error in the billing relay: retrying",
+                        extra=fields(error=type(error).__name__),
+                    )
+                self._outage.failing(type(error).__name__)
+                await _wait(stop, BACKOFF.delay(failures))
+                continue
+            failures = 0
+            self._outage.recovered()
+            if until_empty and publishable == 0:
+                return
+            if not published:
+                await _wait(stop, IDLE_SECONDS)
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+    except TimeoutError:
+        pass

@@ -1,0 +1,207 @@
+"""The billing stream at its edges (SPEC section 9): a revision the topic refuses, a hung
+broker, usage older than the outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from consumer.batch import apply_events
+from consumer.migrate import upgrade
+from consumer.store import asyncpg_dsn
+from producer.client import ensure_topic, thread_key
+from producer.events import AnyEvent, encode_event
+from tests.factories import appended, call, finalized, started
+from tests.integration.harness import REPO, ConsumerProcess, Stack, wait_for
+
+MEASURES = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
+
+
+@pytest.fixture
+def processes() -> Iterator[list[ConsumerProcess]]:
+    started_: list[ConsumerProcess] = []
+    yield started_
+    for process in started_:
+        process.stop_quietly()
+
+
+def records_of(*events: AnyEvent) -> list[tuple[bytes, bytes]]:
+    return [(thread_key(event.thread_id), encode_event(event)) for event in events]
+
+
+def consume_until_idle(stack: Stack, **env: str) -> None:
+    run = stack.cli("consume", "--until-idle", **env)
+    assert run.returncode == 0, run.stderr
+
+
+def big_breakdown(models: int = 300) -> dict[str, dict[str, Any]]:
+    """A legacy per-model breakdown of ~55 KB that compresses poorly (random model names): a
+    legitimate usage whose revision is larger than a billing topic provisioned with
+    max.message.bytes=20000 accepts, even compressed."""
+    return {
+        f"model-{i:03d}-" + secrets.token_urlsafe(120): {
+            "prompt_tokens": 1,
+            "completion_tokens": 1,
+            "total_tokens": 2,
+            "cost_micros": 1,
+        }
+        for i in range(models)
+    }
+
+
+async def _small_billing_topic(stack: Stack) -> None:
+    """The billing topic as a platform team provisioned it (ensure_topic leaves it as is)."""
+    await ensure_topic(
+        stack.bootstrap, stack.billing_topic, partitions=3, config={"max.message.bytes": "20000"}
+    )
+
+
+async def _revision_1_big_revision_2_small(stack: Stack) -> None:
+    """One message: revision 1 (legacy append, big breakdown) and revision 2 (the server's
+    finalize, small), both pending in the outbox (written with the relay off)."""
+    await stack.publish(
+        records_of(started(), appended(cost=777, seconds=5, breakdown=big_breakdown()))
+    )
+    consume_until_idle(stack, LEDGER_RELAY="false")
+    await stack.publish(records_of(finalized(calls=[call(cost=500)], seconds=10)))
+    consume_until_idle(stack, LEDGER_RELAY="false")
+    conn = await stack.connect()
+    try:
+        pending = await conn.fetch(
+            "SELECT usage_id, revision FROM billing_outbox WHERE published_at IS NULL ORDER BY id"
+        )
+    finally:
+        await conn.close()
+    assert [r["revision"] for r in pending] == [1, 2]
+
+
+async def test_a_refused_revision_never_lets_a_later_revision_of_its_message_out_first(
+    kafka_bootstrap: str, ledger_url: str, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    await _small_billing_topic(stack)
+    await _revision_1_big_revision_2_small(stack)
+
+    relay = ConsumerProcess(stack.env(), tmp_path / "relay.log", command="relay").start()
+    processes.append(relay)
+
+    async def refused() -> bool:
+        return "billing revision refused" in relay.logs()
+
+    await wait_for(refused, within=60, what="revision 1 refused", context=relay.logs)
+    assert relay.logs().count("billing revision refused") == 1  # once, not once a pass
+    seen: list[str] = [json.loads(r.value)["id"] for r in await stack.billing_records()]
+    assert seen == []  # revision 1 refused: revision 2 waits behind it
+    for position, event_id in enumerate(seen):
+        usage, _, revision = event_id.partition(":")
+        if int(revision) > 1:
+            # SPEC 9: in revision order per message, so n-1 is on the topic before n.
+            assert f"{usage}:{int(revision) - 1}" in seen[:position], seen
+
+
+async def test_until_idle_ends_when_a_revision_cannot_be_published(
+    kafka_bootstrap: str, ledger_url: str
+) -> None:
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    await _small_billing_topic(stack)
+    await stack.publish(
+        records_of(started(), appended(cost=777, seconds=5, breakdown=big_breakdown()))
+    )
+    try:
+        run = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "consumer", "consume", "--until-idle"],
+            cwd=REPO,
+            env=stack.env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"consume --until-idle still running after 60s: {hung.stderr!r}"[-3000:])
+    # Like a dead letter the topic refuses: a failure exit that names the cause.
+    assert run.returncode == 1, run.stderr
+    assert (
+        run.stderr.strip()
+        .splitlines()[-1]
+        .startswith("token-ledger: billing revisions refused by the topic: ")
+    ), run.stderr
+
+
+class SilentKafka:
+    """A TCP listener that accepts and never answers: a hung broker."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.connections: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+
+    def close(self) -> None:
+        self.server.close()
+        for conn in self.connections:
+            conn.close()
+
+
+async def test_relay_sigterm_with_kafka_hung_exits_0_within_10s(
+    ledger_url: str, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    silent = SilentKafka()
+    try:
+        stack = Stack.fresh(f"127.0.0.1:{silent.port}", ledger_url)
+        relay = ConsumerProcess(stack.env(), tmp_path / "relay.log", command="relay").start()
+        processes.append(relay)
+
+        async def connected() -> bool:
+            return bool(silent.connections)
+
+        await wait_for(connected, within=60, what="the relay reaching Kafka", context=relay.logs)
+        try:
+            code, seconds = await asyncio.to_thread(relay.terminate)
+        except subprocess.TimeoutExpired:
+            pytest.fail("relay still running 30 s after SIGTERM\n" + relay.logs()[-3000:])
+        assert (code, seconds < 10) == (0, True), (code, seconds, relay.logs()[-3000:])
+    finally:
+        silent.close()
+
+
+async def test_usage_that_exists_when_0003_runs_is_billed(database_url: str) -> None:
+    await asyncio.to_thread(upgrade, database_url, "0002")
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        async with conn.transaction():
+            await apply_events(conn, [started(), appended(cost=777, seconds=5)])
+        await conn.close()
+        await asyncio.to_thread(upgrade, database_url, "head")
+        conn = await asyncpg.connect(asyncpg_dsn(database_url))
+        async with conn.transaction():  # the server's finalize supersedes it
+            await apply_events(conn, [finalized(calls=[call(cost=500)], seconds=10)])
+        row = await conn.fetchrow("SELECT cost_micros, revision FROM token_usage")
+        deltas = await conn.fetchval(
+            "SELECT coalesce(sum(delta_cost_micros), 0) FROM billing_outbox"
+        )
+    finally:
+        await conn.close()
+    assert row["revision"] == 2
+    assert deltas == row["cost_micros"], f"billed {deltas}, ledger {row['cost_micros']}"

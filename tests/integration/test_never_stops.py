@@ -29,7 +29,7 @@ from producer.events import DEFAULT_MAX_FUTURE_SKEW, AnyEvent, RejectReason
 from tests.examples import EXAMPLE_NAMES, example
 from tests.strategies import batch_splits
 
-TABLES = "token_usage, chat_messages, chat_threads"
+TABLES = "billing_outbox, token_usage, chat_messages, chat_threads"
 PUBLISHED_MS = int(datetime(2026, 11, 26, 10, tzinfo=UTC).timestamp() * 1000)
 REUSED_IDS = [str(uuid.UUID(int=i)) for i in (1, 2)]
 

@@ -134,10 +134,21 @@ async def test_dlq_list_and_usage_in_a_pipe_and_in_an_80_column_terminal(
         "completion_tokens",
         "total_tokens",
         "cost_micros",
+        "cached_tokens",
+        "reasoning_tokens",
         "usage_rows",
     ]
     (usage,) = [line.split("\t") for line in piped[1:]]
-    assert usage[1:] == [LONG_MODEL, "987654321", "123456789", "1111111110", "9876543210987", "1"]
+    assert usage[1:] == [
+        LONG_MODEL,
+        "987654321",
+        "123456789",
+        "1111111110",
+        "9876543210987",
+        "0",  # the legacy breakdown reports no token kinds
+        "0",
+        "1",
+    ]
 
     shown = _cli(stack, "usage", *by, terminal=True).stdout
     assert "…" not in shown and max(map(len, plain(shown).splitlines())) <= 80

@@ -9,13 +9,11 @@ import io
 import json
 import re
 from collections import defaultdict
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import jsonschema
-import pytest
 
 from producer.billing import BillingEvent
 from producer.client import thread_key
@@ -29,14 +27,6 @@ OURS = BillingEvent.model_json_schema(mode="validation")
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 MEASURES = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
 START = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ConsumerProcess]]:
-    started_: list[ConsumerProcess] = []
-    yield started_
-    for process in started_:
-        process.stop_quietly()
 
 
 def records_of(*events: AnyEvent) -> list[tuple[bytes, bytes]]:

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,6 @@ from tests.factories import appended, call, finalized, started
 from tests.integration.harness import REPO, ConsumerProcess, Stack, wait_for
 
 MEASURES = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ConsumerProcess]]:
-    started_: list[ConsumerProcess] = []
-    yield started_
-    for process in started_:
-        process.stop_quietly()
 
 
 def records_of(*events: AnyEvent) -> list[tuple[bytes, bytes]]:

@@ -31,14 +31,6 @@ from tests.integration.harness import (
 START = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 
 
-@pytest.fixture
-def processes() -> Iterator[list[ConsumerProcess]]:
-    started: list[ConsumerProcess] = []
-    yield started
-    for process in started:
-        process.stop_quietly()
-
-
 def metric_value(consumer: ConsumerProcess, sample: str) -> float | None:
     """One sample of the consumer's /metrics, e.g. 'token_ledger_partition_halted{partition="0"}'."""
     _, text = consumer.http("/metrics")

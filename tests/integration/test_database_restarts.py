@@ -21,7 +21,7 @@ import asyncio
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -60,14 +60,6 @@ RESTARTS: list[tuple[Literal["fast", "immediate"], float, float]] = [
 ]
 OUTAGE_SECONDS = 60.0  # the "database stopped for a minute"
 RSS_MARGIN = 30 * MiB
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ConsumerProcess]]:
-    started: list[ConsumerProcess] = []
-    yield started
-    for process in started:
-        process.stop_quietly()
 
 
 @pytest.fixture

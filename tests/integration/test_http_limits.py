@@ -46,14 +46,6 @@ HELD_FOR_EVER = 15.0  # a client still held this long counts as held for ever
 
 
 @pytest.fixture
-def processes() -> Iterator[list[ConsumerProcess]]:
-    started: list[ConsumerProcess] = []
-    yield started
-    for process in started:
-        process.stop_quietly()
-
-
-@pytest.fixture
 def enough_descriptors() -> Iterator[None]:
     """This process holds every attacking socket at once (plus the broker's and pytest's)."""
     needed = SLOW_CLIENTS + OVERSIZED_CLIENTS + 1024

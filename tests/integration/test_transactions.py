@@ -8,12 +8,10 @@ unfinished `--until-idle`, and /readyz names it only once it has been open for t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
 from aiokafka import AIOKafkaProducer
 
 from producer.simulator import Expectation, TrafficConfig, plan_traffic
@@ -30,14 +28,6 @@ Records = list[tuple[bytes, bytes]]
 # Long enough that the broker never aborts a transaction this module leaves open on purpose
 # while a test still runs (2 busy cores); the broker's transaction.max.timeout.ms is 15 min.
 OPEN_FOR_MS = 300_000
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ConsumerProcess]]:
-    started: list[ConsumerProcess] = []
-    yield started
-    for process in started:
-        process.stop_quietly()
 
 
 def _traffic(seed: int, threads: int = 8) -> tuple[Records, Expectation]:

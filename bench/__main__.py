@@ -22,6 +22,7 @@ import asyncio
 import json
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,11 @@ def export(commit: str, name: str) -> Tree:
             ["git", "archive", "--format=tar", commit], cwd=ROOT, capture_output=True, check=True
         )
         subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+        # As installed code runs: compiled once, not at every start (the tree's pyc files are
+        # not written when PYTHONDONTWRITEBYTECODE is set).
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", "-j", "0", str(target)], check=True
+        )
     return Tree(f"{name} {commit}", target)
 
 

@@ -28,7 +28,7 @@ from consumer.errors import PoisonError, TransientError, classify_database_error
 from consumer.logs import fields
 from consumer.merge import BatchPlan, Outcome, reduce_batch
 from consumer.store import OffsetMove, advance_offsets, load_state, write_plan
-from producer.events import AnyEvent, Rejection, RejectReason, decode_event
+from producer.events import AnyEvent, BatchDecoder, Rejection, RejectReason
 
 log = logging.getLogger(__name__)
 # aiokafka ships no type information: a record is a ConsumerRecord[bytes, bytes].
@@ -54,13 +54,9 @@ class Applied:
 
 def decode_records(records: list[Record], *, max_bytes: int, max_future_skew: timedelta) -> Decoded:
     decoded = Decoded()
+    decode = BatchDecoder(max_bytes=max_bytes, max_future_skew=max_future_skew)
     for record in records:
-        result = decode_event(
-            record.value,
-            timestamp_ms=record.timestamp,
-            max_bytes=max_bytes,
-            max_future_skew=max_future_skew,
-        )
+        result = decode(record.value, record.timestamp)
         if isinstance(result, Rejection):
             decoded.letters.append(
                 DeadLetter(record, result.reason, result.detail, result.event_type)

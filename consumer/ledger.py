@@ -15,7 +15,7 @@ from consumer.merge import (
     ThreadRow,
     UsageRow,
 )
-from producer.events import AnyEvent, payload_digest
+from producer.events import AnyEvent, payload, payload_digest
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ class Rebuild:
 
     def add(self, event: AnyEvent) -> None:
         if self._fold.check(event) is None:
-            self._fold.add(event, payload_digest(event))
+            dumped = payload(event)
+            self._fold.add(event, payload_digest(event, dumped), dumped)
 
     def ledger(self) -> Ledger:
         fold = self._fold

@@ -32,7 +32,7 @@ always add up to the row (legacy breakdowns may be missing, partial or inconsist
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
@@ -48,6 +48,7 @@ from producer.events import (
     TurnFinalized,
     TurnStarted,
     attribution,
+    payload,
     payload_digest,
 )
 
@@ -134,14 +135,16 @@ class ThreadRow:
     def merge(self, other: ThreadRow) -> ThreadRow:
         mine, theirs = self.creator_claim, other.creator_claim
         creator = other if theirs is not None and (mine is None or theirs < mine) else self
-        return replace(
-            self,
-            created_at=min(self.created_at, other.created_at),
-            updated_at=max(self.updated_at, other.updated_at),
-            created_by_id=creator.created_by_id,
-            created_by_at=creator.created_by_at,
-            created_by_event_id=creator.created_by_event_id,
-            created_by_digest=creator.created_by_digest,
+        # Positional, not dataclasses.replace: this runs once per event of a batch.
+        return ThreadRow(
+            self.id,
+            self.search_space_id,
+            min(self.created_at, other.created_at),
+            max(self.updated_at, other.updated_at),
+            creator.created_by_id,
+            creator.created_by_at,
+            creator.created_by_event_id,
+            creator.created_by_digest,
         )
 
 
@@ -154,8 +157,10 @@ class MessageRow:
     created_at: datetime
 
     def merge(self, other: MessageRow) -> MessageRow:
-        winner = other if content_beats(other.claim, self.claim) else self
-        return replace(winner, created_at=min(self.created_at, other.created_at))
+        winner, loser = (other, self) if content_beats(other.claim, self.claim) else (self, other)
+        if winner.created_at <= loser.created_at:
+            return winner
+        return replace(winner, created_at=loser.created_at)
 
 
 @dataclass(frozen=True)
@@ -174,8 +179,10 @@ class UsageRow:
     created_at: datetime
 
     def merge(self, other: UsageRow) -> UsageRow:
-        winner = other if usage_beats(other.claim, self.claim) else self
-        return replace(winner, created_at=min(self.created_at, other.created_at))
+        winner, loser = (other, self) if usage_beats(other.claim, self.claim) else (self, other)
+        if winner.created_at <= loser.created_at:
+            return winner
+        return replace(winner, created_at=loser.created_at)
 
 
 @dataclass(frozen=True)
@@ -223,10 +230,6 @@ def usage_totals(row: UsageRow) -> dict[str, int]:
 # -- events -> candidate rows ----------------------------------------------------------------
 
 
-def _dump(parts: Iterable[Any]) -> list[dict[str, Any]]:
-    return [part.model_dump() for part in parts]
-
-
 def _claim(event: AnyEvent, rank: int, digest: bytes) -> Claim:
     return Claim(rank, event.occurred_at, event.event_id, digest)
 
@@ -270,11 +273,14 @@ def message_keys(event: AnyEvent) -> tuple[MessageKey, ...]:
 
 
 def candidates(
-    event: AnyEvent, digest: bytes | None = None
+    event: AnyEvent, digest: bytes | None = None, dumped: Mapping[str, Any] | None = None
 ) -> tuple[list[MessageRow], UsageRow | None]:
-    """The message rows an event claims and the usage row it claims, before any merging."""
+    """The message rows an event claims and the usage row it claims, before any merging.
+    `dumped`: the event's `payload`, when the caller has it (its parts are what rows store)."""
+    if dumped is None:
+        dumped = payload(event)
     if digest is None:
-        digest = payload_digest(event)
+        digest = payload_digest(event, dumped)
     keys = message_keys(event)
     if isinstance(event, TurnStarted):
         user_key, assistant_key = keys
@@ -290,7 +296,7 @@ def candidates(
     if isinstance(event, TurnFinalized):
         (key,) = keys
         claim = _claim(event, SERVER, digest)
-        message = _message(event, "assistant", claim, _dump(event.content) or STATUS_NO_TEXT, key)
+        message = _message(event, "assistant", claim, dumped["content"] or STATUS_NO_TEXT, key)
         calls = event.usage.calls if event.usage else []
         if not calls:
             return [message], None
@@ -308,21 +314,21 @@ def candidates(
             source=event.type,
             **{name: sum(getattr(c, name) for c in calls) for name in USAGE_FIELDS},
             model_breakdown=breakdown,
-            # As sent: a token kind the call did not report stays absent, not null.
-            call_details={"calls": [call.model_dump(exclude_unset=True) for call in calls]},
+            # As sent (exclude_unset): a token kind the call did not report stays absent.
+            call_details={"calls": dumped["usage"]["calls"]},
             search_space_id=event.search_space_id,
             user_id=event.user_id,
             created_at=event.occurred_at,
         )
         return [message], usage
-    return _appended_candidates(event, digest, *keys)
+    return _appended_candidates(event, digest, dumped, *keys)
 
 
 def _appended_candidates(
-    event: MessageAppended, digest: bytes, key: MessageKey
+    event: MessageAppended, digest: bytes, dumped: Mapping[str, Any], key: MessageKey
 ) -> tuple[list[MessageRow], UsageRow | None]:
     claim = _claim(event, LEGACY, digest)
-    message = _message(event, event.role, claim, _dump(event.content), key)
+    message = _message(event, event.role, claim, dumped["content"], key)
     legacy = event.token_usage
     if legacy is None:
         return [message], None
@@ -334,10 +340,8 @@ def _appended_candidates(
         completion_tokens=legacy.completion_tokens,
         total_tokens=legacy.total_tokens,
         cost_micros=legacy.cost_micros,
-        model_breakdown={  # as sent: a legacy entry may carry any subset of the measures
-            model: entry.model_dump(exclude_unset=True)
-            for model, entry in (legacy.usage or {}).items()
-        },
+        # As sent (exclude_unset): a legacy entry may carry any subset of the measures.
+        model_breakdown=dumped["token_usage"].get("usage") or {},
         call_details=legacy.call_details_object(),
         search_space_id=event.search_space_id,
         user_id=event.user_id,
@@ -400,10 +404,11 @@ class Fold:
             self.spaces.setdefault(event.thread_id, event.search_space_id)
         return rejection
 
-    def add(self, event: AnyEvent, digest: bytes) -> None:
-        """Fold an event that passed `check` (folding an exact copy again changes nothing)."""
+    def add(self, event: AnyEvent, digest: bytes, dumped: Mapping[str, Any]) -> None:
+        """Fold an event that passed `check` (folding an exact copy again changes nothing);
+        `digest` and `dumped`: its payload_digest and payload."""
         _fold(self.threads, event.thread_id, thread_candidate(event, digest))
-        event_messages, event_usage = candidates(event, digest)
+        event_messages, event_usage = candidates(event, digest, dumped)
         for message in event_messages:
             if message.key.origin_event_id is not None:
                 self.origins.setdefault(message.key.origin_event_id, message.key)
@@ -419,6 +424,8 @@ def reduce_batch(events: Sequence[AnyEvent], stored: StoredState) -> BatchPlan:
     copies: list[Copy | None] = []
     rejections: dict[int, Rejection] = {}
     seen: set[Copy] = set()
+    # The batch decoder hands out one object for a value it saw twice: its copy is known.
+    copy_of: dict[int, Copy] = {}
 
     for index, event in enumerate(events):
         rejection = fold.check(event)
@@ -427,15 +434,21 @@ def reduce_batch(events: Sequence[AnyEvent], stored: StoredState) -> BatchPlan:
             decided.append(Outcome.REJECTED)
             copies.append(None)
             continue
-        digest = payload_digest(event)
-        copy = Copy(event.event_id, event.occurred_at, digest)
+        copy = copy_of.get(id(event))
+        if copy is not None:
+            copies.append(copy)
+            decided.append(Outcome.DUPLICATE)
+            continue
+        dumped = payload(event)
+        digest = payload_digest(event, dumped)
+        copy = copy_of[id(event)] = Copy(event.event_id, event.occurred_at, digest)
         copies.append(copy)
         if copy in seen:
             decided.append(Outcome.DUPLICATE)
             continue
         seen.add(copy)
         decided.append(None)
-        fold.add(event, digest)
+        fold.add(event, digest, dumped)
 
     threads, messages, usage = fold.threads, fold.messages, fold.usage
     outcomes = _outcomes(copies, decided, messages, usage, stored)

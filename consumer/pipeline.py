@@ -249,9 +249,21 @@ class Pipeline:
             # A fetch that raced the assignment, before the partition was sought to the
             # stored offset (the start never depends on Kafka's group offsets).
             return []
-        return sorted(
+        records = sorted(
             (r for rs in batch.values() for r in rs), key=lambda r: (r.partition, r.offset)
         )
+        return self._within_bytes(records)
+
+    def _within_bytes(self, records: list[Record]) -> list[Record]:
+        """The first records up to LEDGER_MAX_BATCH_BYTES of values (at least one); the rest
+        are fetched again, from where the ledger will stand (see _prepare_partitions)."""
+        budget = self.settings.max_batch_bytes
+        for index, record in enumerate(records):
+            budget -= len(record.value or b"")
+            if budget < 0 and index > 0:
+                self._stale.extend(records[index:])
+                return records[:index]
+        return records
 
     async def put(self, records: list[Record], decoded: Decoded | None = None) -> bool:
         """Apply records, or dead-letter them; never raise because of them. False when the

@@ -342,58 +342,48 @@ def decode_event(
     max_future_skew: timedelta | None = DEFAULT_MAX_FUTURE_SKEW,
 ) -> AnyEvent | Rejection:
     """Validate a record value into a current-version event, or reject it. Never raises."""
+    result, _ = _decode_value(value, timestamp_ms, max_bytes)
+    return _within_skew(result, timestamp_ms, max_future_skew)
+
+
+class BatchDecoder:
+    """decode_event for the records of one batch: a value seen before in the batch (a
+    redelivery, a producer's retry) is not parsed and validated again when its event cannot
+    depend on the record's timestamp (a current-version event: only the future-skew check
+    reads the timestamp, and it runs for every record). An upcast v0 body takes occurred_at
+    from its record, and a rejection is not kept: both are decoded every time."""
+
+    def __init__(self, *, max_bytes: int, max_future_skew: timedelta | None) -> None:
+        self.max_bytes = max_bytes
+        self.max_future_skew = max_future_skew
+        self._seen: dict[bytes, AnyEvent] = {}
+
+    def __call__(self, value: bytes | None, timestamp_ms: int | None) -> AnyEvent | Rejection:
+        result: AnyEvent | Rejection | None = self._seen.get(value) if value else None
+        if result is None:
+            result, timeless = _decode_value(value, timestamp_ms, self.max_bytes)
+            if timeless and value and not isinstance(result, Rejection):
+                self._seen[value] = result
+        return _within_skew(result, timestamp_ms, self.max_future_skew)
+
+
+def _decode_value(
+    value: bytes | None, timestamp_ms: int | None, max_bytes: int
+) -> tuple[AnyEvent | Rejection, bool]:
+    """The record's event or rejection before the future-skew check, and whether it is the
+    same whatever the record's timestamp."""
     try:
-        return _decode(value, timestamp_ms, max_bytes, max_future_skew)
+        return _decode(value, timestamp_ms, max_bytes)
     except RecursionError:  # the nesting limit should make this unreachable; never crash on it
-        return Rejection(reason=RejectReason.INVALID_JSON, detail="nested too deep")
+        return Rejection(reason=RejectReason.INVALID_JSON, detail="nested too deep"), False
 
 
-def _decode(
-    value: bytes | None,
-    timestamp_ms: int | None,
-    max_bytes: int,
-    max_future_skew: timedelta | None,
+def _within_skew(
+    result: AnyEvent | Rejection, timestamp_ms: int | None, max_future_skew: timedelta | None
 ) -> AnyEvent | Rejection:
-    if value is None or len(value) == 0:
-        return Rejection(reason=RejectReason.EMPTY_VALUE, detail="record has no value")
-    if len(value) > max_bytes:
-        return Rejection(
-            reason=RejectReason.TOO_LARGE, detail=f"{len(value)} bytes > limit {max_bytes}"
-        )
-    if b"\x00" in value or (b"\\u0000" in value and _NUL_ESCAPE.search(value)):
-        return Rejection(reason=RejectReason.NUL_CHARACTER, detail="U+0000 in the JSON text")
-    try:
-        text = value.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return Rejection(reason=RejectReason.INVALID_UTF8, detail=f"invalid byte at {exc.start}")
-    try:
-        document = _parse(text)
-    except _NotJsonError as exc:
-        return Rejection(reason=RejectReason.INVALID_JSON, detail=str(exc))
-    except json.JSONDecodeError as exc:
-        return Rejection(
-            reason=RejectReason.INVALID_JSON,
-            detail=f"{exc.msg} at line {exc.lineno} column {exc.colno}",
-        )
-    except (ValueError, RecursionError) as exc:  # an integer past 4300 digits, deep nesting
-        return Rejection(reason=RejectReason.INVALID_JSON, detail=type(exc).__name__)
-    event_type = _known_type(document)
-    if value.count(b"[") + value.count(b"{") > MAX_NESTING and _nesting(document) > MAX_NESTING:
-        return Rejection(
-            reason=RejectReason.INVALID_JSON,
-            detail=f"nested deeper than {MAX_NESTING} levels",
-            event_type=event_type,
-        )
-    if (b"\\ud" in value or b"\\uD" in value) and _has_lone_surrogate(document):
-        return Rejection(
-            reason=RejectReason.INVALID_JSON,
-            detail="a \\u escape names a lone UTF-16 surrogate",
-            event_type=event_type,
-        )
-    result = _validate(document, timestamp_ms)
-    if isinstance(result, Rejection):
-        return result.model_copy(update={"event_type": event_type})
-    if max_future_skew is not None and timestamp_ms is not None and timestamp_ms >= 0:
+    if isinstance(result, Rejection) or max_future_skew is None:
+        return result
+    if timestamp_ms is not None and timestamp_ms >= 0:
         record_time = _record_time(timestamp_ms)
         if record_time is not None and result.occurred_at - record_time > max_future_skew:
             return Rejection(
@@ -402,8 +392,62 @@ def _decode(
                 f" ahead of the record timestamp (limit {max_future_skew.total_seconds():.0f}s)",
                 event_type=result.type,
             )
-    result._unknown_fields = _count_unknown(result, document)
     return result
+
+
+def _decode(
+    value: bytes | None, timestamp_ms: int | None, max_bytes: int
+) -> tuple[AnyEvent | Rejection, bool]:
+    rejected = _screen(value, max_bytes)
+    if rejected is not None:
+        return rejected, False
+    assert value is not None  # screened
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        detail = f"invalid byte at {exc.start}"
+        return Rejection(reason=RejectReason.INVALID_UTF8, detail=detail), False
+    try:
+        document = _parse(text)
+    except _NotJsonError as exc:
+        return Rejection(reason=RejectReason.INVALID_JSON, detail=str(exc)), False
+    except json.JSONDecodeError as exc:
+        detail = f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+        return Rejection(reason=RejectReason.INVALID_JSON, detail=detail), False
+    except (ValueError, RecursionError) as exc:  # an integer past 4300 digits, deep nesting
+        return Rejection(reason=RejectReason.INVALID_JSON, detail=type(exc).__name__), False
+    event_type = _known_type(document)
+    if value.count(b"[") + value.count(b"{") > MAX_NESTING and _nesting(document) > MAX_NESTING:
+        return Rejection(
+            reason=RejectReason.INVALID_JSON,
+            detail=f"nested deeper than {MAX_NESTING} levels",
+            event_type=event_type,
+        ), False
+    if (b"\\ud" in value or b"\\uD" in value) and _has_lone_surrogate(document):
+        return Rejection(
+            reason=RejectReason.INVALID_JSON,
+            detail="a \\u escape names a lone UTF-16 surrogate",
+            event_type=event_type,
+        ), False
+    result = _validate(document, timestamp_ms)
+    if isinstance(result, Rejection):
+        return result.model_copy(update={"event_type": event_type}), False
+    result._unknown_fields = _count_unknown(result, document)
+    # An upcast v0 body's occurred_at is its record's timestamp.
+    return result, document.get("schema_version") != 0
+
+
+def _screen(value: bytes | None, max_bytes: int) -> Rejection | None:
+    """What is wrong with the bytes before they are decoded, if anything."""
+    if value is None or len(value) == 0:
+        return Rejection(reason=RejectReason.EMPTY_VALUE, detail="record has no value")
+    if len(value) > max_bytes:
+        return Rejection(
+            reason=RejectReason.TOO_LARGE, detail=f"{len(value)} bytes > limit {max_bytes}"
+        )
+    if b"\x00" in value or (b"\\u0000" in value and _NUL_ESCAPE.search(value)):
+        return Rejection(reason=RejectReason.NUL_CHARACTER, detail="U+0000 in the JSON text")
+    return None
 
 
 def _nesting(document: Any) -> int:
@@ -564,13 +608,19 @@ def attribution(
     return shares
 
 
-def payload_digest(event: AnyEvent) -> bytes:
-    """SHA-256 of the event as the ledger sees it: what orders differing copies of one
-    event_id (SPEC section 3 "Identity"); exact copies have equal digests."""
-    # exclude_unset: what the ledger stores (e.g. a legacy breakdown entry as sent), so copies
-    # that would store differently never share a digest.
-    text = jsonvalues.dumps(event.model_dump(exclude_unset=True), sort_keys=True, ensure_ascii=True)
-    return hashlib.sha256(text.encode()).digest()
+def payload(event: AnyEvent) -> dict[str, Any]:
+    """The event as the ledger sees it. exclude_unset: what the ledger stores (e.g. a legacy
+    breakdown entry as sent), so copies that would store differently never share a digest."""
+    return event.model_dump(exclude_unset=True)
+
+
+def payload_digest(event: AnyEvent, dumped: Mapping[str, Any] | None = None) -> bytes:
+    """SHA-256 of the event's `payload` (pass it when already dumped): what orders differing
+    copies of one event_id (SPEC section 3 "Identity"); exact copies have equal digests."""
+    text = jsonvalues.dumps(
+        payload(event) if dumped is None else dumped, sort_keys=True, ensure_ascii=True
+    )
+    return hashlib.sha256(text.encode("ascii")).digest()
 
 
 def _describe(errors: list[ErrorDetails]) -> str:

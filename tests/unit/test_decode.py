@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
 from producer.events import (
+    DEFAULT_MAX_EVENT_BYTES,
     MAX_INT64,
+    BatchDecoder,
     MessageAppended,
     Rejection,
     RejectReason,
@@ -18,6 +22,7 @@ from producer.events import (
     decode_event,
     encode_event,
 )
+from producer.simulator import TrafficConfig, plan_traffic
 from tests.examples import EXAMPLE_NAMES, EXAMPLES_DIR, SHARED_EXAMPLES_DIR, example, example_bytes
 
 TS = 1_795_684_502_118  # 2026-11-26T09:15:02.118Z, when the examples happened
@@ -335,3 +340,55 @@ def test_a_rejection_names_the_type_the_record_does(value: bytes, event_type: st
     result = decode_event(value, timestamp_ms=TS)
     assert isinstance(result, Rejection)
     assert result.event_type == event_type, result
+
+
+# -- the batch decoder: a value seen before in the batch is decoded once ----------------------
+
+
+def _same(left: object, right: object) -> bool:
+    if isinstance(left, Rejection) or isinstance(right, Rejection):
+        return left == right
+    assert isinstance(left, TurnStarted | TurnFinalized | MessageAppended)
+    assert isinstance(right, TurnStarted | TurnFinalized | MessageAppended)
+    return left == right and left.unknown_fields == right.unknown_fields
+
+
+def test_batch_decoder_gives_what_decode_event_gives_for_simulated_traffic() -> None:
+    """The simulator's mix (exact re-sends, v0 bodies re-sent, poison) with each value also
+    delivered again an hour later and a day earlier: record for record, the same result."""
+    planned, _ = plan_traffic(TrafficConfig(threads=40, seed=5))  # occurred around now
+    now = int(time.time() * 1000)
+    stamped = [(value, now + i) for i, (_, value) in enumerate(planned)]
+    stamped += [(value, ts + 3_600_000) for value, ts in stamped[::3]]
+    stamped += [(value, ts - 86_400_000) for value, ts in stamped[::5]]
+    decode = BatchDecoder(max_bytes=DEFAULT_MAX_EVENT_BYTES, max_future_skew=timedelta(hours=1))
+    shared = 0
+    firsts: dict[bytes, object] = {}
+    for value, ts in stamped:
+        got = decode(value, ts)
+        want = decode_event(value, timestamp_ms=ts, max_future_skew=timedelta(hours=1))
+        assert _same(got, want), value
+        shared += value in firsts and got is firsts[value]
+        firsts.setdefault(value, got)
+    assert shared > len(planned) // 4  # the point: re-sent values were not decoded again
+
+
+def test_batch_decoder_judges_future_skew_per_record() -> None:
+    value = example_bytes("turn.started")
+    decode = BatchDecoder(max_bytes=DEFAULT_MAX_EVENT_BYTES, max_future_skew=timedelta(hours=1))
+    first = decode(value, TS)
+    assert isinstance(first, TurnStarted)
+    # The same value, produced two hours before the event's occurred_at: in the future.
+    early = decode(value, TS - 2 * 3_600_000)
+    assert isinstance(early, Rejection)
+    assert early.reason is RejectReason.OCCURRED_AT_IN_FUTURE
+    assert decode(value, TS) is first
+
+
+def test_batch_decoder_upcasts_a_v0_body_per_record_timestamp() -> None:
+    value = example_bytes("message.appended.v0")
+    decode = BatchDecoder(max_bytes=DEFAULT_MAX_EVENT_BYTES, max_future_skew=None)
+    first, again = decode(value, TS), decode(value, TS + 1_000)
+    assert isinstance(first, MessageAppended) and isinstance(again, MessageAppended)
+    assert again.occurred_at - first.occurred_at == timedelta(seconds=1)
+    assert again.event_id == first.event_id  # the body's uuid5, whatever the record time

@@ -49,3 +49,17 @@ def test_every_event_gets_one_outcome_and_repeats_are_duplicates(events: list[An
             assert outcome is Outcome.DUPLICATE
         if outcome is not Outcome.REJECTED:
             seen.add(copy)
+
+
+@settings(max_examples=100, deadline=None)
+@given(delivered(), st.randoms(use_true_random=False))
+def test_a_repeated_object_is_judged_like_an_equal_copy(
+    events: list[AnyEvent], rng: random.Random
+) -> None:
+    """The batch decoder hands out one object for a value delivered twice; reduce_batch
+    recognises it without a digest, and must decide exactly as for two equal objects."""
+    repeats = [rng.choice(events) for _ in range(len(events) // 2 + 1)]
+    batch = list(events) + repeats
+    rng.shuffle(batch)
+    as_copies = [event.model_copy() for event in batch]
+    assert reduce_batch(batch, StoredState()) == reduce_batch(as_copies, StoredState())

@@ -5,6 +5,7 @@ batch transaction as a function (tests/integration/ runs the same verbs on real 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -135,12 +136,15 @@ class FakeDlq:
         self.letters.extend(letters)
 
 
-def _pipeline(log: FakeLog, ledger: FakeLedger, max_batch: int = 4) -> Pipeline:
+def _pipeline(
+    log: FakeLog, ledger: FakeLedger, max_batch: int = 4, max_batch_bytes: int = 2**24
+) -> Pipeline:
     settings = load_settings(
         kafka_bootstrap="127.0.0.1:9",
         database_url="postgresql+asyncpg://ledger:ledger@127.0.0.1:9/ledger",
         topic=TOPIC,
         max_batch=max_batch,
+        max_batch_bytes=max_batch_bytes,
     )
     return build_pipeline(
         settings,
@@ -237,6 +241,30 @@ async def test_the_batch_fetched_during_a_fenced_commit_is_discarded_never_skipp
     # commit was in flight was fetched again from where the ledger stood.
     assert ledger.applied == list(range(30))
     assert ledger.offsets.stored == {0: 30}
+
+
+async def test_a_batch_holds_at_most_max_batch_bytes_of_values_and_skips_nothing() -> None:
+    records = _records(40)
+    cap = sum(len(r.value) for r in records[:3])  # three records' worth, at most
+    records[7] = dataclasses.replace(records[7], value=records[7].value + b" " * (2 * cap))
+    log, ledger = FakeLog(records), FakeLedger(FakeOffsets())
+    commits: list[list[int]] = []
+    commit = ledger.__call__
+
+    async def sized(moves: Sequence[OffsetMove], decoded: Decoded, report: Report) -> Applied:
+        commits.append([record.offset for record in decoded.records])
+        return await commit(moves, decoded, report)
+
+    ledger.offsets.stored[0] = 0
+    pipeline = _pipeline(log, ledger, max_batch=10, max_batch_bytes=cap)
+    pipeline.commit = sized
+    await pipeline.open([TP])
+    await pipeline.run(until_idle=True)
+    assert ledger.applied == list(range(40))  # every record once, in offset order
+    assert [7] in commits  # a record over the cap is a batch of its own
+    for offsets in commits:
+        assert len(offsets) == 1 or sum(len(records[o].value) for o in offsets) <= cap
+    assert max(map(len, commits)) == 3  # the cap, not max_batch, bounded the batches
 
 
 async def test_cancelling_the_loop_cancels_the_batch_in_flight() -> None:

@@ -41,6 +41,8 @@ class Decoded:
     events: list[AnyEvent] = field(default_factory=list)
     records: list[Record] = field(default_factory=list)  # the record of each event
     letters: list[DeadLetter] = field(default_factory=list)  # what cannot be an event
+    # Per event type, fields of the records that this consumer does not know (a metric).
+    unknown_fields: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,6 +66,7 @@ def decode_records(records: list[Record], *, max_bytes: int, max_future_skew: ti
         else:
             decoded.events.append(result)
             decoded.records.append(record)
+    decoded.unknown_fields = decode.unknown_fields
     return decoded
 
 

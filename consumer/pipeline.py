@@ -318,7 +318,7 @@ class Pipeline:
             await self.checkpoints.rewind(owned, reload=False)
             return False
         await self.checkpoints.mirror()  # 3
-        self._observe(applied, letters, len(owned), time.monotonic() - started)  # 4
+        self._observe(applied, ready, len(owned), time.monotonic() - started)  # 4
         return True
 
     async def stop(self) -> None:
@@ -357,9 +357,8 @@ class Pipeline:
             self._lag_partitions,
         )
 
-    def _observe(
-        self, applied: Applied, decode_letters: list[DeadLetter], records: int, seconds: float
-    ) -> None:
+    def _observe(self, applied: Applied, decoded: Decoded, records: int, seconds: float) -> None:
+        decode_letters = decoded.letters
         letters = [*decode_letters, *applied.letters]
         self.metrics.observe_batch(
             records=records,
@@ -367,11 +366,7 @@ class Pipeline:
             outcomes=[
                 (event.type, event.occurred_at, outcome) for event, outcome in applied.events
             ],
-            unknown_fields=[
-                (event.type, count)
-                for event, _ in applied.events
-                if (count := event.unknown_fields)
-            ],
+            unknown_fields=list(decoded.unknown_fields.items()),
             undecodable=[letter.event_type for letter in decode_letters],
             dead_letter_reasons=[letter.reason.value for letter in letters],
             usage_changes=[change for plan in applied.plans for change in plan.usage_changes],

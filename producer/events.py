@@ -10,7 +10,7 @@ v1 (deterministic event_id, occurred_at = record timestamp). Newer versions are 
 
 Forward compatibility (SPEC section 2): a field this consumer does not know is accepted. Inside
 a content part, a usage call or a legacy per-model breakdown it is kept (stored as sent);
-elsewhere it is ignored. Either way it is counted (`Event.unknown_fields`). Numbers are parsed
+elsewhere it is ignored. Either way it is counted (`BatchDecoder.unknown_fields`). Numbers are parsed
 exactly (non-integers as Decimal), `NaN`/`Infinity` are not JSON, and `occurred_at` is
 normalised to UTC here, so no later comparison can overflow.
 """
@@ -34,7 +34,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PrivateAttr,
     TypeAdapter,
     ValidationError,
     model_validator,
@@ -166,6 +165,8 @@ class TurnUsage(_Strict):
 
     @model_validator(mode="after")
     def _sums_fit_bigint(self) -> Self:
+        if len(self.calls) < 2:
+            return self  # one call's numbers are each within 2^63-1 already
         for name in (*USAGE_MEASURES, *TOKEN_KINDS):
             if sum(getattr(call, name) or 0 for call in self.calls) > MAX_INT64:
                 raise ValueError(f"sum of {name} over the calls exceeds 2^63-1")
@@ -207,12 +208,6 @@ class _Envelope(_Strict):
     thread_id: Id64
     search_space_id: Id64
     user_id: Uuid | None
-    # How many fields of the record this consumer did not know (set by decode_event).
-    _unknown_fields: int = PrivateAttr(default=0)
-
-    @property
-    def unknown_fields(self) -> int:
-        return self._unknown_fields
 
 
 class TurnStarted(_Envelope):
@@ -342,7 +337,7 @@ def decode_event(
     max_future_skew: timedelta | None = DEFAULT_MAX_FUTURE_SKEW,
 ) -> AnyEvent | Rejection:
     """Validate a record value into a current-version event, or reject it. Never raises."""
-    result, _ = _decode_value(value, timestamp_ms, max_bytes)
+    result, _, _ = _decode_value(value, timestamp_ms, max_bytes)
     return _within_skew(result, timestamp_ms, max_future_skew)
 
 
@@ -351,31 +346,40 @@ class BatchDecoder:
     redelivery, a producer's retry) is not parsed and validated again when its event cannot
     depend on the record's timestamp (a current-version event: only the future-skew check
     reads the timestamp, and it runs for every record). An upcast v0 body takes occurred_at
-    from its record, and a rejection is not kept: both are decoded every time."""
+    from its record, and a rejection is not kept: both are decoded every time.
+
+    `unknown_fields`: per event type, the fields of the decoded records that this consumer
+    does not know (each record counts, repeats too; rejected records do not)."""
 
     def __init__(self, *, max_bytes: int, max_future_skew: timedelta | None) -> None:
         self.max_bytes = max_bytes
         self.max_future_skew = max_future_skew
-        self._seen: dict[bytes, AnyEvent] = {}
+        self.unknown_fields: dict[str, int] = {}
+        self._seen: dict[bytes, tuple[AnyEvent, int]] = {}
 
     def __call__(self, value: bytes | None, timestamp_ms: int | None) -> AnyEvent | Rejection:
-        result: AnyEvent | Rejection | None = self._seen.get(value) if value else None
-        if result is None:
-            result, timeless = _decode_value(value, timestamp_ms, self.max_bytes)
+        seen = self._seen.get(value) if value else None
+        if seen is None:
+            result, timeless, unknown = _decode_value(value, timestamp_ms, self.max_bytes)
             if timeless and value and not isinstance(result, Rejection):
-                self._seen[value] = result
-        return _within_skew(result, timestamp_ms, self.max_future_skew)
+                self._seen[value] = (result, unknown)
+        else:
+            result, unknown = seen
+        result = _within_skew(result, timestamp_ms, self.max_future_skew)
+        if unknown and not isinstance(result, Rejection):
+            self.unknown_fields[result.type] = self.unknown_fields.get(result.type, 0) + unknown
+        return result
 
 
 def _decode_value(
     value: bytes | None, timestamp_ms: int | None, max_bytes: int
-) -> tuple[AnyEvent | Rejection, bool]:
-    """The record's event or rejection before the future-skew check, and whether it is the
-    same whatever the record's timestamp."""
+) -> tuple[AnyEvent | Rejection, bool, int]:
+    """The record's event or rejection before the future-skew check, whether it is the same
+    whatever the record's timestamp, and how many of its fields this consumer does not know."""
     try:
         return _decode(value, timestamp_ms, max_bytes)
     except RecursionError:  # the nesting limit should make this unreachable; never crash on it
-        return Rejection(reason=RejectReason.INVALID_JSON, detail="nested too deep"), False
+        return Rejection(reason=RejectReason.INVALID_JSON, detail="nested too deep"), False, 0
 
 
 def _within_skew(
@@ -397,44 +401,52 @@ def _within_skew(
 
 def _decode(
     value: bytes | None, timestamp_ms: int | None, max_bytes: int
-) -> tuple[AnyEvent | Rejection, bool]:
+) -> tuple[AnyEvent | Rejection, bool, int]:
     rejected = _screen(value, max_bytes)
     if rejected is not None:
-        return rejected, False
+        return rejected, False, 0
     assert value is not None  # screened
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
         detail = f"invalid byte at {exc.start}"
-        return Rejection(reason=RejectReason.INVALID_UTF8, detail=detail), False
+        return Rejection(reason=RejectReason.INVALID_UTF8, detail=detail), False, 0
     try:
         document = _parse(text)
     except _NotJsonError as exc:
-        return Rejection(reason=RejectReason.INVALID_JSON, detail=str(exc)), False
+        return Rejection(reason=RejectReason.INVALID_JSON, detail=str(exc)), False, 0
     except json.JSONDecodeError as exc:
         detail = f"{exc.msg} at line {exc.lineno} column {exc.colno}"
-        return Rejection(reason=RejectReason.INVALID_JSON, detail=detail), False
+        return Rejection(reason=RejectReason.INVALID_JSON, detail=detail), False, 0
     except (ValueError, RecursionError) as exc:  # an integer past 4300 digits, deep nesting
-        return Rejection(reason=RejectReason.INVALID_JSON, detail=type(exc).__name__), False
+        return Rejection(reason=RejectReason.INVALID_JSON, detail=type(exc).__name__), False, 0
     event_type = _known_type(document)
     if value.count(b"[") + value.count(b"{") > MAX_NESTING and _nesting(document) > MAX_NESTING:
-        return Rejection(
-            reason=RejectReason.INVALID_JSON,
-            detail=f"nested deeper than {MAX_NESTING} levels",
-            event_type=event_type,
-        ), False
+        return (
+            Rejection(
+                reason=RejectReason.INVALID_JSON,
+                detail=f"nested deeper than {MAX_NESTING} levels",
+                event_type=event_type,
+            ),
+            False,
+            0,
+        )
     if (b"\\ud" in value or b"\\uD" in value) and _has_lone_surrogate(document):
-        return Rejection(
-            reason=RejectReason.INVALID_JSON,
-            detail="a \\u escape names a lone UTF-16 surrogate",
-            event_type=event_type,
-        ), False
+        return (
+            Rejection(
+                reason=RejectReason.INVALID_JSON,
+                detail="a \\u escape names a lone UTF-16 surrogate",
+                event_type=event_type,
+            ),
+            False,
+            0,
+        )
     result = _validate(document, timestamp_ms)
     if isinstance(result, Rejection):
-        return result.model_copy(update={"event_type": event_type}), False
-    result._unknown_fields = _count_unknown(result, document)
+        return result.model_copy(update={"event_type": event_type}), False, 0
     # An upcast v0 body's occurred_at is its record's timestamp.
-    return result, document.get("schema_version") != 0
+    timeless = document.get("schema_version") != 0
+    return result, timeless, _count_unknown(result, document)
 
 
 def _screen(value: bytes | None, max_bytes: int) -> Rejection | None:

@@ -26,7 +26,7 @@ from consumer.pipeline import Pipeline, build_pipeline
 from consumer.retry import Backoff
 from consumer.settings import load_settings
 from consumer.store import OffsetMove
-from producer.events import AnyEvent, RejectReason
+from producer.events import AnyEvent, BatchDecoder, RejectReason
 from producer.simulator import TrafficConfig, plan_traffic
 
 TOPIC = "chat.turn-events"
@@ -265,6 +265,28 @@ async def test_a_batch_holds_at_most_max_batch_bytes_of_values_and_skips_nothing
     for offsets in commits:
         assert len(offsets) == 1 or sum(len(records[o].value) for o in offsets) <= cap
     assert max(map(len, commits)) == 3  # the cap, not max_batch, bounded the batches
+
+
+async def test_unknown_fields_are_counted_per_record_by_event_type() -> None:
+    records = _records(60)
+    # Redelivered (a producer's retry, further on in the log): each record counts.
+    records += [dataclasses.replace(r, offset=r.offset + 50) for r in records[10:20]]
+    log, ledger = FakeLog(records), FakeLedger(FakeOffsets())
+    ledger.offsets.stored[0] = 0
+    pipeline = _pipeline(log, ledger, max_batch=25)
+    await pipeline.open([TP])
+    await pipeline.run(until_idle=True)
+    want: dict[str, int] = {}
+    for record in records:
+        decode = BatchDecoder(max_bytes=2**20, max_future_skew=None)
+        decode(record.value, record.timestamp)
+        for kind, count in decode.unknown_fields.items():
+            want[kind] = want.get(kind, 0) + count
+    assert want  # the simulator sends fields this consumer does not know
+    registry = pipeline.metrics.registry
+    for kind, count in want.items():
+        got = registry.get_sample_value("token_ledger_unknown_fields_total", {"type": kind})
+        assert got == count, kind
 
 
 async def test_cancelling_the_loop_cancels_the_batch_in_flight() -> None:

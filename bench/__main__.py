@@ -11,7 +11,7 @@ the ratios, not the absolute figures. Each figure is the median of --runs with m
 A quick run: drains of the backlog (first, and again after `replay --to-offset 0`), the raw
 read, the COPY and naive bounds, produce -> commit latency for --runs of 15 s, 1-3 consumers
 (one run each). --full: the latency over one run of 60 s, and the candidate's peak RSS draining
-1,000,000 records. Writes the Markdown table to
+1,000,000 records, then verifying them. Writes the Markdown table to
 stdout and everything to bench/results/latest.json.
 """
 
@@ -185,10 +185,18 @@ class Bench:
         )
         for tree in self.trees[1:]:  # the candidate: the target is its peak RSS
             url = await self.databases.fresh()
-            drain = await self.consumer(tree, url, big.topic).drain()
-            await self.databases.drop(url)
+            consumer = self.consumer(tree, url, big.topic)
+            drain = await consumer.drain()
             self.results.drain(tree.name, "1,000,000 records", drain, big.records)
             print(f"million {tree.name}: {drain}", flush=True)
+            # verify streams the topic with bounded memory: its peak counts against the target.
+            checked = await consumer.measure(("verify",))
+            await self.databases.drop(url)
+            self.results.add("verify 1,000,000 records", "seconds", checked.seconds, tree.name)
+            self.results.add(
+                "verify 1,000,000 records", "peak RSS MiB", checked.peak_rss_kib / 1024, tree.name
+            )
+            print(f"verify {tree.name}: {checked}", flush=True)
 
 
 def _rate(ceiling: Any) -> float:

@@ -89,9 +89,13 @@ class Consumer:
 
     async def drain(self, processes: int = 1) -> Drain:
         """`consume --until-idle` in `processes` members of one group, until the last exits."""
+        return await self.measure(("consume", "--until-idle"), processes)
+
+    async def measure(self, args: tuple[str, ...], processes: int = 1) -> Drain:
+        """`token-ledger <args>` in `processes` processes, until the last exits (exit 0)."""
         pg_before = self.services.postgres_cpu()
         started = time.monotonic()
-        children = [self.start("consume", "--until-idle") for _ in range(processes)]
+        children = [self.start(*args) for _ in range(processes)]
         peaks = [0] * processes
         pids = [child.pid for child, _ in children]
         watcher = asyncio.create_task(_watch_peaks(pids, peaks))
@@ -106,7 +110,7 @@ class Consumer:
             child.returncode = os.waitstatus_to_exitcode(status)
             if child.returncode != 0:
                 raise RuntimeError(
-                    f"{self.tree.name} consumer exited {child.returncode}:\n"
+                    f"{self.tree.name} {args[0]} exited {child.returncode}:\n"
                     + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
                 )
             log.unlink()

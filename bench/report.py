@@ -123,6 +123,12 @@ TARGETS = (
         lambda r, c: r.median(c, "1,000,000 records", "peak RSS MiB"),
         lambda v: v <= 256,
     ),
+    Target(
+        "verify's peak RSS MiB over 1,000,000 records",
+        "≤ 256",
+        lambda r, c: r.median(c, "verify 1,000,000 records", "peak RSS MiB"),
+        lambda v: v <= 256,
+    ),
 )
 
 

@@ -96,6 +96,9 @@ class Pipeline:
         self._batch_lock = asyncio.Lock()
         self._inflight: asyncio.Task[bool] | None = None
         self._stale: list[Record] = []  # fetched but never applied: fetched again
+        # Fetched, beyond LEDGER_MAX_BATCH_BYTES: the next batch, if no seek came between.
+        self._carry: list[Record] = []
+        self._carry_generation = 0
         self._lag_partitions: set[int] = set()
         self._last_sync = time.monotonic()
         self._probe = KafkaProbe(consumer, self.kafka, readiness)
@@ -146,7 +149,7 @@ class Pipeline:
                 try:
                     await self._prepare_partitions()
                     generation = self.checkpoints.generation  # before the fetch: see _step
-                    records = await self._fetch()
+                    records = await self._fetch(generation)
                     caught_up = await self._step(records, generation)
                     self.readiness.unexpected = None
                     failures = 0
@@ -183,6 +186,16 @@ class Pipeline:
     async def _prepare_partitions(self) -> None:
         """Before fetching: seek newly assigned partitions, and those whose fetched records
         were never applied."""
+        if self._carry and (
+            self._carry_generation != self.checkpoints.generation
+            or self._stale
+            or self.checkpoints.opening
+        ):
+            # Sought since it was fetched, or about to be: fetched again like the stale records
+            # (their partitions sought to where the ledger stands), never applied from old
+            # positions.
+            self._stale.extend(self._carry)
+            self._carry = []
         if self.checkpoints.opening or self._stale:
             await self._settle()
             async with self._batch_lock:
@@ -237,7 +250,11 @@ class Pipeline:
             self._stale.extend(records)  # never applied: fetched again, never skipped
             raise
 
-    async def _fetch(self) -> list[Record]:
+    async def _fetch(self, generation: int) -> list[Record]:
+        """The next batch: what the last fetch left over (see _within_bytes), else a fetch."""
+        if self._carry:
+            carried, self._carry = self._carry, []
+            return self._within_bytes(carried, generation)
         try:
             batch = await self.consumer.getmany(timeout_ms=500, max_records=self.settings.max_batch)
         except OffsetOutOfRangeError as error:
@@ -252,16 +269,18 @@ class Pipeline:
         records = sorted(
             (r for rs in batch.values() for r in rs), key=lambda r: (r.partition, r.offset)
         )
-        return self._within_bytes(records)
+        return self._within_bytes(records, generation)
 
-    def _within_bytes(self, records: list[Record]) -> list[Record]:
-        """The first records up to LEDGER_MAX_BATCH_BYTES of values (at least one); the rest
-        are fetched again, from where the ledger will stand (see _prepare_partitions)."""
+    def _within_bytes(self, records: list[Record], generation: int) -> list[Record]:
+        """The first records up to LEDGER_MAX_BATCH_BYTES of values (at least one). The rest
+        is carried over as the next batch, before anything is fetched again: every record of a
+        fetch is applied before the next fetch, whatever its partition. (Sorted by partition
+        and offset, the carry continues each partition where this batch ends.)"""
         budget = self.settings.max_batch_bytes
         for index, record in enumerate(records):
             budget -= len(record.value or b"")
             if budget < 0 and index > 0:
-                self._stale.extend(records[index:])
+                self._carry, self._carry_generation = records[index:], generation
                 return records[:index]
         return records
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -321,3 +322,176 @@ async def test_cancelling_the_loop_cancels_the_batch_in_flight() -> None:
         await running
     await cancelled.wait()
     assert ledger.offsets.stored == {}
+
+
+class PartitionedLog(FakeLog):
+    """Several partitions, fetched like aiokafka: per partition up to `fetch_bytes` of records
+    buffered, handed out by getmany up to max_records (buffers in `order`)."""
+
+    def __init__(
+        self, logs: dict[int, list[ConsumerRecord]], fetch_bytes: int, rng: random.Random | None
+    ) -> None:
+        super().__init__([])
+        self.logs = logs
+        self.fetch_bytes = fetch_bytes
+        self.rng = rng
+        self.positions = dict.fromkeys(logs, 0)
+        self.buffers: dict[int, list[ConsumerRecord]] = {}
+        self.fetches = 0
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(TOPIC, p) for p in self.logs}
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.positions[tp.partition] = offset
+        self.buffers.pop(tp.partition, None)
+        self.seeks.append(offset)
+
+    async def getmany(self, *, timeout_ms: int, max_records: int) -> dict[Any, Any]:
+        await asyncio.sleep(0)
+        paused = {tp.partition for tp in self.paused}
+        for p, log in self.logs.items():
+            if p in paused or p in self.buffers:
+                continue
+            buffered: list[ConsumerRecord] = []
+            size = 0
+            while self.positions[p] < len(log) and (
+                not buffered or size + len(log[self.positions[p]].value) <= self.fetch_bytes
+            ):
+                buffered.append(log[self.positions[p]])
+                size += len(buffered[-1].value)
+                self.positions[p] += 1
+            if buffered:
+                self.buffers[p] = buffered
+        order = list(self.buffers)
+        if self.rng is not None:
+            self.rng.shuffle(order)
+        handed: dict[Any, Any] = {}
+        for p in order:
+            if p in paused or max_records == 0:
+                continue
+            take, self.buffers[p] = self.buffers[p][:max_records], self.buffers[p][max_records:]
+            if not self.buffers[p]:
+                del self.buffers[p]
+            handed[TopicPartition(TOPIC, p)] = take
+            max_records -= len(take)
+        self.fetches += bool(handed)
+        return handed
+
+    def highwater(self, tp: TopicPartition) -> int:
+        return len(self.logs[tp.partition])
+
+    def last_stable_offset(self, tp: TopicPartition) -> int:
+        return len(self.logs[tp.partition])
+
+    async def position(self, tp: TopicPartition) -> int:
+        buffered = self.buffers.get(tp.partition)
+        return buffered[0].offset if buffered else self.positions[tp.partition]
+
+
+class FlakyLedger(FakeLedger):
+    """Commits by compare-and-set like FakeLedger; with `rng`, now and then fenced or failing."""
+
+    def __init__(self, offsets: FakeOffsets, rng: random.Random | None) -> None:
+        super().__init__(offsets)
+        self.rng = rng
+        self.per_partition: dict[int, list[int]] = {}
+        self.batches: list[set[int]] = []  # the partitions of each committed batch
+
+    async def __call__(
+        self, moves: Sequence[OffsetMove], decoded: Decoded, report: Report
+    ) -> Applied:
+        if self.rng is not None:
+            for _ in range(self.rng.randint(0, 3)):
+                await asyncio.sleep(0)
+            draw = self.rng.random()
+            if draw < 0.08:
+                raise FencedError([move.partition for move in moves])
+            if draw < 0.12:
+                raise TransientError("blip")
+        applied = await super().__call__(moves, decoded, report)
+        for record in decoded.records:
+            self.per_partition.setdefault(record.partition, []).append(record.offset)
+        self.batches.append({record.partition for record in decoded.records})
+        return applied
+
+
+def _partitioned(count: int, size: int, rng: random.Random) -> dict[int, list[ConsumerRecord]]:
+    values = [record.value for record in _records(60)]
+    now = int(time.time() * 1000)
+    logs: dict[int, list[ConsumerRecord]] = {}
+    for p in range(count):
+        logs[p] = []
+        for offset in range(rng.randint(0, size)):
+            value = rng.choice(values) + b" " * rng.choice([0, 0, 0, 3000])
+            logs[p].append(
+                ConsumerRecord(TOPIC, p, offset, now, 0, b"k", value, None, 1, len(value), ())
+            )
+    return logs
+
+
+def _partitioned_pipeline(
+    log: PartitionedLog, ledger: FlakyLedger, max_batch: int, max_batch_bytes: int
+) -> Pipeline:
+    pipeline = _pipeline(log, ledger, max_batch=max_batch, max_batch_bytes=max_batch_bytes)
+    ledger.offsets.stored = dict.fromkeys(log.logs, 0)
+    return pipeline
+
+
+async def test_a_byte_capped_fetch_is_applied_whole_before_the_next_one() -> None:
+    """Eight partitions of 10 KB records, a cap of three records: the rest of a fetch is the
+    next batch, not fetched again, so every partition moves from the first fetch on (cut
+    batches rewound instead would start from the lowest partitions every time)."""
+    value = _records(1)[0].value.ljust(10_000)
+    now = int(time.time() * 1000)
+    logs = {
+        p: [
+            ConsumerRecord(TOPIC, p, o, now, 0, b"k", value, None, 1, len(value), ())
+            for o in range(40)
+        ]
+        for p in range(8)
+    }
+    log, ledger = PartitionedLog(logs, 100_000, None), FlakyLedger(FakeOffsets(), None)
+    pipeline = _partitioned_pipeline(log, ledger, max_batch=2_000, max_batch_bytes=30_000)
+    await pipeline.open([TopicPartition(TOPIC, p) for p in logs])
+    await pipeline.run(until_idle=True)
+    assert all(ledger.per_partition[p] == list(range(40)) for p in logs)
+    first_fetch = 10 * len(logs)  # 100 KB per partition: 10 records each
+    first: set[int] = set().union(*ledger.batches[: first_fetch // 3 + 1])
+    assert first == set(logs)  # every partition within the first fetch's batches
+    assert len(log.seeks) == len(logs)  # the opening seeks only: nothing fetched twice
+
+
+@pytest.mark.parametrize("seed", range(60))
+async def test_byte_capped_batches_apply_every_record_once_in_order(seed: int) -> None:
+    """Random partitions, record sizes, caps, fences, failures and rebalances."""
+    rng = random.Random(seed)
+    logs = _partitioned(rng.randint(1, 5), 60, rng)
+    log = PartitionedLog(logs, rng.choice([2_000, 5_000, 10**6]), rng)
+    ledger = FlakyLedger(FakeOffsets(), rng)
+    pipeline = _partitioned_pipeline(
+        log,
+        ledger,
+        max_batch=rng.choice([1, 3, 10, 50]),
+        max_batch_bytes=rng.choice([1, 1_500, 4_000, 20_000, 2**24]),
+    )
+    tps = [TopicPartition(TOPIC, p) for p in logs]
+    await pipeline.open(tps)
+
+    async def rebalances() -> None:
+        for _ in range(rng.randint(0, 4)):
+            for _ in range(rng.randint(0, 30)):
+                await asyncio.sleep(0)
+            moved = [tp for tp in tps if rng.random() < 0.5]
+            await pipeline.close(moved)
+            for _ in range(rng.randint(0, 5)):
+                await asyncio.sleep(0)
+            await pipeline.open(moved)
+
+    rebalancing = asyncio.create_task(rebalances())
+    await asyncio.wait_for(pipeline.run(until_idle=True), 60)
+    await rebalancing
+    await asyncio.wait_for(pipeline.run(until_idle=True), 60)  # reopened after it went idle
+    for p, records in logs.items():
+        assert ledger.per_partition.get(p, []) == list(range(len(records)))
+        assert ledger.offsets.stored[p] == len(records)

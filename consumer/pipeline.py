@@ -146,9 +146,11 @@ class Pipeline:
             while not self._stop.is_set():
                 records: list[Record] = []
                 caught_up = False
+                carried = bool(self._carry)  # the next batch is in memory: no fetch
                 try:
                     await self._prepare_partitions()
                     generation = self.checkpoints.generation  # before the fetch: see _step
+                    carried = carried and bool(self._carry)
                     records = await self._fetch(generation)
                     caught_up = await self._step(records, generation)
                     self.readiness.unexpected = None
@@ -163,9 +165,10 @@ class Pipeline:
                     self.readiness.unexpected = f"unexpected {type(error).__name__}"
                     await asyncio.sleep(self.retry.backoff.delay(failures))
                     continue
-                if records:  # the broker answered: whatever aiokafka logged, it is reachable
-                    self.kafka.recovered()
-                    self.readiness.kafka_ok = True
+                if records:
+                    if not carried:  # the broker answered: whatever aiokafka logged, it is up
+                        self.kafka.recovered()
+                        self.readiness.kafka_ok = True
                     continue
                 await self._probe()
                 if until_idle and caught_up:
@@ -200,8 +203,11 @@ class Pipeline:
             await self._settle()
             async with self._batch_lock:
                 if self._stale:
-                    stale, self._stale = self._stale, []
+                    # Forgotten only once sought: a seek that fails leaves them for the next
+                    # pass, never a partition fetched on from past them.
+                    stale = list(self._stale)
                     await self.checkpoints.rewind(stale, reload=False)
+                    del self._stale[: len(stale)]
                 if self.checkpoints.opening:
                     await self.checkpoints.open_pending()
 

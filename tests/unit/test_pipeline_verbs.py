@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -495,3 +496,38 @@ async def test_byte_capped_batches_apply_every_record_once_in_order(seed: int) -
     for p, records in logs.items():
         assert ledger.per_partition.get(p, []) == list(range(len(records)))
         assert ledger.offsets.stored[p] == len(records)
+
+
+async def test_a_carried_batch_does_not_count_as_the_broker_answering(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The broker goes away after a fetch that the byte cap cut into ten batches: those batches
+    come from memory, so the outage is logged once, not ended and begun again per batch."""
+    value = _records(1)[0].value.ljust(10_000)
+    now = int(time.time() * 1000)
+    logs = {
+        0: [
+            ConsumerRecord(TOPIC, 0, o, now, 0, b"k", value, None, 1, len(value), ())
+            for o in range(10)
+        ]
+    }
+    log, ledger = PartitionedLog(logs, 10**6, None), FlakyLedger(FakeOffsets(), None)
+    pipeline = _partitioned_pipeline(log, ledger, max_batch=2_000, max_batch_bytes=10_000)
+
+    async def topics() -> set[str]:
+        return {TOPIC}
+
+    log.topics = topics  # type: ignore[attr-defined]  # the idle probe's question
+    commit = ledger.__call__
+
+    async def broker_gone(moves: Sequence[OffsetMove], decoded: Decoded, report: Report) -> Applied:
+        pipeline.kafka.failing("Unable to update metadata")  # what aiokafka's logs report
+        return await commit(moves, decoded, report)
+
+    pipeline.commit = broker_gone
+    await pipeline.open([TopicPartition(TOPIC, 0)])
+    with caplog.at_level(logging.INFO, logger="consumer"):
+        await pipeline.run(until_idle=True)
+    assert log.fetches == 1 and ledger.per_partition[0] == list(range(10))
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Kafka")]
+    assert said.count("Kafka reachable again") <= 1, said

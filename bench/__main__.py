@@ -214,7 +214,13 @@ def main() -> None:
     trees = [export(args.baseline, "baseline"), export(args.candidate, "candidate")]
     with running_services() as services:
         bench = Bench(services, args, trees)
-        asyncio.run(bench.run())
+        try:
+            asyncio.run(bench.run())
+        finally:  # what was measured before a failure is kept, marked incomplete
+            _write(bench, args, trees)
+
+
+def _write(bench: Bench, args: argparse.Namespace, trees: list[Tree]) -> None:
     results = bench.results
     meta = {
         "runs": args.runs,
@@ -225,6 +231,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {_cores()} cores",
         "ledger": results.ledger,
         "seconds": round(results.seconds),
+        "complete": results.seconds > 0,  # set when every scenario ran
     }
     rendered = table(results, trees[0].name, trees[1].name)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

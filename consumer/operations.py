@@ -19,6 +19,7 @@ from aiokafka.errors import UnknownTopicOrPartitionError, for_code
 from aiokafka.structs import ConsumerRecord
 
 from consumer import dlq
+from consumer.closing import stop_consumer
 from consumer.failures import TopicMissingError
 from consumer.ledger import Difference, Rebuild, compare, expected_rows, totals
 from consumer.queries import read_ledger, rewind_offsets
@@ -58,7 +59,7 @@ async def _reader(settings: Settings) -> AsyncIterator[AIOKafkaConsumer]:
         await consumer.start()
         yield consumer
     finally:  # also when start() fails: its half-made connections would be reported unclosed
-        await consumer.stop()
+        await stop_consumer(consumer)
 
 
 async def _partitions(

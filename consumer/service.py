@@ -29,6 +29,7 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaConsumer
 
+from consumer.closing import stop_consumer
 from consumer.dlq import HEADER_HEADROOM, DeadLetterQueue
 from consumer.health import HealthServer, Readiness
 from consumer.logs import fields
@@ -253,7 +254,7 @@ async def _start(
         stack.callback(handler.removeFilter, kafka_logs)
     consumer.subscribe([settings.topic], listener=pipeline.listener)
     await consumer.start()
-    stack.push_async_callback(_bounded(consumer.stop, "Kafka consumer"))  # leaves the group
+    stack.push_async_callback(_bounded(lambda: stop_consumer(consumer), "Kafka consumer"))
     stack.push_async_callback(pipeline.stop)  # runs first: waits for the batch in flight
     log.info(
         "consuming",

@@ -182,10 +182,10 @@ def verify() -> None:
     console.print(f"records read: {report.records_read} (skipped, never applied: {report.skipped})")
     for difference in report.differences[:50]:
         console.print(f"  {difference.table}: {difference.key}: {difference.problem}")
-    if len(report.differences) > 50:
-        console.print(f"  ... and {len(report.differences) - 50} more")
+    if report.difference_count > 50:
+        console.print(f"  ... and {report.difference_count - 50} more")
     if not report.ok:
-        console.print(f"[red]{len(report.differences)} difference(s)[/red]")
+        console.print(f"[red]{report.difference_count} difference(s)[/red]")
         raise typer.Exit(1)
     console.print("[green]ledger matches the topic[/green]")
 

@@ -3,11 +3,12 @@ the database holds. Pure; used by `token-ledger verify` and the property tests."
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from consumer.merge import (
+    Admission,
     Fold,
     MessageKey,
     MessageRow,
@@ -25,32 +26,36 @@ class Ledger:
     usage: dict[MessageKey, UsageRow]
 
 
-class Rebuild:
-    """The ledger built one event at a time (in arrival order) from an empty database.
-
-    Holds the ledger's rows, never the events, so `verify` streams a whole topic through it.
-    From an empty database every folded row is written: these are reduce_batch's rows for the
-    same events (an exact copy folds to no change, so duplicates need no bookkeeping)."""
-
-    def __init__(self) -> None:
-        self._fold = Fold(StoredState())
-
-    def add(self, event: AnyEvent) -> None:
-        if self._fold.check(event) is None:
-            dumped = payload(event)
-            self._fold.add(event, payload_digest(event, dumped), dumped)
-
-    def ledger(self) -> Ledger:
-        fold = self._fold
-        return Ledger(threads=fold.threads, messages=fold.messages, usage=fold.usage)
-
-
 def rebuild(events: Iterable[AnyEvent]) -> Ledger:
     """The ledger the given events (in arrival order) must produce from an empty database."""
-    built = Rebuild()
+    stored = StoredState()
+    admission, fold = Admission(stored), Fold()
     for event in events:
-        built.add(event)
-    return built.ledger()
+        if admission.check(event) is None:
+            _add(fold, event)
+    return Ledger(threads=fold.threads, messages=fold.messages, usage=fold.usage)
+
+
+def rebuild_by_thread(
+    threads: Iterable[tuple[int, Iterable[AnyEvent]]],
+) -> Iterator[tuple[int, LedgerRows]]:
+    """Each thread's expected rows from its admitted events (see merge.Admission), one thread at
+    a time: every row of a thread is keyed by it, so the threads fold independently and memory
+    is one thread's rows. From an empty database every folded row is written: these are
+    reduce_batch's rows for the same events (an exact copy folds to no change)."""
+    for thread_id, events in threads:
+        fold = Fold()
+        for event in events:
+            _add(fold, event)
+        yield (
+            thread_id,
+            expected_rows(Ledger(threads=fold.threads, messages=fold.messages, usage=fold.usage)),
+        )
+
+
+def _add(fold: Fold, event: AnyEvent) -> None:
+    dumped = payload(event)
+    fold.add(event, payload_digest(event, dumped), dumped)
 
 
 @dataclass(frozen=True)
@@ -154,16 +159,24 @@ def _sortable(key: MessageKey | int) -> tuple[Any, ...]:
     return (key,) if isinstance(key, int) else key.sort_key()
 
 
+BILLED = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
+_BILLED_AT = tuple(USAGE_FIELDS.index(name) for name in BILLED)
+
+
+TOTALS = ("threads", "messages", "usage_rows", *BILLED)
+
+
 def totals(rows: LedgerRows) -> dict[str, int]:
     """Row counts and the billing sums (tokens, cost) of a ledger."""
-    names = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
-    sums = dict.fromkeys(names, 0)
+    return add_totals(dict.fromkeys(TOTALS, 0), rows)
+
+
+def add_totals(sums: dict[str, int], rows: LedgerRows) -> dict[str, int]:
+    """`sums` (see `totals`) with a part of a ledger added: one thread's rows at a time."""
+    sums["threads"] += len(rows.threads)
+    sums["messages"] += len(rows.messages)
+    sums["usage_rows"] += len(rows.usage)
     for values in rows.usage.values():
-        for name in names:
-            sums[name] += values[USAGE_FIELDS.index(name)]
-    return {
-        "threads": len(rows.threads),
-        "messages": len(rows.messages),
-        "usage_rows": len(rows.usage),
-        **sums,
-    }
+        for name, at in zip(BILLED, _BILLED_AT, strict=True):
+            sums[name] += values[at]
+    return sums

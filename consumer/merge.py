@@ -382,36 +382,44 @@ def _fold(rows: dict[K, R], key: K, row: R) -> None:
     rows[key] = row if current is None else current.merge(row)
 
 
-class Fold:
-    """Events folded one at a time (in arrival order) into one candidate row per key, against
-    the stored threads and turn-less keys. Holds rows, never events: `verify` folds a whole
-    topic through it."""
+class Admission:
+    """The order-dependent rules, judged in arrival order: the first search space seen for a
+    thread binds it, and the first key seen for a turn-less message's event_id holds it. Its
+    memory is one entry per thread and per turn-less message, never rows or events."""
 
     def __init__(self, stored: StoredState) -> None:
         self.spaces = {thread_id: row.search_space_id for thread_id, row in stored.threads.items()}
-        # A turn-less message is keyed by its event_id: the first key seen for an id holds it.
         self.origins = {
             k.origin_event_id: k for k in stored.messages if k.origin_event_id is not None
         }
+
+    def check(self, event: AnyEvent) -> Rejection | None:
+        """Why the event cannot be applied after what came before it; None binds its thread
+        and its turn-less keys (an exact copy binds the same again)."""
+        rejection = _rejection(event, self.spaces, self.origins)
+        if rejection is None:
+            self.spaces.setdefault(event.thread_id, event.search_space_id)
+            for key in message_keys(event):
+                if key.origin_event_id is not None:
+                    self.origins.setdefault(key.origin_event_id, key)
+        return rejection
+
+
+class Fold:
+    """Admitted events folded one at a time into one candidate row per key. Holds rows, never
+    events; `verify` folds one thread at a time through it."""
+
+    def __init__(self) -> None:
         self.threads: dict[int, ThreadRow] = {}
         self.messages: dict[MessageKey, MessageRow] = {}
         self.usage: dict[MessageKey, UsageRow] = {}
 
-    def check(self, event: AnyEvent) -> Rejection | None:
-        """Why the event cannot be applied after what came before it; None binds its thread."""
-        rejection = _rejection(event, self.spaces, self.origins)
-        if rejection is None:
-            self.spaces.setdefault(event.thread_id, event.search_space_id)
-        return rejection
-
     def add(self, event: AnyEvent, digest: bytes, dumped: Mapping[str, Any]) -> None:
-        """Fold an event that passed `check` (folding an exact copy again changes nothing);
-        `digest` and `dumped`: its payload_digest and payload."""
+        """Fold an event that passed `Admission.check` (folding an exact copy again changes
+        nothing); `digest` and `dumped`: its payload_digest and payload."""
         _fold(self.threads, event.thread_id, thread_candidate(event, digest))
         event_messages, event_usage = candidates(event, digest, dumped)
         for message in event_messages:
-            if message.key.origin_event_id is not None:
-                self.origins.setdefault(message.key.origin_event_id, message.key)
             _fold(self.messages, message.key, message)
         if event_usage is not None:
             _fold(self.usage, event_usage.key, event_usage)
@@ -419,7 +427,7 @@ class Fold:
 
 def reduce_batch(events: Sequence[AnyEvent], stored: StoredState) -> BatchPlan:
     """Fold a batch (in arrival order) against the stored registers."""
-    fold = Fold(stored)
+    admission, fold = Admission(stored), Fold()
     decided: list[Outcome | None] = []  # None: accepted, decided once the batch is folded
     copies: list[Copy | None] = []
     rejections: dict[int, Rejection] = {}
@@ -428,7 +436,7 @@ def reduce_batch(events: Sequence[AnyEvent], stored: StoredState) -> BatchPlan:
     copy_of: dict[int, Copy] = {}
 
     for index, event in enumerate(events):
-        rejection = fold.check(event)
+        rejection = admission.check(event)
         if rejection is not None:
             rejections[index] = rejection
             decided.append(Outcome.REJECTED)

@@ -7,10 +7,12 @@ offsets, so they never disturb the running consumers.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import groupby
+from operator import itemgetter
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -20,14 +22,18 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer import dlq
 from consumer.closing import stop_consumer
+from consumer.dlq import HEADER_HEADROOM
 from consumer.failures import TopicMissingError
-from consumer.ledger import Difference, Rebuild, compare, expected_rows, totals
-from consumer.queries import read_ledger, rewind_offsets
+from consumer.ledger import TOTALS, Difference, LedgerRows, add_totals, compare, rebuild_by_thread
+from consumer.merge import Admission, StoredState
+from consumer.queries import ledger_by_thread, rewind_offsets
 from consumer.schema import connect_checked
 from consumer.settings import Settings
+from consumer.spill import SortedSpill
 from consumer.store import load_offsets
+from consumer.topics import max_message_bytes
 from producer.client import ProducerResource
-from producer.events import Rejection, decode_event
+from producer.events import AnyEvent, BatchDecoder, Rejection, decode_event
 
 log = logging.getLogger(__name__)
 FETCH_BYTES = 64 * 1024 * 1024
@@ -43,16 +49,19 @@ async def _database(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
 
 
 @asynccontextmanager
-async def _reader(settings: Settings) -> AsyncIterator[AIOKafkaConsumer]:
+async def _reader(
+    settings: Settings, fetch_bytes: int = FETCH_BYTES
+) -> AsyncIterator[AIOKafkaConsumer]:
     """read_committed, like the consumer: verify rebuilds the ledger from the records the
-    consumer can have applied, and replay's end offsets are the ends of what it reads."""
+    consumer can have applied, and replay's end offsets are the ends of what it reads.
+    `fetch_bytes`: per partition and per fetch, at least the largest record it may meet."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=None,
         enable_auto_commit=False,
         isolation_level="read_committed",
-        max_partition_fetch_bytes=FETCH_BYTES,
-        fetch_max_bytes=FETCH_BYTES,
+        max_partition_fetch_bytes=fetch_bytes,
+        fetch_max_bytes=fetch_bytes,
         **settings.kafka_security(),
     )
     try:
@@ -114,17 +123,28 @@ async def read_range(
 # -- verify ----------------------------------------------------------------------------------
 
 
+MAX_DIFFERENCES = 1_000  # kept to show; all of them are counted
+
+
 @dataclass
 class VerifyReport:
     records_read: int = 0
-    skipped: int = 0  # undecodable or dead-lettered: never part of the ledger
-    expected: dict[str, int] = field(default_factory=dict)
-    actual: dict[str, int] = field(default_factory=dict)
-    differences: list[Difference] = field(default_factory=list)
+    skipped: int = 0  # undecodable, dead-lettered or rejected by the merge: never in the ledger
+    expected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TOTALS, 0))
+    actual: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TOTALS, 0))
+    differences: list[Difference] = field(default_factory=list)  # the first MAX_DIFFERENCES
+    difference_count: int = 0
 
     @property
     def ok(self) -> bool:
-        return not self.differences and self.expected == self.actual
+        return not self.difference_count and self.expected == self.actual
+
+    def add(self, expected: LedgerRows, actual: LedgerRows) -> None:
+        add_totals(self.expected, expected)
+        add_totals(self.actual, actual)
+        found = compare(expected, actual)
+        self.difference_count += len(found)
+        self.differences.extend(found[: MAX_DIFFERENCES - len(self.differences)])
 
 
 async def _dead_lettered_positions(
@@ -138,36 +158,110 @@ async def _dead_lettered_positions(
     return positions
 
 
+# An admitted record, spilled to be regrouped by thread: (thread_id, arrival, timestamp, value).
+Spilled = tuple[int, int, int, bytes]
+
+
 async def verify(settings: Settings) -> VerifyReport:
-    """Rebuild the ledger from the topic (up to the stored offsets) and compare it. Memory
-    is the ledger's rows (expected and stored) and the dead letters' positions, whatever the
-    number of records, duplicates and replays on the topic."""
+    """Rebuild the ledger from the topic (up to the stored offsets) and compare it, one thread
+    at a time. Memory is bounded whatever the topic's size: the records are read once in
+    arrival order (the order-dependent rules need it) and spilled to sorted temporary files,
+    then each thread's records are folded and compared with that thread's stored rows, read
+    through cursors. The offsets and the ledger are read in one REPEATABLE READ snapshot, so
+    verify can run beside the consumers (the rows and offsets of a batch commit together)."""
     report = VerifyReport()
-    async with _reader(settings) as consumer, _database(settings) as conn:
-        partitions = await _partitions(settings, settings.topic, variable="LEDGER_TOPIC")
-        stored = await load_offsets(
+    partitions = await _partitions(settings, settings.topic, variable="LEDGER_TOPIC")
+    # Fetches sized like the consumer's, for the largest record the topic (and so its dead
+    # letters) can hold: parsed records cost several times their bytes, so this bounds memory.
+    fetch_bytes = await _largest_record(settings) + HEADER_HEADROOM
+    async with (
+        _reader(settings, fetch_bytes) as consumer,
+        _database(settings) as conn,
+        conn.transaction(isolation="repeatable_read", readonly=True),
+    ):
+        stored = await load_offsets(  # the first statement: it takes the snapshot
             conn, settings.group_id, settings.topic, [tp.partition for tp in partitions]
         )
         skip = await _dead_lettered_positions(settings, consumer)
-        built = Rebuild()  # streamed: holds the ledger's rows, never the topic's events
+        admission = Admission(StoredState())
         ends = {tp: stored.get(tp.partition, 0) for tp in partitions}
-        async for record in read_range(consumer, ends):
-            report.records_read += 1
-            event = decode_event(
-                record.value,
-                timestamp_ms=record.timestamp,
-                max_bytes=settings.max_event_bytes,
-                max_future_skew=settings.future_skew,
-            )
-            if isinstance(event, Rejection) or (record.partition, record.offset) in skip:
-                report.skipped += 1
-                continue
-            built.add(event)
-        expected = expected_rows(built.ledger())
-        actual = await read_ledger(conn)
-    report.expected, report.actual = totals(expected), totals(actual)
-    report.differences = compare(expected, actual)
+        spill: SortedSpill[Spilled] = SortedSpill(key=itemgetter(0, 1), size=_spilled_bytes)
+        with spill:
+            async for record in read_range(consumer, ends):
+                report.records_read += 1
+                event = decode_event(
+                    record.value,
+                    timestamp_ms=record.timestamp,
+                    max_bytes=settings.max_event_bytes,
+                    max_future_skew=settings.future_skew,
+                )
+                if (
+                    isinstance(event, Rejection)
+                    or (record.partition, record.offset) in skip
+                    or admission.check(event) is not None
+                ):
+                    report.skipped += 1
+                    continue
+                assert record.value is not None  # it decoded
+                spill.add((event.thread_id, report.records_read, record.timestamp, record.value))
+            expected = rebuild_by_thread(_by_thread(spill, settings.max_event_bytes))
+            await _compare(expected, ledger_by_thread(conn), report)
     return report
+
+
+def _spilled_bytes(item: Spilled) -> int:
+    return len(item[3])
+
+
+async def _largest_record(settings: Settings) -> int:
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, **settings.kafka_security()
+    )
+    try:
+        await admin.start()
+        return await max_message_bytes(admin, settings.topic)
+    finally:
+        await admin.close()
+
+
+def _by_thread(
+    spilled: Iterable[Spilled], max_bytes: int
+) -> Iterator[tuple[int, Iterator[AnyEvent]]]:
+    """The spilled records, decoded again, one thread at a time in arrival order."""
+    for thread_id, records in groupby(spilled, key=itemgetter(0)):
+        # The skew was judged on the first read; a redelivered value is decoded once.
+        decode = BatchDecoder(max_bytes=max_bytes, max_future_skew=None)
+        yield thread_id, (_decoded_again(decode, value, at) for _, _, at, value in records)
+
+
+def _decoded_again(decode: BatchDecoder, value: bytes, timestamp_ms: int) -> AnyEvent:
+    event = decode(value, timestamp_ms)
+    if isinstance(event, Rejection):  # decoding is a function of (value, timestamp)
+        raise RuntimeError(f"a record decoded the second time was rejected: {event.reason}")
+    return event
+
+
+async def _compare(
+    expected: Iterator[tuple[int, LedgerRows]],
+    actual: AsyncIterator[tuple[int, LedgerRows]],
+    report: VerifyReport,
+) -> None:
+    """Merge-join the expected and the stored threads (both in ascending thread id)."""
+    want, have = next(expected, None), await anext(actual, None)
+    while want is not None or have is not None:
+        if have is None or (want is not None and want[0] < have[0]):
+            assert want is not None
+            report.add(want[1], NO_ROWS)
+            want = next(expected, None)
+        elif want is None or have[0] < want[0]:
+            report.add(NO_ROWS, have[1])
+            have = await anext(actual, None)
+        else:
+            report.add(want[1], have[1])
+            want, have = next(expected, None), await anext(actual, None)
+
+
+NO_ROWS = LedgerRows(threads={}, messages={}, usage={})
 
 
 # -- replay ----------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Set
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Set
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -17,15 +17,71 @@ from consumer.store import content_claim, source_claim, stored_key
 from producer import jsonvalues
 from producer.events import TOKEN_KINDS, UNATTRIBUTED
 
+THREADS = "SELECT * FROM chat_threads"
+MESSAGES = "SELECT * FROM chat_messages"
+USAGE = (
+    "SELECT u.*, m.role, m.turn_id, m.content_event_id AS message_event_id"
+    " FROM token_usage u JOIN chat_messages m ON m.id = u.message_id"
+)
+CURSOR_ROWS = 2_000  # fetched per round trip by ledger_by_thread
+
 
 async def read_ledger(conn: asyncpg.Connection) -> LedgerRows:
     """Every ledger row as comparable values (see merge.LedgerRows)."""
-    threads = await conn.fetch("SELECT * FROM chat_threads")
-    messages = await conn.fetch("SELECT * FROM chat_messages")
-    usage = await conn.fetch(
-        "SELECT u.*, m.role, m.turn_id, m.content_event_id AS message_event_id"
-        " FROM token_usage u JOIN chat_messages m ON m.id = u.message_id"
-    )
+    return _rows(await conn.fetch(THREADS), await conn.fetch(MESSAGES), await conn.fetch(USAGE))
+
+
+async def ledger_by_thread(conn: asyncpg.Connection) -> AsyncIterator[tuple[int, LedgerRows]]:
+    """The ledger one thread at a time, in ascending thread id, read through server-side
+    cursors: memory is one thread's rows. Call it inside a transaction (cursors need one; a
+    REPEATABLE READ one makes the three tables one snapshot)."""
+    tables = [
+        _ByThread(conn.cursor(THREADS + " ORDER BY id", prefetch=CURSOR_ROWS), "id"),
+        _ByThread(conn.cursor(MESSAGES + " ORDER BY thread_id", prefetch=CURSOR_ROWS)),
+        _ByThread(conn.cursor(USAGE + " ORDER BY u.thread_id", prefetch=CURSOR_ROWS)),
+    ]
+    while True:
+        heads = [thread for table in tables if (thread := await table.head()) is not None]
+        if not heads:
+            return
+        thread_id = min(heads)
+        threads, messages, usage = [await table.take(thread_id) for table in tables]
+        yield thread_id, _rows(threads, messages, usage)
+
+
+class _ByThread:
+    """A cursor's rows (ordered by thread) handed out one thread at a time."""
+
+    def __init__(self, cursor: AsyncIterable[asyncpg.Record], column: str = "thread_id") -> None:
+        self._rows = aiter(cursor)
+        self._column = column
+        self._next: asyncpg.Record | None = None
+        self._done = False
+
+    async def head(self) -> int | None:
+        """The thread of the next row, None at the end."""
+        if self._next is None and not self._done:
+            try:
+                self._next = await anext(self._rows)
+            except StopAsyncIteration:
+                self._done = True
+        return None if self._next is None else self._next[self._column]
+
+    async def take(self, thread_id: int) -> list[asyncpg.Record]:
+        """The rows of `thread_id` (none if the next row is another thread's)."""
+        rows = []
+        while await self.head() == thread_id:
+            assert self._next is not None
+            rows.append(self._next)
+            self._next = None
+        return rows
+
+
+def _rows(
+    threads: Iterable[asyncpg.Record],
+    messages: Iterable[asyncpg.Record],
+    usage: Iterable[asyncpg.Record],
+) -> LedgerRows:
     return LedgerRows(
         threads={r["id"]: thread_values(ThreadRow(**_pick(r, ThreadRow))) for r in threads},
         messages={

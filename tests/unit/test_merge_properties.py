@@ -4,12 +4,14 @@ ledger, and it equals the plainly written reference."""
 from __future__ import annotations
 
 import random
+from itertools import groupby
+from operator import itemgetter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.ledger import expected_rows, rebuild
-from consumer.merge import Outcome, StoredState, reduce_batch
+from consumer.ledger import LedgerRows, expected_rows, rebuild, rebuild_by_thread
+from consumer.merge import Admission, Outcome, StoredState, reduce_batch
 from producer.events import AnyEvent, payload_digest
 from tests.reference import reference_rows
 from tests.strategies import delivered
@@ -33,6 +35,34 @@ def test_order_and_duplicates_do_not_matter(events: list[AnyEvent], rng: random.
 @given(delivered(consistent_spaces=False))
 def test_conflicting_spaces_follow_arrival_order(events: list[AnyEvent]) -> None:
     assert expected_rows(rebuild(events)) == reference_rows(events)
+
+
+@settings(max_examples=300, deadline=None)
+@given(delivered(consistent_spaces=False))
+def test_thread_by_thread_after_admission_equals_the_whole_rebuild(events: list[AnyEvent]) -> None:
+    """What verify does: admit every event in arrival order (the order-dependent rules), regroup
+    the admitted ones by thread keeping their order, fold each thread alone."""
+    admission = Admission(StoredState())
+    admitted = [
+        (event.thread_id, arrival, event)
+        for arrival, event in enumerate(events)
+        if admission.check(event) is None
+    ]
+    admitted.sort(key=itemgetter(0, 1))
+    groups = (
+        (thread_id, (event for _, _, event in group))
+        for thread_id, group in groupby(admitted, key=itemgetter(0))
+    )
+    whole = LedgerRows(threads={}, messages={}, usage={})
+    thread_ids = []
+    for thread_id, rows in rebuild_by_thread(groups):
+        thread_ids.append(thread_id)
+        assert all(key.thread_id == thread_id for key in [*rows.messages, *rows.usage])
+        whole.threads.update(rows.threads)
+        whole.messages.update(rows.messages)
+        whole.usage.update(rows.usage)
+    assert thread_ids == sorted(set(thread_ids))
+    assert whole == expected_rows(rebuild(events))
 
 
 @settings(max_examples=100, deadline=None)

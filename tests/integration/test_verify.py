@@ -1,0 +1,137 @@
+"""`verify` regroups the topic by thread through an external sort and compares one thread at a
+time: it must find every kind of difference wherever it is in the order, whatever the number
+of runs on disk, and read the offsets and the ledger in one snapshot so that it can run beside
+consumers that are applying."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import consumer.operations
+from consumer.operations import verify
+from consumer.settings import load_settings
+from consumer.spill import SortedSpill
+from producer.simulator import TrafficConfig, plan_traffic
+from tests.integration.harness import ConsumerProcess, Stack
+
+START = datetime(2026, 11, 27, 9, 0, tzinfo=UTC)
+
+
+class TinySpill(SortedSpill[Any]):
+    """verify's spill with a budget of a few records, so nearly every record is a run on disk
+    and the runs are merged before they are read."""
+
+    most_runs = 0
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs, run_bytes=4_096, max_runs=4)
+
+    def add(self, item: Any) -> None:
+        super().add(item)
+        TinySpill.most_runs = max(TinySpill.most_runs, self.runs)
+
+
+async def _consumed(stack: Stack, tmp_path: Path, processes: list[ConsumerProcess]) -> None:
+    records, _ = plan_traffic(TrafficConfig(threads=30, turns_per_thread=3, seed=27, start=START))
+    await stack.publish(records)
+    drain = ConsumerProcess(stack.env(), tmp_path / "drain.log", "--until-idle").start()
+    processes.append(drain)
+    assert drain.wait() == 0, drain.logs()
+
+
+async def test_differences_at_the_first_and_last_thread_and_in_between_are_all_found(
+    kafka_bootstrap: str,
+    ledger_url: str,
+    processes: list[ConsumerProcess],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    await _consumed(stack, tmp_path, processes)
+    monkeypatch.setattr(consumer.operations, "SortedSpill", TinySpill)
+    settings = load_settings(
+        kafka_bootstrap=stack.bootstrap,
+        database_url=stack.database_url,
+        topic=stack.topic,
+        dlq_topic=stack.dlq_topic,
+        group_id=stack.group_id,
+    )
+
+    clean = await verify(settings)
+    assert clean.ok, clean.differences
+    assert TinySpill.most_runs >= 2  # the records went to disk in runs and came back merged
+    assert clean.expected["threads"] == 30
+    assert clean.expected == clean.actual
+
+    conn = await stack.connect()
+    try:
+        first, last = await conn.fetchrow("SELECT min(id), max(id) FROM chat_threads")
+        middle = await conn.fetchval(
+            "SELECT thread_id FROM token_usage WHERE thread_id NOT IN ($1, $2)"
+            " ORDER BY thread_id LIMIT 1",
+            first,
+            last,
+        )
+        rows_of_first = await conn.fetchval(
+            "SELECT (SELECT count(*) FROM chat_messages WHERE thread_id = $1)"
+            " + (SELECT count(*) FROM token_usage WHERE thread_id = $1)",
+            first,
+        )
+        # The first thread vanishes (its rows cascade); a thread no event ever named follows the
+        # last one; in between, one usage row is billed one micro more.
+        await conn.execute("DELETE FROM chat_threads WHERE id = $1", first)
+        await conn.execute(
+            "INSERT INTO chat_threads (id, search_space_id, created_at, updated_at)"
+            " VALUES ($1, 1, now(), now())",
+            last + 1,
+        )
+        await conn.execute(
+            "UPDATE token_usage SET cost_micros = cost_micros + 1"
+            " WHERE id = (SELECT min(id) FROM token_usage WHERE thread_id = $1)",
+            middle,
+        )
+    finally:
+        await conn.close()
+
+    corrupted = await verify(settings)
+    assert not corrupted.ok
+    found = {(d.table, d.key, d.problem) for d in corrupted.differences}
+    assert ("chat_threads", f"thread {first}", "missing") in found
+    assert ("chat_threads", f"thread {last + 1}", "unexpected") in found
+    assert [d.problem for d in corrupted.differences if d.key.startswith(f"thread {middle} ")] == [
+        "differs in cost_micros"
+    ]
+    first_thread = [d for d in corrupted.differences if d.key.split()[1] == str(first)]
+    assert {d.problem for d in first_thread} == {"missing"}
+    assert len(first_thread) == 1 + rows_of_first  # the thread and each of its rows
+    assert corrupted.difference_count == len(corrupted.differences) == len(first_thread) + 2
+    assert corrupted.actual["threads"] == corrupted.expected["threads"]  # one gone, one extra
+    assert corrupted.actual["cost_micros"] != corrupted.expected["cost_micros"]
+
+
+async def test_verify_beside_a_consumer_that_is_applying_finds_the_ledger_clean(
+    kafka_bootstrap: str, ledger_url: str, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    records, _ = plan_traffic(
+        TrafficConfig(threads=150, turns_per_thread=4, seed=28, poison_rate=0, start=START)
+    )
+    await stack.publish(records)
+    # Small batches: the ledger and its offsets move many times while verify reads the topic.
+    consumer_process = ConsumerProcess(stack.env(LEDGER_MAX_BATCH="10"), tmp_path / "c.log").start()
+    processes.append(consumer_process)
+    moved_during = 0
+    for _ in range(3):
+        before = sum((await stack.stored_offsets()).values())
+        verified = await asyncio.to_thread(stack.cli, "verify")
+        after = sum((await stack.stored_offsets()).values())
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        moved_during += before < after
+        if await stack.caught_up():
+            break
+    assert moved_during >= 1, "the consumer never applied while verify ran"

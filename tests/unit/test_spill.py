@@ -1,0 +1,105 @@
+"""The external sort behind `verify`: sorted and stable whatever the number of runs on disk,
+memory bounded by its budget, and no temporary file left behind."""
+
+from __future__ import annotations
+
+import tempfile
+import tracemalloc
+from operator import itemgetter
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from consumer.spill import RUN_READ_AHEAD, SortedSpill
+
+Item = tuple[int, int, bytes]
+
+
+def _spill(directory: Path, run_bytes: int, max_runs: int = 64) -> SortedSpill[Item]:
+    return SortedSpill[Item](
+        key=itemgetter(0),
+        size=lambda item: len(item[2]),
+        run_bytes=run_bytes,
+        max_runs=max_runs,
+        directory=str(directory),
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    keys=st.lists(st.integers(0, 20), max_size=300),
+    run_bytes=st.integers(1, 2_000),
+    max_runs=st.integers(2, 5),
+)
+def test_items_come_back_sorted_and_stable_from_any_number_of_runs(
+    keys: list[int], run_bytes: int, max_runs: int
+) -> None:
+    directory = Path(tempfile.gettempdir())
+    items = [(key, arrival, b"x" * (arrival % 7)) for arrival, key in enumerate(keys)]
+    with _spill(directory, run_bytes, max_runs) as spill:
+        for item in items:
+            spill.add(item)
+        assert len(spill) == len(items)
+        # Stable: equal keys keep their arrival order (sorted() is stable too).
+        assert list(spill) == sorted(items, key=itemgetter(0))
+
+
+def test_a_small_budget_goes_to_disk_and_leaves_no_file(tmp_path: Path) -> None:
+    spill = _spill(tmp_path, run_bytes=4_096, max_runs=4)
+    for arrival in range(2_000):
+        spill.add((-arrival, arrival, b"v" * 100))
+    assert spill.runs >= 1  # past max_runs the runs were merged into one
+    assert spill.runs < 4
+    # TemporaryFile is unlinked at once: the directory stays empty while the runs are open.
+    assert list(tmp_path.iterdir()) == []
+    merged = list(spill)
+    assert [item[1] for item in merged] == list(range(1_999, -1, -1))
+    assert spill.runs == 0
+
+
+def test_memory_stays_within_the_budget_whatever_the_volume(tmp_path: Path) -> None:
+    budget = 4 << 20
+    volume = 96 << 20  # 24 times the budget
+    value = b"c" * 4_000
+    tracemalloc.start()
+    try:
+        spill = _spill(tmp_path, run_bytes=budget)
+        for arrival in range(volume // len(value)):
+            spill.add((arrival % 997, arrival, value[: 3_000 + arrival % 1_000]))
+        _, adding_peak = tracemalloc.get_traced_memory()
+        runs = spill.runs
+        tracemalloc.reset_peak()
+        previous = -1
+        count = 0
+        for key, _, _ in spill:
+            assert key >= previous
+            previous = key
+            count += 1
+        _, reading_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == volume // len(value)
+    assert runs >= 20
+    assert adding_peak < 2 * budget
+    # Reading holds one item and the file's buffer per run.
+    assert reading_peak < budget + runs * RUN_READ_AHEAD
+    assert reading_peak < volume / 3
+
+
+def test_an_abandoned_iteration_or_close_releases_the_runs(tmp_path: Path) -> None:
+    spill = _spill(tmp_path, run_bytes=1_024)
+    for arrival in range(500):
+        spill.add((arrival % 10, arrival, b"z" * 50))
+    assert spill.runs > 1
+    reading = iter(spill)
+    next(reading)
+    reading.close()  # what garbage collection does to an abandoned generator
+    spill.close()
+    assert spill.runs == 0
+    fresh = _spill(tmp_path, run_bytes=1_024)
+    for arrival in range(500):
+        fresh.add((arrival, arrival, b"z" * 50))
+    fresh.close()
+    assert fresh.runs == 0
+    assert list(fresh) == []

@@ -223,6 +223,9 @@ class Pipeline:
         if not committed or generation != self.checkpoints.generation:
             self._stale.extend(records)  # fetched from positions that no longer hold
             return False
+        if self._stop.is_set():  # asked while the last batch committed: start no other
+            self._stale.extend(records)
+            return False
         self._inflight = asyncio.create_task(self._put_prepared(records, decoded))
         return False
 

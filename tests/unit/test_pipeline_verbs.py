@@ -245,6 +245,27 @@ async def test_the_batch_fetched_during_a_fenced_commit_is_discarded_never_skipp
     assert ledger.offsets.stored == {0: 30}
 
 
+async def test_a_stop_requested_while_a_batch_commits_starts_no_other() -> None:
+    records = _records(30)
+    log, ledger = FakeLog(records), FakeLedger(FakeOffsets())
+    commit = ledger.__call__
+
+    async def stop_meanwhile(
+        moves: Sequence[OffsetMove], decoded: Decoded, report: Report
+    ) -> Applied:
+        pipeline.request_stop()  # SIGTERM while the first batch is in flight
+        return await commit(moves, decoded, report)
+
+    ledger.offsets.stored[0] = 0
+    pipeline = _pipeline(log, ledger)
+    pipeline.commit = stop_meanwhile
+    await pipeline.open([TP])
+    await pipeline.run()
+    # The next batch was fetched and decoded while the first committed: it is not started.
+    assert ledger.applied == [0, 1, 2, 3]
+    assert ledger.offsets.stored == {0: 4}
+
+
 async def test_a_batch_holds_at_most_max_batch_bytes_of_values_and_skips_nothing() -> None:
     records = _records(40)
     cap = sum(len(r.value) for r in records[:3])  # three records' worth, at most

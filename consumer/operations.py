@@ -22,7 +22,6 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer import dlq
 from consumer.closing import stop_consumer
-from consumer.dlq import HEADER_HEADROOM
 from consumer.failures import TopicMissingError
 from consumer.ledger import TOTALS, Difference, LedgerRows, add_totals, compare, rebuild_by_thread
 from consumer.merge import Admission, StoredState
@@ -31,12 +30,15 @@ from consumer.schema import connect_checked
 from consumer.settings import Settings
 from consumer.spill import SortedSpill
 from consumer.store import load_offsets
-from consumer.topics import max_message_bytes
 from producer.client import ProducerResource
-from producer.events import AnyEvent, BatchDecoder, Rejection, decode_event
+from producer.events import AnyEvent, Rejection, decode_event
 
 log = logging.getLogger(__name__)
 FETCH_BYTES = 64 * 1024 * 1024
+# verify's fetches: parsed records cost several times their bytes, so this bounds its memory.
+# A record larger than it is still returned whole (the broker hands out a first batch of any
+# size), as is one over the topic's max.message.bytes lowered after it was written.
+VERIFY_FETCH_BYTES = 1024 * 1024
 
 
 @asynccontextmanager
@@ -108,6 +110,11 @@ async def read_range(
     wanted = {tp: end for tp, end in ends.items() if end > 0}
     if not wanted:
         return
+    # An end past the log's (a topic recreated under a ledger) would be waited for forever.
+    log_ends = await consumer.end_offsets(list(wanted))
+    wanted = {tp: min(end, log_ends[tp]) for tp, end in wanted.items() if log_ends[tp] > 0}
+    if not wanted:
+        return
     consumer.assign(list(wanted))
     await consumer.seek_to_beginning(*wanted)
     remaining = {tp for tp, end in wanted.items() if await consumer.position(tp) < end}
@@ -164,22 +171,24 @@ Spilled = tuple[int, int, int, bytes]
 
 async def verify(settings: Settings) -> VerifyReport:
     """Rebuild the ledger from the topic (up to the stored offsets) and compare it, one thread
-    at a time. Memory is bounded whatever the topic's size: the records are read once in
-    arrival order (the order-dependent rules need it) and spilled to sorted temporary files,
-    then each thread's records are folded and compared with that thread's stored rows, read
-    through cursors. The offsets and the ledger are read in one REPEATABLE READ snapshot, so
-    verify can run beside the consumers (the rows and offsets of a batch commit together)."""
+    at a time. The records are read once in arrival order (the order-dependent rules need it)
+    and spilled to sorted temporary files, then each thread's records are folded and compared
+    with that thread's stored rows, read through cursors. Memory does not grow with records or
+    rows: it is one thread's rows, the fetch and spill buffers, and an entry per thread and per
+    turn-less message (merge.Admission) and per dead letter. The offsets and the ledger are
+    read in one REPEATABLE READ snapshot, held for the whole run (like pg_dump's), so verify
+    can run beside the consumers (the rows and offsets of a batch commit together)."""
     report = VerifyReport()
     partitions = await _partitions(settings, settings.topic, variable="LEDGER_TOPIC")
-    # Fetches sized like the consumer's, for the largest record the topic (and so its dead
-    # letters) can hold: parsed records cost several times their bytes, so this bounds memory.
-    fetch_bytes = await _largest_record(settings) + HEADER_HEADROOM
     async with (
-        _reader(settings, fetch_bytes) as consumer,
+        _reader(settings, VERIFY_FETCH_BYTES) as consumer,
         _database(settings) as conn,
         conn.transaction(isolation="repeatable_read", readonly=True),
     ):
-        stored = await load_offsets(  # the first statement: it takes the snapshot
+        # Idle while the topic is read (minutes for millions of records): a server-wide
+        # idle-in-transaction guard must not end it. Takes no snapshot: load_offsets does.
+        await conn.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
+        stored = await load_offsets(
             conn, settings.group_id, settings.topic, [tp.partition for tp in partitions]
         )
         skip = await _dead_lettered_positions(settings, consumer)
@@ -213,29 +222,19 @@ def _spilled_bytes(item: Spilled) -> int:
     return len(item[3])
 
 
-async def _largest_record(settings: Settings) -> int:
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap, **settings.kafka_security()
-    )
-    try:
-        await admin.start()
-        return await max_message_bytes(admin, settings.topic)
-    finally:
-        await admin.close()
-
-
 def _by_thread(
     spilled: Iterable[Spilled], max_bytes: int
 ) -> Iterator[tuple[int, Iterator[AnyEvent]]]:
     """The spilled records, decoded again, one thread at a time in arrival order."""
     for thread_id, records in groupby(spilled, key=itemgetter(0)):
-        # The skew was judged on the first read; a redelivered value is decoded once.
-        decode = BatchDecoder(max_bytes=max_bytes, max_future_skew=None)
-        yield thread_id, (_decoded_again(decode, value, at) for _, _, at, value in records)
+        yield thread_id, (_decoded_again(value, at, max_bytes) for _, _, at, value in records)
 
 
-def _decoded_again(decode: BatchDecoder, value: bytes, timestamp_ms: int) -> AnyEvent:
-    event = decode(value, timestamp_ms)
+def _decoded_again(value: bytes, timestamp_ms: int, max_bytes: int) -> AnyEvent:
+    # The skew was judged on the first read.
+    event = decode_event(
+        value, timestamp_ms=timestamp_ms, max_bytes=max_bytes, max_future_skew=None
+    )
     if isinstance(event, Rejection):  # decoding is a function of (value, timestamp)
         raise RuntimeError(f"a record decoded the second time was rejected: {event.reason}")
     return event

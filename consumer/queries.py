@@ -23,7 +23,9 @@ USAGE = (
     "SELECT u.*, m.role, m.turn_id, m.content_event_id AS message_event_id"
     " FROM token_usage u JOIN chat_messages m ON m.id = u.message_id"
 )
-CURSOR_ROWS = 2_000  # fetched per round trip by ledger_by_thread
+# Rows per round trip of ledger_by_thread's cursors: a row holds at most one event's content
+# or breakdown (LEDGER_MAX_EVENT_BYTES), so the three cursors buffer at most 300 of those.
+CURSOR_ROWS = 100
 
 
 async def read_ledger(conn: asyncpg.Connection) -> LedgerRows:
@@ -33,7 +35,7 @@ async def read_ledger(conn: asyncpg.Connection) -> LedgerRows:
 
 async def ledger_by_thread(conn: asyncpg.Connection) -> AsyncIterator[tuple[int, LedgerRows]]:
     """The ledger one thread at a time, in ascending thread id, read through server-side
-    cursors: memory is one thread's rows. Call it inside a transaction (cursors need one; a
+    cursors: memory is one thread's rows and the cursors' prefetch (CURSOR_ROWS each). Call it inside a transaction (cursors need one; a
     REPEATABLE READ one makes the three tables one snapshot)."""
     tables = [
         _ByThread(conn.cursor(THREADS + " ORDER BY id", prefetch=CURSOR_ROWS), "id"),

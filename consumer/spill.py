@@ -13,7 +13,7 @@ from typing import IO, Any, Generic, TypeVar
 
 T = TypeVar("T")
 RUN_BYTES = 16 * 1024 * 1024
-MAX_RUNS = 128  # open files while merging; past it the runs are merged into one first
+MAX_RUNS = 128  # runs of one level; the next one merges them into one run of the level above
 ITEM_OVERHEAD = 128  # bytes an item costs in memory beyond what `size` counts
 RUN_READ_AHEAD = 64 * 1024  # memory per run while reading: the file's buffer and one item
 _LENGTH = struct.Struct("<I")
@@ -24,7 +24,10 @@ class SortedSpill(Generic[T]):
     equal keys come back in the order they were added). The items must pickle.
 
     Memory: `run_bytes` of items while adding; while reading, one item and RUN_READ_AHEAD per
-    run (at most `max_runs`). Disk: the items, once (again while runs are merged)."""
+    run. Runs are merged in levels, `max_runs` of one level into one run of the next, so each
+    item is rewritten once per level (log base max_runs of the runs) and at most
+    `max_runs` - 1 runs per level are open. Disk: the items, plus a level's worth while it
+    is merged."""
 
     def __init__(
         self,
@@ -39,7 +42,10 @@ class SortedSpill(Generic[T]):
         self._run_bytes, self._max_runs, self._directory = run_bytes, max_runs, directory
         self._buffer: list[T] = []
         self._buffered = 0
-        self._runs: list[IO[bytes]] = []
+        # _levels[n]: runs of max_runs**n buffers each, oldest first. Every item of a higher
+        # level was added before every item of a lower one (a level empties when it merges up).
+        self._levels: list[list[IO[bytes]]] = []
+        self._files: set[IO[bytes]] = set()  # every run not yet read to its end
         self._count = 0
 
     def __len__(self) -> int:
@@ -47,36 +53,44 @@ class SortedSpill(Generic[T]):
 
     @property
     def runs(self) -> int:
-        """How many runs went to disk so far."""
-        return len(self._runs)
+        """How many runs are on disk."""
+        return sum(map(len, self._levels))
 
     def add(self, item: T) -> None:
         self._buffer.append(item)
         self._count += 1
         self._buffered += self._size(item) + ITEM_OVERHEAD
         if self._buffered >= self._run_bytes:
-            self._write_run(sorted(self._buffer, key=self._key))
+            run = self._write_run(sorted(self._buffer, key=self._key))
             self._buffer, self._buffered = [], 0
-            if len(self._runs) >= self._max_runs:
-                merged = self._merged(self._runs)
-                self._runs = []
-                self._write_run(merged)
+            level = 0
+            while True:
+                if level == len(self._levels):
+                    self._levels.append([])
+                self._levels[level].append(run)
+                if len(self._levels[level]) < self._max_runs:
+                    break
+                full, self._levels[level] = self._levels[level], []
+                run = self._write_run(self._merged(full))
+                level += 1
 
     def __iter__(self) -> Generator[T]:
         """The items in key order; the spill is empty afterwards (its files are gone)."""
         buffered = sorted(self._buffer, key=self._key)
         self._buffer, self._buffered = [], 0
-        if not self._runs:
+        runs = [run for level in reversed(self._levels) for run in level]  # oldest first
+        self._levels = []
+        if not runs:
             yield from buffered
             return
-        runs, self._runs = self._runs, []
-        # heapq.merge is stable across its inputs in argument order: runs hold older items.
+        # heapq.merge is stable across its inputs in argument order.
         yield from heapq.merge(self._merged(runs), iter(buffered), key=self._key)
 
     def close(self) -> None:
-        for run in self._runs:
+        """Release every run, also those an unfinished (or failed) iteration still holds."""
+        for run in self._files:
             run.close()
-        self._runs, self._buffer = [], []
+        self._files, self._levels, self._buffer = set(), [], []
 
     def __enter__(self) -> SortedSpill[T]:
         return self
@@ -84,8 +98,9 @@ class SortedSpill(Generic[T]):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _write_run(self, items: Iterable[T]) -> None:
+    def _write_run(self, items: Iterable[T]) -> IO[bytes]:
         run = tempfile.TemporaryFile(dir=self._directory)  # noqa: SIM115 (closed by _read)
+        self._files.add(run)
         try:
             for item in items:
                 # One pickle per item: a shared Unpickler's memo would keep every item it read.
@@ -94,16 +109,21 @@ class SortedSpill(Generic[T]):
                 run.write(data)
             run.seek(0)
         except BaseException:
-            run.close()
+            self._release(run)
             raise
-        self._runs.append(run)
+        return run
 
     def _merged(self, runs: list[IO[bytes]]) -> Iterator[T]:
         return heapq.merge(*(self._read(run) for run in runs), key=self._key)
 
-    @staticmethod
-    def _read(run: IO[bytes]) -> Iterator[T]:
-        with run:
+    def _read(self, run: IO[bytes]) -> Iterator[T]:
+        try:
             while header := run.read(_LENGTH.size):
                 (length,) = _LENGTH.unpack(header)
                 yield pickle.loads(run.read(length))  # noqa: S301 (our own unlinked temporary file)
+        finally:
+            self._release(run)
+
+    def _release(self, run: IO[bytes]) -> None:
+        run.close()
+        self._files.discard(run)

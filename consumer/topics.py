@@ -27,7 +27,7 @@ class TopicLimits:
     source_max_bytes: int  # the largest record the source topic accepts
 
 
-async def max_message_bytes(admin: AIOKafkaAdminClient, topic: str) -> int:
+async def _max_message_bytes(admin: AIOKafkaAdminClient, topic: str) -> int:
     # A topic created a moment ago may not be describable yet on every broker: ask again,
     # briefly, the way Kafka's own admin tools wait for metadata to propagate.
     for attempt in range(50):
@@ -51,7 +51,7 @@ async def prepare_topics(settings: Settings, *, partitions: int = 3) -> TopicLim
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **security)
     await admin.start()
     try:
-        source_max = await max_message_bytes(admin, settings.topic)
+        source_max = await _max_message_bytes(admin, settings.topic)
         needed = source_max + HEADER_HEADROOM
         await ensure_topic(
             settings.kafka_bootstrap,
@@ -60,7 +60,7 @@ async def prepare_topics(settings: Settings, *, partitions: int = 3) -> TopicLim
             config={MAX_MESSAGE_BYTES: str(needed)},
             **security,
         )
-        dlq_max = await max_message_bytes(admin, settings.dlq_topic)
+        dlq_max = await _max_message_bytes(admin, settings.dlq_topic)
     finally:
         await admin.close()
     if dlq_max < needed:

@@ -6,6 +6,8 @@ consumers that are applying."""
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import pytest
 
 import consumer.operations
 from consumer.operations import verify
-from consumer.settings import load_settings
+from consumer.settings import Settings, load_settings
 from consumer.spill import SortedSpill
 from producer.simulator import TrafficConfig, plan_traffic
 from tests.integration.harness import ConsumerProcess, Stack
@@ -135,3 +137,88 @@ async def test_verify_beside_a_consumer_that_is_applying_finds_the_ledger_clean(
         if await stack.caught_up():
             break
     assert moved_during >= 1, "the consumer never applied while verify ran"
+
+
+def _settings(stack: Stack) -> Settings:
+    return load_settings(
+        kafka_bootstrap=stack.bootstrap,
+        database_url=stack.database_url,
+        topic=stack.topic,
+        dlq_topic=stack.dlq_topic,
+        group_id=stack.group_id,
+    )
+
+
+async def test_a_read_longer_than_the_idle_in_transaction_guard_is_not_cut_off(
+    kafka_bootstrap: str,
+    ledger_url: str,
+    processes: list[ConsumerProcess],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The snapshot stays open while the topic is read (minutes for millions of records): a
+    database that ends sessions idle in a transaction must not end verify's."""
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    await _consumed(stack, tmp_path, processes)
+    conn = await stack.connect()
+    try:
+        database = await conn.fetchval("SELECT current_database()")
+        await conn.execute(
+            f'ALTER DATABASE "{database}" SET idle_in_transaction_session_timeout = 500'
+        )
+    finally:
+        await conn.close()
+    read_range = consumer.operations.read_range
+
+    async def slow_topic(*args: Any) -> AsyncIterator[Any]:
+        await asyncio.sleep(1.5)  # three times the guard, with the snapshot taken
+        async for record in read_range(*args):
+            yield record
+
+    monkeypatch.setattr(consumer.operations, "read_range", slow_topic)
+    report = await verify(_settings(stack))
+    assert report.ok, report.differences
+
+
+async def test_records_larger_than_a_fetch_are_read_whole(
+    kafka_bootstrap: str,
+    ledger_url: str,
+    processes: list[ConsumerProcess],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    records, _ = plan_traffic(TrafficConfig(threads=5, turns_per_thread=2, seed=3, start=START))
+    large = []
+    for key, value in records:
+        body = json.loads(value)
+        if body.get("type") == "turn.started":
+            body["user_query"] = "x" * 300_000
+        large.append((key, json.dumps(body).encode()))
+    await stack.publish(large)
+    drain = ConsumerProcess(stack.env(), tmp_path / "drain.log", "--until-idle").start()
+    processes.append(drain)
+    assert drain.wait() == 0, drain.logs()
+    monkeypatch.setattr(consumer.operations, "VERIFY_FETCH_BYTES", 10_000)
+    report = await asyncio.wait_for(verify(_settings(stack)), 60)
+    assert report.ok, report.differences
+    assert report.records_read == len(large)
+
+
+async def test_stored_offsets_past_the_end_of_the_log_are_read_up_to_it_not_waited_for(
+    kafka_bootstrap: str, ledger_url: str, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    """E.g. the topic was recreated under the ledger: verify reads what the log holds and
+    compares the ledger with what is there."""
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    await _consumed(stack, tmp_path, processes)
+    conn = await stack.connect()
+    try:
+        await conn.execute(
+            "UPDATE consumer_offsets SET next_offset = next_offset + 5 WHERE group_id = $1",
+            stack.group_id,
+        )
+    finally:
+        await conn.close()
+    report = await asyncio.wait_for(verify(_settings(stack)), 60)
+    assert report.ok  # every record on the log is in the ledger, nothing more

@@ -24,6 +24,7 @@ from consumer import dlq
 from consumer.closing import stop_consumer
 from consumer.failures import TopicMissingError
 from consumer.ledger import TOTALS, Difference, LedgerRows, add_totals, compare, rebuild_by_thread
+from consumer.logs import fields
 from consumer.merge import Admission, StoredState
 from consumer.queries import ledger_by_thread, rewind_offsets
 from consumer.schema import connect_checked
@@ -112,6 +113,12 @@ async def read_range(
         return
     # An end past the log's (a topic recreated under a ledger) would be waited for forever.
     log_ends = await consumer.end_offsets(list(wanted))
+    for tp, end in sorted(wanted.items()):
+        if end > log_ends[tp]:
+            log.warning(
+                "asked to read past the end of the log: reading up to its end",
+                extra=fields(partition=tp.partition, asked=end, log_end=log_ends[tp]),
+            )
     wanted = {tp: min(end, log_ends[tp]) for tp, end in wanted.items() if log_ends[tp] > 0}
     if not wanted:
         return
@@ -185,9 +192,12 @@ async def verify(settings: Settings) -> VerifyReport:
         _database(settings) as conn,
         conn.transaction(isolation="repeatable_read", readonly=True),
     ):
-        # Idle while the topic is read (minutes for millions of records): a server-wide
-        # idle-in-transaction guard must not end it. Takes no snapshot: load_offsets does.
+        # Open while the topic is read (minutes for millions of records): the server's
+        # timeouts must not end it (pg_dump does the same). Takes no snapshot: load_offsets
+        # does.
         await conn.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
+        if conn.get_server_version().major >= 17:  # unknown to older servers
+            await conn.execute("SET LOCAL transaction_timeout = 0")
         stored = await load_offsets(
             conn, settings.group_id, settings.topic, [tp.partition for tp in partitions]
         )

@@ -19,6 +19,10 @@ RUN_READ_AHEAD = 64 * 1024  # memory per run while reading: the file's buffer an
 _LENGTH = struct.Struct("<I")
 
 
+class SpillFailedError(RuntimeError):
+    """Writing a run failed earlier (e.g. the disk is full): the spill cannot give its items."""
+
+
 class SortedSpill(Generic[T]):
     """Add items in any order, then iterate them once, sorted by `key` (stable: items with
     equal keys come back in the order they were added). The items must pickle.
@@ -26,7 +30,7 @@ class SortedSpill(Generic[T]):
     Memory: `run_bytes` of items while adding; while reading, one item and RUN_READ_AHEAD per
     run. Runs are merged in levels, `max_runs` of one level into one run of the next, so each
     item is rewritten once per level (log base max_runs of the runs) and at most
-    `max_runs` - 1 runs per level are open. Disk: the items, plus a level's worth while it
+    `max_runs` - 1 runs per level wait on disk (`max_runs` while that level merges). Disk: the items, plus a level's worth while it
     is merged."""
 
     def __init__(
@@ -38,6 +42,8 @@ class SortedSpill(Generic[T]):
         max_runs: int = MAX_RUNS,
         directory: str | None = None,
     ) -> None:
+        if max_runs < 2:
+            raise ValueError(f"max_runs must be at least 2 to merge runs, not {max_runs}")
         self._key, self._size = key, size
         self._run_bytes, self._max_runs, self._directory = run_bytes, max_runs, directory
         self._buffer: list[T] = []
@@ -47,6 +53,7 @@ class SortedSpill(Generic[T]):
         self._levels: list[list[IO[bytes]]] = []
         self._files: set[IO[bytes]] = set()  # every run not yet read to its end
         self._count = 0
+        self._failed = False
 
     def __len__(self) -> int:
         return self._count
@@ -57,25 +64,38 @@ class SortedSpill(Generic[T]):
         return sum(map(len, self._levels))
 
     def add(self, item: T) -> None:
+        if self._failed:
+            raise SpillFailedError("a run could not be written: the spill lost items")
         self._buffer.append(item)
         self._count += 1
         self._buffered += self._size(item) + ITEM_OVERHEAD
         if self._buffered >= self._run_bytes:
-            run = self._write_run(sorted(self._buffer, key=self._key))
-            self._buffer, self._buffered = [], 0
-            level = 0
-            while True:
-                if level == len(self._levels):
-                    self._levels.append([])
-                self._levels[level].append(run)
-                if len(self._levels[level]) < self._max_runs:
-                    break
-                full, self._levels[level] = self._levels[level], []
-                run = self._write_run(self._merged(full))
-                level += 1
+            try:
+                self._spill_buffer()
+            except BaseException:
+                # A merge that fails has read its runs part way: no partial result is served.
+                self._failed = True
+                self.close()
+                raise
+
+    def _spill_buffer(self) -> None:
+        run = self._write_run(sorted(self._buffer, key=self._key))
+        self._buffer, self._buffered = [], 0
+        level = 0
+        while True:
+            if level == len(self._levels):
+                self._levels.append([])
+            self._levels[level].append(run)
+            if len(self._levels[level]) < self._max_runs:
+                return
+            full, self._levels[level] = self._levels[level], []
+            run = self._write_run(self._merged(full))
+            level += 1
 
     def __iter__(self) -> Generator[T]:
         """The items in key order; the spill is empty afterwards (its files are gone)."""
+        if self._failed:
+            raise SpillFailedError("a run could not be written: the spill lost items")
         buffered = sorted(self._buffer, key=self._key)
         self._buffer, self._buffered = [], 0
         runs = [run for level in reversed(self._levels) for run in level]  # oldest first

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.spill import RUN_READ_AHEAD, SortedSpill
+from consumer.spill import RUN_READ_AHEAD, SortedSpill, SpillFailedError
 
 Item = tuple[int, int, bytes]
 
@@ -163,3 +163,40 @@ def test_closing_releases_the_runs_of_a_failed_iteration(tmp_path: Path) -> None
     with pytest.raises(RuntimeError):
         compare_and_fail()
     assert open_files() == before
+
+
+def test_fewer_than_two_runs_per_level_cannot_merge(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_runs"):
+        _spill(tmp_path, run_bytes=1, max_runs=1)
+
+
+def test_a_failed_write_fails_the_spill_instead_of_losing_items(tmp_path: Path) -> None:
+    """A full disk in the middle of a level's merge: its runs were read part way, so the
+    spill refuses to hand out anything rather than a part of its items."""
+    full_after = 5  # writes: add 0: a run; 1: a run and a merge; 2: a run; 3: a run, a merge
+    written = 0
+
+    class SmallDisk(SortedSpill[Item]):
+        def _write_run(self, items: Any) -> IO[bytes]:
+            nonlocal written
+            written += 1
+            if written > full_after:
+                next(iter(items), None)  # a merge reads its runs before the write fails
+                raise OSError(28, "No space left on device")
+            return super()._write_run(items)
+
+    spill = SmallDisk(
+        key=itemgetter(0),
+        size=lambda item: len(item[2]),
+        run_bytes=1,
+        max_runs=2,
+        directory=str(tmp_path),
+    )
+    for arrival in range(3):
+        spill.add((arrival, arrival, b""))
+    with pytest.raises(OSError, match="No space"):
+        spill.add((3, 3, b""))  # its own run written, the merge of two runs fails
+    with pytest.raises(SpillFailedError):
+        list(spill)
+    with pytest.raises(SpillFailedError):
+        spill.add((99, 99, b""))

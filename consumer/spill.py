@@ -29,9 +29,9 @@ class SortedSpill(Generic[T]):
 
     Memory: `run_bytes` of items while adding; while reading, one item and RUN_READ_AHEAD per
     run. Runs are merged in levels, `max_runs` of one level into one run of the next, so each
-    item is rewritten once per level (log base max_runs of the runs) and at most
-    `max_runs` - 1 runs per level wait on disk (`max_runs` while that level merges). Disk: the items, plus a level's worth while it
-    is merged."""
+    item is rewritten once per level (log base max_runs of the runs), and at most
+    `max_runs` - 1 runs per level wait on disk (`max_runs` while that level merges). Disk:
+    the items, plus a level's worth while it is merged."""
 
     def __init__(
         self,

@@ -193,6 +193,8 @@ consumer_offsets = Table(
     Column("partition", Integer, nullable=False),
     Column("next_offset", BigInteger, nullable=False),
     Column("updated_at", TIMESTAMP, nullable=False),
+    # The greatest next_offset ever committed: `replay` moves next_offset back, not this.
+    Column("applied_until", BigInteger, nullable=False, server_default="0"),
     PrimaryKeyConstraint("group_id", "topic", "partition"),
     CheckConstraint("next_offset >= 0", name="next_offset_non_negative"),
 )

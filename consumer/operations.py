@@ -26,11 +26,10 @@ from consumer.failures import TopicMissingError
 from consumer.ledger import TOTALS, Difference, LedgerRows, add_totals, compare, rebuild_by_thread
 from consumer.logs import fields
 from consumer.merge import Admission, StoredState
-from consumer.queries import ledger_by_thread, rewind_offsets
+from consumer.queries import applied_offsets, ledger_by_thread, rewind_offsets
 from consumer.schema import connect_checked
 from consumer.settings import Settings
 from consumer.spill import SortedSpill
-from consumer.store import load_offsets
 from producer.client import ProducerResource
 from producer.events import AnyEvent, Rejection, decode_event
 
@@ -177,7 +176,8 @@ Spilled = tuple[int, int, int, bytes]
 
 
 async def verify(settings: Settings) -> VerifyReport:
-    """Rebuild the ledger from the topic (up to the stored offsets) and compare it, one thread
+    """Rebuild the ledger from the topic (up to the furthest offsets ever applied: a `replay`
+    moves the stored ones back, not the ledger) and compare it, one thread
     at a time. The records are read once in arrival order (the order-dependent rules need it)
     and spilled to sorted temporary files, then each thread's records are folded and compared
     with that thread's stored rows, read through cursors. Memory does not grow with records or
@@ -193,17 +193,17 @@ async def verify(settings: Settings) -> VerifyReport:
         conn.transaction(isolation="repeatable_read", readonly=True),
     ):
         # Open while the topic is read (minutes for millions of records): the server's
-        # timeouts must not end it (pg_dump does the same). Takes no snapshot: load_offsets
-        # does.
+        # timeouts must not end it (pg_dump does the same). Takes no snapshot: the first
+        # query does.
         await conn.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
         if conn.get_server_version().major >= 17:  # unknown to older servers
             await conn.execute("SET LOCAL transaction_timeout = 0")
-        stored = await load_offsets(
+        applied = await applied_offsets(
             conn, settings.group_id, settings.topic, [tp.partition for tp in partitions]
         )
         skip = await _dead_lettered_positions(settings, consumer)
         admission = Admission(StoredState())
-        ends = {tp: stored.get(tp.partition, 0) for tp in partitions}
+        ends = {tp: applied.get(tp.partition, 0) for tp in partitions}
         spill: SortedSpill[Spilled] = SortedSpill(key=itemgetter(0, 1), size=_spilled_bytes)
         with spill:
             async for record in read_range(consumer, ends):

@@ -125,6 +125,22 @@ def _pick(row: Mapping[str, Any], cls: type, skip: Set[str] = frozenset()) -> di
     return {f.name: row[f.name] for f in dataclasses.fields(cls) if f.name not in skip}
 
 
+async def applied_offsets(
+    conn: asyncpg.Connection, group_id: str, topic: str, partitions: Iterable[int]
+) -> dict[int, int]:
+    """Per partition, the end of what the ledger holds: the furthest next_offset ever
+    committed (after a `replay` the ledger still holds the records past next_offset)."""
+    rows = await conn.fetch(
+        "SELECT partition, greatest(next_offset, applied_until) AS applied"
+        " FROM consumer_offsets"
+        " WHERE group_id = $1 AND topic = $2 AND partition = ANY($3::int[])",
+        group_id,
+        topic,
+        sorted(partitions),
+    )
+    return {row["partition"]: row["applied"] for row in rows}
+
+
 # -- replay: rewind stored offsets -----------------------------------------------------------
 
 

@@ -95,7 +95,8 @@ class OffsetMove:
 
 
 _ADVANCE = """
-UPDATE consumer_offsets AS o SET next_offset = v.next_offset, updated_at = now()
+UPDATE consumer_offsets AS o SET next_offset = v.next_offset, updated_at = now(),
+  applied_until = greatest(o.applied_until, v.next_offset)
 FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS v(partition, expected, next_offset)
 WHERE o.group_id = $1 AND o.topic = $2 AND o.partition = v.partition
   AND o.next_offset = v.expected
@@ -103,8 +104,8 @@ RETURNING o.partition
 """
 
 _CLAIM = """
-INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, updated_at)
-SELECT $1, $2, v.partition, v.next_offset, now()
+INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, updated_at, applied_until)
+SELECT $1, $2, v.partition, v.next_offset, now(), v.next_offset
 FROM unnest($3::int[], $4::bigint[]) AS v(partition, next_offset)
 ORDER BY v.partition
 ON CONFLICT (group_id, topic, partition) DO NOTHING
@@ -154,7 +155,7 @@ async def reset_offsets(
             conn, group_id, topic, [OffsetMove(partition, None, next_offset)]
         )
     moved = await conn.fetchval(
-        "UPDATE consumer_offsets SET next_offset = $5, updated_at = now()"
+        "UPDATE consumer_offsets SET next_offset = $5, applied_until = $5, updated_at = now()"
         " WHERE group_id = $1 AND topic = $2 AND partition = $3 AND next_offset = $4"
         " RETURNING partition",
         group_id,

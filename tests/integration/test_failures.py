@@ -222,9 +222,9 @@ async def test_schema_ahead_of_the_code_is_used_with_a_warning(
         assert run.returncode == 0, f"{name}\n{run.stdout}{run.stderr}"
         assert "Traceback" not in run.stderr, name
     for name in ("verify", "replay", "usage", "consume"):
-        assert "revision 9999 is newer than this release's 0003" in runs[name].stderr, name
+        assert "revision 9999 is newer than this release's 0004" in runs[name].stderr, name
     assert (
-        "revision 9999 is newer than this release's 0003: left as it is" in runs["migrate"].stdout
+        "revision 9999 is newer than this release's 0004: left as it is" in runs["migrate"].stdout
     )
     _assert_no_secret(operator, runs)
     conn = await asyncpg.connect(asyncpg_dsn(ledger_url))

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import consumer.operations
-from consumer.operations import verify
+from consumer.operations import replay, verify
 from consumer.settings import Settings, load_settings
 from consumer.spill import SortedSpill
 from producer.simulator import TrafficConfig, plan_traffic
@@ -222,3 +222,29 @@ async def test_stored_offsets_past_the_end_of_the_log_are_read_up_to_it_not_wait
         await conn.close()
     report = await asyncio.wait_for(verify(_settings(stack)), 60)
     assert report.ok  # every record on the log is in the ledger, nothing more
+
+
+async def test_after_a_replay_verify_still_compares_everything_the_ledger_holds(
+    kafka_bootstrap: str, ledger_url: str, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    """`replay` moves the stored offsets back, not the ledger: until the consumers pass the
+    old position again, the ledger holds records past the stored offsets."""
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    await _consumed(stack, tmp_path, processes)
+    settings = _settings(stack)
+    before = await verify(settings)
+    assert before.ok
+    await replay(settings, to_offset=0)
+    assert sum((await stack.stored_offsets()).values()) == 0
+    after = await verify(settings)
+    assert after.ok, after.differences
+    assert after.records_read == before.records_read
+    assert after.expected == before.expected
+
+    # A consumer applying the range again leaves the same ledger, and moves nothing further.
+    again = ConsumerProcess(stack.env(), tmp_path / "again.log", "--until-idle").start()
+    processes.append(again)
+    assert again.wait() == 0, again.logs()
+    final = await verify(settings)
+    assert final.ok
+    assert final.expected == before.expected

@@ -167,7 +167,10 @@ async def rewind_offsets(
         }
         changed = sorted(p for p, (old, new) in moves.items() if new < old)
         await conn.execute(
-            "UPDATE consumer_offsets AS o SET next_offset = v.next_offset, updated_at = now()"
+            # Where the ledger stands is kept whoever wrote the offsets (an older release
+            # does not keep applied_until): a rewind is where the two part.
+            "UPDATE consumer_offsets AS o SET next_offset = v.next_offset, updated_at = now(),"
+            " applied_until = greatest(o.applied_until, o.next_offset)"
             " FROM unnest($3::int[], $4::bigint[]) AS v(partition, next_offset)"
             " WHERE o.group_id = $1 AND o.topic = $2 AND o.partition = v.partition",
             group_id,

@@ -154,8 +154,11 @@ async def reset_offsets(
         return await advance_offsets(
             conn, group_id, topic, [OffsetMove(partition, None, next_offset)]
         )
+    # Forward (the log's start passed the stored offset): the ledger still holds what it
+    # applied beyond. Backward (the log is younger than the ledger): those records are gone.
     moved = await conn.fetchval(
-        "UPDATE consumer_offsets SET next_offset = $5, applied_until = $5, updated_at = now()"
+        "UPDATE consumer_offsets SET next_offset = $5, updated_at = now(),"
+        " applied_until = CASE WHEN $5 > next_offset THEN greatest(applied_until, $5) ELSE $5 END"
         " WHERE group_id = $1 AND topic = $2 AND partition = $3 AND next_offset = $4"
         " RETURNING partition",
         group_id,

@@ -2,9 +2,10 @@
 
 `replay` moves next_offset back while the ledger keeps every row of the records past it, so
 `verify` reads the topic up to `applied_until` (the greatest next_offset a batch ever
-committed) to rebuild the ledger the database holds. A batch raises it with its offsets; an
-offset reset (a log that no longer holds the stored offset) sets it where the reset goes.
-Rows written before this revision start at their next_offset.
+committed) to rebuild the ledger the database holds. A batch raises it with its offsets; a
+rewind raises it to the offset it rewinds from (also written by an older release's consumer,
+which does not keep it); an offset reset backward (a log younger than the ledger) sets it
+where the reset goes. Rows written before this revision start at their next_offset.
 
 Revision ID: 0004
 Revises: 0003

@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
 import consumer.operations
 from consumer.operations import replay, verify
 from consumer.settings import Settings, load_settings
 from consumer.spill import SortedSpill
+from consumer.store import reset_offsets
 from producer.simulator import TrafficConfig, plan_traffic
 from tests.integration.harness import ConsumerProcess, Stack
 
@@ -248,3 +251,63 @@ async def test_after_a_replay_verify_still_compares_everything_the_ledger_holds(
     final = await verify(settings)
     assert final.ok
     assert final.expected == before.expected
+
+
+async def test_a_replay_after_offsets_an_older_release_moved_still_compares_everything(
+    kafka_bootstrap: str, ledger_url: str, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    """During a rolling deploy (or after a rollback) a consumer of the previous release moves
+    next_offset without applied_until, which it does not know; replay keeps the position it
+    rewinds from."""
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    await _consumed(stack, tmp_path, processes)
+    conn = await stack.connect()
+    try:  # what the previous release's compare-and-set and first claim leave behind
+        await conn.execute(
+            "UPDATE consumer_offsets SET applied_until = 0 WHERE group_id = $1", stack.group_id
+        )
+    finally:
+        await conn.close()
+    settings = _settings(stack)
+    before = await verify(settings)
+    assert before.ok
+    await replay(settings, to_offset=0)
+    after = await verify(settings)
+    assert after.ok, after.differences
+    assert after.records_read == before.records_read
+
+
+async def test_an_offset_reset_forward_after_a_replay_keeps_what_the_ledger_holds(
+    kafka_bootstrap: str, ledger_url: str, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    """The log's start moved past records that never reached the ledger (retention; here five
+    undecodable records, dead-lettered), a replay rewinds below it, and LEDGER_OFFSET_RESET=
+    earliest resets the partition forward to the log's start: the ledger still holds every
+    record after it."""
+    stack = Stack.fresh(kafka_bootstrap, ledger_url, partitions=1)
+    await stack.publish([(b"junk-%d" % i, b"not an event") for i in range(5)])
+    records, _ = plan_traffic(
+        TrafficConfig(threads=20, turns_per_thread=3, seed=42, poison_rate=0, start=START)
+    )
+    await stack.publish(records)
+    drain = ConsumerProcess(stack.env(), tmp_path / "drain.log", "--until-idle").start()
+    processes.append(drain)
+    assert drain.wait() == 0, drain.logs()
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_records({TopicPartition(stack.topic, 0): RecordsToDelete(5)})
+    finally:
+        await admin.close()
+    settings = _settings(stack)
+    assert (await verify(settings)).ok
+
+    await replay(settings, to_offset=0)
+    conn = await stack.connect()
+    try:  # what Checkpoint.out_of_range does with LEDGER_OFFSET_RESET=earliest
+        await reset_offsets(conn, stack.group_id, stack.topic, 0, expected=0, next_offset=5)
+    finally:
+        await conn.close()
+    after = await verify(settings)
+    assert after.ok, after.differences
+    assert after.records_read == len(records)

@@ -161,18 +161,11 @@ def _sortable(key: MessageKey | int) -> tuple[Any, ...]:
 
 BILLED = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
 _BILLED_AT = tuple(USAGE_FIELDS.index(name) for name in BILLED)
-
-
-TOTALS = ("threads", "messages", "usage_rows", *BILLED)
-
-
-def totals(rows: LedgerRows) -> dict[str, int]:
-    """Row counts and the billing sums (tokens, cost) of a ledger."""
-    return add_totals(dict.fromkeys(TOTALS, 0), rows)
+TOTALS = ("threads", "messages", "usage_rows", *BILLED)  # row counts, then billing sums
 
 
 def add_totals(sums: dict[str, int], rows: LedgerRows) -> dict[str, int]:
-    """`sums` (see `totals`) with a part of a ledger added: one thread's rows at a time."""
+    """`sums` (keyed by TOTALS) with a part of a ledger added: one thread's rows at a time."""
     sums["threads"] += len(rows.threads)
     sums["messages"] += len(rows.messages)
     sums["usage_rows"] += len(rows.usage)

@@ -21,11 +21,14 @@ from sqlalchemy.engine import make_url
 
 from consumer.failures import ExitCode
 from consumer.migrate import upgrade
+from consumer.schema import code_revisions
 from consumer.store import asyncpg_dsn
 from devstack.postgres import PostgresServer
 from devstack.processes import free_port
 from tests.conftest import with_database
 from tests.integration.harness import ConsumerProcess, Stack, wait_for
+
+HEAD = code_revisions().head  # the revision this release migrates to
 
 DATABASE_COMMANDS = {
     "migrate": ("migrate",),
@@ -187,7 +190,12 @@ async def test_schema_behind_the_code(
     runs = await _run_all(stack, {k: v for k, v in DATABASE_COMMANDS.items() if k != "migrate"})
     for name, run in runs.items():
         _assert_one_line(
-            name, run, ExitCode.SCHEMA_BEHIND, "revision 0001", "needs 0003", "token-ledger migrate"
+            name,
+            run,
+            ExitCode.SCHEMA_BEHIND,
+            "revision 0001",
+            f"needs {HEAD}",
+            "token-ledger migrate",
         )
     _assert_no_secret(operator, runs)
     migrated = stack.cli("migrate")
@@ -222,9 +230,10 @@ async def test_schema_ahead_of_the_code_is_used_with_a_warning(
         assert run.returncode == 0, f"{name}\n{run.stdout}{run.stderr}"
         assert "Traceback" not in run.stderr, name
     for name in ("verify", "replay", "usage", "consume"):
-        assert "revision 9999 is newer than this release's 0004" in runs[name].stderr, name
+        assert f"revision 9999 is newer than this release's {HEAD}" in runs[name].stderr, name
     assert (
-        "revision 9999 is newer than this release's 0004: left as it is" in runs["migrate"].stdout
+        f"revision 9999 is newer than this release's {HEAD}: left as it is"
+        in runs["migrate"].stdout
     )
     _assert_no_secret(operator, runs)
     conn = await asyncpg.connect(asyncpg_dsn(ledger_url))

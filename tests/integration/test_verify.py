@@ -41,8 +41,17 @@ class TinySpill(SortedSpill[Any]):
         TinySpill.most_runs = max(TinySpill.most_runs, self.runs)
 
 
-async def _consumed(stack: Stack, tmp_path: Path, processes: list[ConsumerProcess]) -> None:
-    records, _ = plan_traffic(TrafficConfig(threads=30, turns_per_thread=3, seed=27, start=START))
+async def _consumed(
+    stack: Stack,
+    tmp_path: Path,
+    processes: list[ConsumerProcess],
+    records: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """Publish (the simulator's traffic unless given) and drain it into the ledger."""
+    if records is None:
+        records, _ = plan_traffic(
+            TrafficConfig(threads=30, turns_per_thread=3, seed=27, start=START)
+        )
     await stack.publish(records)
     drain = ConsumerProcess(stack.env(), tmp_path / "drain.log", "--until-idle").start()
     processes.append(drain)
@@ -59,13 +68,7 @@ async def test_differences_at_the_first_and_last_thread_and_in_between_are_all_f
     stack = Stack.fresh(kafka_bootstrap, ledger_url)
     await _consumed(stack, tmp_path, processes)
     monkeypatch.setattr(consumer.operations, "SortedSpill", TinySpill)
-    settings = load_settings(
-        kafka_bootstrap=stack.bootstrap,
-        database_url=stack.database_url,
-        topic=stack.topic,
-        dlq_topic=stack.dlq_topic,
-        group_id=stack.group_id,
-    )
+    settings = _settings(stack)
 
     clean = await verify(settings)
     assert clean.ok, clean.differences
@@ -198,10 +201,7 @@ async def test_records_larger_than_a_fetch_are_read_whole(
         if body.get("type") == "turn.started":
             body["user_query"] = "x" * 300_000
         large.append((key, json.dumps(body).encode()))
-    await stack.publish(large)
-    drain = ConsumerProcess(stack.env(), tmp_path / "drain.log", "--until-idle").start()
-    processes.append(drain)
-    assert drain.wait() == 0, drain.logs()
+    await _consumed(stack, tmp_path, processes, large)
     monkeypatch.setattr(consumer.operations, "VERIFY_FETCH_BYTES", 10_000)
     report = await asyncio.wait_for(verify(_settings(stack)), 60)
     assert report.ok, report.differences
@@ -285,14 +285,11 @@ async def test_an_offset_reset_forward_after_a_replay_keeps_what_the_ledger_hold
     earliest resets the partition forward to the log's start: the ledger still holds every
     record after it."""
     stack = Stack.fresh(kafka_bootstrap, ledger_url, partitions=1)
-    await stack.publish([(b"junk-%d" % i, b"not an event") for i in range(5)])
+    junk = [(b"junk-%d" % i, b"not an event") for i in range(5)]
     records, _ = plan_traffic(
         TrafficConfig(threads=20, turns_per_thread=3, seed=42, poison_rate=0, start=START)
     )
-    await stack.publish(records)
-    drain = ConsumerProcess(stack.env(), tmp_path / "drain.log", "--until-idle").start()
-    processes.append(drain)
-    assert drain.wait() == 0, drain.logs()
+    await _consumed(stack, tmp_path, processes, junk + records)
     admin = AIOKafkaAdminClient(bootstrap_servers=stack.bootstrap)
     await admin.start()
     try:

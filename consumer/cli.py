@@ -23,6 +23,7 @@ from rich.table import Table
 from consumer.logs import configure_logging
 from consumer.settings import Settings, SettingsError, load_settings
 from consumer.tables import print_table
+from producer import jsonvalues
 from producer.client import TurnEventProducer, ensure_topic
 from producer.simulator import TrafficConfig, plan_traffic
 
@@ -70,7 +71,7 @@ def consume(
         typer.echo(f"token-ledger: partitions stopped: {stopped}", err=True)
     if refused := unfinished.billing:
         listed = "; ".join(f"{rev}: {why}" for rev, why in sorted(refused.items()))
-        typer.echo(f"token-ledger: billing revisions refused by the topic: {listed}", err=True)
+        typer.echo(f"token-ledger: billing revisions held back: {listed}", err=True)
     raise typer.Exit(1)
 
 
@@ -269,7 +270,7 @@ class UsageFormat(StrEnum):
 @app.command()
 def usage(
     by: Annotated[
-        list[str] | None, typer.Option(help="user, space, model, day (repeat to combine)")
+        list[str] | None, typer.Option(help="user, space, model, day, month (repeat to combine)")
     ] = None,
     since: Annotated[
         datetime | None, typer.Option(help="from this time, inclusive (UTC if no zone)")
@@ -286,7 +287,8 @@ def usage(
     ] = UsageFormat.table,
     as_json: Annotated[bool, typer.Option("--json", help="the same as --format json")] = False,
 ) -> None:
-    """Billing report: tokens and cost by user, search space, model and/or day."""
+    """Billing report: tokens and cost by user, search space, model, day and/or month (a usage
+    row's day is its winning event's occurred_at, in UTC)."""
     settings = _settings()
     from consumer.queries import REPORTED, USAGE_DIMENSIONS, usage_report
     from consumer.schema import connect_checked
@@ -310,7 +312,7 @@ def usage(
     columns = [*group_by, *REPORTED, "usage_rows"]
     if as_json or output is UsageFormat.json:
         for row in rows:
-            typer.echo(json.dumps({c: row[c] for c in columns}))
+            typer.echo(jsonvalues.dumps({c: row[c] for c in columns}))  # exact Decimals
     elif output is UsageFormat.csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(columns)

@@ -188,7 +188,10 @@ USAGE_DIMENSIONS = {
     "user": "coalesce(u.user_id::text, '(none)')",
     "space": "u.search_space_id::text",
     "model": "u.model",
-    "day": "to_char(u.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    # A usage row's period is its winning event's occurred_at (source_at), which moves only
+    # with a revision: the billing stream's `time` (docs/contract.md#billing-attribution).
+    "day": "to_char(u.source_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    "month": "to_char(u.source_at AT TIME ZONE 'UTC', 'YYYY-MM')",
 }
 USAGE_MEASURES = USAGE_FIELDS
 REPORTED = (*USAGE_MEASURES, *TOKEN_KINDS)
@@ -210,12 +213,12 @@ def _kind(kind: str) -> str:
 # leave of the row's totals under '(unattributed)', so the models of a row sum to its totals.
 # Token kinds exist only per model: the unattributed share has none.
 _BY_MODEL = f"""(
-  SELECT u.id, u.user_id, u.search_space_id, u.created_at, b.key AS model,
+  SELECT u.id, u.user_id, u.search_space_id, u.source_at, b.key AS model,
          {", ".join(f"{_share(m)} AS {m}" for m in USAGE_FIELDS)},
          {", ".join(f"{_kind(k)} AS {k}" for k in TOKEN_KINDS)}
   FROM token_usage AS u CROSS JOIN LATERAL jsonb_each(u.model_breakdown) AS b
   UNION ALL
-  SELECT u.id, u.user_id, u.search_space_id, u.created_at, '{UNATTRIBUTED}',
+  SELECT u.id, u.user_id, u.search_space_id, u.source_at, '{UNATTRIBUTED}',
          {", ".join(f"u.{m} - c.{m}" for m in USAGE_FIELDS)},
          {", ".join(f"0 AS {k}" for k in TOKEN_KINDS)}
   FROM token_usage AS u CROSS JOIN LATERAL (
@@ -255,11 +258,22 @@ async def usage_report(
     rows = await conn.fetch(
         f"SELECT {dimensions}, {measures}, count(DISTINCT u.id) AS usage_rows"
         f" FROM {source} AS u"
-        " WHERE ($1::timestamptz IS NULL OR u.created_at >= $1)"
-        "   AND ($2::timestamptz IS NULL OR u.created_at < $2)"
+        " WHERE ($1::timestamptz IS NULL OR u.source_at >= $1)"
+        "   AND ($2::timestamptz IS NULL OR u.source_at < $2)"
         f" GROUP BY {aliases} ORDER BY {aliases}",
         since,
         until,
     )
-    # sum(bigint) is numeric in PostgreSQL: whole numbers, kept exact as Python ints.
-    return [{k: int(v) if isinstance(v, Decimal) else v for k, v in row.items()} for row in rows]
+    return [{k: _exact(v) if isinstance(v, Decimal) else v for k, v in row.items()} for row in rows]
+
+
+def _exact(total: Decimal) -> int | Decimal:
+    """A sum as a Python int when it is whole (sum(bigint) is numeric in PostgreSQL), else as
+    the exact Decimal: a legacy breakdown's token kind is kept as sent, fractions included, and
+    a ledger written before numbers were bounded may sum past what Python prints as an int."""
+    if total == total.to_integral_value() and total.adjusted() < _INT_PRINT_DIGITS:
+        return int(total)
+    return total
+
+
+_INT_PRINT_DIGITS = 4000  # below Python's default limit for str(int) (4,300 digits)

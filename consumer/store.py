@@ -23,7 +23,6 @@ caller owns the transaction: rows and offsets commit together or not at all.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -264,7 +263,7 @@ def _stored_message(row: Mapping[str, Any]) -> StoredMessage:
         usage_claim=source_claim(row) if has_usage else None,
         usage_created_at=row["usage_created_at"],
         usage_attribution=attribution(
-            {name: row[name] for name in USAGE_FIELDS}, json.loads(row["model_breakdown"])
+            {name: row[name] for name in USAGE_FIELDS}, jsonvalues.loads(row["model_breakdown"])
         )
         if has_usage
         else None,

@@ -289,10 +289,14 @@ _SAFE_CONTEXT = ("expected", "ge", "le", "min_length", "max_length", "discrimina
 _ERROR_TEXT_SAFE = frozenset(("json_invalid", "value_error"))
 _DETAIL_LIMIT = 400
 _KNOWN_TYPES = frozenset(("turn.started", "turn.finalized", "message.appended"))
-# PostgreSQL's numeric (what jsonb stores numbers as): 131072 digits before the point, 16383
-# after. A number beyond that would be rejected by the database only if its row won.
-_NUMERIC_MAX_ADJUSTED = 131071
-_NUMERIC_MAX_SCALE = 16383
+# The numbers the ledger accepts anywhere in an event: at most MAX_NUMBER_DIGITS digits before
+# the point and as many after it, once the exponent is applied. PostgreSQL stores jsonb numbers
+# as numeric and prints them in full (`1e4400` as a 4,401-digit integer), and Python reads an
+# integer of at most 4,300 digits (sys.get_int_max_str_digits): this bound leaves room for
+# every path that reads stored numbers back and sums them (verify, the relay, usage).
+MAX_NUMBER_DIGITS = 1000
+_LONG_DIGIT_RUN = re.compile(rb"[0-9]{%d}" % (MAX_NUMBER_DIGITS + 1))
+_INTEGER_BOUND: int = 10**MAX_NUMBER_DIGITS
 # Deeper JSON is refused (the pydantic parser used before refused past ~200): everything after
 # the decoder may walk a value recursively, and Python's stack is ~1000 frames.
 MAX_NESTING = 128
@@ -302,16 +306,29 @@ class _NotJsonError(ValueError):
     pass
 
 
+class _NumberOutOfRangeError(ValueError):
+    pass
+
+
+def number_in_range(number: int | Decimal) -> bool:
+    """Whether every path can store, read back and sum `number` (see MAX_NUMBER_DIGITS)."""
+    if isinstance(number, int):
+        return -_INTEGER_BOUND < number < _INTEGER_BOUND
+    exponent = number.as_tuple().exponent
+    return (
+        isinstance(exponent, int)
+        and number.adjusted() < MAX_NUMBER_DIGITS
+        and -exponent <= MAX_NUMBER_DIGITS
+    )
+
+
 def _exact_number(text: str) -> Decimal:
     try:
         number = Decimal(text)
     except InvalidOperation:  # pragma: no cover - the JSON scanner only passes numbers
         raise _NotJsonError(f"bad number at {text[:20]!r}") from None
-    exponent = number.as_tuple().exponent
-    if number.adjusted() > _NUMERIC_MAX_ADJUSTED or (
-        isinstance(exponent, int) and -exponent > _NUMERIC_MAX_SCALE
-    ):
-        raise _NotJsonError("number outside PostgreSQL's numeric range")
+    if not number_in_range(number):
+        raise _NumberOutOfRangeError
     return number
 
 
@@ -411,8 +428,14 @@ def _decode(
     except UnicodeDecodeError as exc:
         detail = f"invalid byte at {exc.start}"
         return Rejection(reason=RejectReason.INVALID_UTF8, detail=detail), False, 0
+    if _LONG_DIGIT_RUN.search(value) and (rejected := _out_of_range(text)) is not None:
+        return rejected, False, 0  # before parsing: a long integer costs quadratic time
     try:
         document = _parse(text)
+    except _NumberOutOfRangeError:
+        rejected = _out_of_range(text)
+        assert rejected is not None  # the same text, parsed again
+        return rejected, False, 0
     except _NotJsonError as exc:
         return Rejection(reason=RejectReason.INVALID_JSON, detail=str(exc)), False, 0
     except json.JSONDecodeError as exc:
@@ -459,6 +482,57 @@ def _screen(value: bytes | None, max_bytes: int) -> Rejection | None:
         )
     if b"\x00" in value or (b"\\u0000" in value and _NUL_ESCAPE.search(value)):
         return Rejection(reason=RejectReason.NUL_CHARACTER, detail="U+0000 in the JSON text")
+    return None
+
+
+class _OutOfRange:
+    """Where a number outside the accepted range stood (found by `_out_of_range`)."""
+
+
+_OUT_OF_RANGE = _OutOfRange()
+
+
+def _located_int(text: str) -> int | _OutOfRange:
+    digits = len(text) - text.startswith("-")
+    return _OUT_OF_RANGE if digits > MAX_NUMBER_DIGITS else int(text)
+
+
+def _located_float(text: str) -> Decimal | _OutOfRange:
+    number = Decimal(text)
+    return number if number_in_range(number) else _OUT_OF_RANGE
+
+
+_LOCATING_DECODER = json.JSONDecoder(
+    parse_int=_located_int, parse_float=_located_float, parse_constant=_not_a_number
+)
+
+
+def _out_of_range(text: str) -> Rejection | None:
+    """The rejection naming the first number outside the accepted range, if there is one."""
+    try:
+        document = _LOCATING_DECODER.decode(text)
+    except ValueError as exc:  # not JSON at all: say so as the plain parse does
+        detail = (
+            f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+            if isinstance(exc, json.JSONDecodeError)
+            else str(exc)
+        )
+        return Rejection(reason=RejectReason.INVALID_JSON, detail=detail[:_DETAIL_LIMIT])
+    stack: list[tuple[Any, tuple[str, ...]]] = [(document, ())]
+    while stack:
+        value, path = stack.pop()
+        if value is _OUT_OF_RANGE:
+            where = ".".join(path) or "<root>"
+            return Rejection(
+                reason=RejectReason.SCHEMA_INVALID,
+                detail=f"{where}: number out of range (at most {MAX_NUMBER_DIGITS} digits"
+                " before and after the point)"[:_DETAIL_LIMIT],
+                event_type=_known_type(document),
+            )
+        if isinstance(value, dict):
+            stack.extend((v, (*path, str(k)[:64])) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((v, (*path, str(i))) for i, v in reversed(list(enumerate(value))))
     return None
 
 

@@ -69,6 +69,24 @@ def _encode(value: Any, sort_keys: bool, ensure_ascii: bool) -> str:
     return json.dumps(value, ensure_ascii=ensure_ascii, default=_plain)
 
 
+def _long_int(text: str) -> int | Decimal:
+    return Decimal(text) if len(text) > _INT_DIGITS else int(text)
+
+
+_INT_DIGITS = 4000  # below Python's default limit for int(str) (4,300 digits), sign included
+_EXACT = json.JSONDecoder(parse_float=Decimal)
+_EXACT_LONG = json.JSONDecoder(parse_float=Decimal, parse_int=_long_int)
+
+
 def loads(text: str | bytes) -> Any:
-    """Parse JSON with exact numbers (the inverse of `dumps`)."""
-    return json.loads(text, parse_float=Decimal)
+    """Parse JSON with exact numbers (the inverse of `dumps`). An integer too long for Python
+    to read from text (which a ledger written before numbers were bounded at decode may hold:
+    PostgreSQL prints `1e4400` in full) is read as an integral Decimal instead of failing."""
+    if isinstance(text, bytes):
+        text = text.decode()
+    try:
+        return _EXACT.decode(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # an integer past sys.get_int_max_str_digits()
+        return _EXACT_LONG.decode(text)

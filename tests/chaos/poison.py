@@ -1,4 +1,4 @@
-"""The chaos run's poison corpus: distinct bad inputs, every reason of the README's dead-letter
+"""The chaos run's poison corpus: distinct bad inputs, every reason of the dead-letter
 table, each built for the thread it is published in (last, after the thread's good records).
 
 `PoisonDraws` is the simulator's poison source: it deals the corpus round-robin across reasons
@@ -194,9 +194,16 @@ CORPUS: tuple[Poison, ...] = (
     ),
     Poison(
         "number past numeric",
-        R.INVALID_JSON,
+        R.SCHEMA_INVALID,
         lambda rng, ctx, text: _json(_finalized(rng, ctx, text)).replace(
             b'"type": "text"', b'"type": "text", "x": 1e1000000', 1
+        ),
+    ),
+    Poison(  # PostgreSQL would print it as 4,401 digits: more than Python reads back
+        "number past the digits every path reads",
+        R.SCHEMA_INVALID,
+        lambda rng, ctx, text: _json(_finalized(rng, ctx, text)).replace(
+            b'"type": "text"', b'"type": "text", "latency": 1e4400', 1
         ),
     ),
     Poison(

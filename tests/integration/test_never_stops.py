@@ -1,8 +1,11 @@
-"""The "never stops" property (SPEC section 4): whatever a batch holds — valid events, their
-mutations (fields removed, types swapped, edge timestamps, reused ids, huge values) or raw
-bytes — decode -> reduce -> store against the real database raises nothing out of the batch,
-every record is applied or dead-lettered (never both, never neither), the database refuses
-nothing the decoder accepted, and the ledger equals the pure rebuild of the accepted events."""
+"""The "never stops" property (docs/operations.md#when-things-fail): whatever a batch holds —
+valid events, their mutations (fields removed, types swapped, edge timestamps, reused ids, huge
+values, numbers at and past the edges of docs/contract.md#numbers) or raw bytes — decode ->
+reduce -> store against the real database raises nothing out of the batch, every record is
+applied or dead-lettered (never both, never neither), the database refuses nothing the decoder
+accepted, the ledger equals the pure rebuild of the accepted events, and what the later paths
+read back (the relay's records, usage sums) never fails. The same records through the real
+commands, with headers whose values are null, stop none of them either."""
 
 from __future__ import annotations
 
@@ -16,17 +19,22 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from consumer import billing
 from consumer.batch import Applied, apply_isolating, decode_records
+from consumer.billing import OUTBOX_COLUMNS, billing_event
 from consumer.ledger import expected_rows, rebuild
 from consumer.merge import Outcome
-from consumer.queries import read_ledger
+from consumer.queries import read_ledger, usage_report
 from consumer.store import asyncpg_dsn
+from producer import jsonvalues
 from producer.events import DEFAULT_MAX_FUTURE_SKEW, AnyEvent, RejectReason
 from tests.examples import EXAMPLE_NAMES, example
+from tests.integration.harness import Stack
 from tests.strategies import batch_splits
 
 TABLES = "billing_outbox, token_usage, chat_messages, chat_threads"
@@ -59,8 +67,29 @@ edge_timestamps = st.sampled_from(
     ]
 )
 raw_tokens = st.sampled_from(
-    [b"NaN", b"Infinity", b"-Infinity", b"1e400", b"1e999999", b"12345678901234567890.123", b"-0.0"]
+    [
+        b"NaN",
+        b"Infinity",
+        b"-Infinity",
+        b"1e400",
+        b"1e999999",
+        b"12345678901234567890.123",
+        b"-0.0",
+        # Exponents PostgreSQL writes out; the edges of what every path reads back
+        # (docs/contract.md#numbers); past Python's 4,300 digits, as exponent and as integer.
+        b"1E5",
+        b"-2.50E1",
+        b"1e999",
+        b"-1e-1000",
+        b"1e1000",
+        b"1e-1001",
+        b"1e4300",
+        b"-1e4400",
+        b"9" * 1001,
+        b"-" + b"9" * 4301,
+    ]
 )
+NUMBER_SENTINEL = 987654321  # a number field added by a mutation, replaced by a raw token
 
 
 def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
@@ -95,7 +124,9 @@ def mutated_values(draw: st.DrawFn) -> bytes:
     for _ in range(draw(st.integers(0, 3))):
         paths = list(_paths(body))
         path = draw(st.sampled_from(paths))
-        how = draw(st.sampled_from(["drop", "swap", "timestamp", "reuse", "huge", "unknown"]))
+        how = draw(
+            st.sampled_from(["drop", "swap", "timestamp", "reuse", "huge", "unknown", "number"])
+        )
         if how == "drop":
             _set(body, path, None, drop=True)
         elif how == "swap":
@@ -107,15 +138,16 @@ def mutated_values(draw: st.DrawFn) -> bytes:
             body["thread_id"] = draw(st.sampled_from([4242, 4243]))
         elif how == "huge":
             _set(body, path, draw(st.sampled_from([2**63, 2**63 - 1, -1, "x" * 5000, 10**30])))
-        else:  # a field this consumer does not know, in any object
+        else:  # a field this consumer does not know, in any object: any value, or a number
             objects = [body, *(v for p in paths if isinstance(v := _get(body, p), dict))]
-            draw(st.sampled_from(objects))["brand_new_field"] = draw(json_values)
+            value = NUMBER_SENTINEL if how == "number" else draw(json_values)
+            draw(st.sampled_from(objects))["brand_new_field"] = value
         if not isinstance(body, dict):
             break
     text = json.dumps(body).encode()
     if draw(st.booleans()):  # a number written as no JSON encoder would
         text = text.replace(b"4242", draw(raw_tokens), 1)
-    return text
+    return text.replace(str(NUMBER_SENTINEL).encode(), draw(raw_tokens))
 
 
 record_values = st.one_of(
@@ -153,7 +185,22 @@ class Driver:
             # apply_isolating keeps the order of its items, halves included.
             for record, (_, outcome) in zip(decoded.records, applied.events, strict=True):
                 seen.outcomes[record.offset] = outcome
+        await self.read_back()
         return seen
+
+    async def read_back(self) -> None:
+        """What the paths after the batch do with what it stored: the relay builds every
+        revision's record, `usage` sums and prints every grouping (docs/contract.md#numbers)."""
+        rows = await self.conn.fetch(
+            f"SELECT {OUTBOX_COLUMNS} FROM billing_outbox AS o"
+            " LEFT JOIN chat_messages AS m ON m.id = o.message_id ORDER BY o.id"
+        )
+        for row in rows:
+            billing.encode(billing_event(row))
+        for by in (["model"], ["user", "day"], ["space", "month"]):
+            for line in await usage_report(self.conn, by):
+                jsonvalues.dumps(line)
+                str(line)
 
 
 @dataclass
@@ -199,3 +246,68 @@ def test_no_record_stops_a_batch_and_each_is_applied_or_dead_lettered(
     assert driver.loop.run_until_complete(read_ledger(driver.conn)) == expected_rows(
         rebuild(seen.accepted)
     )
+
+
+# Headers as producers send them: any names, values null or bytes (Kafka allows a null value),
+# one of ours among them.
+record_headers = st.lists(
+    st.tuples(
+        st.sampled_from(["trace", "tenant", "ledger.error.reason"]),
+        st.one_of(st.none(), st.binary(max_size=8)),
+    ),
+    max_size=3,
+)
+
+
+async def _publish(stack: Stack, records: list[tuple[bytes | None, list[Any]]]) -> None:
+    await stack.create_topic()
+    producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, enable_idempotence=True)
+    await producer.start()
+    try:
+        sent = [
+            await producer.send(stack.topic, value, key=b"4242", headers=headers)
+            for value, headers in records
+        ]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+
+
+async def _empty_ledger(url: str) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        await conn.execute(f"TRUNCATE {TABLES}, consumer_offsets RESTART IDENTITY")
+    finally:
+        await conn.close()
+
+
+@settings(
+    max_examples=6,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_no_record_stops_the_relay_verify_usage_or_the_dead_letter_commands(
+    kafka_bootstrap: str, ledger_url: str, data: st.DataObject
+) -> None:
+    """Past the batch, through the real commands: whatever was published, `consume
+    --until-idle` applies or dead-letters it and bills every revision (exit 0), `verify`
+    compares (exit 0 or 1, never a crash), and `usage` in every format and the dead-letter
+    commands answer (exit 0)."""
+    values = data.draw(st.lists(record_values, min_size=1, max_size=6))
+    records = [(value, data.draw(record_headers)) for value in values]
+    stack = Stack.fresh(kafka_bootstrap, ledger_url, partitions=1)
+    asyncio.run(_empty_ledger(ledger_url))
+    asyncio.run(_publish(stack, records))
+
+    def run(*args: str) -> int:
+        done = stack.cli(*args)
+        assert done.returncode != 70, (args, done.stderr[-3000:])
+        return done.returncode
+
+    assert run("consume", "--until-idle") == 0
+    assert run("verify") in (0, 1)
+    for output in ("table", "csv", "json"):
+        assert run("usage", "--by=model", "--by=user", "--by=day", f"--format={output}") == 0
+    assert run("dlq", "list") == 0
+    assert run("dlq", "replay", "--dry-run") == 0

@@ -160,7 +160,8 @@ def test_a_number_postgresql_cannot_store_is_rejected_by_the_decoder() -> None:
         '"type": "text"', '"type": "text", "x": 1e200000', 1
     )
     rejected = _decode(raw.encode())
-    assert isinstance(rejected, Rejection) and rejected.reason is RejectReason.INVALID_JSON
+    assert isinstance(rejected, Rejection) and rejected.reason is RejectReason.SCHEMA_INVALID
+    assert rejected.detail.startswith("content.0.x: number out of range")
 
 
 def test_a_v0_body_keeps_numbers_and_rejects_nan() -> None:

@@ -46,6 +46,9 @@ class Readiness:
     kafka_ok: bool = True
     halted: dict[int, str] = field(default_factory=dict)  # partition -> why it stopped
     unexpected: str | None = None  # the batch is being retried after an unexpected error
+    # Billing revisions the relay holds back (refused by the topic, or no record can be built
+    # from them): revision id -> why. Their messages' later revisions wait behind them.
+    billing_held: dict[str, str] = field(default_factory=dict)
 
     def progressed(self) -> None:
         self.last_progress = time.monotonic()
@@ -62,6 +65,8 @@ class Readiness:
             reasons.append(f"retrying a batch after an {self.unexpected} (see the log)")
         for partition, why in sorted(self.halted.items()):
             reasons.append(f"partition {partition} stopped: {why}")
+        for revision, why in sorted(self.billing_held.items()):
+            reasons.append(f"billing revision {revision} held back: {why} (see the log)")
         if self.lag > 0 and time.monotonic() - self.last_progress > self.stall_seconds:
             reasons.append(
                 f"stalled: {self.lag} records waiting, no commit for {self.stall_seconds:.0f}s"

@@ -29,6 +29,7 @@ from aiokafka.errors import KafkaError
 
 from consumer.billing import OUTBOX_COLUMNS, billing_event, encode
 from consumer.dlq import MAX_UNCOMPRESSED_BYTES, REFUSALS
+from consumer.health import Readiness
 from consumer.logs import fields
 from consumer.metrics import LedgerMetrics
 from consumer.outages import Outage
@@ -103,6 +104,7 @@ class Relay:
         retention: timedelta,
         batch: int = 500,
         prepare: Callable[[], Awaitable[None]] | None = None,
+        readiness: Readiness | None = None,
     ) -> None:
         self.pool = pool
         self.producer = producer
@@ -110,9 +112,11 @@ class Relay:
         self.retention = retention
         self.batch = batch
         self.prepare = prepare  # e.g. the billing topic ensured: retried like any pass
+        self.readiness = readiness  # where held-back revisions are reported (/readyz)
         self.published = 0
-        # usage id -> (revision id, why): refused for good by the broker; until a restart, that
-        # message's revisions wait (nothing later of it may overtake the refused one).
+        # usage id -> (revision id, why): refused for good by the broker, or a record that
+        # cannot be built; until a restart, that message's revisions wait (nothing later of it
+        # may overtake the held one).
         self.refused: dict[int, tuple[str, str]] = {}
         self._last_prune = 0.0
         self._outage = Outage("billing relay")
@@ -127,9 +131,9 @@ class Relay:
             rows = await conn.fetch(_PENDING, self.batch, sorted(self.refused))
             if not rows:
                 return 0
-            results = await self.producer.publish(
-                [(thread_key(row["thread_id"]), encode(billing_event(row))) for row in rows]
-            )
+            built = self._build(rows)
+            rows = [row for row, _ in built]
+            results = await self.producer.publish([record for _, record in built])
             acked = []
             for row, error in zip(rows, results, strict=True):
                 if error is None:
@@ -145,13 +149,31 @@ class Relay:
         self.published += len(acked)
         return len(acked)
 
-    def _refuse(self, row: Mapping[str, object], error: BaseException) -> None:
+    def _build(
+        self, rows: list[asyncpg.Record]
+    ) -> list[tuple[asyncpg.Record, tuple[bytes, bytes]]]:
+        """Each row with its record; a row whose record cannot be built (a stored value no
+        encoder takes: a bug, or a ledger written before numbers were bounded at decode) is set
+        aside like a refused one, so that it holds back its own message only."""
+        built = []
+        for row in rows:
+            try:
+                built.append((row, (thread_key(row["thread_id"]), encode(billing_event(row)))))
+            except Exception as error:  # noqa: BLE001 - one row must not stop every tenant's billing
+                self._refuse(row, error, "cannot be built")
+        return built
+
+    def _refuse(
+        self, row: Mapping[str, object], error: BaseException, what: str = "refused by the topic"
+    ) -> None:
         event_id = f"{row['usage_id']}:{row['revision']}"
-        reason = type(error).__name__
+        reason = f"{what}: {type(error).__name__}"
         self.refused[int(str(row["usage_id"]))] = (event_id, reason)
         self.metrics.billing_refused.set(len(self.refused))
+        if self.readiness is not None:
+            self.readiness.billing_held = dict(self.refused.values())
         log.error(
-            "billing revision refused: it and its message's later revisions wait",
+            "billing revision held back: it and its message's later revisions wait",
             extra=fields(id=event_id, error=reason),
         )
 
@@ -161,6 +183,14 @@ class Relay:
             row = await conn.fetchrow(_COUNT_PENDING, sorted(self.refused))
         self.metrics.outbox_pending.set(row["pending"])
         return row["pending"], row["publishable"]
+
+    async def _count_pending(self) -> None:
+        """The pending gauge after a failed pass: what waits still shows while the relay cannot
+        publish. When the database is the failure this fails too, and the outage is logged."""
+        try:
+            await self.pending()
+        except Exception as error:  # noqa: BLE001 - the pass's own failure is being handled
+            log.debug("counting pending revisions failed", extra=fields(error=type(error).__name__))
 
     async def prune(self) -> int:
         async with self.pool.acquire() as conn:
@@ -199,6 +229,7 @@ class Relay:
                         extra=fields(error=type(error).__name__),
                     )
                 self._outage.failing(type(error).__name__)
+                await self._count_pending()
                 await _wait(stop, BACKOFF.delay(failures))
                 continue
             failures = 0

@@ -186,6 +186,7 @@ async def start_relay(
     pool: asyncpg.Pool,
     metrics: LedgerMetrics,
     record_bytes: int,
+    readiness: Readiness | None = None,
 ) -> Relay:
     """The billing relay and its producer. The topic is ensured by the relay's first pass, not
     here: billing that cannot reach its topic must not keep the ledger from starting."""
@@ -211,6 +212,7 @@ async def start_relay(
         retention=settings.outbox_retention,
         batch=settings.relay_batch,
         prepare=billing_topic,
+        readiness=readiness,
     )
 
 
@@ -244,7 +246,9 @@ async def _start(
     ).__aenter__()
     stack.push_async_callback(_bounded(dlq.close, "dead-letter producer"))
     relay = (
-        await start_relay(settings, stack, pool, metrics, fetch_bytes) if settings.relay else None
+        await start_relay(settings, stack, pool, metrics, fetch_bytes, readiness)
+        if settings.relay
+        else None
     )
     consumer = source_consumer(settings, fetch_bytes)
     pipeline = build_pipeline(settings, consumer, pool, dlq, metrics, readiness)

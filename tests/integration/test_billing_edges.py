@@ -59,8 +59,9 @@ async def _small_billing_topic(stack: Stack) -> None:
 
 
 async def _revision_1_big_revision_2_small(stack: Stack) -> None:
-    """One message: revision 1 (legacy append, big breakdown) and revision 2 (the server's
-    finalize, small), both pending in the outbox (written with the relay off)."""
+    """One message: revision 1 (legacy append, big breakdown), its reversal (revision 2: the
+    finalize comes later) and revision 3 (the server's finalize, small), all pending in the
+    outbox (written with the relay off)."""
     await stack.publish(
         records_of(started(), appended(cost=777, seconds=5, breakdown=big_breakdown()))
     )
@@ -74,7 +75,7 @@ async def _revision_1_big_revision_2_small(stack: Stack) -> None:
         )
     finally:
         await conn.close()
-    assert [r["revision"] for r in pending] == [1, 2]
+    assert [r["revision"] for r in pending] == [1, 2, 3]
 
 
 async def test_a_refused_revision_never_lets_a_later_revision_of_its_message_out_first(
@@ -88,16 +89,16 @@ async def test_a_refused_revision_never_lets_a_later_revision_of_its_message_out
     processes.append(relay)
 
     async def refused() -> bool:
-        return "billing revision refused" in relay.logs()
+        return "billing revision held back" in relay.logs()
 
     await wait_for(refused, within=60, what="revision 1 refused", context=relay.logs)
-    assert relay.logs().count("billing revision refused") == 1  # once, not once a pass
+    assert relay.logs().count("billing revision held back") == 1  # once, not once a pass
     seen: list[str] = [json.loads(r.value)["id"] for r in await stack.billing_records()]
-    assert seen == []  # revision 1 refused: revision 2 waits behind it
+    assert seen == []  # revision 1 refused: revisions 2 and 3 wait behind it
     for position, event_id in enumerate(seen):
         usage, _, revision = event_id.partition(":")
         if int(revision) > 1:
-            # SPEC 9: in revision order per message, so n-1 is on the topic before n.
+            # In revision order per message (docs/contract.md#billing-stream): n-1 before n.
             assert f"{usage}:{int(revision) - 1}" in seen[:position], seen
 
 
@@ -127,7 +128,7 @@ async def test_until_idle_ends_when_a_revision_cannot_be_published(
     assert (
         run.stderr.strip()
         .splitlines()[-1]
-        .startswith("token-ledger: billing revisions refused by the topic: ")
+        .startswith("token-ledger: billing revisions held back: ")
     ), run.stderr
 
 
@@ -194,5 +195,5 @@ async def test_usage_that_exists_when_0003_runs_is_billed(database_url: str) -> 
         )
     finally:
         await conn.close()
-    assert row["revision"] == 2
+    assert row["revision"] == 3  # the finalize is later: a reversal, then its own revision
     assert deltas == row["cost_micros"], f"billed {deltas}, ledger {row['cost_micros']}"

@@ -1,6 +1,11 @@
-"""The billing stream's records (SPEC section 9): one usage revision from `billing_outbox` as a
-CloudEvents 1.0 structured-mode JSON event. Pure: the relay (consumer/relay.py) reads the rows
-and publishes what this returns.
+"""The billing stream's records (docs/contract.md#billing-stream): one usage revision from
+`billing_outbox` as a CloudEvents 1.0 structured-mode JSON event. Pure: the relay
+(consumer/relay.py) reads the rows and publishes what this returns.
+
+A revision is billed to (subject = search_space_id, data.user_id, time = the winning event's
+occurred_at). A revision that moves the usage to another of those comes after a reversal: a
+revision with `reverses` set, under the previous attribution, whose delta takes back what that
+one billed (docs/contract.md#billing-attribution).
 
 The same outbox row always gives the same bytes (sorted keys, exact numbers), so a revision
 published twice (the relay killed between the broker's ack and marking it published) is the
@@ -23,7 +28,7 @@ SPEC_VERSION = "1.0"
 # The outbox row joined with its message's turn and role (what billing_event reads).
 OUTBOX_COLUMNS = (
     "o.id, o.usage_id, o.revision, o.thread_id, o.message_id, o.user_id, o.search_space_id,"
-    " o.source, o.occurred_at, o.model_breakdown, m.turn_id, m.role, "
+    " o.source, o.occurred_at, o.model_breakdown, o.reverses, m.turn_id, m.role, "
     + ", ".join(f"o.{m}" for m in BILLED_MEASURES)
     + ", "
     + ", ".join(f"o.delta_{m}" for m in BILLED_MEASURES)
@@ -54,6 +59,7 @@ def billing_event(row: Mapping[str, Any]) -> dict[str, Any]:
             **{m: row[m] for m in BILLED_MEASURES},
             "model_breakdown": jsonvalues.loads(row["model_breakdown"]),
             "delta": {m: row[f"delta_{m}"] for m in BILLED_MEASURES},
+            "reverses": row["reverses"],
         },
     }
 

@@ -176,6 +176,8 @@ billing_outbox = Table(
     *(Column(f"delta_{m}", BigInteger, nullable=False) for m in BILLED_MEASURES),
     Column("created_at", TIMESTAMP, nullable=False, server_default=func.now()),
     Column("published_at", TIMESTAMP, nullable=True),
+    # A reversal: the revision whose attribution it takes back (migrations/versions/0005).
+    Column("reverses", Integer, nullable=True),
     UniqueConstraint("usage_id", "revision"),
     Index("ix_billing_outbox_pending", "id", postgresql_where=text("published_at IS NULL")),
     Index(

@@ -1,10 +1,12 @@
-"""The billing stream's record (SPEC section 9), for billing consumers and for the published
-contract (producer/contract.py renders its JSON Schema): a CloudEvents 1.0 structured-mode JSON
-event per revision of a message's authoritative usage.
+"""The billing stream's record (docs/contract.md#billing-stream), for billing consumers and for
+the published contract (producer/contract.py renders its JSON Schema): a CloudEvents 1.0
+structured-mode JSON event per revision of a message's authoritative usage.
 
 A billing consumer dedupes by `id` ("{usage row id}:{revision}"); summing `data.delta` over
-every revision it has seen gives the ledger, supersessions included; or it keeps, per usage row
-(the `id` prefix), the highest revision's full values.
+every revision it has seen gives the ledger, supersessions included, and grouped by (`subject`,
+`data.user_id`, any bucket of `time`) the ledger grouped the same way: a revision that moves
+the usage to another of those follows a reversal (`data.reverses`) under the previous one. Or
+it keeps, per usage row (the `id` prefix), the highest revision's full values.
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ class UsageRevision(BaseModel):
         description="per model: the measures the calls of that model add up to"
     )
     delta: UsageDelta
+    reverses: int | None = Field(
+        default=None,
+        ge=1,
+        description="set on a reversal: the revision whose attribution (user_id, subject, time)"
+        " this one takes back; its measures are 0 and its delta the negative of what that"
+        " revision's attribution held. The next revision bills the new attribution.",
+    )
 
 
 class BillingEvent(BaseModel):

@@ -80,10 +80,21 @@ def _thread(consistent_spaces: bool) -> st.SearchStrategy[dict[str, int]]:
     return st.sampled_from(THREADS).flatmap(make)
 
 
-def events(consistent_spaces: bool = True) -> st.SearchStrategy[AnyEvent]:
+# Instants either side of a day's and a month's end (T0 is 2026-11-26 09:15 UTC): usage that a
+# supersession moves to another day or month.
+MIDNIGHT = 53_100  # 2026-11-27 00:00:00
+MONTH_END = MIDNIGHT + 4 * 86_400  # 2026-12-01 00:00:00
+across_periods = st.sampled_from(
+    [0, MIDNIGHT - 1, MIDNIGHT - 0.001, MIDNIGHT, MIDNIGHT + 1, MONTH_END - 1, MONTH_END]
+)
+
+
+def events(
+    consistent_spaces: bool = True, instants: st.SearchStrategy[float] = seconds
+) -> st.SearchStrategy[AnyEvent]:
     where = _thread(consistent_spaces)
     common = {
-        "seconds": seconds,
+        "seconds": instants,
         "user": st.sampled_from(USERS),
         "event_id": event_ids,
         "turn_id": st.sampled_from(TURNS),
@@ -118,7 +129,7 @@ def events(consistent_spaces: bool = True) -> st.SearchStrategy[AnyEvent]:
     return st.builds(place, st.one_of(start, final, legacy), where, st.booleans())
 
 
-PUBLISHED_MS = int(at(3600).timestamp() * 1000)  # after every drawn occurred_at
+PUBLISHED_MS = int(at(MONTH_END + 3600).timestamp() * 1000)  # after every drawn occurred_at
 
 
 def through_the_wire(event: AnyEvent) -> AnyEvent:
@@ -185,9 +196,12 @@ def with_duplicates(draw: st.DrawFn, base: list[AnyEvent]) -> list[AnyEvent]:
 
 @st.composite
 def delivered(
-    draw: st.DrawFn, consistent_spaces: bool = True, reused_ids: bool = True
+    draw: st.DrawFn,
+    consistent_spaces: bool = True,
+    reused_ids: bool = True,
+    instants: st.SearchStrategy[float] = seconds,
 ) -> list[AnyEvent]:
-    base = draw(st.lists(events(consistent_spaces), min_size=1, max_size=12))
+    base = draw(st.lists(events(consistent_spaces, instants), min_size=1, max_size=12))
     return with_duplicates(draw, base + draw(differing_copies(base, reused_ids)))
 
 

@@ -83,13 +83,14 @@ def assert_deltas_add_up(events: list[dict[str, Any]], ledger: dict[int, dict[st
         assert running == {m: ledger[usage_id][m] for m in MEASURES}
 
 
-async def test_a_legacy_append_then_the_servers_finalize_is_revisions_1_and_2(
+async def test_a_legacy_append_then_the_servers_finalize_at_the_same_instant_is_revision_2(
     kafka_bootstrap: str, ledger_url: str
 ) -> None:
+    """Same user, tenant and time: the attribution stays, and revision 2 bills the change."""
     stack = Stack.fresh(kafka_bootstrap, ledger_url)
     await stack.publish(records_of(started(), appended(cost=777, seconds=5)))
     consume_until_idle(stack)
-    await stack.publish(records_of(finalized(calls=[call(cost=500)], seconds=10)))
+    await stack.publish(records_of(finalized(calls=[call(cost=500)], seconds=5)))
     consume_until_idle(stack)
 
     events = [checked(r) for r in await stack.billing_records()]
@@ -100,9 +101,42 @@ async def test_a_legacy_append_then_the_servers_finalize_is_revisions_1_and_2(
     first, second = events
     assert first["data"]["delta"]["cost_micros"] == 777
     assert second["data"]["delta"]["cost_micros"] == 500 - 777  # the smaller server cost won
+    assert second["data"]["reverses"] is None
     assert second["id"] == f"{first['id'].partition(':')[0]}:2"
     assert second["subject"] == str(second["data"]["search_space_id"])
     assert second["data"]["role"] == "assistant" and second["data"]["turn_id"] is not None
+    assert_deltas_add_up(events, await ledger_usage(stack))
+
+
+async def test_a_later_finalize_reverses_the_legacy_revision_then_bills_its_own(
+    kafka_bootstrap: str, ledger_url: str
+) -> None:
+    """The winning event's time moves: revision 2 takes back revision 1 at revision 1's time,
+    revision 3 bills the finalize at its own (docs/contract.md#billing-attribution)."""
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    await stack.publish(records_of(started(), appended(cost=777, seconds=5)))
+    consume_until_idle(stack)
+    await stack.publish(records_of(finalized(calls=[call(cost=500)], seconds=10)))
+    consume_until_idle(stack)
+
+    events = [checked(r) for r in await stack.billing_records()]
+    assert [
+        (
+            e["data"]["revision"],
+            e["data"]["source"],
+            e["data"]["reverses"],
+            e["data"]["delta"]["cost_micros"],
+            e["data"]["cost_micros"],
+        )
+        for e in events
+    ] == [
+        (1, "message.appended", None, 777, 777),
+        (2, "message.appended", 1, -777, 0),
+        (3, "turn.finalized", None, 500, 500),
+    ]
+    first, reversal, third = events
+    assert reversal["time"] == first["time"] != third["time"]
+    assert reversal["data"]["model_breakdown"] == {}
     assert_deltas_add_up(events, await ledger_usage(stack))
 
 

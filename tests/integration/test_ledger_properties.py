@@ -14,13 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consumer.batch import apply_events
+from consumer.billing import OUTBOX_COLUMNS, billing_event
 from consumer.ledger import LedgerRows
 from consumer.merge import USAGE_FIELDS
 from consumer.queries import read_ledger, usage_report
 from consumer.store import asyncpg_dsn
 from producer.events import AnyEvent
 from tests.reference import reference_rows
-from tests.strategies import batch_splits, delivered
+from tests.strategies import across_periods, batch_splits, delivered
 
 TABLES = "billing_outbox, token_usage, chat_messages, chat_threads, consumer_offsets"
 
@@ -56,6 +57,33 @@ class LedgerDriver:
             await apply_events(self.conn, [event for batch in batches for event in batch])
         assert await self.conn.fetchval("SELECT count(*) FROM billing_outbox") == revisions
         return ledger
+
+    async def billed_by_attribution(self) -> dict[tuple[str, str, str], tuple[int, ...]]:
+        """Σ delta of the billing stream's records (built from the outbox as the relay builds
+        them), grouped by (subject, user_id, UTC day of `time`)."""
+        rows = await self.conn.fetch(
+            f"SELECT {OUTBOX_COLUMNS} FROM billing_outbox AS o"
+            " LEFT JOIN chat_messages AS m ON m.id = o.message_id ORDER BY o.id"
+        )
+        billed: dict[tuple[str, str, str], Counter[str]] = {}
+        for row in rows:
+            event = billing_event(row)
+            key = (event["subject"], event["data"]["user_id"] or "(none)", event["time"][:10])
+            billed.setdefault(key, Counter()).update(event["data"]["delta"])
+        return {
+            key: tuple(sums[m] for m in USAGE_FIELDS)
+            for key, sums in billed.items()
+            if any(sums.values())
+        }
+
+    async def ledger_by_attribution(self) -> dict[tuple[str, str, str], tuple[int, ...]]:
+        """`token-ledger usage --by space --by user --by day`, in the same terms."""
+        rows = await usage_report(self.conn, ["space", "user", "day"])
+        return {
+            (row["space"], row["user"], row["day"]): tuple(row[m] for m in USAGE_FIELDS)
+            for row in rows
+            if any(row[m] for m in USAGE_FIELDS)
+        }
 
     async def _check_revisions(self) -> None:
         """The billing outbox: revisions 1..n per usage row (n its current revision), and the
@@ -130,3 +158,22 @@ def test_conflicting_spaces_any_batching_follows_arrival_order(
     events = data.draw(delivered(consistent_spaces=False))
     batches = data.draw(batch_splits(events))
     assert driver.run(batches) == reference_rows(events)
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_billing_grouped_by_user_and_day_is_the_ledger_grouped_the_same_way(
+    driver: LedgerDriver, data: st.DataObject
+) -> None:
+    """Supersessions that move usage to another user, day or month, in any delivery order and
+    batching: Σ delta per (tenant, user, day) equals `usage --by space --by user --by day`
+    (docs/contract.md#billing-attribution)."""
+    events = data.draw(delivered(instants=across_periods))
+    batches = data.draw(batch_splits(events))
+    driver.run(batches)
+    billed = driver.loop.run_until_complete(driver.billed_by_attribution())
+    assert billed == driver.loop.run_until_complete(driver.ledger_by_attribution())

@@ -4,10 +4,10 @@ size:
 
     advance_offsets  1-2 statements  compare-and-set of consumer_offsets (first: it serialises
                                      two owners of a partition before any ledger row is locked)
-    load_state       2 statements    the stored registers of the batch's threads (locked, so
-                                     that another writer of a thread - its records split over
-                                     partitions - waits, and the counters' view of the stored
-                                     usage stays exact) and messages
+    load_state       3 statements    lock the batch's threads (advisory, new ones too: another
+                                     writer of a thread - its records split over partitions -
+                                     waits, so the counters' view of the stored usage stays
+                                     exact), then read their stored registers and messages
     write_plan       <= 5 statements guarded upserts: threads, turn messages, turn-less
                                      messages (+ a check that no other writer keyed another
                                      message by the same event_id), token usage; keys sorted
@@ -186,6 +186,17 @@ async def load_offsets(
 
 # -- stored state ----------------------------------------------------------------------------
 
+# One transaction-scoped advisory lock per thread, in id order, whether or not the thread has
+# a row yet: two writers of one thread (its records split over partitions, so over members)
+# take turns, and each reads the stored registers the other committed. Row locks alone cannot
+# do that for a thread neither has written yet: both would count its usage as new. The key is
+# the id's two 32-bit halves (the two-integer key space does not overlap the bigint one, where
+# the relay's lock is).
+_LOCK_THREADS = """
+SELECT count(pg_advisory_xact_lock((k >> 32)::int, ((k & 4294967295) - 2147483648)::int))
+FROM (SELECT k FROM unnest($1::bigint[]) AS k ORDER BY k) AS t
+"""
+
 _LOAD_THREADS = """
 SELECT id, search_space_id, created_at, updated_at, created_by_id, created_by_at,
        created_by_event_id, created_by_digest
@@ -225,6 +236,7 @@ async def load_state(conn: asyncpg.Connection, events: Sequence[AnyEvent]) -> St
     thread_ids, keys = _batch_keys(events)
     turn_keys = sorted((k for k in keys if k.turn_id is not None), key=MessageKey.sort_key)
     origins = sorted(k.origin_event_id for k in keys if k.origin_event_id is not None)
+    await conn.fetchval(_LOCK_THREADS, sorted(thread_ids))
     thread_rows = await conn.fetch(_LOAD_THREADS, sorted(thread_ids))
     message_rows = await conn.fetch(
         _LOAD_MESSAGES,

@@ -175,8 +175,9 @@ async def test_a_batch_costs_a_constant_number_of_statements(ledger: asyncpg.Con
     assert len(large) == 5000
     await _count_statements(ledger, small)  # asyncpg introspects array types once per connection
     counts = {len(batch): await _count_statements(ledger, batch) for batch in (small, large)}
-    # offsets, 2 state reads, threads, turn and turn-less messages, the event_id check, usage
-    assert counts[10] == counts[5000] == 8, counts
+    # offsets, thread locks, 2 state reads, threads, turn and turn-less messages, the event_id
+    # check, usage
+    assert counts[10] == counts[5000] == 9, counts
     assert await ledger.fetchval("SELECT count(*) FROM token_usage") == 2000
 
 
@@ -205,6 +206,37 @@ async def test_a_second_writer_of_a_thread_waits_so_the_counters_stay_exact(
     try:
         async with other.transaction():
             stored = await load_state(other, [final])  # locks the thread until commit
+
+            async def first_writer() -> int:
+                async with ledger.transaction():
+                    plan = await apply_events(ledger, [legacy])
+                return sum(change.cost_micros for change in plan.usage_changes)
+
+            waiting = asyncio.create_task(first_writer())
+            await wait_for(lambda: _waits_on_a_lock(other), within=30, what="a lock wait")
+            assert not waiting.done()
+            plan = reduce_batch([final], stored)
+            await write_plan(other, plan)
+            counted += sum(change.cost_micros for change in plan.usage_changes)
+        counted += await waiting
+    finally:
+        await other.close()
+    total = await ledger.fetchval("SELECT sum(cost_micros) FROM token_usage")
+    assert counted == total == 7
+
+
+async def test_a_second_writer_of_a_thread_not_stored_yet_waits_too(
+    ledger: asyncpg.Connection, ledger_url: str
+) -> None:
+    """The same split, for a thread neither writer has stored yet: there is no row to lock,
+    and both would count their usage as new."""
+    legacy = appended(cost=100, seconds=5)
+    final = finalized(calls=[call(cost=7)], seconds=10)
+    other = await asyncpg.connect(asyncpg_dsn(ledger_url))
+    counted = 0
+    try:
+        async with other.transaction():
+            stored = await load_state(other, [final])
 
             async def first_writer() -> int:
                 async with ledger.transaction():

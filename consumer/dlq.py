@@ -64,6 +64,27 @@ LEDGER_HEADERS = frozenset(
 
 
 @dataclass(frozen=True)
+class SourcePosition:
+    topic: str
+    partition: int
+    offset: int
+
+
+def source_position(record: ConsumerRecord) -> SourcePosition | None:
+    """Where a dead letter's original record stood, from its headers; None if they do not say
+    (a record another writer put on the dead-letter topic)."""
+    headers = dict(record.headers or ())
+    try:
+        return SourcePosition(
+            (headers.get(SOURCE_TOPIC) or b"").decode(),
+            int(headers.get(SOURCE_PARTITION) or b""),
+            int(headers.get(SOURCE_OFFSET) or b""),
+        )
+    except ValueError:  # missing, null or not a number (UnicodeDecodeError is a ValueError)
+        return None
+
+
+@dataclass(frozen=True)
 class DeadLetter:
     record: ConsumerRecord  # [bytes, bytes]; aiokafka ships no type information
     reason: RejectReason

@@ -165,9 +165,9 @@ async def _dead_lettered_positions(
 ) -> set[tuple[int, int]]:
     positions = set()
     async for record in _dead_letters(settings, consumer, settings.dlq_topic):
-        headers = dict(record.headers or ())
-        if headers.get(dlq.SOURCE_TOPIC, b"").decode() == settings.topic:
-            positions.add((int(headers[dlq.SOURCE_PARTITION]), int(headers[dlq.SOURCE_OFFSET])))
+        source = dlq.source_position(record)
+        if source is not None and source.topic == settings.topic:
+            positions.add((source.partition, source.offset))
     return positions
 
 
@@ -328,7 +328,8 @@ async def _dead_letters(
 
 
 def _view(record: ConsumerRecord) -> DeadLetterView:
-    headers = {k: v.decode(errors="replace") for k, v in (record.headers or ())}
+    # A header's value may be null (Kafka allows it, and a dead letter keeps the original's).
+    headers = {k: (v or b"").decode(errors="replace") for k, v in (record.headers or ())}
     return DeadLetterView(
         partition=record.partition,
         offset=record.offset,
@@ -377,9 +378,15 @@ async def replay_dead_letters(
         **settings.kafka_security(),
     ) as producer:
         for record in chosen:
-            headers = dict(record.headers or ())
+            source = dlq.source_position(record)
+            if source is None:  # not one of ours: nothing says where it came from
+                log.warning(
+                    "not replayed: the record names no source topic",
+                    extra=fields(partition=record.partition, offset=record.offset),
+                )
+                continue
             original = [(k, v) for k, v in (record.headers or ()) if k not in dlq.LEDGER_HEADERS]
             await producer.send_and_wait(
-                headers[dlq.SOURCE_TOPIC].decode(), record.value, key=record.key, headers=original
+                source.topic, record.value, key=record.key, headers=original
             )
     return [_view(r) for r in chosen]

@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 
 class ExitCode(IntEnum):
-    """The documented exit codes (README, "Operating it"); a test keeps the two in step."""
+    """The documented exit codes (docs/operations.md#exit-codes); a test keeps the two in step."""
 
     OK = 0
     CHECK_FAILED = 1  # verify: ledger and topic differ; consume --until-idle: partitions stopped

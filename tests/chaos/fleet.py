@@ -49,7 +49,7 @@ class Fleet:
     def reap(self) -> list[tuple[int, Member, int]]:
         """Processes that exited on their own: (slot, member, exit code), their slots freed.
 
-        A consumer that cannot reach the broker when it starts exits 9 (README, exit codes);
+        A consumer that cannot reach the broker when it starts exits 9 (docs/operations.md#exit-codes);
         the fleet restarts it, as a supervisor (systemd, Kubernetes) would."""
         exited = []
         for slot, member in list(self.slots.items()):

@@ -1,5 +1,5 @@
 """A chat service's view: the lean install (`pip install token-ledger`, no consumer extra), and
-the README's guide, whose example runs from that install against the real broker.
+the producer guide's (docs/contract.md), whose example runs from that install against the real broker.
 
 The package is installed from this checkout into a fresh virtualenv with the pinned uv (the
 same resolution as pip from the same metadata, in seconds instead of half a minute), and
@@ -102,7 +102,7 @@ def test_the_console_script_without_the_extra_says_what_to_install(
     assert "pip install 'token-ledger[consumer]'" in result.stderr
 
 
-# -- the README's guide: its example, run as a chat service would run it ----------------------
+# -- the producer guide: its example, run as a chat service would run it ----------------------
 
 EXAMPLE = REPO / "examples" / "publish_turn.py"
 
@@ -148,8 +148,8 @@ async def _values(stack: Stack) -> list[bytes]:
         await consumer.stop()
 
 
-def test_the_readme_shows_the_example_as_it_is() -> None:
-    readme = (REPO / "README.md").read_text()
+def test_the_producer_guide_shows_the_example_as_it_is() -> None:
+    readme = (REPO / "docs" / "contract.md").read_text()
     guide = readme[readme.index("## Publishing from a chat service") :]
     assert f"```python\n{EXAMPLE.read_text()}```" in guide
 

@@ -1,5 +1,5 @@
 """The one boundary (consumer/failures.py): which failure is which exit code, what is printed,
-and that the README's table is the code's table. Against real services: tests/integration/
+and that docs/operations.md's table is the code's table. Against real services: tests/integration/
 test_failures.py."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from consumer.failures import (
 from consumer.settings import Settings, load_settings
 from consumer.topics import TopicConfigError
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 SECRET = "s3cret-never-printed"
 
 
@@ -47,8 +47,8 @@ def settings() -> Settings:
     )
 
 
-def test_the_readme_documents_every_exit_code() -> None:
-    rows = re.findall(r"^\| `(\d+)` \|", README.read_text(), flags=re.MULTILINE)
+def test_the_operations_guide_documents_every_exit_code() -> None:
+    rows = re.findall(r"^\| `(\d+)` \|", OPERATIONS.read_text(), flags=re.MULTILINE)
     assert [int(code) for code in rows] == [int(code) for code in ExitCode]
 
 

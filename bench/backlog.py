@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from producer.client import TurnEventProducer
-from producer.simulator import TrafficConfig, plan_traffic
 
 THREADS_PER_CHUNK = 2_000  # about 25,000 records
 RECORDS_PER_THREAD = 12.7  # what the simulator's defaults give (5 turns a thread)

@@ -18,8 +18,8 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.services import Services
-from consumer.batch import apply_events
-from consumer.store import OffsetMove, advance_offsets, asyncpg_dsn
+from consumer.ledger.batch import apply_events
+from consumer.ledger.store import OffsetMove, advance_offsets, asyncpg_dsn
 from producer.events import DEFAULT_MAX_EVENT_BYTES, Rejection, decode_event
 
 LEDGER_TABLES = ("chat_threads", "chat_messages", "token_usage", "consumer_offsets")

@@ -16,9 +16,9 @@ from aiokafka import AIOKafkaProducer
 
 from bench.backlog import create_topic
 from bench.consumers import Consumer, stop, wait_ready
-from consumer.store import asyncpg_dsn
+from consumer.ledger.store import asyncpg_dsn
+from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from devstack.processes import free_port
-from producer.simulator import TrafficConfig, plan_traffic
 
 POLL_SECONDS = 0.005
 

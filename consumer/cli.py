@@ -20,15 +20,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
+from consumer.commands.tables import print_table
 from consumer.logs import configure_logging
 from consumer.settings import Settings, SettingsError, load_settings
-from consumer.tables import print_table
+from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from producer import jsonvalues
 from producer.client import TurnEventProducer, ensure_topic
-from producer.simulator import TrafficConfig, plan_traffic
 
 if TYPE_CHECKING:
-    from consumer.operations import DeadLetterView
+    from consumer.commands.operations import DeadLetterView
 
 app = typer.Typer(
     name="token-ledger",
@@ -81,7 +81,7 @@ def migrate(
 ) -> None:
     """Create or upgrade the ledger schema (alembic migrations)."""
     settings = _settings()
-    from consumer.schema import migrate as run_migrate
+    from consumer.ledger.schema import migrate as run_migrate
 
     typer.echo(run_migrate(settings, revision))
 
@@ -171,7 +171,7 @@ async def _publish(settings: Settings, records: list[tuple[bytes, bytes]], parti
 def verify() -> None:
     """Re-read the topic, rebuild the expected ledger, report differences (exit 1 on any)."""
     settings = _settings()
-    from consumer.operations import verify as run_verify
+    from consumer.commands.operations import verify as run_verify
 
     report = asyncio.run(run_verify(settings))
     console = Console()
@@ -207,7 +207,7 @@ def replay(
         typer.echo("token-ledger replay: give exactly one of --from-time or --to-offset", err=True)
         raise typer.Exit(2)
     settings = _settings()
-    from consumer.operations import replay as run_replay
+    from consumer.commands.operations import replay as run_replay
 
     moves = asyncio.run(
         run_replay(settings, from_time=_utc(from_time), to_offset=to_offset, partition=partition)
@@ -240,7 +240,7 @@ def dlq_list(
 ) -> None:
     """List dead letters with their reason and source position."""
     settings = _settings()
-    from consumer.operations import list_dead_letters
+    from consumer.commands.operations import list_dead_letters
 
     views = asyncio.run(list_dead_letters(settings, reason))
     _print_dead_letters(views)
@@ -254,7 +254,7 @@ def dlq_replay(
 ) -> None:
     """Publish dead letters' original records to their source topic again."""
     settings = _settings()
-    from consumer.operations import replay_dead_letters
+    from consumer.commands.operations import replay_dead_letters
 
     views = asyncio.run(replay_dead_letters(settings, reason, dry_run=dry_run))
     _print_dead_letters(views)
@@ -290,8 +290,8 @@ def usage(
     """Billing report: tokens and cost by user, search space, model, day and/or month (a usage
     row's day is its winning event's occurred_at, in UTC)."""
     settings = _settings()
-    from consumer.queries import REPORTED, USAGE_DIMENSIONS, usage_report
-    from consumer.schema import connect_checked
+    from consumer.commands.queries import REPORTED, USAGE_DIMENSIONS, usage_report
+    from consumer.ledger.schema import connect_checked
 
     group_by = by or ["space", "model"]
     if bad := [d for d in group_by if d not in USAGE_DIMENSIONS]:

@@ -252,7 +252,7 @@ def translate(error: BaseException, settings: Settings | None) -> OperatorError 
     """The one boundary: an expected failure as an OperatorError, or None (a bug)."""
     from alembic.util.exc import CommandError
 
-    from consumer.topics import TopicConfigError
+    from consumer.kafka.topics import TopicConfigError
 
     for cause in _chain(error):
         if isinstance(cause, OperatorError):

@@ -29,18 +29,18 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaConsumer
 
-from consumer.closing import stop_consumer
-from consumer.dlq import HEADER_HEADROOM, DeadLetterQueue
-from consumer.health import HealthServer, Readiness
+from consumer.billing.relay import BILLING_PARTITIONS, BillingProducer, Relay
+from consumer.http.health import HealthServer, Readiness
+from consumer.http.metrics import LedgerMetrics
+from consumer.kafka.closing import stop_consumer
+from consumer.kafka.dead_letters import HEADER_HEADROOM, DeadLetterQueue
+from consumer.kafka.outages import KafkaLogFilter
+from consumer.kafka.pipeline import Pipeline, build_pipeline
+from consumer.kafka.topics import MAX_MESSAGE_BYTES, prepare_topics
+from consumer.ledger.schema import check_database, wait_until_usable
+from consumer.ledger.store import create_pool, ping
 from consumer.logs import fields
-from consumer.metrics import LedgerMetrics
-from consumer.outages import KafkaLogFilter
-from consumer.pipeline import Pipeline, build_pipeline
-from consumer.relay import BILLING_PARTITIONS, BillingProducer, Relay
-from consumer.schema import check_database, wait_until_usable
 from consumer.settings import Settings
-from consumer.store import create_pool, ping
-from consumer.topics import MAX_MESSAGE_BYTES, prepare_topics
 from producer.client import ensure_topic
 
 log = logging.getLogger(__name__)

@@ -26,12 +26,12 @@ from typing import Any
 
 import asyncpg
 
-from consumer.queries import usage_report
+from consumer.commands.queries import usage_report
+from consumer.simulate.traffic import UNKNOWN_CALL_FIELDS, UNKNOWN_PART_FIELD
 from devstack.__main__ import CONSUMER_PID, STATE, stop_consumer, up
 from devstack.errors import DevstackError
 from devstack.processes import free_port, require_free_port
 from producer.events import USAGE_MEASURES
-from producer.simulator import UNKNOWN_CALL_FIELDS, UNKNOWN_PART_FIELD
 
 THREADS, TURNS = 400, 5
 SHAPE_LABELS = {

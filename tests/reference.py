@@ -14,8 +14,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from consumer.ledger import LedgerRows
-from consumer.merge import Claim, MessageKey
+from consumer.ledger.merge import Claim, MessageKey
+from consumer.ledger.rebuild import LedgerRows
 from producer.events import AnyEvent, MessageAppended, TurnFinalized, TurnStarted, payload_digest
 
 FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")

@@ -1,4 +1,4 @@
-"""Reading back what `consumer.tables.print_table` printed, to prove that no value was cut."""
+"""Reading back what `consumer.commands.tables.print_table` printed, to prove that no value was cut."""
 
 from __future__ import annotations
 

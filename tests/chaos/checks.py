@@ -13,9 +13,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from consumer.simulate.expectation import ExpectedRow, RowKey, row_key
+from consumer.simulate.traffic import Expectation
 from producer.events import RejectReason
-from producer.expectation import ExpectedRow, RowKey, row_key
-from producer.simulator import Expectation
 from tests.integration.harness import Stack, expected_summary, ledger_summary
 
 _ROWS = """

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from consumer.simulate.traffic import PoisonContext
 from producer import jsonvalues
 from producer.events import RejectReason
-from producer.simulator import PoisonContext
 
 # The chaos consumers' LEDGER_MAX_EVENT_BYTES: the too_large kinds are over it, while every
 # good record of the simulator (about 540 bytes) is far below.

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from consumer.failures import ExitCode
+from consumer.simulate.traffic import QUERIES, Expectation, Record, TrafficConfig, plan_traffic
 from producer.events import RejectReason
-from producer.simulator import QUERIES, Expectation, Record, TrafficConfig, plan_traffic
 from tests.chaos import checks
 from tests.chaos.faults import FaultHand, plan_faults
 from tests.chaos.fleet import Fleet

@@ -22,15 +22,15 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy.engine import make_url
 
-from consumer.queries import usage_report
-from consumer.relay import BILLING_PARTITIONS
-from consumer.store import asyncpg_dsn
+from consumer.billing.relay import BILLING_PARTITIONS
+from consumer.commands.queries import usage_report
+from consumer.ledger.store import asyncpg_dsn
+from consumer.simulate.traffic import Expectation
 from devstack import demo
 from devstack.postgres import PostgresServer, find_bindir
 from devstack.processes import free_port
 from producer.client import TurnEventProducer, ensure_topic
 from producer.events import USAGE_MEASURES
-from producer.simulator import Expectation
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import jsonschema
 
+from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from producer.billing import BillingEvent
 from producer.client import thread_key
 from producer.events import AnyEvent, encode_event
-from producer.simulator import TrafficConfig, plan_traffic
 from tests.factories import appended, call, finalized, started
 from tests.integration.harness import ConsumerProcess, Stack, wait_for
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from producer.simulator import QUERIES, SHAPES, Expectation, TrafficConfig, plan_traffic
+from consumer.simulate.traffic import QUERIES, SHAPES, Expectation, TrafficConfig, plan_traffic
 from tests.integration.harness import (
     ConsumerProcess,
     Stack,

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
+from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from devstack.kafka import KafkaBroker
 from devstack.processes import free_port
-from producer.simulator import TrafficConfig, plan_traffic
 from tests.integration.harness import (
     ConsumerProcess,
     Stack,

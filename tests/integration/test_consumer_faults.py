@@ -15,18 +15,18 @@ import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from consumer.dlq import HEADER_HEADROOM, DeadLetterQueue
-from consumer.health import Readiness
-from consumer.metrics import LedgerMetrics
-from consumer.migrate import upgrade
-from consumer.pipeline import build_pipeline
+from consumer.http.health import Readiness
+from consumer.http.metrics import LedgerMetrics
+from consumer.kafka.dead_letters import HEADER_HEADROOM, DeadLetterQueue
+from consumer.kafka.pipeline import build_pipeline
+from consumer.kafka.topics import prepare_topics
+from consumer.ledger.migrate import upgrade
+from consumer.ledger.store import create_pool
 from consumer.service import source_consumer
 from consumer.settings import load_settings
-from consumer.store import create_pool
-from consumer.topics import prepare_topics
+from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from devstack.postgres import PostgresServer
 from devstack.processes import free_port
-from producer.simulator import TrafficConfig, plan_traffic
 from tests.integration.harness import (
     ConsumerProcess,
     Stack,

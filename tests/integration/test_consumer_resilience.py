@@ -14,9 +14,9 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from consumer.store import asyncpg_dsn
+from consumer.ledger.store import asyncpg_dsn
+from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from producer.client import ensure_topic
-from producer.simulator import TrafficConfig, plan_traffic
 from tests.integration.harness import (
     ConsumerProcess,
     Stack,

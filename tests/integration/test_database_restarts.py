@@ -29,10 +29,10 @@ from typing import Literal
 
 import pytest
 
-from consumer.migrate import upgrade
+from consumer.ledger.migrate import upgrade
+from consumer.simulate.traffic import Expectation, TrafficConfig, plan_traffic
 from devstack.postgres import PostgresServer
 from devstack.processes import free_port
-from producer.simulator import Expectation, TrafficConfig, plan_traffic
 from tests.integration.harness import (
     ConsumerProcess,
     PostgresProxy,

@@ -21,12 +21,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from consumer.http_server import HttpLimits
-from consumer.migrate import upgrade
-from consumer.store import asyncpg_dsn
+from consumer.http.server import HttpLimits
+from consumer.ledger.migrate import upgrade
+from consumer.ledger.store import asyncpg_dsn
+from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from devstack.postgres import PostgresServer
 from devstack.processes import free_port
-from producer.simulator import TrafficConfig, plan_traffic
 from tests.integration.harness import (
     ConsumerProcess,
     Stack,

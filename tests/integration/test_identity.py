@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from producer import jsonvalues
-from producer.simulator import TrafficConfig, plan_traffic
 from tests.integration.harness import ConsumerProcess, Stack, ledger_summary
 
 START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)

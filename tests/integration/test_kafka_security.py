@@ -24,9 +24,9 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from consumer.failures import ExitCode
+from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from devstack.kafka import KafkaBroker
 from devstack.processes import free_port
-from producer.simulator import TrafficConfig, plan_traffic
 from tests.integration.harness import (
     REPO,
     ConsumerProcess,

@@ -24,13 +24,13 @@ from aiokafka.structs import ConsumerRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumer import billing
-from consumer.batch import Applied, apply_isolating, decode_records
-from consumer.billing import OUTBOX_COLUMNS, billing_event
-from consumer.ledger import expected_rows, rebuild
-from consumer.merge import Outcome
-from consumer.queries import read_ledger, usage_report
-from consumer.store import asyncpg_dsn
+from consumer.billing import records as billing
+from consumer.billing.records import OUTBOX_COLUMNS, billing_event
+from consumer.commands.queries import read_ledger, usage_report
+from consumer.ledger.batch import Applied, apply_isolating, decode_records
+from consumer.ledger.merge import Outcome
+from consumer.ledger.rebuild import expected_rows, rebuild
+from consumer.ledger.store import asyncpg_dsn
 from producer import jsonvalues
 from producer.events import DEFAULT_MAX_FUTURE_SKEW, AnyEvent, RejectReason
 from tests.examples import EXAMPLE_NAMES, example

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
+from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from devstack.processes import free_port
-from producer.simulator import TrafficConfig, plan_traffic
 from tests.integration.harness import ConsumerProcess, Stack, wait_for
 from tests.observability import (
     PROMETHEUS,

@@ -12,13 +12,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from consumer.batch import apply_events
+from consumer.commands.queries import read_ledger
 from consumer.errors import FencedError, PoisonError, classify_database_error
-from consumer.ledger import expected_rows, rebuild
-from consumer.merge import reduce_batch
-from consumer.queries import read_ledger
-from consumer.retry import Backoff, retry_transient
-from consumer.store import (
+from consumer.kafka.retry import Backoff, retry_transient
+from consumer.ledger.batch import apply_events
+from consumer.ledger.merge import reduce_batch
+from consumer.ledger.rebuild import expected_rows, rebuild
+from consumer.ledger.store import (
     OffsetMove,
     advance_offsets,
     asyncpg_dsn,
@@ -26,8 +26,8 @@ from consumer.store import (
     load_state,
     write_plan,
 )
+from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from producer.events import AnyEvent, Rejection, decode_event
-from producer.simulator import TrafficConfig, plan_traffic
 from tests.factories import appended, call, finalized, started
 from tests.integration.harness import wait_for
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from producer.simulator import Expectation, TrafficConfig, plan_traffic
+from consumer.simulate.traffic import Expectation, TrafficConfig, plan_traffic
 from tests.integration.harness import (
     ConsumerProcess,
     Stack,

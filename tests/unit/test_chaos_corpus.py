@@ -8,8 +8,8 @@ import random
 import uuid
 from datetime import UTC, datetime
 
+from consumer.simulate.traffic import PoisonContext
 from producer.events import Rejection, RejectReason, decode_event
-from producer.simulator import PoisonContext
 from tests.chaos.poison import CORPUS, MAX_EVENT_BYTES, PoisonDraws
 
 APPLY_TIME = {

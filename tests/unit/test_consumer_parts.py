@@ -12,10 +12,6 @@ import asyncpg
 import pytest
 from aiokafka.structs import ConsumerRecord
 
-from consumer import checkpoint as checkpoint_module
-from consumer.checkpoint import Checkpoints
-from consumer.closing import stop_consumer
-from consumer.dlq import DETAIL_LIMIT, DeadLetter, dead_letter_headers
 from consumer.errors import (
     PoisonError,
     Policy,
@@ -24,10 +20,14 @@ from consumer.errors import (
     database_away,
     sqlstate_policy,
 )
-from consumer.health import Readiness
-from consumer.merge import UsageChange
-from consumer.metrics import LedgerMetrics
-from consumer.retry import Backoff, retry_transient
+from consumer.http.health import Readiness
+from consumer.http.metrics import LedgerMetrics
+from consumer.kafka import checkpoint as checkpoint_module
+from consumer.kafka.checkpoint import Checkpoints
+from consumer.kafka.closing import stop_consumer
+from consumer.kafka.dead_letters import DETAIL_LIMIT, DeadLetter, dead_letter_headers
+from consumer.kafka.retry import Backoff, retry_transient
+from consumer.ledger.merge import UsageChange
 from consumer.settings import load_settings
 from producer.events import RejectReason
 

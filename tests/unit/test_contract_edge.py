@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from consumer.merge import StoredState, reduce_batch
-from consumer.metrics import LedgerMetrics
+from consumer.http.metrics import LedgerMetrics
+from consumer.ledger.merge import StoredState, reduce_batch
 from producer import jsonvalues
 from producer.events import (
     DEFAULT_MAX_EVENT_BYTES,

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from producer.events import (
     DEFAULT_MAX_EVENT_BYTES,
     MAX_INT64,
@@ -22,7 +23,6 @@ from producer.events import (
     decode_event,
     encode_event,
 )
-from producer.simulator import TrafficConfig, plan_traffic
 from tests.examples import EXAMPLE_NAMES, EXAMPLES_DIR, SHARED_EXAMPLES_DIR, example, example_bytes
 
 TS = 1_795_684_502_118  # 2026-11-26T09:15:02.118Z, when the examples happened

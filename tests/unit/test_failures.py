@@ -32,8 +32,8 @@ from consumer.failures import (
     report,
     translate,
 )
+from consumer.kafka.topics import TopicConfigError
 from consumer.settings import Settings, load_settings
-from consumer.topics import TopicConfigError
 
 OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 SECRET = "s3cret-never-printed"

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.health import HealthServer, Readiness, RecentCheck
-from consumer.http_server import HttpLimits, HttpServer, Request, Response
-from consumer.metrics import LedgerMetrics
+from consumer.http.health import HealthServer, Readiness, RecentCheck
+from consumer.http.metrics import LedgerMetrics
+from consumer.http.server import HttpLimits, HttpServer, Request, Response
 from consumer.settings import SettingsError
 
 FAST = HttpLimits(max_connections=4, request_seconds=0.5, max_head_bytes=1024)

@@ -10,8 +10,8 @@ from operator import itemgetter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.ledger import LedgerRows, expected_rows, rebuild, rebuild_by_thread
-from consumer.merge import Admission, Outcome, StoredState, reduce_batch
+from consumer.ledger.merge import Admission, Outcome, StoredState, reduce_batch
+from consumer.ledger.rebuild import LedgerRows, expected_rows, rebuild, rebuild_by_thread
 from producer.events import AnyEvent, payload_digest
 from tests.reference import reference_rows
 from tests.strategies import delivered

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
-from consumer.metrics import LedgerMetrics
+from consumer.http.metrics import LedgerMetrics
 from consumer.settings import Settings
 from tests.observability import (
     PROMETHEUS,

@@ -18,18 +18,18 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from consumer.batch import Applied, Decoded, Report, apply_isolating
-from consumer.dlq import DeadLetter
 from consumer.errors import FencedError, TransientError
-from consumer.health import Readiness
-from consumer.merge import BatchPlan, Outcome
-from consumer.metrics import LedgerMetrics
-from consumer.pipeline import Pipeline, build_pipeline
-from consumer.retry import Backoff
+from consumer.http.health import Readiness
+from consumer.http.metrics import LedgerMetrics
+from consumer.kafka.dead_letters import DeadLetter
+from consumer.kafka.pipeline import Pipeline, build_pipeline
+from consumer.kafka.retry import Backoff
+from consumer.ledger.batch import Applied, Decoded, Report, apply_isolating
+from consumer.ledger.merge import BatchPlan, Outcome
+from consumer.ledger.store import OffsetMove
 from consumer.settings import load_settings
-from consumer.store import OffsetMove
+from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from producer.events import AnyEvent, BatchDecoder, RejectReason
-from producer.simulator import TrafficConfig, plan_traffic
 
 TOPIC = "chat.turn-events"
 TP = TopicPartition(TOPIC, 0)

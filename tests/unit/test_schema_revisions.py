@@ -8,8 +8,8 @@ import re
 import pytest
 from alembic.script import ScriptDirectory
 
-from consumer.migrate import MIGRATIONS
-from consumer.schema import Revisions, SchemaState, code_revisions
+from consumer.ledger.migrate import MIGRATIONS
+from consumer.ledger.schema import Revisions, SchemaState, code_revisions
 
 
 def test_migrations_are_one_numbered_chain() -> None:

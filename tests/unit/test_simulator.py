@@ -9,8 +9,16 @@ from typing import Any
 
 import pytest
 
-from consumer.ledger import rebuild
-from consumer.merge import usage_totals
+from consumer.ledger.merge import usage_totals
+from consumer.ledger.rebuild import rebuild
+from consumer.simulate.traffic import (
+    SHAPES,
+    UNKNOWN_CALL_FIELDS,
+    UNKNOWN_ENVELOPE_FIELDS,
+    UNKNOWN_PART_FIELD,
+    TrafficConfig,
+    plan_traffic,
+)
 from producer import jsonvalues
 from producer.events import (
     USAGE_MEASURES,
@@ -20,14 +28,6 @@ from producer.events import (
     TurnStarted,
     attribution,
     decode_event,
-)
-from producer.simulator import (
-    SHAPES,
-    UNKNOWN_CALL_FIELDS,
-    UNKNOWN_ENVELOPE_FIELDS,
-    UNKNOWN_PART_FIELD,
-    TrafficConfig,
-    plan_traffic,
 )
 
 START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)

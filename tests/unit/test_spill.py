@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.spill import RUN_READ_AHEAD, SortedSpill, SpillFailedError
+from consumer.commands.spill import RUN_READ_AHEAD, SortedSpill, SpillFailedError
 
 Item = tuple[int, int, bytes]
 

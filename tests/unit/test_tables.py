@@ -9,9 +9,9 @@ import pytest
 from rich.console import Console
 
 from consumer import cli
-from consumer.operations import DeadLetterView
-from consumer.queries import USAGE_MEASURES
-from consumer.tables import print_table
+from consumer.commands.operations import DeadLetterView
+from consumer.commands.queries import USAGE_MEASURES
+from consumer.commands.tables import print_table
 from tests.tables import plain, squeeze, terminal_rows
 
 DLQ_HEADERS = ["dlq offset", "reason", "source", "failed at", "bytes", "detail"]

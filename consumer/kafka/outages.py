@@ -20,7 +20,7 @@ from aiokafka.errors import KafkaError
 from consumer.logs import fields
 
 if TYPE_CHECKING:
-    from consumer.health import Readiness
+    from consumer.http.health import Readiness
 
 log = logging.getLogger(__name__)
 REMINDER_SECONDS = 60.0

@@ -20,16 +20,23 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import UnknownTopicOrPartitionError, for_code
 from aiokafka.structs import ConsumerRecord
 
-from consumer import dlq
-from consumer.closing import stop_consumer
+from consumer.commands.queries import applied_offsets, ledger_by_thread, rewind_offsets
+from consumer.commands.spill import SortedSpill
 from consumer.failures import TopicMissingError
-from consumer.ledger import TOTALS, Difference, LedgerRows, add_totals, compare, rebuild_by_thread
+from consumer.kafka import dead_letters as dlq
+from consumer.kafka.closing import stop_consumer
+from consumer.ledger.merge import Admission, StoredState
+from consumer.ledger.rebuild import (
+    TOTALS,
+    Difference,
+    LedgerRows,
+    add_totals,
+    compare,
+    rebuild_by_thread,
+)
+from consumer.ledger.schema import connect_checked
 from consumer.logs import fields
-from consumer.merge import Admission, StoredState
-from consumer.queries import applied_offsets, ledger_by_thread, rewind_offsets
-from consumer.schema import connect_checked
 from consumer.settings import Settings
-from consumer.spill import SortedSpill
 from producer.client import ProducerResource
 from producer.events import AnyEvent, Rejection, decode_event
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from consumer.merge import (
+from consumer.ledger.merge import (
     Admission,
     Fold,
     MessageKey,

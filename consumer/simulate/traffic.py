@@ -36,6 +36,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from consumer.simulate.expectation import KEPT_UNKNOWN_FIELDS as KEPT_UNKNOWN_FIELDS
+from consumer.simulate.expectation import SHAPES as SHAPES
+from consumer.simulate.expectation import UNKNOWN_CALL_FIELDS as UNKNOWN_CALL_FIELDS
+from consumer.simulate.expectation import UNKNOWN_ENVELOPE_FIELDS as UNKNOWN_ENVELOPE_FIELDS
+from consumer.simulate.expectation import UNKNOWN_PART_FIELD as UNKNOWN_PART_FIELD
+from consumer.simulate.expectation import Expectation as Expectation
+from consumer.simulate.expectation import row_key
 from producer import jsonvalues
 from producer.client import thread_key
 from producer.events import (
@@ -49,13 +56,6 @@ from producer.events import (
     UsageCall,
     v0_event_id,
 )
-from producer.expectation import KEPT_UNKNOWN_FIELDS as KEPT_UNKNOWN_FIELDS
-from producer.expectation import SHAPES as SHAPES
-from producer.expectation import UNKNOWN_CALL_FIELDS as UNKNOWN_CALL_FIELDS
-from producer.expectation import UNKNOWN_ENVELOPE_FIELDS as UNKNOWN_ENVELOPE_FIELDS
-from producer.expectation import UNKNOWN_PART_FIELD as UNKNOWN_PART_FIELD
-from producer.expectation import Expectation as Expectation
-from producer.expectation import row_key
 
 # (model, call_kind, micros per 1k prompt tokens, micros per 1k completion tokens)
 MODELS = (

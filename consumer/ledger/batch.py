@@ -23,11 +23,11 @@ from typing import TypeAlias
 import asyncpg
 from aiokafka.structs import ConsumerRecord
 
-from consumer.dlq import DeadLetter
 from consumer.errors import PoisonError, TransientError, classify_database_error
+from consumer.kafka.dead_letters import DeadLetter
+from consumer.ledger.merge import BatchPlan, Outcome, reduce_batch
+from consumer.ledger.store import OffsetMove, advance_offsets, load_state, write_plan
 from consumer.logs import fields
-from consumer.merge import BatchPlan, Outcome, reduce_batch
-from consumer.store import OffsetMove, advance_offsets, load_state, write_plan
 from producer.events import AnyEvent, BatchDecoder, Rejection, RejectReason
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import UnknownTopicOrPartitionError, for_code
 
-from consumer.dlq import HEADER_HEADROOM
 from consumer.errors import LedgerError
+from consumer.kafka.dead_letters import HEADER_HEADROOM
 from consumer.settings import Settings
 from producer.client import ensure_topic
 

@@ -38,18 +38,18 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 
-from consumer.batch import Applied, Decoded, Record, Report, commit_batch, decode_records
-from consumer.checkpoint import Checkpoints
-from consumer.dlq import DeadLetter, DeadLetterQueue
 from consumer.errors import BatchAbandoned, BatchTooSlow, DeadLetterRefusedError, FencedError
-from consumer.health import Readiness
-from consumer.lag import update_lag
+from consumer.http.health import Readiness
+from consumer.http.metrics import LedgerMetrics
+from consumer.kafka.checkpoint import Checkpoints
+from consumer.kafka.dead_letters import DeadLetter, DeadLetterQueue
+from consumer.kafka.lag import update_lag
+from consumer.kafka.outages import KafkaProbe
+from consumer.kafka.retry import Backoff, Retrier
+from consumer.ledger.batch import Applied, Decoded, Record, Report, commit_batch, decode_records
+from consumer.ledger.store import OffsetMove
 from consumer.logs import fields
-from consumer.metrics import LedgerMetrics
-from consumer.outages import KafkaProbe
-from consumer.retry import Backoff, Retrier
 from consumer.settings import Settings
-from consumer.store import OffsetMove
 
 log = logging.getLogger(__name__)
 BATCH_BACKOFF = Backoff(initial=0.1, maximum=5.0)

@@ -27,13 +27,13 @@ from datetime import timedelta
 import asyncpg
 from aiokafka.errors import KafkaError
 
-from consumer.billing import OUTBOX_COLUMNS, billing_event, encode
-from consumer.dlq import MAX_UNCOMPRESSED_BYTES, REFUSALS
-from consumer.health import Readiness
+from consumer.billing.records import OUTBOX_COLUMNS, billing_event, encode
+from consumer.http.health import Readiness
+from consumer.http.metrics import LedgerMetrics
+from consumer.kafka.dead_letters import MAX_UNCOMPRESSED_BYTES, REFUSALS
+from consumer.kafka.outages import Outage
+from consumer.kafka.retry import Backoff, as_transient
 from consumer.logs import fields
-from consumer.metrics import LedgerMetrics
-from consumer.outages import Outage
-from consumer.retry import Backoff, as_transient
 from producer.client import ProducerResource, thread_key
 
 log = logging.getLogger(__name__)

@@ -28,10 +28,10 @@ from consumer.errors import (
     classify_database_error,
     database_away,
 )
-from consumer.health import Readiness
+from consumer.http.health import Readiness
+from consumer.http.metrics import LedgerMetrics
+from consumer.kafka.outages import Outage
 from consumer.logs import fields
-from consumer.metrics import LedgerMetrics
-from consumer.outages import Outage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from consumer.http_server import HttpLimits, HttpServer, Request, Response
-from consumer.lag import Held
+from consumer.http.metrics import LedgerMetrics
+from consumer.http.server import HttpLimits, HttpServer, Request, Response
+from consumer.kafka.lag import Held
 from consumer.logs import fields
-from consumer.metrics import LedgerMetrics
 from consumer.settings import PREFIX, SettingsError
 
 log = logging.getLogger(__name__)

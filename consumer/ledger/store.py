@@ -30,7 +30,7 @@ from typing import Any
 import asyncpg
 
 from consumer.errors import ConcurrentWriteError, FencedError, ThreadRaceError
-from consumer.merge import (
+from consumer.ledger.merge import (
     USAGE_FIELDS,
     BatchPlan,
     Claim,

@@ -25,8 +25,8 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from consumer.http_server import REJECTIONS
-from consumer.merge import Outcome, UsageChange
+from consumer.http.server import REJECTIONS
+from consumer.ledger.merge import Outcome, UsageChange
 
 # *_created series only double the exposition; rate() and increase() need none.
 disable_created_metrics()  # type: ignore[no-untyped-call]

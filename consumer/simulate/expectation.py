@@ -1,6 +1,6 @@
 """What a traffic plan must produce: the ledger summary, row by row and in total.
 
-Kept by construction (what each scenario of `producer.simulator` creates), never by running
+Kept by construction (what each scenario of `consumer.simulate.traffic` creates), never by running
 the merge rules, so it is an independent check of the consumer. `Expectation.rows` names every
 message the ledger must hold with its content and its authoritative usage; the summary fields
 count them, per model split by `producer.events.attribution` (SPEC section 7).

@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 if TYPE_CHECKING:
-    from consumer.checkpoint import Checkpoints
-    from consumer.health import Readiness
-    from consumer.metrics import LedgerMetrics
+    from consumer.http.health import Readiness
+    from consumer.http.metrics import LedgerMetrics
+    from consumer.kafka.checkpoint import Checkpoints
 
 
 @dataclass(frozen=True)

@@ -48,14 +48,14 @@ from consumer.failures import (
     database_name,
     translate_database_error,
 )
-from consumer.health import Readiness
+from consumer.http.health import Readiness
+from consumer.kafka.outages import Outage
+from consumer.kafka.retry import Backoff
+from consumer.ledger.migrate import MIGRATIONS, upgrade
+from consumer.ledger.models import metadata
+from consumer.ledger.store import asyncpg_dsn
 from consumer.logs import fields
-from consumer.migrate import MIGRATIONS, upgrade
-from consumer.models import metadata
-from consumer.outages import Outage
-from consumer.retry import Backoff
 from consumer.settings import Settings
-from consumer.store import asyncpg_dsn
 
 log = logging.getLogger(__name__)
 _NUMBERED = re.compile(r"\d+")

@@ -1,0 +1,1 @@
+"""Billing: the usage revisions' CloudEvents and the outbox relay."""

@@ -1,0 +1,1 @@
+"""HTTP: /metrics, /healthz and /readyz, and the metrics themselves."""

@@ -1,0 +1,1 @@
+"""The Kafka loop in SinkTask verbs, with its checkpoints, retries and dead letters."""

@@ -1,0 +1,1 @@
+"""The batch transaction: the pure merge rules, the SQL, the schema and its migrations."""

@@ -30,7 +30,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer
 
 from consumer.billing.relay import BILLING_PARTITIONS, BillingProducer, Relay
-from consumer.http.health import HealthServer, Readiness
+from consumer.http.health import HealthServer
 from consumer.http.metrics import LedgerMetrics
 from consumer.kafka.closing import stop_consumer
 from consumer.kafka.dead_letters import HEADER_HEADROOM, DeadLetterQueue
@@ -41,6 +41,7 @@ from consumer.ledger.schema import check_database, wait_until_usable
 from consumer.ledger.store import create_pool, ping
 from consumer.logs import fields
 from consumer.settings import Settings
+from consumer.status import Readiness
 from producer.client import ensure_topic
 
 log = logging.getLogger(__name__)

@@ -28,12 +28,11 @@ import asyncpg
 from aiokafka.errors import KafkaError
 
 from consumer.billing.records import OUTBOX_COLUMNS, billing_event, encode
-from consumer.http.health import Readiness
 from consumer.http.metrics import LedgerMetrics
 from consumer.kafka.dead_letters import MAX_UNCOMPRESSED_BYTES, REFUSALS
-from consumer.kafka.outages import Outage
-from consumer.kafka.retry import Backoff, as_transient
 from consumer.logs import fields
+from consumer.retry import Backoff, as_transient
+from consumer.status import Outage, Readiness
 from producer.client import ProducerResource, thread_key
 
 log = logging.getLogger(__name__)

@@ -16,71 +16,18 @@ import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from consumer.http.metrics import LedgerMetrics
 from consumer.http.server import HttpLimits, HttpServer, Request, Response
-from consumer.kafka.lag import Held
 from consumer.logs import fields
 from consumer.settings import PREFIX, SettingsError
+from consumer.status import Readiness
 
 log = logging.getLogger(__name__)
 
 DATABASE_CHECK_MAX_AGE = 1.0  # seconds
-
-
-@dataclass
-class Readiness:
-    """What the pipeline reports and /readyz judges; times are time.monotonic()."""
-
-    stall_seconds: float
-    assigned: frozenset[int] = frozenset()
-    lag: int = 0
-    last_progress: float = field(default_factory=time.monotonic)
-    database_ok: bool = True
-    # Not lag (nothing there can be read yet), so judged on its own: partition -> its records
-    # waiting for an open transaction, and since when its last stable offset has stood still.
-    held: dict[int, Held] = field(default_factory=dict)
-    kafka_ok: bool = True
-    halted: dict[int, str] = field(default_factory=dict)  # partition -> why it stopped
-    unexpected: str | None = None  # the batch is being retried after an unexpected error
-    # Billing revisions the relay holds back (refused by the topic, or no record can be built
-    # from them): revision id -> why. Their messages' later revisions wait behind them.
-    billing_held: dict[str, str] = field(default_factory=dict)
-
-    def progressed(self) -> None:
-        self.last_progress = time.monotonic()
-
-    def reasons_not_ready(self) -> list[str]:
-        reasons = []
-        if not self.assigned:
-            reasons.append("no partitions assigned")
-        if not self.database_ok:
-            reasons.append("database unreachable")
-        if not self.kafka_ok:
-            reasons.append("Kafka unreachable")
-        if self.unexpected:
-            reasons.append(f"retrying a batch after an {self.unexpected} (see the log)")
-        for partition, why in sorted(self.halted.items()):
-            reasons.append(f"partition {partition} stopped: {why}")
-        for revision, why in sorted(self.billing_held.items()):
-            reasons.append(f"billing revision {revision} held back: {why} (see the log)")
-        if self.lag > 0 and time.monotonic() - self.last_progress > self.stall_seconds:
-            reasons.append(
-                f"stalled: {self.lag} records waiting, no commit for {self.stall_seconds:.0f}s"
-            )
-        if held := {
-            p: h for p, h in self.held.items() if time.monotonic() - h.since > self.stall_seconds
-        }:
-            reasons.append(
-                f"open transaction: {sum(h.records for h in held.values())} records wait on"
-                f" partition {', '.join(map(str, sorted(held)))} behind a transaction open for"
-                f" over {self.stall_seconds:.0f}s (the broker aborts it at the producer's"
-                " transaction timeout)"
-            )
-        return reasons
 
 
 class RecentCheck:

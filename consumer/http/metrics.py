@@ -25,6 +25,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from consumer.errors import DeadLetterUnavailableError, TransientError, UnexpectedError
 from consumer.http.server import REJECTIONS
 from consumer.ledger.merge import Outcome, UsageChange
 
@@ -246,3 +247,24 @@ class LedgerMetrics:
         for totals in (up, down):
             for (counter, model, kind), amount in totals.items():
                 (counter.labels(model, kind) if kind else counter.labels(model)).inc(amount)
+
+
+class CountRetries:
+    """token_ledger_db_retries_total for the pipeline's retries (a consumer/retry.py
+    RetryObserver), by SQLSTATE: `unavailable` with none, `unexpected` for an unclassified
+    error; a dead-letter topic that did not acknowledge is no database retry."""
+
+    def __init__(self, metrics: LedgerMetrics) -> None:
+        self.metrics = metrics
+
+    def retrying(self, error: TransientError) -> None:
+        if isinstance(error, UnexpectedError):
+            self.metrics.db_retries.labels("unexpected").inc()
+        elif not isinstance(error, DeadLetterUnavailableError):
+            self.metrics.db_retries.labels(error.sqlstate or "unavailable").inc()
+
+    def succeeded(self) -> None:
+        pass
+
+    def finished(self) -> None:
+        pass

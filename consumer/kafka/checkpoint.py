@@ -26,14 +26,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from consumer.errors import BatchAbandoned, FencedError
-from consumer.http.health import Readiness
 from consumer.http.metrics import LedgerMetrics
-from consumer.kafka.outages import Outage
-from consumer.kafka.retry import Retrier
 from consumer.ledger.batch import Record
 from consumer.ledger.store import OffsetMove, load_offsets, reset_offsets
 from consumer.logs import fields
+from consumer.retry import Retrier
 from consumer.settings import Settings
+from consumer.status import Outage, Readiness
 
 log = logging.getLogger(__name__)
 MIRROR_SECONDS = 2.0  # the offset mirror is best-effort: never longer than this

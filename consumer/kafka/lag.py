@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from consumer.status import Held, Readiness
+
 if TYPE_CHECKING:
-    from consumer.http.health import Readiness
     from consumer.http.metrics import LedgerMetrics
     from consumer.kafka.checkpoint import Checkpoints
 
@@ -50,15 +51,6 @@ class PartitionEnds:
     @property
     def uncommitted(self) -> int:
         return max(0, self.highwater - self.stable)
-
-
-@dataclass(frozen=True)
-class Held:
-    """A partition whose records above its last stable offset wait for a transaction to end."""
-
-    stable: int  # the last stable offset
-    records: int  # high watermark - stable
-    since: float  # time.monotonic() when the last stable offset came to stand at `stable`
 
 
 def held_partitions(

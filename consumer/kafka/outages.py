@@ -1,10 +1,9 @@
-"""Outages of the broker or the database as a handful of log lines, not one per retry.
+"""The broker's outages as a handful of log lines (consumer/status.py `Outage`).
 
-An `Outage` logs once when a dependency starts failing, reminds at most once a minute while
-it lasts, and logs once when it ends (SPEC section 4). `KafkaLogFilter` takes aiokafka's own
-connection complaints (an ERROR every reconnect attempt, i.e. several a second) off the log
-and turns them into the broker's `Outage`; anything else aiokafka says still passes, at most
-once a minute per message.
+`KafkaLogFilter` takes aiokafka's own connection complaints (an ERROR every reconnect attempt,
+several a second) off the log and turns them into the broker's `Outage`; anything else aiokafka
+says still passes, at most once a minute per message. `KafkaProbe` asks the broker for metadata
+while it seems down: the answer is what ends the outage.
 """
 
 from __future__ import annotations
@@ -12,18 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
-from consumer.logs import fields
-
-if TYPE_CHECKING:
-    from consumer.http.health import Readiness
+from consumer.status import REMINDER_SECONDS, Outage, Readiness
 
 log = logging.getLogger(__name__)
-REMINDER_SECONDS = 60.0
 PROBE_SECONDS = 5.0  # while the broker seems down, ask it for metadata this often
 # What aiokafka says while it cannot reach a broker (connection, metadata, coordinator).
 _CONNECTION_WORDS = (
@@ -37,44 +31,6 @@ _CONNECTION_WORDS = (
     "nodenotready",
     "not available",
 )
-
-
-class Outage:
-    """One dependency's availability, for the log and for /readyz."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.since: float | None = None
-        self._last_line = 0.0
-        self._attempts = 0
-
-    @property
-    def down(self) -> bool:
-        return self.since is not None
-
-    def failing(self, detail: str) -> None:
-        now = time.monotonic()
-        self._attempts += 1
-        if self.since is None:
-            self.since = self._last_line = now
-            log.warning(f"{self.what} unreachable", extra=fields(error=detail))
-        elif now - self._last_line >= REMINDER_SECONDS:
-            self._last_line = now
-            log.warning(
-                f"{self.what} still unreachable",
-                extra=fields(
-                    error=detail, seconds=round(now - self.since), attempts=self._attempts
-                ),
-            )
-
-    def recovered(self) -> None:
-        if self.since is not None:
-            log.info(
-                f"{self.what} reachable again",
-                extra=fields(seconds=round(time.monotonic() - self.since, 1)),
-            )
-            self.since = None
-            self._attempts = 0
 
 
 class KafkaLogFilter(logging.Filter):

@@ -21,7 +21,7 @@ fenced batch re-seeks to them. A rebalance waits for the batch in flight (or aba
 is stuck retrying), so a partition is never committed after it was given up.
 
 No record and no database answer ends the process (SPEC section 4): a record is applied or
-dead-lettered; transient and unexpected failures retry the batch with backoff (retry.Retrier;
+dead-lettered; transient and unexpected failures retry the batch with backoff (consumer/retry.py Retrier;
 one that keeps timing out is retried in halves). Only a dead letter refused for good and a
 stored offset outside the log (LEDGER_OFFSET_RESET=fail) stop a partition (checkpoint.halt).
 """
@@ -39,17 +39,18 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 
 from consumer.errors import BatchAbandoned, BatchTooSlow, DeadLetterRefusedError, FencedError
-from consumer.http.health import Readiness
-from consumer.http.metrics import LedgerMetrics
+from consumer.http.metrics import CountRetries, LedgerMetrics
 from consumer.kafka.checkpoint import Checkpoints
 from consumer.kafka.dead_letters import DeadLetter, DeadLetterQueue
 from consumer.kafka.lag import update_lag
 from consumer.kafka.outages import KafkaProbe
-from consumer.kafka.retry import Backoff, Retrier
+from consumer.kafka.pausing import PauseWhileRetrying
 from consumer.ledger.batch import Applied, Decoded, Record, Report, commit_batch, decode_records
 from consumer.ledger.store import OffsetMove
 from consumer.logs import fields
+from consumer.retry import Backoff, Retrier, RetryObserver
 from consumer.settings import Settings
+from consumer.status import Readiness, RetryStatus
 
 log = logging.getLogger(__name__)
 BATCH_BACKOFF = Backoff(initial=0.1, maximum=5.0)
@@ -79,6 +80,7 @@ class Pipeline:
         readiness: Readiness,
         checkpoints: Checkpoints,
         retry: Retrier,
+        status: RetryStatus,
         commit: Commit,
     ) -> None:
         self.settings = settings
@@ -89,8 +91,7 @@ class Pipeline:
         self.checkpoints = checkpoints
         self.retry = retry
         self.commit = commit
-        self.database = retry.database
-        self.kafka = retry.kafka
+        self.kafka = status.kafka
         self.revoking = False
         self._stop = asyncio.Event()
         self._batch_lock = asyncio.Lock()
@@ -426,8 +427,16 @@ def build_pipeline(
     def held() -> set[int]:
         return checkpoints.opening if checkpoints is not None else set()
 
-    retry = Retrier(consumer, readiness, metrics, backoff, abandon=abandon, held=held)
+    status = RetryStatus(readiness)
+    observers: list[RetryObserver] = [
+        status,
+        CountRetries(metrics),
+        PauseWhileRetrying(consumer, readiness, held),
+    ]
+    retry = Retrier(backoff, abandon=abandon, observers=observers)
     checkpoints = Checkpoints(settings, consumer, pool, metrics, readiness, retry)
     commit = commit or functools.partial(commit_batch, pool, settings.group_id, settings.topic)
-    pipeline = Pipeline(settings, consumer, dlq, metrics, readiness, checkpoints, retry, commit)
+    pipeline = Pipeline(
+        settings, consumer, dlq, metrics, readiness, checkpoints, retry, status, commit
+    )
     return pipeline

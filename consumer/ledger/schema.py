@@ -48,14 +48,13 @@ from consumer.failures import (
     database_name,
     translate_database_error,
 )
-from consumer.http.health import Readiness
-from consumer.kafka.outages import Outage
-from consumer.kafka.retry import Backoff
 from consumer.ledger.migrate import MIGRATIONS, upgrade
 from consumer.ledger.models import metadata
 from consumer.ledger.store import asyncpg_dsn
 from consumer.logs import fields
+from consumer.retry import Backoff
 from consumer.settings import Settings
+from consumer.status import Outage, Readiness
 
 log = logging.getLogger(__name__)
 _NUMBERED = re.compile(r"\d+")

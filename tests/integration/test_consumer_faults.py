@@ -15,7 +15,6 @@ import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from consumer.http.health import Readiness
 from consumer.http.metrics import LedgerMetrics
 from consumer.kafka.dead_letters import HEADER_HEADROOM, DeadLetterQueue
 from consumer.kafka.pipeline import build_pipeline
@@ -25,6 +24,7 @@ from consumer.ledger.store import create_pool
 from consumer.service import source_consumer
 from consumer.settings import load_settings
 from consumer.simulate.traffic import TrafficConfig, plan_traffic
+from consumer.status import Readiness
 from devstack.postgres import PostgresServer
 from devstack.processes import free_port
 from tests.integration.harness import (

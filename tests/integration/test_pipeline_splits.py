@@ -19,17 +19,17 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from consumer.errors import DeadLetterRefusedError, TransientError
-from consumer.http.health import Readiness
 from consumer.http.metrics import LedgerMetrics
 from consumer.kafka.dead_letters import HEADER_HEADROOM, DeadLetterQueue
 from consumer.kafka.pipeline import Pipeline, build_pipeline
-from consumer.kafka.retry import Backoff
 from consumer.kafka.topics import prepare_topics
 from consumer.ledger.batch import Applied, Decoded, commit_batch
 from consumer.ledger.store import create_pool
+from consumer.retry import Backoff
 from consumer.service import source_consumer
 from consumer.settings import load_settings
 from consumer.simulate.traffic import TrafficConfig, plan_traffic
+from consumer.status import Readiness
 from tests.integration.harness import Stack, expected_summary, ledger_summary
 
 START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)

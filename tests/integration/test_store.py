@@ -14,7 +14,6 @@ import pytest
 
 from consumer.commands.queries import read_ledger
 from consumer.errors import FencedError, PoisonError, classify_database_error
-from consumer.kafka.retry import Backoff, retry_transient
 from consumer.ledger.batch import apply_events
 from consumer.ledger.merge import reduce_batch
 from consumer.ledger.rebuild import expected_rows, rebuild
@@ -26,6 +25,7 @@ from consumer.ledger.store import (
     load_state,
     write_plan,
 )
+from consumer.retry import Backoff, retry_transient
 from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from producer.events import AnyEvent, Rejection, decode_event
 from tests.factories import appended, call, finalized, started

@@ -20,15 +20,15 @@ from consumer.errors import (
     database_away,
     sqlstate_policy,
 )
-from consumer.http.health import Readiness
 from consumer.http.metrics import LedgerMetrics
 from consumer.kafka import checkpoint as checkpoint_module
 from consumer.kafka.checkpoint import Checkpoints
 from consumer.kafka.closing import stop_consumer
 from consumer.kafka.dead_letters import DETAIL_LIMIT, DeadLetter, dead_letter_headers
-from consumer.kafka.retry import Backoff, retry_transient
 from consumer.ledger.merge import UsageChange
+from consumer.retry import Backoff, retry_transient
 from consumer.settings import load_settings
+from consumer.status import Readiness
 from producer.events import RejectReason
 
 

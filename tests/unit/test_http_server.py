@@ -18,10 +18,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.http.health import HealthServer, Readiness, RecentCheck
+from consumer.http.health import HealthServer, RecentCheck
 from consumer.http.metrics import LedgerMetrics
 from consumer.http.server import HttpLimits, HttpServer, Request, Response
 from consumer.settings import SettingsError
+from consumer.status import Readiness
 
 FAST = HttpLimits(max_connections=4, request_seconds=0.5, max_head_bytes=1024)
 

@@ -6,9 +6,9 @@ import time
 
 from prometheus_client import generate_latest
 
-from consumer.http.health import Readiness
 from consumer.http.metrics import LedgerMetrics
-from consumer.kafka.lag import Held, PartitionEnds, held_partitions
+from consumer.kafka.lag import PartitionEnds, held_partitions
+from consumer.status import Held, Readiness
 
 
 def test_lag_ends_at_the_last_stable_offset_and_the_rest_is_uncommitted() -> None:

@@ -19,16 +19,16 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from consumer.errors import FencedError, TransientError
-from consumer.http.health import Readiness
 from consumer.http.metrics import LedgerMetrics
 from consumer.kafka.dead_letters import DeadLetter
 from consumer.kafka.pipeline import Pipeline, build_pipeline
-from consumer.kafka.retry import Backoff
 from consumer.ledger.batch import Applied, Decoded, Report, apply_isolating
 from consumer.ledger.merge import BatchPlan, Outcome
 from consumer.ledger.store import OffsetMove
+from consumer.retry import Backoff
 from consumer.settings import load_settings
 from consumer.simulate.traffic import TrafficConfig, plan_traffic
+from consumer.status import Readiness
 from producer.events import AnyEvent, BatchDecoder, RejectReason
 
 TOPIC = "chat.turn-events"

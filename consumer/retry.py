@@ -1,9 +1,14 @@
-"""Capped exponential backoff for transient failures (database down, deadlock, serialisation).
+"""Retry policy, and nothing else: capped exponential backoff for transient failures (database
+down, deadlock, serialisation).
 
 Only errors that `classify_database_error` calls transient (or that are `TransientError`s) are
 retried; anything else propagates at once. The caller decides what "forever" means by passing
 `attempts=None` (the consumer: never dead-letter because the database is down). `Retrier` is
-the pipeline's policy on top: unexpected errors retried too, fetching paused meanwhile.
+the pipeline's policy on top: unexpected errors retried too, a retry given up when the
+partitions are being given up, a batch that keeps timing out split. What a retry means to
+others is done by whoever owns it, as a `RetryObserver`: readiness and the outage log
+(consumer/status.py), the metrics (consumer/http/metrics.py), paused fetching
+(consumer/kafka/pausing.py).
 """
 
 from __future__ import annotations
@@ -11,26 +16,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Set
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
-
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from typing import Protocol, TypeVar
 
 from consumer.errors import (
     BatchAbandoned,
     BatchTooSlow,
     DeadLetterRefusedError,
-    DeadLetterUnavailableError,
     FencedError,
     TransientError,
     UnexpectedError,
     classify_database_error,
-    database_away,
 )
-from consumer.http.health import Readiness
-from consumer.http.metrics import LedgerMetrics
-from consumer.kafka.outages import Outage
 from consumer.logs import fields
 
 log = logging.getLogger(__name__)
@@ -79,36 +77,42 @@ async def retry_transient(
             await asyncio.sleep(delay)
 
 
+class RetryObserver(Protocol):
+    """What a retry means to someone else. Retries are never nested (every caller holds the
+    pipeline's batch lock), so an observer sees: retrying* then finished."""
+
+    def retrying(self, error: TransientError) -> None:
+        """An attempt failed and another follows after a backoff."""
+
+    def succeeded(self) -> None:
+        """An attempt succeeded."""
+
+    def finished(self) -> None:
+        """The retried operation returned or raised, whatever the outcome."""
+
+
 class Retrier:
-    """The pipeline's retry policy: transient failures, and unexpected ones, retried with
-    capped backoff, fetching paused while it waits (whatever it runs for: a batch, loading
-    offsets on assignment, following stored offsets when idle). Abandoned (BatchAbandoned)
-    when the partitions are being given up or the consumer stops; a batch that keeps timing
-    out (statement_timeout, a client timeout) raises BatchTooSlow when it can be split."""
+    """The pipeline's retry policy: transient failures, and unexpected ones (logged with their
+    traceback, then retried as UnexpectedError), retried with capped backoff. Abandoned
+    (BatchAbandoned) when `abandon()` says the partitions are being given up or the consumer
+    stops; a batch that keeps timing out (statement_timeout, a client timeout) raises
+    BatchTooSlow when it can be split. Fenced batches, abandonment and refused dead letters
+    pass through at once."""
 
     def __init__(
         self,
-        consumer: AIOKafkaConsumer,
-        readiness: Readiness,
-        metrics: LedgerMetrics,
         backoff: Backoff,
         *,
         abandon: Callable[[], bool],
-        held: Callable[[], Set[int]],
+        observers: Sequence[RetryObserver] = (),
     ) -> None:
-        self.consumer = consumer
-        self.readiness = readiness
-        self.metrics = metrics
         self.backoff = backoff
         self.abandon = abandon  # True: give up retrying (revoking, stopping)
-        self.held = held  # partitions that stay paused whatever the retry did (opening)
-        self.database = Outage("database")
-        self.kafka = Outage("Kafka")
+        self.observers = list(observers)
 
     async def __call__(
         self, operation: Callable[[], Awaitable[T]], *, splittable: bool = False
     ) -> T:
-        paused: list[TopicPartition] = []
         timeouts = 0
 
         async def attempt() -> T:
@@ -124,31 +128,19 @@ class Retrier:
                     extra=fields(error=type(error).__name__),
                 )
                 raise UnexpectedError(f"unexpected {type(error).__name__}") from error
-            self.readiness.unexpected = None
-            self.database.recovered()
-            self.readiness.database_ok = True
+            for observer in self.observers:
+                observer.succeeded()
             return result
 
         def on_retry(error: TransientError, attempt: int, delay: float) -> None:
             nonlocal timeouts
             if self.abandon():
                 raise BatchAbandoned from error
-            if isinstance(error, UnexpectedError):
-                self.readiness.unexpected = str(error)
-                self.metrics.db_retries.labels("unexpected").inc()
-            elif not isinstance(error, DeadLetterUnavailableError):
-                if database_away(error):
-                    self.readiness.database_ok = False
-                    self.database.failing(str(error))
-                self.metrics.db_retries.labels(error.sqlstate or "unavailable").inc()
-            else:
-                self.kafka.failing(str(error))
+            for observer in self.observers:
+                observer.retrying(error)
             timeouts = timeouts + 1 if error.timed_out else 0
             if splittable and timeouts >= TIMEOUTS_BEFORE_HALVING:
                 raise BatchTooSlow from error
-            if not paused:
-                paused.extend(self.consumer.assignment())
-                self.consumer.pause(*paused)
             log.debug(
                 "transient failure, retrying",
                 extra=fields(error=str(error), attempt=attempt, delay_seconds=round(delay, 2)),
@@ -157,12 +149,5 @@ class Retrier:
         try:
             return await retry_transient(attempt, self.backoff, on_retry)
         finally:
-            halted, held = self.readiness.halted, self.held()
-            if still := [
-                tp
-                for tp in paused
-                if tp in self.consumer.assignment()
-                and tp.partition not in halted
-                and tp.partition not in held  # resumed once sought
-            ]:
-                self.consumer.resume(*still)
+            for observer in self.observers:
+                observer.finished()

@@ -20,7 +20,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from bench.services import Services
 from consumer.ledger.batch import apply_events
 from consumer.ledger.store import OffsetMove, advance_offsets, asyncpg_dsn
-from producer.events import DEFAULT_MAX_EVENT_BYTES, Rejection, decode_event
+from producer.decoding import decode_event
+from producer.events import DEFAULT_MAX_EVENT_BYTES, Rejection
 
 LEDGER_TABLES = ("chat_threads", "chat_messages", "token_usage", "consumer_offsets")
 

@@ -16,7 +16,8 @@ from typing import Any
 from hypothesis import strategies as st
 
 from producer import jsonvalues
-from producer.events import USAGE_MEASURES, AnyEvent, MessageAppended, Rejection, decode_event
+from producer.decoding import decode_event
+from producer.events import USAGE_MEASURES, AnyEvent, MessageAppended, Rejection
 from tests.factories import appended, at, call, finalized, started
 
 THREADS = (1, 2)

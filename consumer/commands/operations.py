@@ -38,7 +38,8 @@ from consumer.ledger.schema import connect_checked
 from consumer.logs import fields
 from consumer.settings import Settings
 from producer.client import ProducerResource
-from producer.events import AnyEvent, Rejection, decode_event
+from producer.decoding import decode_event
+from producer.events import AnyEvent, Rejection
 
 log = logging.getLogger(__name__)
 FETCH_BYTES = 64 * 1024 * 1024

@@ -359,7 +359,7 @@ class Pipeline:
     # -- steps ---------------------------------------------------------------------------------
 
     def _decode(self, records: list[Record]) -> Decoded:
-        """Pure, and never raises for a record (producer.events.decode_event)."""
+        """Pure, and never raises for a record (producer.decoding.decode_event)."""
         return decode_records(
             records,
             max_bytes=self.settings.max_event_bytes,

@@ -28,7 +28,8 @@ from consumer.kafka.dead_letters import DeadLetter
 from consumer.ledger.merge import BatchPlan, Outcome, reduce_batch
 from consumer.ledger.store import OffsetMove, advance_offsets, load_state, write_plan
 from consumer.logs import fields
-from producer.events import AnyEvent, BatchDecoder, Rejection, RejectReason
+from producer.decoding import BatchDecoder
+from producer.events import AnyEvent, Rejection, RejectReason
 
 log = logging.getLogger(__name__)
 # aiokafka ships no type information: a record is a ConsumerRecord[bytes, bytes].

@@ -45,6 +45,7 @@ from consumer.simulate.expectation import Expectation as Expectation
 from consumer.simulate.expectation import row_key
 from producer import jsonvalues
 from producer.client import thread_key
+from producer.decoding import v0_event_id
 from producer.events import (
     USAGE_MEASURES,
     AnyEvent,
@@ -54,7 +55,6 @@ from producer.events import (
     TurnStarted,
     TurnUsage,
     UsageCall,
-    v0_event_id,
 )
 
 # (model, call_kind, micros per 1k prompt tokens, micros per 1k completion tokens)

@@ -12,7 +12,8 @@ from consumer.commands.queries import read_ledger, usage_report
 from consumer.ledger.batch import apply_events
 from consumer.ledger.merge import BatchPlan, Outcome
 from consumer.ledger.store import asyncpg_dsn
-from producer.events import UNATTRIBUTED, AnyEvent, RejectReason, TurnFinalized, decode_event
+from producer.decoding import decode_event
+from producer.events import UNATTRIBUTED, AnyEvent, RejectReason, TurnFinalized
 from tests.examples import example
 from tests.factories import SPACE, THREAD, TURN, USER, appended, at, call, finalized, started
 

@@ -11,14 +11,8 @@ from datetime import UTC, datetime
 from confluent_kafka import Consumer
 
 from producer.client import TurnEventProducer, UsageAccumulator, ensure_topic
-from producer.events import (
-    LegacyTokenUsage,
-    MessageAppended,
-    Rejection,
-    TurnFinalized,
-    TurnStarted,
-    decode_event,
-)
+from producer.decoding import decode_event
+from producer.events import LegacyTokenUsage, MessageAppended, Rejection, TurnFinalized, TurnStarted
 
 
 def _read_all(bootstrap: str, topic: str, count: int) -> list[tuple[bytes, bytes, int]]:

@@ -27,7 +27,8 @@ from consumer.ledger.store import (
 )
 from consumer.retry import Backoff, retry_transient
 from consumer.simulate.traffic import TrafficConfig, plan_traffic
-from producer.events import AnyEvent, Rejection, decode_event
+from producer.decoding import decode_event
+from producer.events import AnyEvent, Rejection
 from tests.factories import appended, call, finalized, started
 from tests.integration.harness import wait_for
 

@@ -9,7 +9,8 @@ import uuid
 from datetime import UTC, datetime
 
 from consumer.simulate.traffic import PoisonContext
-from producer.events import Rejection, RejectReason, decode_event
+from producer.decoding import decode_event
+from producer.events import Rejection, RejectReason
 from tests.chaos.poison import CORPUS, MAX_EVENT_BYTES, PoisonDraws
 
 APPLY_TIME = {

@@ -13,17 +13,16 @@ import pytest
 from consumer.http.metrics import LedgerMetrics
 from consumer.ledger.merge import StoredState, reduce_batch
 from producer import jsonvalues
+from producer.decoding import BatchDecoder, decode_event
 from producer.events import (
     DEFAULT_MAX_EVENT_BYTES,
     UNATTRIBUTED,
-    BatchDecoder,
     MessageAppended,
     Rejection,
     RejectReason,
     TurnFinalized,
     TurnStarted,
     attribution,
-    decode_event,
     payload_digest,
 )
 from tests.examples import example

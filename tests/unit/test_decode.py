@@ -11,16 +11,15 @@ from typing import Any
 import pytest
 
 from consumer.simulate.traffic import TrafficConfig, plan_traffic
+from producer.decoding import BatchDecoder, decode_event
 from producer.events import (
     DEFAULT_MAX_EVENT_BYTES,
     MAX_INT64,
-    BatchDecoder,
     MessageAppended,
     Rejection,
     RejectReason,
     TurnFinalized,
     TurnStarted,
-    decode_event,
     encode_event,
 )
 from tests.examples import EXAMPLE_NAMES, EXAMPLES_DIR, SHARED_EXAMPLES_DIR, example, example_bytes

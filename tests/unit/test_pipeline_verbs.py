@@ -29,7 +29,8 @@ from consumer.retry import Backoff
 from consumer.settings import load_settings
 from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from consumer.status import Readiness
-from producer.events import AnyEvent, BatchDecoder, RejectReason
+from producer.decoding import BatchDecoder
+from producer.events import AnyEvent, RejectReason
 
 TOPIC = "chat.turn-events"
 TP = TopicPartition(TOPIC, 0)

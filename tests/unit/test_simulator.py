@@ -20,6 +20,7 @@ from consumer.simulate.traffic import (
     plan_traffic,
 )
 from producer import jsonvalues
+from producer.decoding import decode_event
 from producer.events import (
     USAGE_MEASURES,
     MessageAppended,
@@ -27,7 +28,6 @@ from producer.events import (
     TurnFinalized,
     TurnStarted,
     attribution,
-    decode_event,
 )
 
 START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)

@@ -11,7 +11,8 @@ from consumer.ledger.rebuild import rebuild
 from consumer.simulate.expectation import ExpectedRow, RowKey, row_key
 from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from producer import jsonvalues
-from producer.events import Rejection, decode_event
+from producer.decoding import decode_event
+from producer.events import Rejection
 
 START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 RECORD_TS = int(START.timestamp() * 1000) + 86_400_000

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from producer.events import MessageAppended, Rejection, RejectReason, decode_event
+from producer.decoding import decode_event
+from producer.events import MessageAppended, Rejection, RejectReason
 from tests.examples import example, example_bytes
 
 TS = 1_795_684_502_118  # 2026-11-26T09:15:02.118Z, when the examples happened

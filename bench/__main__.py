@@ -68,7 +68,7 @@ def export(commit: str, name: str) -> Tree:
 async def ledger_totals(url: str) -> dict[str, int]:
     import asyncpg
 
-    from consumer.ledger.store import asyncpg_dsn
+    from consumer.ledger.database import asyncpg_dsn
 
     conn = await asyncpg.connect(asyncpg_dsn(url))
     try:

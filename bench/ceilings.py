@@ -19,7 +19,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.services import Services
 from consumer.ledger.batch import apply_events
-from consumer.ledger.store import OffsetMove, advance_offsets, asyncpg_dsn
+from consumer.ledger.database import asyncpg_dsn
+from consumer.ledger.offsets import OffsetMove, advance_offsets
 from producer.decoding import decode_event
 from producer.events import DEFAULT_MAX_EVENT_BYTES, Rejection
 

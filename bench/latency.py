@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaProducer
 
 from bench.backlog import create_topic
 from bench.consumers import Consumer, stop, wait_ready
-from consumer.ledger.store import asyncpg_dsn
+from consumer.ledger.database import asyncpg_dsn
 from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from devstack.processes import free_port
 

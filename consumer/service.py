@@ -37,8 +37,8 @@ from consumer.kafka.dead_letters import HEADER_HEADROOM, DeadLetterQueue
 from consumer.kafka.outages import KafkaLogFilter
 from consumer.kafka.pipeline import Pipeline, build_pipeline
 from consumer.kafka.topics import MAX_MESSAGE_BYTES, prepare_topics
+from consumer.ledger.database import create_pool, ping
 from consumer.ledger.schema import check_database, wait_until_usable
-from consumer.ledger.store import create_pool, ping
 from consumer.logs import fields
 from consumer.settings import Settings
 from consumer.status import Readiness

@@ -19,8 +19,8 @@ import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.migrate import upgrade
-from consumer.ledger.store import asyncpg_dsn
 from devstack.kafka import KafkaBroker
 from devstack.postgres import PostgresServer
 from devstack.processes import free_port

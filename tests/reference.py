@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from consumer.ledger.merge import Claim, MessageKey
+from consumer.ledger.claims import Claim, MessageKey
 from consumer.ledger.rebuild import LedgerRows
 from producer.events import AnyEvent, MessageAppended, TurnFinalized, TurnStarted, payload_digest
 

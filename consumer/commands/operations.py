@@ -25,7 +25,8 @@ from consumer.commands.spill import SortedSpill
 from consumer.failures import TopicMissingError
 from consumer.kafka import dead_letters as dlq
 from consumer.kafka.closing import stop_consumer
-from consumer.ledger.merge import Admission, StoredState
+from consumer.ledger.claims import StoredState
+from consumer.ledger.merge import Admission
 from consumer.ledger.rebuild import (
     TOTALS,
     Difference,

@@ -11,9 +11,9 @@ from typing import Any
 
 import asyncpg
 
-from consumer.ledger.merge import USAGE_FIELDS, MessageKey, MessageRow, ThreadRow, UsageRow
+from consumer.ledger.claims import USAGE_FIELDS, MessageKey, MessageRow, ThreadRow, UsageRow
 from consumer.ledger.rebuild import LedgerRows, message_values, thread_values, usage_values
-from consumer.ledger.store import content_claim, source_claim, stored_key
+from consumer.ledger.state import content_claim, source_claim, stored_key
 from producer import jsonvalues
 from producer.events import TOKEN_KINDS, UNATTRIBUTED
 

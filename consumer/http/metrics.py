@@ -27,7 +27,7 @@ from prometheus_client import (
 
 from consumer.errors import DeadLetterUnavailableError, TransientError, UnexpectedError
 from consumer.http.server import REJECTIONS
-from consumer.ledger.merge import Outcome, UsageChange
+from consumer.ledger.claims import Outcome, UsageChange
 
 # *_created series only double the exposition; rate() and increase() need none.
 disable_created_metrics()  # type: ignore[no-untyped-call]

@@ -28,7 +28,7 @@ from aiokafka.errors import KafkaError
 from consumer.errors import BatchAbandoned, FencedError
 from consumer.http.metrics import LedgerMetrics
 from consumer.ledger.batch import Record
-from consumer.ledger.store import OffsetMove, load_offsets, reset_offsets
+from consumer.ledger.offsets import OffsetMove, load_offsets, reset_offsets
 from consumer.logs import fields
 from consumer.retry import Retrier
 from consumer.settings import Settings

@@ -46,7 +46,7 @@ from consumer.kafka.lag import update_lag
 from consumer.kafka.outages import KafkaProbe
 from consumer.kafka.pausing import PauseWhileRetrying
 from consumer.ledger.batch import Applied, Decoded, Record, Report, commit_batch, decode_records
-from consumer.ledger.store import OffsetMove
+from consumer.ledger.offsets import OffsetMove
 from consumer.logs import fields
 from consumer.retry import Backoff, Retrier, RetryObserver
 from consumer.settings import Settings

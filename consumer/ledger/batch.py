@@ -25,8 +25,11 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer.errors import PoisonError, TransientError, classify_database_error
 from consumer.kafka.dead_letters import DeadLetter
-from consumer.ledger.merge import BatchPlan, Outcome, reduce_batch
-from consumer.ledger.store import OffsetMove, advance_offsets, load_state, write_plan
+from consumer.ledger.claims import BatchPlan, Outcome
+from consumer.ledger.merge import reduce_batch
+from consumer.ledger.offsets import OffsetMove, advance_offsets
+from consumer.ledger.state import load_state
+from consumer.ledger.store import write_plan
 from consumer.logs import fields
 from producer.decoding import BatchDecoder
 from producer.events import AnyEvent, Rejection, RejectReason

@@ -7,15 +7,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from consumer.ledger.merge import (
-    Admission,
-    Fold,
-    MessageKey,
-    MessageRow,
-    StoredState,
-    ThreadRow,
-    UsageRow,
-)
+from consumer.ledger.claims import MessageKey, MessageRow, StoredState, ThreadRow, UsageRow
+from consumer.ledger.merge import Admission, Fold
 from producer.events import AnyEvent, payload, payload_digest
 
 

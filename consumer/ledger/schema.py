@@ -48,9 +48,9 @@ from consumer.failures import (
     database_name,
     translate_database_error,
 )
+from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.migrate import MIGRATIONS, upgrade
 from consumer.ledger.models import metadata
-from consumer.ledger.store import asyncpg_dsn
 from consumer.logs import fields
 from consumer.retry import Backoff
 from consumer.settings import Settings

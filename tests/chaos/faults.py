@@ -22,7 +22,7 @@ import asyncpg
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from consumer.ledger.store import asyncpg_dsn
+from consumer.ledger.database import asyncpg_dsn
 from tests.chaos.fleet import Fleet
 from tests.chaos.services import NOTIFY_CHANNEL, ChaosServices
 from tests.integration.harness import Stack

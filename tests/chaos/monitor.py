@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from consumer.ledger.store import asyncpg_dsn
+from consumer.ledger.database import asyncpg_dsn
 from tests.chaos.fleet import Fleet
 from tests.integration.harness import Stack
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import asyncpg
 
+from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.migrate import upgrade
-from consumer.ledger.store import asyncpg_dsn
 from devstack.kafka import KafkaBroker
 from devstack.postgres import DATABASE, USER, PostgresServer
 from devstack.processes import free_port, is_alive

@@ -17,8 +17,8 @@ import asyncpg
 import pytest
 
 from consumer.ledger.batch import apply_events
+from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.migrate import upgrade
-from consumer.ledger.store import asyncpg_dsn
 from producer.client import ensure_topic, thread_key
 from producer.events import AnyEvent, encode_event
 from tests.factories import appended, call, finalized, started

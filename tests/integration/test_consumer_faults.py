@@ -19,8 +19,8 @@ from consumer.http.metrics import LedgerMetrics
 from consumer.kafka.dead_letters import HEADER_HEADROOM, DeadLetterQueue
 from consumer.kafka.pipeline import build_pipeline
 from consumer.kafka.topics import prepare_topics
+from consumer.ledger.database import create_pool
 from consumer.ledger.migrate import upgrade
-from consumer.ledger.store import create_pool
 from consumer.service import source_consumer
 from consumer.settings import load_settings
 from consumer.simulate.traffic import TrafficConfig, plan_traffic

@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from consumer.ledger.store import asyncpg_dsn
+from consumer.ledger.database import asyncpg_dsn
 from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from producer.client import ensure_topic
 from tests.integration.harness import (

@@ -20,9 +20,9 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from consumer.failures import ExitCode
+from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.migrate import upgrade
 from consumer.ledger.schema import code_revisions
-from consumer.ledger.store import asyncpg_dsn
 from devstack.postgres import PostgresServer
 from devstack.processes import free_port
 from tests.conftest import with_database

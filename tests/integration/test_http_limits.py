@@ -22,8 +22,8 @@ import asyncpg
 import pytest
 
 from consumer.http.server import HttpLimits
+from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.migrate import upgrade
-from consumer.ledger.store import asyncpg_dsn
 from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from devstack.postgres import PostgresServer
 from devstack.processes import free_port

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from consumer.billing.records import OUTBOX_COLUMNS, billing_event
 from consumer.commands.queries import read_ledger, usage_report
 from consumer.ledger.batch import apply_events
-from consumer.ledger.merge import USAGE_FIELDS
+from consumer.ledger.claims import USAGE_FIELDS
+from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.rebuild import LedgerRows
-from consumer.ledger.store import asyncpg_dsn
 from producer.events import AnyEvent
 from tests.reference import reference_rows
 from tests.strategies import across_periods, batch_splits, delivered

@@ -10,8 +10,8 @@ import asyncpg
 
 from consumer.commands.queries import read_ledger, usage_report
 from consumer.ledger.batch import apply_events
-from consumer.ledger.merge import BatchPlan, Outcome
-from consumer.ledger.store import asyncpg_dsn
+from consumer.ledger.claims import BatchPlan, Outcome
+from consumer.ledger.database import asyncpg_dsn
 from producer.decoding import decode_event
 from producer.events import UNATTRIBUTED, AnyEvent, RejectReason, TurnFinalized
 from tests.examples import example

@@ -11,9 +11,9 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.migrate import downgrade, upgrade
 from consumer.ledger.models import metadata
-from consumer.ledger.store import asyncpg_dsn
 
 LEDGER_TABLES = {
     "chat_threads",

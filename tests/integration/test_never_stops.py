@@ -28,9 +28,9 @@ from consumer.billing import records as billing
 from consumer.billing.records import OUTBOX_COLUMNS, billing_event
 from consumer.commands.queries import read_ledger, usage_report
 from consumer.ledger.batch import Applied, apply_isolating, decode_records
-from consumer.ledger.merge import Outcome
+from consumer.ledger.claims import Outcome
+from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.rebuild import expected_rows, rebuild
-from consumer.ledger.store import asyncpg_dsn
 from producer import jsonvalues
 from producer.events import DEFAULT_MAX_FUTURE_SKEW, AnyEvent, RejectReason
 from tests.examples import EXAMPLE_NAMES, example

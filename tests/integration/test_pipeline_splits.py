@@ -24,7 +24,7 @@ from consumer.kafka.dead_letters import HEADER_HEADROOM, DeadLetterQueue
 from consumer.kafka.pipeline import Pipeline, build_pipeline
 from consumer.kafka.topics import prepare_topics
 from consumer.ledger.batch import Applied, Decoded, commit_batch
-from consumer.ledger.store import create_pool
+from consumer.ledger.database import create_pool
 from consumer.retry import Backoff
 from consumer.service import source_consumer
 from consumer.settings import load_settings

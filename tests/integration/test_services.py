@@ -8,7 +8,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from consumer.ledger.store import asyncpg_dsn
+from consumer.ledger.database import asyncpg_dsn
 from devstack import kafka_wire
 
 FETCH, LEADER_AND_ISR, DESCRIBE_QUORUM, SHARE_GROUP_HEARTBEAT = 1, 4, 55, 76

@@ -15,16 +15,12 @@ import pytest
 from consumer.commands.queries import read_ledger
 from consumer.errors import FencedError, PoisonError, classify_database_error
 from consumer.ledger.batch import apply_events
+from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.merge import reduce_batch
+from consumer.ledger.offsets import OffsetMove, advance_offsets, load_offsets
 from consumer.ledger.rebuild import expected_rows, rebuild
-from consumer.ledger.store import (
-    OffsetMove,
-    advance_offsets,
-    asyncpg_dsn,
-    load_offsets,
-    load_state,
-    write_plan,
-)
+from consumer.ledger.state import load_state
+from consumer.ledger.store import write_plan
 from consumer.retry import Backoff, retry_transient
 from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from producer.decoding import decode_event

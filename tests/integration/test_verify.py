@@ -19,7 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 import consumer.commands.operations
 from consumer.commands.operations import replay, verify
 from consumer.commands.spill import SortedSpill
-from consumer.ledger.store import reset_offsets
+from consumer.ledger.offsets import reset_offsets
 from consumer.settings import Settings, load_settings
 from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from tests.integration.harness import ConsumerProcess, Stack

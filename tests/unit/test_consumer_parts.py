@@ -25,7 +25,7 @@ from consumer.kafka import checkpoint as checkpoint_module
 from consumer.kafka.checkpoint import Checkpoints
 from consumer.kafka.closing import stop_consumer
 from consumer.kafka.dead_letters import DETAIL_LIMIT, DeadLetter, dead_letter_headers
-from consumer.ledger.merge import UsageChange
+from consumer.ledger.claims import UsageChange
 from consumer.retry import Backoff, retry_transient
 from consumer.settings import load_settings
 from consumer.status import Readiness

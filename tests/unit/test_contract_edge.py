@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from consumer.http.metrics import LedgerMetrics
-from consumer.ledger.merge import StoredState, reduce_batch
+from consumer.ledger.claims import StoredState
+from consumer.ledger.merge import reduce_batch
 from producer import jsonvalues
 from producer.decoding import BatchDecoder, decode_event
 from producer.events import (

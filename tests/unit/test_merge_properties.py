@@ -10,7 +10,8 @@ from operator import itemgetter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.ledger.merge import Admission, Outcome, StoredState, reduce_batch
+from consumer.ledger.claims import Outcome, StoredState
+from consumer.ledger.merge import Admission, reduce_batch
 from consumer.ledger.rebuild import LedgerRows, expected_rows, rebuild, rebuild_by_thread
 from producer.events import AnyEvent, payload_digest
 from tests.reference import reference_rows

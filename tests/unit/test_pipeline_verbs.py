@@ -23,8 +23,8 @@ from consumer.http.metrics import LedgerMetrics
 from consumer.kafka.dead_letters import DeadLetter
 from consumer.kafka.pipeline import Pipeline, build_pipeline
 from consumer.ledger.batch import Applied, Decoded, Report, apply_isolating
-from consumer.ledger.merge import BatchPlan, Outcome
-from consumer.ledger.store import OffsetMove
+from consumer.ledger.claims import BatchPlan, Outcome
+from consumer.ledger.offsets import OffsetMove
 from consumer.retry import Backoff
 from consumer.settings import load_settings
 from consumer.simulate.traffic import TrafficConfig, plan_traffic

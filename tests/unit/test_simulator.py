@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from consumer.ledger.merge import usage_totals
+from consumer.ledger.claims import usage_totals
 from consumer.ledger.rebuild import rebuild
 from consumer.simulate.traffic import (
     SHAPES,

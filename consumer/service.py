@@ -27,15 +27,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer
 
 from consumer.billing.relay import BILLING_PARTITIONS, BillingProducer, Relay
 from consumer.http.health import HealthServer
 from consumer.http.metrics import LedgerMetrics
-from consumer.kafka.closing import stop_consumer
-from consumer.kafka.dead_letters import HEADER_HEADROOM, DeadLetterQueue
+from consumer.kafka.assembly import RELEASE_SECONDS, open_pipeline
+from consumer.kafka.closing import bounded
+from consumer.kafka.dead_letters import HEADER_HEADROOM
 from consumer.kafka.outages import KafkaLogFilter
-from consumer.kafka.pipeline import Pipeline, build_pipeline
+from consumer.kafka.pipeline import Pipeline
 from consumer.kafka.topics import MAX_MESSAGE_BYTES, prepare_topics
 from consumer.ledger.database import create_pool, ping
 from consumer.ledger.schema import check_database, wait_until_usable
@@ -45,43 +45,15 @@ from consumer.status import Readiness
 from producer.client import ensure_topic
 
 log = logging.getLogger(__name__)
+
+
 STOP_GRACE_SECONDS = 5.0  # after a stop request, the batch in flight gets this long
-RELEASE_SECONDS = 1.0  # each resource then gets this long to close
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 GC_YOUNG_THRESHOLD = 20_000
 
 
-def source_consumer(
-    settings: Settings, fetch_bytes: int, *, group_id: str | None = None
-) -> AIOKafkaConsumer:
-    """The pipeline's consumer of the source topic (group_id: the settings' unless given).
-
-    read_committed: a chat service publishing in Kafka transactions may abort one, and an
-    aborted turn must never be billed; records of an open transaction wait for its commit."""
-    return AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        group_id=group_id or settings.group_id,
-        client_id="token-ledger",
-        enable_auto_commit=False,
-        # Never reset silently: a stored offset outside the log is the pipeline's to judge
-        # (LEDGER_OFFSET_RESET); every assigned partition is sought explicitly anyway.
-        auto_offset_reset="none",
-        isolation_level="read_committed",
-        max_partition_fetch_bytes=fetch_bytes,
-        fetch_max_bytes=max(50 * 1024 * 1024, fetch_bytes),
-        **settings.kafka_security(),
-    )
-
-
 def _bounded(close: Callable[[], Awaitable[Any]], what: str) -> Callable[[], Awaitable[None]]:
-    async def bounded() -> None:
-        try:
-            async with asyncio.timeout(RELEASE_SECONDS):
-                await close()
-        except TimeoutError:
-            log.warning("gave up waiting to close", extra=fields(resource=what))
-
-    return bounded
+    return bounded(close, what, RELEASE_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -221,7 +193,6 @@ async def _start(
     settings: Settings, stack: AsyncExitStack, until_idle: bool
 ) -> tuple[Pipeline, Relay | None]:
     limits = await prepare_topics(settings)
-    security = settings.kafka_security()
     metrics = LedgerMetrics()
     readiness = Readiness(stall_seconds=settings.stall_seconds)
     fetch_bytes = limits.source_max_bytes + HEADER_HEADROOM
@@ -242,25 +213,18 @@ async def _start(
     stack.push_async_callback(_bounded(health.stop, "HTTP server"))
     if unreachable is not None:  # waited for like any outage: alive, not ready
         await wait_until_usable(pool, settings, readiness, unreachable)
-    dlq = await DeadLetterQueue(
-        settings.kafka_bootstrap, settings.dlq_topic, **security
-    ).__aenter__()
-    stack.push_async_callback(_bounded(dlq.close, "dead-letter producer"))
     relay = (
         await start_relay(settings, stack, pool, metrics, fetch_bytes, readiness)
         if settings.relay
         else None
     )
-    consumer = source_consumer(settings, fetch_bytes)
-    pipeline = build_pipeline(settings, consumer, pool, dlq, metrics, readiness)
+    pipeline = await stack.enter_async_context(
+        open_pipeline(settings, pool, metrics, readiness, fetch_bytes=fetch_bytes)
+    )
     kafka_logs = KafkaLogFilter(pipeline.kafka)
     for handler in logging.getLogger().handlers:  # aiokafka logs on child loggers too
         handler.addFilter(kafka_logs)
         stack.callback(handler.removeFilter, kafka_logs)
-    consumer.subscribe([settings.topic], listener=pipeline.listener)
-    await consumer.start()
-    stack.push_async_callback(_bounded(lambda: stop_consumer(consumer), "Kafka consumer"))
-    stack.push_async_callback(pipeline.stop)  # runs first: waits for the batch in flight
     log.info(
         "consuming",
         extra=fields(

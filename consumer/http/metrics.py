@@ -27,6 +27,7 @@ from prometheus_client import (
 
 from consumer.errors import DeadLetterUnavailableError, TransientError, UnexpectedError
 from consumer.http.server import REJECTIONS
+from consumer.ledger.batch import Applied, Decoded
 from consumer.ledger.claims import Outcome, UsageChange
 
 # *_created series only double the exposition; rate() and increase() need none.
@@ -172,6 +173,25 @@ class LedgerMetrics:
         )
         for reason in REJECTIONS:  # every series exists from the start, so rate() sees the first
             self.http_rejected.labels(reason)
+
+    def observe_committed(
+        self, applied: Applied, decoded: Decoded, *, records: int, seconds: float
+    ) -> None:
+        """What a committed batch did (its decoding, and its transaction)."""
+        decode_letters = decoded.letters
+        self.observe_batch(
+            records=records,
+            seconds=seconds,
+            outcomes=[
+                (event.type, event.occurred_at, outcome) for event, outcome in applied.events
+            ],
+            unknown_fields=list(decoded.unknown_fields.items()),
+            undecodable=[letter.event_type for letter in decode_letters],
+            dead_letter_reasons=[
+                letter.reason.value for letter in [*decode_letters, *applied.letters]
+            ],
+            usage_changes=[change for plan in applied.plans for change in plan.usage_changes],
+        )
 
     def observe_batch(
         self,

@@ -1,4 +1,5 @@
-"""Closing an aiokafka consumer whatever its fetcher was doing.
+"""Closing resources: each within a bound (`bounded`), and an aiokafka consumer whatever its
+fetcher was doing (`stop_consumer`).
 
 aiokafka 0.14's `Fetcher.close` cancels its pending fetch tasks and awaits them; a task that is
 sleeping out its retry backoff after a failed fetch (a request timeout under load, a broker
@@ -12,10 +13,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 
+from consumer.logs import fields
+
 log = logging.getLogger(__name__)
+
+
+def bounded(
+    close: Callable[[], Awaitable[Any]], what: str, seconds: float
+) -> Callable[[], Awaitable[None]]:
+    """`close`, given up (with a log line) after `seconds`: a hung broker or database must not
+    hold a shutdown."""
+
+    async def close_within() -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await close()
+        except TimeoutError:
+            log.warning("gave up waiting to close", extra=fields(resource=what))
+
+    return close_within
 
 
 async def stop_consumer(consumer: AIOKafkaConsumer) -> None:

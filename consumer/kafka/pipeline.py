@@ -1,6 +1,6 @@
 """The Kafka loop, in Kafka Connect SinkTask verbs: open(partitions), put(batch),
-close(partitions), stop(). Where partitions stand is consumer/checkpoint.py; what one batch
-does in the database is consumer/batch.py.
+close(partitions), stop(). Where partitions stand is checkpoint.py; what one batch does in the
+database is consumer/ledger/batch.py; the loop is assembled and opened by assembly.py.
 
 One batch, in one direction:
   1. decode every record (while the previous batch's transaction is in flight); dead-letter
@@ -20,40 +20,37 @@ The stored offsets are the source of truth: on assignment the consumer seeks to 
 fenced batch re-seeks to them. A rebalance waits for the batch in flight (or abandons it if it
 is stuck retrying), so a partition is never committed after it was given up.
 
-No record and no database answer ends the process (SPEC section 4): a record is applied or
-dead-lettered; transient and unexpected failures retry the batch with backoff (consumer/retry.py Retrier;
-one that keeps timing out is retried in halves). Only a dead letter refused for good and a
-stored offset outside the log (LEDGER_OFFSET_RESET=fail) stop a partition (checkpoint.halt).
+No record and no database answer ends the process (docs/operations.md#when-things-fail): a
+record is applied or dead-lettered; transient and unexpected failures retry the batch with
+backoff (consumer/retry.py; one that keeps timing out is retried in halves). Only a dead letter
+refused for good and a stored offset outside the log (LEDGER_OFFSET_RESET=fail) stop a
+partition (checkpoint.halt).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 
 from consumer.errors import BatchAbandoned, BatchTooSlow, DeadLetterRefusedError, FencedError
-from consumer.http.metrics import CountRetries, LedgerMetrics
+from consumer.http.metrics import LedgerMetrics
 from consumer.kafka.checkpoint import Checkpoints
 from consumer.kafka.dead_letters import DeadLetter, DeadLetterQueue
 from consumer.kafka.lag import update_lag
 from consumer.kafka.outages import KafkaProbe
-from consumer.kafka.pausing import PauseWhileRetrying
-from consumer.ledger.batch import Applied, Decoded, Record, Report, commit_batch, decode_records
+from consumer.ledger.batch import Applied, Decoded, Record, Report, decode_records
 from consumer.ledger.offsets import OffsetMove
 from consumer.logs import fields
-from consumer.retry import Backoff, Retrier, RetryObserver
+from consumer.retry import Retrier
 from consumer.settings import Settings
 from consumer.status import Readiness, RetryStatus
 
 log = logging.getLogger(__name__)
-BATCH_BACKOFF = Backoff(initial=0.1, maximum=5.0)
 IDLE_SYNC_SECONDS = 2.0
 # The batch transaction: (offset moves, decoded records, dead-letter report) -> what it did.
 Commit = Callable[[Sequence[OffsetMove], Decoded, Report], Awaitable[Applied]]
@@ -387,56 +384,9 @@ class Pipeline:
         )
 
     def _observe(self, applied: Applied, decoded: Decoded, records: int, seconds: float) -> None:
-        decode_letters = decoded.letters
-        letters = [*decode_letters, *applied.letters]
-        self.metrics.observe_batch(
-            records=records,
-            seconds=seconds,
-            outcomes=[
-                (event.type, event.occurred_at, outcome) for event, outcome in applied.events
-            ],
-            unknown_fields=list(decoded.unknown_fields.items()),
-            undecodable=[letter.event_type for letter in decode_letters],
-            dead_letter_reasons=[letter.reason.value for letter in letters],
-            usage_changes=[change for plan in applied.plans for change in plan.usage_changes],
-        )
+        self.metrics.observe_committed(applied, decoded, records=records, seconds=seconds)
+        letters = len(decoded.letters) + len(applied.letters)
         log.debug(
             "batch committed",
-            extra=fields(records=records, seconds=round(seconds, 4), dead_letters=len(letters)),
+            extra=fields(records=records, seconds=round(seconds, 4), dead_letters=letters),
         )
-
-
-def build_pipeline(
-    settings: Settings,
-    consumer: AIOKafkaConsumer,
-    pool: asyncpg.Pool,
-    dlq: DeadLetterQueue,
-    metrics: LedgerMetrics,
-    readiness: Readiness,
-    *,
-    backoff: Backoff = BATCH_BACKOFF,
-    commit: Commit | None = None,
-) -> Pipeline:
-    """The pipeline as `consume` runs it; tests may swap the batch transaction (`commit`)."""
-    pipeline: Pipeline | None = None
-    checkpoints: Checkpoints | None = None
-
-    def abandon() -> bool:  # the partitions are being given up, or the consumer stops
-        return pipeline is not None and (pipeline.revoking or pipeline._stop.is_set())
-
-    def held() -> set[int]:
-        return checkpoints.opening if checkpoints is not None else set()
-
-    status = RetryStatus(readiness)
-    observers: list[RetryObserver] = [
-        status,
-        CountRetries(metrics),
-        PauseWhileRetrying(consumer, readiness, held),
-    ]
-    retry = Retrier(backoff, abandon=abandon, observers=observers)
-    checkpoints = Checkpoints(settings, consumer, pool, metrics, readiness, retry)
-    commit = commit or functools.partial(commit_batch, pool, settings.group_id, settings.topic)
-    pipeline = Pipeline(
-        settings, consumer, dlq, metrics, readiness, checkpoints, retry, status, commit
-    )
-    return pipeline

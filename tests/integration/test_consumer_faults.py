@@ -16,12 +16,11 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from consumer.http.metrics import LedgerMetrics
-from consumer.kafka.dead_letters import HEADER_HEADROOM, DeadLetterQueue
-from consumer.kafka.pipeline import build_pipeline
+from consumer.kafka.assembly import open_pipeline, source_consumer
+from consumer.kafka.dead_letters import HEADER_HEADROOM
 from consumer.kafka.topics import prepare_topics
 from consumer.ledger.database import create_pool
 from consumer.ledger.migrate import upgrade
-from consumer.service import source_consumer
 from consumer.settings import load_settings
 from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from consumer.status import Readiness
@@ -155,17 +154,15 @@ async def _run_pipeline(stack: Stack, kafka_group: str) -> LedgerMetrics:
     metrics = LedgerMetrics()
     pool = await create_pool(stack.database_url)
     try:
-        async with DeadLetterQueue(stack.bootstrap, stack.dlq_topic) as dlq:
-            consumer = source_consumer(
-                settings, limits.source_max_bytes + HEADER_HEADROOM, group_id=kafka_group
-            )
-            pipeline = build_pipeline(settings, consumer, pool, dlq, metrics, Readiness(600))
-            consumer.subscribe([stack.topic], listener=pipeline.listener)
-            await consumer.start()
-            try:
-                await pipeline.run(until_idle=True)
-            finally:
-                await consumer.stop()
+        async with open_pipeline(
+            settings,
+            pool,
+            metrics,
+            Readiness(600),
+            fetch_bytes=limits.source_max_bytes + HEADER_HEADROOM,
+            group_id=kafka_group,
+        ) as pipeline:
+            await pipeline.run(until_idle=True)
     finally:
         await pool.close()
     return metrics

@@ -3,7 +3,7 @@ nor dead-lettered) or a partition stall: a batch committed in halves whose first
 or stops a partition, and an offset reset that another owner's move fences.
 
 Each test runs a real pipeline in-process against the real broker and database; a fault is
-injected at the seams build_pipeline offers (the batch transaction, the opening of assigned
+injected at the seams open_pipeline offers (the batch transaction, the opening of assigned
 partitions) where the real cause (statement_timeout, another owner, the dead-letter topic)
 would raise the same error.
 """
@@ -20,13 +20,13 @@ from aiokafka import AIOKafkaProducer
 
 from consumer.errors import DeadLetterRefusedError, TransientError
 from consumer.http.metrics import LedgerMetrics
-from consumer.kafka.dead_letters import HEADER_HEADROOM, DeadLetterQueue
-from consumer.kafka.pipeline import Pipeline, build_pipeline
+from consumer.kafka.assembly import open_pipeline
+from consumer.kafka.dead_letters import HEADER_HEADROOM
+from consumer.kafka.pipeline import Pipeline
 from consumer.kafka.topics import prepare_topics
 from consumer.ledger.batch import Applied, Decoded, commit_batch
 from consumer.ledger.database import create_pool
 from consumer.retry import Backoff
-from consumer.service import source_consumer
 from consumer.settings import load_settings
 from consumer.simulate.traffic import TrafficConfig, plan_traffic
 from consumer.status import Readiness
@@ -88,27 +88,24 @@ async def _run(
     )
     limits = await prepare_topics(settings)
     pool = await create_pool(stack.database_url)
+    real_commit = functools.partial(commit_batch, pool, settings.group_id, settings.topic)
+
+    async def commit(moves: Any, decoded: Decoded, report: Any) -> Applied:
+        # A fault the database, another owner or the dead-letter topic would raise here.
+        if before_commit is not None:
+            await before_commit(pipeline, list(decoded.records))
+        return await real_commit(moves, decoded, report)
+
     try:
-        async with DeadLetterQueue(stack.bootstrap, stack.dlq_topic) as dlq:
-            consumer = source_consumer(settings, limits.source_max_bytes + HEADER_HEADROOM)
-            real_commit = functools.partial(commit_batch, pool, settings.group_id, settings.topic)
-
-            async def commit(moves: Any, decoded: Decoded, report: Any) -> Applied:
-                # A fault the database, another owner or the dead-letter topic would raise here.
-                if before_commit is not None:
-                    await before_commit(pipeline, list(decoded.records))
-                return await real_commit(moves, decoded, report)
-
-            pipeline = build_pipeline(
-                settings,
-                consumer,
-                pool,
-                dlq,
-                LedgerMetrics(),
-                Readiness(600),
-                backoff=Backoff(initial=0.05, maximum=0.5),
-                commit=commit,
-            )
+        async with open_pipeline(
+            settings,
+            pool,
+            LedgerMetrics(),
+            Readiness(600),
+            fetch_bytes=limits.source_max_bytes + HEADER_HEADROOM,
+            backoff=Backoff(initial=0.05, maximum=0.5),
+            commit=commit,
+        ) as pipeline:
             if after_open is not None:
                 open_pending = pipeline.checkpoints.open_pending
                 hooks = [after_open]
@@ -119,14 +116,8 @@ async def _run(
                         await hooks.pop()(pipeline)
 
                 pipeline.checkpoints.open_pending = opened  # type: ignore[method-assign]
-            consumer.subscribe([stack.topic], listener=pipeline.listener)
-            await consumer.start()
-            try:
-                async with asyncio.timeout(within):
-                    await pipeline.run(until_idle=True)
-            finally:
-                await pipeline.stop()
-                await consumer.stop()
+            async with asyncio.timeout(within):
+                await pipeline.run(until_idle=True)
     finally:
         await pool.close()
     return pipeline

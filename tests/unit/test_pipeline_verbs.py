@@ -20,8 +20,9 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer.errors import FencedError, TransientError
 from consumer.http.metrics import LedgerMetrics
+from consumer.kafka.assembly import build_pipeline
 from consumer.kafka.dead_letters import DeadLetter
-from consumer.kafka.pipeline import Pipeline, build_pipeline
+from consumer.kafka.pipeline import Pipeline
 from consumer.ledger.batch import Applied, Decoded, Report, apply_isolating
 from consumer.ledger.claims import BatchPlan, Outcome
 from consumer.ledger.offsets import OffsetMove

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from consumer.simulate.traffic import TrafficConfig, plan_traffic
+from consumer.simulate.config import TrafficConfig
+from consumer.simulate.traffic import plan_traffic
 from producer.client import TurnEventProducer
 
 THREADS_PER_CHUNK = 2_000  # about 25,000 records

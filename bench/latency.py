@@ -17,7 +17,8 @@ from aiokafka import AIOKafkaProducer
 from bench.backlog import create_topic
 from bench.consumers import Consumer, stop, wait_ready
 from consumer.ledger.database import asyncpg_dsn
-from consumer.simulate.traffic import TrafficConfig, plan_traffic
+from consumer.simulate.config import TrafficConfig
+from consumer.simulate.traffic import plan_traffic
 from devstack.processes import free_port
 
 POLL_SECONDS = 0.005

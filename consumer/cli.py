@@ -23,12 +23,13 @@ from rich.table import Table
 from consumer.commands.tables import print_table
 from consumer.logs import configure_logging
 from consumer.settings import Settings, SettingsError, load_settings
-from consumer.simulate.traffic import TrafficConfig, plan_traffic
+from consumer.simulate.config import TrafficConfig
+from consumer.simulate.traffic import plan_traffic
 from producer import jsonvalues
 from producer.client import TurnEventProducer, ensure_topic
 
 if TYPE_CHECKING:
-    from consumer.commands.operations import DeadLetterView
+    from consumer.commands.dead_letters import DeadLetterView
 
 app = typer.Typer(
     name="token-ledger",
@@ -171,7 +172,7 @@ async def _publish(settings: Settings, records: list[tuple[bytes, bytes]], parti
 def verify() -> None:
     """Re-read the topic, rebuild the expected ledger, report differences (exit 1 on any)."""
     settings = _settings()
-    from consumer.commands.operations import verify as run_verify
+    from consumer.commands.verify import verify as run_verify
 
     report = asyncio.run(run_verify(settings))
     console = Console()
@@ -207,7 +208,7 @@ def replay(
         typer.echo("token-ledger replay: give exactly one of --from-time or --to-offset", err=True)
         raise typer.Exit(2)
     settings = _settings()
-    from consumer.commands.operations import replay as run_replay
+    from consumer.commands.replay import replay as run_replay
 
     moves = asyncio.run(
         run_replay(settings, from_time=_utc(from_time), to_offset=to_offset, partition=partition)
@@ -240,7 +241,7 @@ def dlq_list(
 ) -> None:
     """List dead letters with their reason and source position."""
     settings = _settings()
-    from consumer.commands.operations import list_dead_letters
+    from consumer.commands.dead_letters import list_dead_letters
 
     views = asyncio.run(list_dead_letters(settings, reason))
     _print_dead_letters(views)
@@ -254,7 +255,7 @@ def dlq_replay(
 ) -> None:
     """Publish dead letters' original records to their source topic again."""
     settings = _settings()
-    from consumer.commands.operations import replay_dead_letters
+    from consumer.commands.dead_letters import replay_dead_letters
 
     views = asyncio.run(replay_dead_letters(settings, reason, dry_run=dry_run))
     _print_dead_letters(views)

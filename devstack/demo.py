@@ -27,7 +27,7 @@ from typing import Any
 import asyncpg
 
 from consumer.commands.queries import usage_report
-from consumer.simulate.traffic import UNKNOWN_CALL_FIELDS, UNKNOWN_PART_FIELD
+from consumer.simulate.expectation import UNKNOWN_CALL_FIELDS, UNKNOWN_PART_FIELD
 from devstack.__main__ import CONSUMER_PID, STATE, stop_consumer, up
 from devstack.errors import DevstackError
 from devstack.processes import free_port, require_free_port

@@ -13,8 +13,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from consumer.simulate.expectation import ExpectedRow, RowKey, row_key
-from consumer.simulate.traffic import Expectation
+from consumer.simulate.expectation import Expectation, ExpectedRow, RowKey, row_key
 from producer.events import RejectReason
 from tests.integration.harness import Stack, expected_summary, ledger_summary
 

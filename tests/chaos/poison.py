@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from consumer.simulate.traffic import PoisonContext
+from consumer.simulate.config import PoisonContext
 from producer import jsonvalues
 from producer.events import RejectReason
 

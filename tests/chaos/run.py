@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from consumer.failures import ExitCode
-from consumer.simulate.traffic import QUERIES, Expectation, Record, TrafficConfig, plan_traffic
+from consumer.simulate.config import QUERIES, Record, TrafficConfig
+from consumer.simulate.expectation import Expectation
+from consumer.simulate.traffic import plan_traffic
 from producer.events import RejectReason
 from tests.chaos import checks
 from tests.chaos.faults import FaultHand, plan_faults

@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 from consumer.billing.relay import BILLING_PARTITIONS
 from consumer.commands.queries import usage_report
 from consumer.ledger.database import asyncpg_dsn
-from consumer.simulate.traffic import Expectation
+from consumer.simulate.expectation import Expectation
 from devstack import demo
 from devstack.postgres import PostgresServer, find_bindir
 from devstack.processes import free_port

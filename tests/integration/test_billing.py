@@ -15,7 +15,8 @@ from typing import Any
 
 import jsonschema
 
-from consumer.simulate.traffic import TrafficConfig, plan_traffic
+from consumer.simulate.config import TrafficConfig
+from consumer.simulate.traffic import plan_traffic
 from producer.billing import BillingEvent
 from producer.client import thread_key
 from producer.events import AnyEvent, encode_event

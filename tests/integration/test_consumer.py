@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-from consumer.simulate.traffic import QUERIES, SHAPES, Expectation, TrafficConfig, plan_traffic
+from consumer.simulate.config import QUERIES, TrafficConfig
+from consumer.simulate.expectation import SHAPES, Expectation
+from consumer.simulate.traffic import plan_traffic
 from tests.integration.harness import (
     ConsumerProcess,
     Stack,

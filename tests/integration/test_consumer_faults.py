@@ -22,7 +22,8 @@ from consumer.kafka.topics import prepare_topics
 from consumer.ledger.database import create_pool
 from consumer.ledger.migrate import upgrade
 from consumer.settings import load_settings
-from consumer.simulate.traffic import TrafficConfig, plan_traffic
+from consumer.simulate.config import TrafficConfig
+from consumer.simulate.traffic import plan_traffic
 from consumer.status import Readiness
 from devstack.postgres import PostgresServer
 from devstack.processes import free_port

@@ -30,7 +30,9 @@ from typing import Literal
 import pytest
 
 from consumer.ledger.migrate import upgrade
-from consumer.simulate.traffic import Expectation, TrafficConfig, plan_traffic
+from consumer.simulate.config import TrafficConfig
+from consumer.simulate.expectation import Expectation
+from consumer.simulate.traffic import plan_traffic
 from devstack.postgres import PostgresServer
 from devstack.processes import free_port
 from tests.integration.harness import (

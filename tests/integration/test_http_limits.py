@@ -24,7 +24,8 @@ import pytest
 from consumer.http.server import HttpLimits
 from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.migrate import upgrade
-from consumer.simulate.traffic import TrafficConfig, plan_traffic
+from consumer.simulate.config import TrafficConfig
+from consumer.simulate.traffic import plan_traffic
 from devstack.postgres import PostgresServer
 from devstack.processes import free_port
 from tests.integration.harness import (

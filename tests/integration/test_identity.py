@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from consumer.simulate.traffic import TrafficConfig, plan_traffic
+from consumer.simulate.config import TrafficConfig
+from consumer.simulate.traffic import plan_traffic
 from producer import jsonvalues
 from tests.integration.harness import ConsumerProcess, Stack, ledger_summary
 

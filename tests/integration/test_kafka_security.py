@@ -24,7 +24,8 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from consumer.failures import ExitCode
-from consumer.simulate.traffic import TrafficConfig, plan_traffic
+from consumer.simulate.config import TrafficConfig
+from consumer.simulate.traffic import plan_traffic
 from devstack.kafka import KafkaBroker
 from devstack.processes import free_port
 from tests.integration.harness import (

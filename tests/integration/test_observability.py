@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from consumer.simulate.traffic import TrafficConfig, plan_traffic
+from consumer.simulate.config import TrafficConfig
+from consumer.simulate.traffic import plan_traffic
 from devstack.processes import free_port
 from tests.integration.harness import ConsumerProcess, Stack, wait_for
 from tests.observability import (

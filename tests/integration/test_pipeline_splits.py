@@ -28,7 +28,8 @@ from consumer.ledger.batch import Applied, Decoded, commit_batch
 from consumer.ledger.database import create_pool
 from consumer.retry import Backoff
 from consumer.settings import load_settings
-from consumer.simulate.traffic import TrafficConfig, plan_traffic
+from consumer.simulate.config import TrafficConfig
+from consumer.simulate.traffic import plan_traffic
 from consumer.status import Readiness
 from tests.integration.harness import Stack, expected_summary, ledger_summary
 

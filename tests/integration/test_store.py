@@ -22,7 +22,8 @@ from consumer.ledger.rebuild import expected_rows, rebuild
 from consumer.ledger.state import load_state
 from consumer.ledger.store import write_plan
 from consumer.retry import Backoff, retry_transient
-from consumer.simulate.traffic import TrafficConfig, plan_traffic
+from consumer.simulate.config import TrafficConfig
+from consumer.simulate.traffic import plan_traffic
 from producer.decoding import decode_event
 from producer.events import AnyEvent, Rejection
 from tests.factories import appended, call, finalized, started

@@ -14,7 +14,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from consumer.simulate.traffic import Expectation, TrafficConfig, plan_traffic
+from consumer.simulate.config import TrafficConfig
+from consumer.simulate.expectation import Expectation
+from consumer.simulate.traffic import plan_traffic
 from tests.integration.harness import (
     ConsumerProcess,
     Stack,

@@ -16,12 +16,15 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
-import consumer.commands.operations
-from consumer.commands.operations import replay, verify
+import consumer.commands.reading
+import consumer.commands.verify
+from consumer.commands.replay import replay
 from consumer.commands.spill import SortedSpill
+from consumer.commands.verify import verify
 from consumer.ledger.offsets import reset_offsets
 from consumer.settings import Settings, load_settings
-from consumer.simulate.traffic import TrafficConfig, plan_traffic
+from consumer.simulate.config import TrafficConfig
+from consumer.simulate.traffic import plan_traffic
 from tests.integration.harness import ConsumerProcess, Stack
 
 START = datetime(2026, 11, 27, 9, 0, tzinfo=UTC)
@@ -67,7 +70,7 @@ async def test_differences_at_the_first_and_last_thread_and_in_between_are_all_f
 ) -> None:
     stack = Stack.fresh(kafka_bootstrap, ledger_url)
     await _consumed(stack, tmp_path, processes)
-    monkeypatch.setattr(consumer.commands.operations, "SortedSpill", TinySpill)
+    monkeypatch.setattr(consumer.commands.verify, "SortedSpill", TinySpill)
     settings = _settings(stack)
 
     clean = await verify(settings)
@@ -174,14 +177,14 @@ async def test_a_read_longer_than_the_idle_in_transaction_guard_is_not_cut_off(
         )
     finally:
         await conn.close()
-    read_range = consumer.commands.operations.read_range
+    read_range = consumer.commands.reading.read_range
 
     async def slow_topic(*args: Any) -> AsyncIterator[Any]:
         await asyncio.sleep(1.5)  # three times the guard, with the snapshot taken
         async for record in read_range(*args):
             yield record
 
-    monkeypatch.setattr(consumer.commands.operations, "read_range", slow_topic)
+    monkeypatch.setattr(consumer.commands.verify, "read_range", slow_topic)
     report = await verify(_settings(stack))
     assert report.ok, report.differences
 
@@ -202,7 +205,7 @@ async def test_records_larger_than_a_fetch_are_read_whole(
             body["user_query"] = "x" * 300_000
         large.append((key, json.dumps(body).encode()))
     await _consumed(stack, tmp_path, processes, large)
-    monkeypatch.setattr(consumer.commands.operations, "VERIFY_FETCH_BYTES", 10_000)
+    monkeypatch.setattr(consumer.commands.verify, "VERIFY_FETCH_BYTES", 10_000)
     report = await asyncio.wait_for(verify(_settings(stack)), 60)
     assert report.ok, report.differences
     assert report.records_read == len(large)

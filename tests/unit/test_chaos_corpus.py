@@ -8,7 +8,7 @@ import random
 import uuid
 from datetime import UTC, datetime
 
-from consumer.simulate.traffic import PoisonContext
+from consumer.simulate.config import PoisonContext
 from producer.decoding import decode_event
 from producer.events import Rejection, RejectReason
 from tests.chaos.poison import CORPUS, MAX_EVENT_BYTES, PoisonDraws

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from consumer.simulate.traffic import TrafficConfig, plan_traffic
+from consumer.simulate.config import TrafficConfig
+from consumer.simulate.traffic import plan_traffic
 from producer.decoding import BatchDecoder, decode_event
 from producer.events import (
     DEFAULT_MAX_EVENT_BYTES,

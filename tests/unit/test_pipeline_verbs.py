@@ -28,7 +28,8 @@ from consumer.ledger.claims import BatchPlan, Outcome
 from consumer.ledger.offsets import OffsetMove
 from consumer.retry import Backoff
 from consumer.settings import load_settings
-from consumer.simulate.traffic import TrafficConfig, plan_traffic
+from consumer.simulate.config import TrafficConfig
+from consumer.simulate.traffic import plan_traffic
 from consumer.status import Readiness
 from producer.decoding import BatchDecoder
 from producer.events import AnyEvent, RejectReason

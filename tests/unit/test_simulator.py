@@ -11,14 +11,14 @@ import pytest
 
 from consumer.ledger.claims import usage_totals
 from consumer.ledger.rebuild import rebuild
-from consumer.simulate.traffic import (
+from consumer.simulate.config import TrafficConfig
+from consumer.simulate.expectation import (
     SHAPES,
     UNKNOWN_CALL_FIELDS,
     UNKNOWN_ENVELOPE_FIELDS,
     UNKNOWN_PART_FIELD,
-    TrafficConfig,
-    plan_traffic,
 )
+from consumer.simulate.traffic import plan_traffic
 from producer import jsonvalues
 from producer.decoding import decode_event
 from producer.events import (

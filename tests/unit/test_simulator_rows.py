@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from consumer.ledger.rebuild import rebuild
+from consumer.simulate.config import TrafficConfig
 from consumer.simulate.expectation import ExpectedRow, RowKey, row_key
-from consumer.simulate.traffic import TrafficConfig, plan_traffic
+from consumer.simulate.traffic import plan_traffic
 from producer import jsonvalues
 from producer.decoding import decode_event
 from producer.events import Rejection

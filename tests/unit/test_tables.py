@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from consumer import cli
-from consumer.commands.operations import DeadLetterView
+from consumer.commands.dead_letters import DeadLetterView
 from consumer.commands.queries import USAGE_MEASURES
 from consumer.commands.tables import print_table
 from tests.tables import plain, squeeze, terminal_rows

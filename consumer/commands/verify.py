@@ -1,0 +1,179 @@
+"""`token-ledger verify`: the ledger rebuilt from the topic by the merge rules, compared with
+the database, one thread at a time in bounded memory (docs/operations.md#commands)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import groupby
+from operator import itemgetter
+
+from aiokafka import AIOKafkaConsumer
+
+from consumer.commands.queries import applied_offsets, ledger_by_thread
+from consumer.commands.reading import (
+    database,
+    dead_letter_records,
+    read_range,
+    reader,
+    topic_partitions,
+)
+from consumer.commands.spill import SortedSpill
+from consumer.kafka import dead_letters as dlq
+from consumer.ledger.claims import StoredState
+from consumer.ledger.merge import Admission
+from consumer.ledger.rebuild import (
+    TOTALS,
+    Difference,
+    LedgerRows,
+    add_totals,
+    compare,
+    rebuild_by_thread,
+)
+from consumer.settings import Settings
+from producer.decoding import decode_event
+from producer.events import AnyEvent, Rejection
+
+log = logging.getLogger(__name__)
+# verify's fetches: parsed records cost several times their bytes, so this bounds its memory.
+# A record larger than it is still returned whole (the broker hands out a first batch of any
+# size), as is one over the topic's max.message.bytes lowered after it was written.
+VERIFY_FETCH_BYTES = 1024 * 1024
+
+
+MAX_DIFFERENCES = 1_000  # kept to show; all of them are counted
+
+
+@dataclass
+class VerifyReport:
+    records_read: int = 0
+    skipped: int = 0  # undecodable, dead-lettered or rejected by the merge: never in the ledger
+    expected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TOTALS, 0))
+    actual: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TOTALS, 0))
+    differences: list[Difference] = field(default_factory=list)  # the first MAX_DIFFERENCES
+    difference_count: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.difference_count and self.expected == self.actual
+
+    def add(self, expected: LedgerRows, actual: LedgerRows) -> None:
+        add_totals(self.expected, expected)
+        add_totals(self.actual, actual)
+        found = compare(expected, actual)
+        self.difference_count += len(found)
+        self.differences.extend(found[: MAX_DIFFERENCES - len(self.differences)])
+
+
+async def _dead_lettered_positions(
+    settings: Settings, consumer: AIOKafkaConsumer
+) -> set[tuple[int, int]]:
+    positions = set()
+    async for record in dead_letter_records(settings, consumer, settings.dlq_topic):
+        source = dlq.source_position(record)
+        if source is not None and source.topic == settings.topic:
+            positions.add((source.partition, source.offset))
+    return positions
+
+
+# An admitted record, spilled to be regrouped by thread: (thread_id, arrival, timestamp, value).
+Spilled = tuple[int, int, int, bytes]
+
+
+async def verify(settings: Settings) -> VerifyReport:
+    """Rebuild the ledger from the topic (up to the furthest offsets ever applied: a `replay`
+    moves the stored ones back, not the ledger) and compare it, one thread
+    at a time. The records are read once in arrival order (the order-dependent rules need it)
+    and spilled to sorted temporary files, then each thread's records are folded and compared
+    with that thread's stored rows, read through cursors. Memory does not grow with records or
+    rows: it is one thread's rows, the fetch and spill buffers, and an entry per thread and per
+    turn-less message (merge.Admission) and per dead letter. The offsets and the ledger are
+    read in one REPEATABLE READ snapshot, held for the whole run (like pg_dump's), so verify
+    can run beside the consumers (the rows and offsets of a batch commit together)."""
+    report = VerifyReport()
+    partitions = await topic_partitions(settings, settings.topic, variable="LEDGER_TOPIC")
+    async with (
+        reader(settings, VERIFY_FETCH_BYTES) as consumer,
+        database(settings) as conn,
+        conn.transaction(isolation="repeatable_read", readonly=True),
+    ):
+        # Open while the topic is read (minutes for millions of records): the server's
+        # timeouts must not end it (pg_dump does the same). Takes no snapshot: the first
+        # query does.
+        await conn.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
+        if conn.get_server_version().major >= 17:  # unknown to older servers
+            await conn.execute("SET LOCAL transaction_timeout = 0")
+        applied = await applied_offsets(
+            conn, settings.group_id, settings.topic, [tp.partition for tp in partitions]
+        )
+        skip = await _dead_lettered_positions(settings, consumer)
+        admission = Admission(StoredState())
+        ends = {tp: applied.get(tp.partition, 0) for tp in partitions}
+        spill: SortedSpill[Spilled] = SortedSpill(key=itemgetter(0, 1), size=_spilled_bytes)
+        with spill:
+            async for record in read_range(consumer, ends):
+                report.records_read += 1
+                event = decode_event(
+                    record.value,
+                    timestamp_ms=record.timestamp,
+                    max_bytes=settings.max_event_bytes,
+                    max_future_skew=settings.future_skew,
+                )
+                if (
+                    isinstance(event, Rejection)
+                    or (record.partition, record.offset) in skip
+                    or admission.check(event) is not None
+                ):
+                    report.skipped += 1
+                    continue
+                assert record.value is not None  # it decoded
+                spill.add((event.thread_id, report.records_read, record.timestamp, record.value))
+            expected = rebuild_by_thread(_by_thread(spill, settings.max_event_bytes))
+            await _compare(expected, ledger_by_thread(conn), report)
+    return report
+
+
+def _spilled_bytes(item: Spilled) -> int:
+    return len(item[3])
+
+
+def _by_thread(
+    spilled: Iterable[Spilled], max_bytes: int
+) -> Iterator[tuple[int, Iterator[AnyEvent]]]:
+    """The spilled records, decoded again, one thread at a time in arrival order."""
+    for thread_id, records in groupby(spilled, key=itemgetter(0)):
+        yield thread_id, (_decoded_again(value, at, max_bytes) for _, _, at, value in records)
+
+
+def _decoded_again(value: bytes, timestamp_ms: int, max_bytes: int) -> AnyEvent:
+    # The skew was judged on the first read.
+    event = decode_event(
+        value, timestamp_ms=timestamp_ms, max_bytes=max_bytes, max_future_skew=None
+    )
+    if isinstance(event, Rejection):  # decoding is a function of (value, timestamp)
+        raise RuntimeError(f"a record decoded the second time was rejected: {event.reason}")
+    return event
+
+
+async def _compare(
+    expected: Iterator[tuple[int, LedgerRows]],
+    actual: AsyncIterator[tuple[int, LedgerRows]],
+    report: VerifyReport,
+) -> None:
+    """Merge-join the expected and the stored threads (both in ascending thread id)."""
+    want, have = next(expected, None), await anext(actual, None)
+    while want is not None or have is not None:
+        if have is None or (want is not None and want[0] < have[0]):
+            assert want is not None
+            report.add(want[1], NO_ROWS)
+            want = next(expected, None)
+        elif want is None or have[0] < want[0]:
+            report.add(NO_ROWS, have[1])
+            have = await anext(actual, None)
+        else:
+            report.add(want[1], have[1])
+            want, have = next(expected, None), await anext(actual, None)
+
+
+NO_ROWS = LedgerRows(threads={}, messages={}, usage={})

@@ -1,5 +1,5 @@
 """The `token-ledger` console script. A SIGTERM from the first instruction on means "exit 0":
-before the service installs its own handlers (SPEC section 4: any moment, start-up included),
+before the service installs its own handlers (docs/operations.md#stopping: any moment, start-up included),
 there is nothing to finish, so loading the CLI is simply abandoned.
 
 `pip install token-ledger` is the lean producer library for chat services; the console script

@@ -1,5 +1,5 @@
 """The consumer's error taxonomy. Driver errors are translated into these at one boundary each
-(`classify_database_error` for asyncpg; consumer/dlq.py and the pipeline for aiokafka).
+(`classify_database_error` for asyncpg; consumer/kafka/dead_letters.py and the pipeline for aiokafka).
 
     LedgerError
     ├── TransientError      retry the whole batch with capped backoff; never dead-letter
@@ -18,7 +18,7 @@
                             shutdown while retrying); nothing was committed
     BatchTooSlow            not a failure: the batch keeps timing out; it is retried in halves
 
-The SQLSTATE policy (SPEC section 4) is the table `SQLSTATE_POLICY` below, by class or code.
+The SQLSTATE policy (docs/operations.md#database-errors-by-sqlstate) is the table `SQLSTATE_POLICY` below, by class or code.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ revision, privileges; a definite refusal stops the command with its one line), t
 then, if the database did not answer, a wait for it (not ready meanwhile), and only then the
 group.
 
-SIGTERM/SIGINT, at any moment from the first line on (SPEC section 4): while starting, the
+SIGTERM/SIGINT, at any moment from the first line on (docs/operations.md#stopping): while starting, the
 start is abandoned; while running, the batch in flight may finish; either way the process
 exits 0 within STOP_GRACE_SECONDS + the bounded releases (< 10 s), even with the broker or the
 database hung.

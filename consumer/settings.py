@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     )
     # A stored offset outside its partition's log: stop that partition, or resume at its start.
     offset_reset: Literal["fail", "earliest"] = "fail"
-    # The billing stream (SPEC section 9): where revisions go, whether `consume` relays them
+    # The billing stream (docs/contract.md#billing-stream): where revisions go, whether `consume` relays them
     # itself (false: run `token-ledger relay` instead), how long published ones are kept.
     billing_topic: str = Field("billing.token-usage", min_length=1, max_length=249)
     relay: bool = True

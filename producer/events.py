@@ -309,7 +309,7 @@ def payload(event: AnyEvent) -> dict[str, Any]:
 
 def payload_digest(event: AnyEvent, dumped: Mapping[str, Any] | None = None) -> bytes:
     """SHA-256 of the event's `payload` (pass it when already dumped): what orders differing
-    copies of one event_id (SPEC section 3 "Identity"); exact copies have equal digests."""
+    copies of one event_id (docs/contract.md#identity); exact copies have equal digests."""
     text = jsonvalues.dumps(
         payload(event) if dumped is None else dumped, sort_keys=True, ensure_ascii=True
     )

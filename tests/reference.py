@@ -1,7 +1,7 @@
-"""A plainly written reference of the merge rules, independent of consumer/merge.py.
+"""A plainly written reference of the merge rules, independent of consumer/ledger/merge.py.
 
 It looks at the whole set of events at once and picks each winner with max/min over sort
-keys, which is how SPEC section 3 states the rules. Only the thread's search space and the
+keys, which is how docs/contract.md#merge-rules states the rules. Only the thread's search space and the
 owner of a turn-less message's event_id depend on arrival order (the first accepted event
 binds them). Exact copies (event_id, occurred_at, payload digest) count once; differing copies
 of one event_id all compete, ordered by their digest last.

@@ -1,6 +1,6 @@
 """The billing stream's records (docs/contract.md#billing-stream): one usage revision from
 `billing_outbox` as a CloudEvents 1.0 structured-mode JSON event. Pure: the relay
-(consumer/relay.py) reads the rows and publishes what this returns.
+(consumer/billing/relay.py) reads the rows and publishes what this returns.
 
 A revision is billed to (subject = search_space_id, data.user_id, time = the winning event's
 occurred_at). A revision that moves the usage to another of those comes after a reversal: a
@@ -23,7 +23,7 @@ from producer import jsonvalues
 BILLED_MEASURES = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
 EVENT_TYPE = "ledger.token_usage.revised"
 EVENT_SOURCE = "token-ledger"
-SPEC_VERSION = "1.0"
+CLOUDEVENTS_VERSION = "1.0"
 
 # The outbox row joined with its message's turn and role (what billing_event reads).
 OUTBOX_COLUMNS = (
@@ -40,7 +40,7 @@ def billing_event(row: Mapping[str, Any]) -> dict[str, Any]:
     occurred_at = row["occurred_at"].astimezone(UTC)
     user_id = row["user_id"]
     return {
-        "specversion": SPEC_VERSION,
+        "specversion": CLOUDEVENTS_VERSION,
         "id": f"{row['usage_id']}:{row['revision']}",
         "source": EVENT_SOURCE,
         "type": EVENT_TYPE,

@@ -9,11 +9,11 @@ One pass (`publish_pending`), in one transaction:
      and wait for every acknowledgement;
   4. mark them published; COMMIT.
 Killed between 3 and 4, the next pass publishes the same rows again: at-least-once, and a
-duplicate is the identical record (consumer/billing.py). Published rows older than the
+duplicate is the identical record (consumer/billing/records.py). Published rows older than the
 retention are pruned now and then; the usage rows stay the source of truth.
 
 Nothing the broker or the database answers stops the relay: it waits, logs the outage once
-(consumer/outages.py), and tries again.
+(consumer/status.py), and tries again.
 """
 
 from __future__ import annotations

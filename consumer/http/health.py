@@ -3,8 +3,8 @@
 
 Ready means: partitions assigned, the database answers, and not stalled (records waiting
 while nothing has been committed for LEDGER_STALL_SECONDS), nor held that long by a transaction
-a producer left open (consumer/lag.py). The port faces the network, so neither its connections
-(consumer/http_server.py bounds them) nor its request rate may reach the ledger's resources:
+a producer left open (consumer/kafka/lag.py). The port faces the network, so neither its connections
+(consumer/http/server.py bounds them) nor its request rate may reach the ledger's resources:
 /readyz reuses a database check at most a second old, and concurrent requests share the one in
 flight, so the database sees at most one ping a second from it.
 """

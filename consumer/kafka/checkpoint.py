@@ -12,7 +12,7 @@ positions follow them.
 - halt / out of range: a partition stopped where the ledger stands, never skipped silently.
 
 Every seek bumps `generation`: a batch fetched before it may hold records from the old
-positions, and is rewound instead of applied (consumer/pipeline.py).
+positions, and is rewound instead of applied (consumer/kafka/pipeline.py).
 """
 
 from __future__ import annotations

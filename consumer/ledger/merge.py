@@ -19,10 +19,11 @@ their digest last. The one case that would need two rows for one event_id (a tur
 in another thread or role) rejects the later arrival as `event_id_conflict`; with the search
 space rule it is the only place where arrival order decides.
 
-`reduce_batch(events, stored)` folds a batch into one candidate row per key (what the guarded
-upserts in store.py write; rows and claims: claims.py) and compares it with the stored registers to give each event an
-outcome and the usage that became authoritative. `rebuild(events)` is the whole ledger from
-scratch, which is what `verify` and the property tests compare the database with.
+`reduce_batch(events, stored)` folds a batch into one candidate row per key (the rows and
+claims of claims.py, which the guarded upserts of store.py write) and compares it with the
+stored registers to give each event an outcome and the usage that became authoritative.
+`rebuild(events)` (rebuild.py) is the whole ledger from scratch, which is what `verify` and
+the property tests compare the database with.
 
 Usage is counted per model by `attribution`: the breakdown's numbers, plus the part of the
 row's totals that the breakdown does not cover under `(unattributed)`, so the per-model figures

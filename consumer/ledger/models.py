@@ -158,7 +158,7 @@ token_usage = Table(
 )
 
 # One row per usage revision, written by token_usage's triggers in the transaction that changed
-# the usage; consumer/billing.py publishes the pending ones (published_at IS NULL).
+# the usage; consumer/billing/records.py publishes the pending ones (published_at IS NULL).
 billing_outbox = Table(
     "billing_outbox",
     metadata,

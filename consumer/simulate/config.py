@@ -66,7 +66,7 @@ class TrafficConfig:
 
 
 Record = tuple[bytes, bytes]
-# What turn.finalized with an empty content list stores (SPEC section 2).
+# What turn.finalized with an empty content list stores (docs/contract.md#turnfinalized).
 NO_TEXT_RESPONSE = {"type": "status", "text": "(no text response)"}
 
 

@@ -3,7 +3,7 @@
 Kept by construction (what each scenario of `consumer.simulate.traffic` creates), never by running
 the merge rules, so it is an independent check of the consumer. `Expectation.rows` names every
 message the ledger must hold with its content and its authoritative usage; the summary fields
-count them, per model split by `producer.events.attribution` (SPEC section 7).
+count them, per model split by `producer.events.attribution` (docs/contract.md#per-model-attribution).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Ledger tables: threads, messages, token usage, consumer offsets (SPEC section 3).
+"""Ledger tables: threads, messages, token usage, consumer offsets (docs/contract.md#tables).
 
 Revision ID: 0001
 Revises:

@@ -1,6 +1,6 @@
 """Payload digests in every register: differing copies of one event_id are ordered by them.
 
-SPEC section 3 "Identity": a register is won by (rank, occurred_at, event_id, SHA-256 of the
+docs/contract.md#identity: a register is won by (rank, occurred_at, event_id, SHA-256 of the
 canonical payload). Rows written before this revision get the empty digest, which sorts below
 every real one; a later copy of the same event then decides by its digest like any other.
 

@@ -1,4 +1,4 @@
-"""Billing outbox: one row per revision of a message's authoritative usage (SPEC section 9).
+"""Billing outbox: one row per revision of a message's authoritative usage (docs/contract.md#billing-stream).
 
 Written by triggers on token_usage, so a revision is in the same transaction as the usage row
 (and the offsets the batch moves) whatever statement wrote it, and only when it changed:
@@ -8,7 +8,7 @@ Written by triggers on token_usage, so a revision is in the same transaction as 
 - AFTER INSERT / AFTER UPDATE, per statement, from the transition tables: one INSERT … SELECT
   into billing_outbox with the new values and delta = new - previous (the whole row for a
   created usage).
-The relay (consumer/billing.py) publishes pending rows in id order and stamps published_at.
+The relay (consumer/billing/records.py) publishes pending rows in id order and stamps published_at.
 
 Revision ID: 0003
 Revises: 0002

@@ -1,4 +1,4 @@
-"""The billing stream (SPEC section 9) end to end: usage revisions written with the usage in
+"""The billing stream (docs/contract.md#billing-stream) end to end: usage revisions written with the usage in
 one transaction, relayed to the billing topic as CloudEvents, at least once and in order per
 message; replays publish nothing new; `usage` in every format equals the ledger."""
 

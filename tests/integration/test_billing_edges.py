@@ -1,4 +1,4 @@
-"""The billing stream at its edges (SPEC section 9): a revision the topic refuses, a hung
+"""The billing stream at its edges (docs/contract.md#billing-stream): a revision the topic refuses, a hung
 broker, usage older than the outbox."""
 
 from __future__ import annotations

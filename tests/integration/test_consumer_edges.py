@@ -1,4 +1,4 @@
-"""Edges of the consumer's life (SPEC section 4): a SIGTERM at any moment of start-up, a stored
+"""Edges of the consumer's life (docs/operations.md#stopping): a SIGTERM at any moment of start-up, a stored
 offset outside a recreated topic's log, and a broker outage that stays a handful of log lines."""
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ async def test_a_dead_letter_refused_in_the_first_half_keeps_the_partition_where
     pipeline = await _run(stack, before_commit=before_commit, max_batch=1000)
     assert state == {"timeouts": 2, "refused": True}, state
     assert 0 in pipeline.readiness.halted, pipeline.readiness.halted
-    # "partition 0 stands before the record it cannot dead-letter" (SPEC section 4)
+    # "partition 0 stands before the record it cannot dead-letter" (docs/operations.md#stopped-partitions)
     assert (await stack.stored_offsets()).get(0) in (None, 0), await stack.stored_offsets()
 
 

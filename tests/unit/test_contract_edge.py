@@ -1,4 +1,4 @@
-"""The contract's edge (SPEC section 2): what loose or newer producers send is accepted and kept
+"""The contract's edge (docs/contract.md#forward-compatibility): what loose or newer producers send is accepted and kept
 exactly; what cannot be stored faithfully is rejected at the decoder, never by the database."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The schema revision check's rules (consumer/schema.py), and the convention that makes a
+"""The schema revision check's rules (consumer/ledger/schema.py), and the convention that makes a
 later revision recognisable without its file: ids are sequence numbers on one linear chain."""
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from datetime import UTC
 from typing import Any
 
 from producer import jsonvalues
+from producer.events import USAGE_MEASURES
 
-BILLED_MEASURES = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
 EVENT_TYPE = "ledger.token_usage.revised"
 EVENT_SOURCE = "token-ledger"
 CLOUDEVENTS_VERSION = "1.0"
@@ -29,9 +29,9 @@ CLOUDEVENTS_VERSION = "1.0"
 OUTBOX_COLUMNS = (
     "o.id, o.usage_id, o.revision, o.thread_id, o.message_id, o.user_id, o.search_space_id,"
     " o.source, o.occurred_at, o.model_breakdown, o.reverses, m.turn_id, m.role, "
-    + ", ".join(f"o.{m}" for m in BILLED_MEASURES)
+    + ", ".join(f"o.{m}" for m in USAGE_MEASURES)
     + ", "
-    + ", ".join(f"o.delta_{m}" for m in BILLED_MEASURES)
+    + ", ".join(f"o.delta_{m}" for m in USAGE_MEASURES)
 )
 
 
@@ -56,9 +56,9 @@ def billing_event(row: Mapping[str, Any]) -> dict[str, Any]:
             "user_id": None if user_id is None else str(user_id),
             "search_space_id": row["search_space_id"],
             "source": row["source"],
-            **{m: row[m] for m in BILLED_MEASURES},
+            **{m: row[m] for m in USAGE_MEASURES},
             "model_breakdown": jsonvalues.loads(row["model_breakdown"]),
-            "delta": {m: row[f"delta_{m}"] for m in BILLED_MEASURES},
+            "delta": {m: row[f"delta_{m}"] for m in USAGE_MEASURES},
             "reverses": row["reverses"],
         },
     }

@@ -11,11 +11,11 @@ from typing import Any
 
 import asyncpg
 
-from consumer.ledger.claims import USAGE_FIELDS, MessageKey, MessageRow, ThreadRow, UsageRow
+from consumer.ledger.claims import MessageKey, MessageRow, ThreadRow, UsageRow
 from consumer.ledger.rebuild import LedgerRows, message_values, thread_values, usage_values
 from consumer.ledger.state import content_claim, source_claim, stored_key
 from producer import jsonvalues
-from producer.events import TOKEN_KINDS, UNATTRIBUTED
+from producer.events import TOKEN_KINDS, UNATTRIBUTED, USAGE_MEASURES
 
 THREADS = "SELECT * FROM chat_threads"
 MESSAGES = "SELECT * FROM chat_messages"
@@ -193,7 +193,6 @@ USAGE_DIMENSIONS = {
     "day": "to_char(u.source_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
     "month": "to_char(u.source_at AT TIME ZONE 'UTC', 'YYYY-MM')",
 }
-USAGE_MEASURES = USAGE_FIELDS
 REPORTED = (*USAGE_MEASURES, *TOKEN_KINDS)
 
 
@@ -214,18 +213,18 @@ def _kind(kind: str) -> str:
 # Token kinds exist only per model: the unattributed share has none.
 _BY_MODEL = f"""(
   SELECT u.id, u.user_id, u.search_space_id, u.source_at, b.key AS model,
-         {", ".join(f"{_share(m)} AS {m}" for m in USAGE_FIELDS)},
+         {", ".join(f"{_share(m)} AS {m}" for m in USAGE_MEASURES)},
          {", ".join(f"{_kind(k)} AS {k}" for k in TOKEN_KINDS)}
   FROM token_usage AS u CROSS JOIN LATERAL jsonb_each(u.model_breakdown) AS b
   UNION ALL
   SELECT u.id, u.user_id, u.search_space_id, u.source_at, '{UNATTRIBUTED}',
-         {", ".join(f"u.{m} - c.{m}" for m in USAGE_FIELDS)},
+         {", ".join(f"u.{m} - c.{m}" for m in USAGE_MEASURES)},
          {", ".join(f"0 AS {k}" for k in TOKEN_KINDS)}
   FROM token_usage AS u CROSS JOIN LATERAL (
-    SELECT {", ".join(f"coalesce(sum({_share(m)}), 0) AS {m}" for m in USAGE_FIELDS)}
+    SELECT {", ".join(f"coalesce(sum({_share(m)}), 0) AS {m}" for m in USAGE_MEASURES)}
     FROM jsonb_each(u.model_breakdown) AS b
   ) AS c
-  WHERE {" OR ".join(f"u.{m} <> c.{m}" for m in USAGE_FIELDS)}
+  WHERE {" OR ".join(f"u.{m} <> c.{m}" for m in USAGE_MEASURES)}
 )"""
 
 # One row per usage row, with its token kinds summed over its breakdown.

@@ -32,7 +32,6 @@ from producer.events import (
 SHELL, LEGACY, SERVER = 0, 1, 2
 STATUS_NO_TEXT: list[dict[str, Any]] = [{"type": "status", "text": "(no text response)"}]
 SHELL_CONTENT: list[dict[str, Any]] = [{"type": "text", "text": ""}]
-USAGE_FIELDS = USAGE_MEASURES
 
 
 class Outcome(StrEnum):
@@ -201,7 +200,7 @@ class BatchPlan:
 
 
 def usage_totals(row: UsageRow) -> dict[str, int]:
-    return {name: getattr(row, name) for name in USAGE_FIELDS}
+    return {name: getattr(row, name) for name in USAGE_MEASURES}
 
 
 # -- events -> candidate rows ----------------------------------------------------------------
@@ -279,8 +278,8 @@ def candidates(
             return [message], None
         breakdown: dict[str, dict[str, int]] = {}
         for call in calls:
-            sums = breakdown.setdefault(call.model, dict.fromkeys(USAGE_FIELDS, 0))
-            for name in USAGE_FIELDS:
+            sums = breakdown.setdefault(call.model, dict.fromkeys(USAGE_MEASURES, 0))
+            for name in USAGE_MEASURES:
                 sums[name] += getattr(call, name)
             for kind in TOKEN_KINDS:  # only where reported: absent is not zero
                 if (value := getattr(call, kind)) is not None:
@@ -289,7 +288,7 @@ def candidates(
             key=key,
             claim=claim,
             source=event.type,
-            **{name: sum(getattr(c, name) for c in calls) for name in USAGE_FIELDS},
+            **{name: sum(getattr(c, name) for c in calls) for name in USAGE_MEASURES},
             model_breakdown=breakdown,
             # As sent (exclude_unset): a token kind the call did not report stays absent.
             call_details={"calls": dumped["usage"]["calls"]},

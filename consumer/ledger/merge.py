@@ -37,7 +37,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, Self, TypeVar
 
 from consumer.ledger.claims import (
-    USAGE_FIELDS,
     BatchPlan,
     Copy,
     MessageKey,
@@ -56,6 +55,7 @@ from consumer.ledger.claims import (
     usage_totals,
 )
 from producer.events import (
+    USAGE_MEASURES,
     AnyEvent,
     Rejection,
     RejectReason,
@@ -271,7 +271,7 @@ def _usage_delta(row: UsageRow, stored: StoredMessage | None) -> list[UsageChang
     changes = []
     for model in sorted(set(current) | set(previous)):
         new, old = current.get(model, {}), previous.get(model, {})
-        delta = {name: new.get(name, 0) - old.get(name, 0) for name in USAGE_FIELDS}
+        delta = {name: new.get(name, 0) - old.get(name, 0) for name in USAGE_MEASURES}
         if any(delta.values()):
             changes.append(UsageChange(model=model, **delta))
     return changes

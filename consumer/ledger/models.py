@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from consumer.billing.records import BILLED_MEASURES
+from producer.events import USAGE_MEASURES
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -171,9 +171,9 @@ billing_outbox = Table(
     Column("search_space_id", BigInteger, nullable=False),
     Column("source", String(32), nullable=False),
     Column("occurred_at", TIMESTAMP, nullable=False),
-    *(Column(m, BigInteger, nullable=False) for m in BILLED_MEASURES),
+    *(Column(m, BigInteger, nullable=False) for m in USAGE_MEASURES),
     Column("model_breakdown", JSONB, nullable=False),
-    *(Column(f"delta_{m}", BigInteger, nullable=False) for m in BILLED_MEASURES),
+    *(Column(f"delta_{m}", BigInteger, nullable=False) for m in USAGE_MEASURES),
     Column("created_at", TIMESTAMP, nullable=False, server_default=func.now()),
     Column("published_at", TIMESTAMP, nullable=True),
     # A reversal: the revision whose attribution it takes back (migrations/versions/0005).

@@ -9,7 +9,7 @@ from typing import Any
 
 from consumer.ledger.claims import MessageKey, MessageRow, StoredState, ThreadRow, UsageRow
 from consumer.ledger.merge import Admission, Fold
-from producer.events import AnyEvent, payload, payload_digest
+from producer.events import USAGE_MEASURES, AnyEvent, payload, payload_digest
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def expected_rows(ledger: Ledger) -> LedgerRows:
 
 THREAD_FIELDS = ("search_space_id", "created_by_id", "created_at", "updated_at")
 MESSAGE_FIELDS = ("content", "author_id", "content_claim", "created_at")
-USAGE_FIELDS = (
+USAGE_VALUES = (
     "source",
     "source_claim",
     "prompt_tokens",
@@ -132,7 +132,7 @@ def compare(expected: LedgerRows, actual: LedgerRows) -> list[Difference]:
     ] = [
         ("chat_threads", expected.threads, actual.threads, THREAD_FIELDS),
         ("chat_messages", expected.messages, actual.messages, MESSAGE_FIELDS),
-        ("token_usage", expected.usage, actual.usage, USAGE_FIELDS),
+        ("token_usage", expected.usage, actual.usage, USAGE_VALUES),
     ]
     for table, want, have, names in tables:
         for key in sorted(want.keys() | have.keys(), key=_sortable):
@@ -152,9 +152,8 @@ def _sortable(key: MessageKey | int) -> tuple[Any, ...]:
     return (key,) if isinstance(key, int) else key.sort_key()
 
 
-BILLED = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
-_BILLED_AT = tuple(USAGE_FIELDS.index(name) for name in BILLED)
-TOTALS = ("threads", "messages", "usage_rows", *BILLED)  # row counts, then billing sums
+_BILLED_AT = tuple(USAGE_VALUES.index(name) for name in USAGE_MEASURES)
+TOTALS = ("threads", "messages", "usage_rows", *USAGE_MEASURES)  # row counts, then billing sums
 
 
 def add_totals(sums: dict[str, int], rows: LedgerRows) -> dict[str, int]:
@@ -163,6 +162,6 @@ def add_totals(sums: dict[str, int], rows: LedgerRows) -> dict[str, int]:
     sums["messages"] += len(rows.messages)
     sums["usage_rows"] += len(rows.usage)
     for values in rows.usage.values():
-        for name, at in zip(BILLED, _BILLED_AT, strict=True):
+        for name, at in zip(USAGE_MEASURES, _BILLED_AT, strict=True):
             sums[name] += values[at]
     return sums

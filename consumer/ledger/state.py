@@ -15,7 +15,6 @@ from typing import Any
 import asyncpg
 
 from consumer.ledger.claims import (
-    USAGE_FIELDS,
     Claim,
     MessageKey,
     StoredMessage,
@@ -24,7 +23,7 @@ from consumer.ledger.claims import (
     message_keys,
 )
 from producer import jsonvalues
-from producer.events import AnyEvent, attribution
+from producer.events import USAGE_MEASURES, AnyEvent, attribution
 
 # One transaction-scoped advisory lock per thread, in id order, whether or not the thread has
 # a row yet: two writers of one thread (its records split over partitions, so over members)
@@ -115,7 +114,7 @@ def _stored_message(row: Mapping[str, Any]) -> StoredMessage:
         usage_claim=source_claim(row) if has_usage else None,
         usage_created_at=row["usage_created_at"],
         usage_attribution=attribution(
-            {name: row[name] for name in USAGE_FIELDS}, jsonvalues.loads(row["model_breakdown"])
+            {name: row[name] for name in USAGE_MEASURES}, jsonvalues.loads(row["model_breakdown"])
         )
         if has_usage
         else None,

@@ -14,16 +14,16 @@ transaction: rows and offsets commit together or not at all.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from operator import attrgetter
 from typing import Any
 
 import asyncpg
 
 from consumer.errors import ConcurrentWriteError, ThreadRaceError
-from consumer.ledger.claims import (
-    BatchPlan,
-)
+from consumer.ledger.claims import BatchPlan, UsageRow
 from producer import jsonvalues
+from producer.events import USAGE_MEASURES
 
 
 def canonical_json(value: Any) -> str:
@@ -119,31 +119,49 @@ _USAGE_WINS = """(EXCLUDED.source_rank > u.source_rank
         AND (EXCLUDED.source_at, EXCLUDED.source_event_id, EXCLUDED.source_digest)
             < (u.source_at, u.source_event_id, u.source_digest)))"""
 
-_USAGE_COLUMNS = (
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cost_micros",
-    "model_breakdown",
-    "call_details",
-    "search_space_id",
-    "user_id",
-    "source",
-    "source_rank",
-    "source_at",
-    "source_event_id",
-    "source_digest",
+# The usage row as the batch writes it, in one place: each column, its PostgreSQL type and its
+# value (json as text, cast on the way in). The statement below, its parameters and its
+# conflict update are built from this; tests/integration/test_migrations.py checks the columns
+# and types against the migrated table, the only source of schema.
+USAGE_WRITTEN: tuple[tuple[str, str, Callable[[UsageRow], object]], ...] = (
+    *((measure, "bigint", attrgetter(measure)) for measure in USAGE_MEASURES),
+    ("model_breakdown", "jsonb", lambda r: canonical_json(r.model_breakdown)),
+    ("call_details", "jsonb", lambda r: canonical_json(r.call_details)),
+    ("search_space_id", "bigint", attrgetter("search_space_id")),
+    ("user_id", "uuid", attrgetter("user_id")),
+    ("source", "text", attrgetter("source")),
+    ("source_rank", "smallint", attrgetter("claim.rank")),
+    ("source_at", "timestamptz", attrgetter("claim.at")),
+    ("source_event_id", "uuid", attrgetter("claim.event_id")),
+    ("source_digest", "bytea", attrgetter("claim.digest")),
+    ("created_at", "timestamptz", attrgetter("created_at")),
 )
+# What finds the usage row's message (thread, role, and turn or creating event): looked up, not
+# written.
+_USAGE_KEY = (
+    ("thread_id", "bigint"),
+    ("role", "text"),
+    ("turn_id", "text"),
+    ("origin_event_id", "uuid"),
+)
+_USAGE_INPUTS = [*_USAGE_KEY, *((name, kind) for name, kind, _ in USAGE_WRITTEN)]
+# A new winning claim takes every written column but created_at (the earliest stays).
+_USAGE_TAKEN = [name for name, _, _ in USAGE_WRITTEN if name != "created_at"]
+
+
+def _cast(name: str, kind: str) -> str:
+    return f"j.{name}::jsonb" if kind == "jsonb" else f"j.{name}"
+
 
 _UPSERT_USAGE = f"""
 WITH v AS (
-  SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::uuid[], $5::bigint[],
-                       $6::bigint[], $7::bigint[], $8::bigint[], $9::text[], $10::text[],
-                       $11::bigint[], $12::uuid[], $13::text[], $14::smallint[],
-                       $15::timestamptz[], $16::uuid[], $17::bytea[], $18::timestamptz[])
-    AS v(thread_id, role, turn_id, origin_event_id, prompt_tokens, completion_tokens,
-         total_tokens, cost_micros, model_breakdown, call_details, search_space_id, user_id,
-         source, source_rank, source_at, source_event_id, source_digest, created_at)
+  SELECT * FROM unnest({
+    ", ".join(
+        f"${n}::{'text' if kind == 'jsonb' else kind}[]"
+        for n, (_, kind) in enumerate(_USAGE_INPUTS, start=1)
+    )
+})
+    AS v({", ".join(name for name, _ in _USAGE_INPUTS)})
 ), joined AS (
   -- One probe of the unique index that keys the message (an OR of both keys in one join
   -- condition could use neither, and read every message of the thread instead).
@@ -157,18 +175,14 @@ WITH v AS (
     END AS message_id
   FROM v
 ), written AS (
-  INSERT INTO token_usage AS u (usage_type, prompt_tokens, completion_tokens, total_tokens,
-    cost_micros, model_breakdown, call_details, thread_id, message_id, search_space_id,
-    user_id, source, source_rank, source_at, source_event_id, source_digest, created_at,
-    updated_at)
-  SELECT 'chat', j.prompt_tokens, j.completion_tokens, j.total_tokens, j.cost_micros,
-         j.model_breakdown::jsonb, j.call_details::jsonb, j.thread_id, j.message_id,
-         j.search_space_id, j.user_id, j.source, j.source_rank, j.source_at,
-         j.source_event_id, j.source_digest, j.created_at, now()
+  INSERT INTO token_usage AS u (usage_type, thread_id, message_id, updated_at,
+    {", ".join(name for name, _, _ in USAGE_WRITTEN)})
+  SELECT 'chat', j.thread_id, j.message_id, now(),
+    {", ".join(_cast(name, kind) for name, kind, _ in USAGE_WRITTEN)}
   FROM joined AS j WHERE j.message_id IS NOT NULL
   ORDER BY j.message_id
   ON CONFLICT (message_id) WHERE message_id IS NOT NULL DO UPDATE SET
-    {_take_if(_USAGE_WINS, "u", _USAGE_COLUMNS)},
+    {_take_if(_USAGE_WINS, "u", _USAGE_TAKEN)},
     created_at = LEAST(u.created_at, EXCLUDED.created_at),
     updated_at = now()
   WHERE {_USAGE_WINS} OR EXCLUDED.created_at < u.created_at
@@ -231,20 +245,7 @@ async def write_plan(conn: asyncpg.Connection, plan: BatchPlan) -> None:
             [r.key.role for r in u],
             [r.key.turn_id for r in u],
             [r.key.origin_event_id for r in u],
-            [r.prompt_tokens for r in u],
-            [r.completion_tokens for r in u],
-            [r.total_tokens for r in u],
-            [r.cost_micros for r in u],
-            [canonical_json(r.model_breakdown) for r in u],
-            [canonical_json(r.call_details) for r in u],
-            [r.search_space_id for r in u],
-            [r.user_id for r in u],
-            [r.source for r in u],
-            [r.claim.rank for r in u],
-            [r.claim.at for r in u],
-            [r.claim.event_id for r in u],
-            [r.claim.digest for r in u],
-            [r.created_at for r in u],
+            *([value(r) for r in u] for _, _, value in USAGE_WRITTEN),
         )
         if orphans:
             # The message rows were written above in this transaction, so only a concurrent

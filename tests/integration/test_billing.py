@@ -19,14 +19,14 @@ from consumer.simulate.config import TrafficConfig
 from consumer.simulate.traffic import plan_traffic
 from producer.billing import BillingEvent
 from producer.client import thread_key
-from producer.events import AnyEvent, encode_event
+from producer.events import USAGE_MEASURES, AnyEvent, encode_event
 from tests.factories import appended, call, finalized, started
 from tests.integration.harness import ConsumerProcess, Stack, wait_for
 
 CLOUDEVENTS = json.loads((Path(__file__).parents[1] / "cloudevents-1.0.schema.json").read_text())
 OURS = BillingEvent.model_json_schema(mode="validation")
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
-MEASURES = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
+MEASURES = USAGE_MEASURES
 START = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 
 

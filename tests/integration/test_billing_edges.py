@@ -20,11 +20,11 @@ from consumer.ledger.batch import apply_events
 from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.migrate import upgrade
 from producer.client import ensure_topic, thread_key
-from producer.events import AnyEvent, encode_event
+from producer.events import USAGE_MEASURES, AnyEvent, encode_event
 from tests.factories import appended, call, finalized, started
 from tests.integration.harness import REPO, ConsumerProcess, Stack, wait_for
 
-MEASURES = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
+MEASURES = USAGE_MEASURES
 
 
 def records_of(*events: AnyEvent) -> list[tuple[bytes, bytes]]:

@@ -16,10 +16,9 @@ from hypothesis import strategies as st
 from consumer.billing.records import OUTBOX_COLUMNS, billing_event
 from consumer.commands.queries import read_ledger, usage_report
 from consumer.ledger.batch import apply_events
-from consumer.ledger.claims import USAGE_FIELDS
 from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.rebuild import LedgerRows
-from producer.events import AnyEvent
+from producer.events import USAGE_MEASURES, AnyEvent
 from tests.reference import reference_rows
 from tests.strategies import across_periods, batch_splits, delivered
 
@@ -46,7 +45,7 @@ class LedgerDriver:
             async with self.conn.transaction():
                 plan = await apply_events(self.conn, batch)
             for change in plan.usage_changes:
-                for name in USAGE_FIELDS:
+                for name in USAGE_MEASURES:
                     counted[change.model, name] += getattr(change, name)
         await self._check_counters(counted)
         ledger = await read_ledger(self.conn)
@@ -71,7 +70,7 @@ class LedgerDriver:
             key = (event["subject"], event["data"]["user_id"] or "(none)", event["time"][:10])
             billed.setdefault(key, Counter()).update(event["data"]["delta"])
         return {
-            key: tuple(sums[m] for m in USAGE_FIELDS)
+            key: tuple(sums[m] for m in USAGE_MEASURES)
             for key, sums in billed.items()
             if any(sums.values())
         }
@@ -80,9 +79,9 @@ class LedgerDriver:
         """`token-ledger usage --by space --by user --by day`, in the same terms."""
         rows = await usage_report(self.conn, ["space", "user", "day"])
         return {
-            (row["space"], row["user"], row["day"]): tuple(row[m] for m in USAGE_FIELDS)
+            (row["space"], row["user"], row["day"]): tuple(row[m] for m in USAGE_MEASURES)
             for row in rows
-            if any(row[m] for m in USAGE_FIELDS)
+            if any(row[m] for m in USAGE_MEASURES)
         }
 
     async def _check_revisions(self) -> None:
@@ -106,14 +105,14 @@ class LedgerDriver:
 
     async def _check_counters(self, counted: Counter[tuple[str, str]]) -> None:
         by_model = await usage_report(self.conn, ["model"])
-        ledger = {(row["model"], name): row[name] for row in by_model for name in USAGE_FIELDS}
+        ledger = {(row["model"], name): row[name] for row in by_model for name in USAGE_MEASURES}
         # A breakdown larger than its totals leaves a negative (unattributed) share.
         assert _nonzero(counted) == _nonzero(ledger), (counted, ledger)
         sums = await self.conn.fetchrow(
-            f"SELECT {', '.join(f'coalesce(sum({n}), 0) AS {n}' for n in USAGE_FIELDS)}"
+            f"SELECT {', '.join(f'coalesce(sum({n}), 0) AS {n}' for n in USAGE_MEASURES)}"
             " FROM token_usage"
         )
-        for name in USAGE_FIELDS:
+        for name in USAGE_MEASURES:
             assert sum(v for (_, n), v in counted.items() if n == name) == sums[name]
 
     def close(self) -> None:

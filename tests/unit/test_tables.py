@@ -10,8 +10,8 @@ from rich.console import Console
 
 from consumer import cli
 from consumer.commands.dead_letters import DeadLetterView
-from consumer.commands.queries import USAGE_MEASURES
 from consumer.commands.tables import print_table
+from producer.events import USAGE_MEASURES
 from tests.tables import plain, squeeze, terminal_rows
 
 DLQ_HEADERS = ["dlq offset", "reason", "source", "failed at", "bytes", "detail"]

@@ -186,6 +186,11 @@ def verify() -> None:
         console.print(f"  {difference.table}: {difference.key}: {difference.problem}")
     if report.difference_count > 50:
         console.print(f"  ... and {report.difference_count - 50} more")
+    if report.unreadable:
+        console.print(
+            f"[red]stopped comparing: the ledger holds a value PostgreSQL cannot print"
+            f" ({report.unreadable})[/red]"
+        )
     if not report.ok:
         console.print(f"[red]{report.difference_count} difference(s)[/red]")
         raise typer.Exit(1)
@@ -257,9 +262,14 @@ def dlq_replay(
     settings = _settings()
     from consumer.commands.dead_letters import replay_dead_letters
 
-    views = asyncio.run(replay_dead_letters(settings, reason, dry_run=dry_run))
-    _print_dead_letters(views)
-    typer.echo(f"{'would replay' if dry_run else 'replayed'} {len(views)} record(s)")
+    done = asyncio.run(replay_dead_letters(settings, reason, dry_run=dry_run))
+    _print_dead_letters(done.replayed)
+    typer.echo(f"{'would replay' if dry_run else 'replayed'} {len(done.replayed)} record(s)")
+    if done.skipped:
+        typer.echo(
+            f"skipped {len(done.skipped)} record(s) whose headers name no source position",
+            err=True,
+        )
 
 
 class UsageFormat(StrEnum):

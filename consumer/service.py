@@ -244,8 +244,9 @@ async def _start(
 
 async def relay(settings: Settings) -> None:
     """`token-ledger relay`: the billing relay alone, until SIGTERM/SIGINT (exit 0 within 10 s,
-    even with Kafka or the database hung). Its backlog shows in the consumers'
-    token_ledger_outbox_pending (every consumer counts the whole outbox)."""
+    even with Kafka or the database hung). It serves /metrics, /healthz and /readyz on
+    LEDGER_METRICS_PORT like `consume`: its backlog (token_ledger_outbox_pending) and what it
+    holds back (token_ledger_billing_refused, and /readyz names each revision)."""
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
@@ -265,8 +266,19 @@ async def relay(settings: Settings) -> None:
             stack.callback(pool.terminate)
             await check_database(pool, settings)
             limits = await prepare_topics(settings)
+            metrics = LedgerMetrics()
+            readiness = Readiness(stall_seconds=settings.stall_seconds, consumes=False)
+
+            async def database_answers() -> bool:
+                return await ping(pool)
+
+            health = HealthServer(
+                settings.metrics_host, settings.metrics_port, metrics, readiness, database_answers
+            )
+            await health.start()
+            stack.push_async_callback(_bounded(health.stop, "HTTP server"))
             billing = await start_relay(
-                settings, stack, pool, LedgerMetrics(), limits.source_max_bytes + HEADER_HEADROOM
+                settings, stack, pool, metrics, limits.source_max_bytes + HEADER_HEADROOM, readiness
             )
             log.info("relaying", extra=fields(topic=settings.billing_topic))
             await billing.run(stop)

@@ -42,6 +42,7 @@ class Readiness:
     """What the pipeline reports and /readyz judges; times are time.monotonic()."""
 
     stall_seconds: float
+    consumes: bool = True  # False: `token-ledger relay` alone, which is assigned no partitions
     assigned: frozenset[int] = frozenset()
     lag: int = 0
     last_progress: float = field(default_factory=time.monotonic)
@@ -61,7 +62,7 @@ class Readiness:
 
     def reasons_not_ready(self) -> list[str]:
         reasons = []
-        if not self.assigned:
+        if self.consumes and not self.assigned:
             reasons.append("no partitions assigned")
         if not self.database_ok:
             reasons.append("database unreachable")

@@ -12,6 +12,8 @@ know are counted (`BatchDecoder.unknown_fields`).
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
 import uuid
 from collections.abc import Mapping
@@ -42,6 +44,7 @@ from producer.events import (
 
 # A JSON string can only carry U+0000 as the escape \u0000 (raw control bytes are invalid JSON);
 # an even run of backslashes before it is an escaped backslash followed by literal text.
+log = logging.getLogger(__name__)
 _NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 _SAFE_CONTEXT = ("expected", "ge", "le", "min_length", "max_length", "discriminator")
 # Parser messages give a position, and our own validators' messages are fixed text; other
@@ -105,6 +108,10 @@ def _decode_value(
         return _decode(value, timestamp_ms, max_bytes)
     except RecursionError:  # the nesting limit should make this unreachable; never crash on it
         return Rejection(reason=RejectReason.INVALID_JSON, detail="nested too deep"), False, 0
+    except Exception as error:  # a bug here must cost one dead letter, not the consumer
+        log.exception("the decoder failed on a record", extra={"error": type(error).__name__})
+        detail = f"the decoder failed on this record ({type(error).__name__}): see the log"
+        return Rejection(reason=RejectReason.SCHEMA_INVALID, detail=detail), False, 0
 
 
 def _within_skew(
@@ -141,9 +148,10 @@ def _decode(
     try:
         document = exact_json.parse(text)
     except exact_json.NumberOutOfRangeError:
-        rejected = _out_of_range(text)
-        assert rejected is not None  # the same text, parsed again
-        return rejected, False, 0
+        located = _out_of_range(text)  # parsed again, to say where
+        return located or _out_of_range_somewhere(), False, 0
+    except exact_json.NumbersTooLongError as exc:
+        return Rejection(reason=RejectReason.SCHEMA_INVALID, detail=str(exc)), False, 0
     except exact_json.NotJsonError as exc:
         return Rejection(reason=RejectReason.INVALID_JSON, detail=str(exc)), False, 0
     except json.JSONDecodeError as exc:
@@ -204,12 +212,16 @@ def _out_of_range(text: str) -> Rejection | None:
         return Rejection(reason=RejectReason.INVALID_JSON, detail=str(exc))
     if found is None:
         return None
-    where, document = found
+    where, named = found
+    return _out_of_range_somewhere(where, named if named in _KNOWN_TYPES else None)
+
+
+def _out_of_range_somewhere(where: str = "<unknown>", event_type: str | None = None) -> Rejection:
     return Rejection(
         reason=RejectReason.SCHEMA_INVALID,
         detail=f"{where}: number out of range (at most {exact_json.MAX_NUMBER_DIGITS} digits"
         " before and after the point)"[:_DETAIL_LIMIT],
-        event_type=_known_type(document),
+        event_type=event_type,
     )
 
 
@@ -285,10 +297,18 @@ def _upcast_v0(document: dict[str, Any], timestamp_ms: int | None) -> AnyEvent |
             reason=RejectReason.SCHEMA_INVALID,
             detail="v0 body needs a record timestamp within years 1..9999 for occurred_at",
         )
+    try:
+        event_id = v0_event_id(document)
+    except OverflowError:
+        return Rejection(
+            reason=RejectReason.SCHEMA_INVALID,
+            detail="v0: a number too large for the legacy event id (past a float's range),"
+            " so two such bodies could not be told apart",
+        )
     upcast = {
         **{name: document[name] for name in legacy.model_fields_set},
         "schema_version": CURRENT_SCHEMA_VERSION,
-        "event_id": str(v0_event_id(document)),
+        "event_id": str(event_id),
         "occurred_at": record_time,
     }
     try:
@@ -306,7 +326,8 @@ def v0_event_id(document: dict[str, Any]) -> uuid.UUID:
     """uuid5 over the body's canonical JSON: identical re-sends get identical ids.
 
     The canonical text is the one every release so far used (floats through `repr`, ASCII
-    escapes), so a replay after an upgrade finds the rows it created before."""
+    escapes), so a replay after an upgrade finds the rows it created before. OverflowError for
+    a number past a float's range: every one of them would read `Infinity` there."""
     canonical = json.dumps(
         _as_floats(document), sort_keys=True, separators=(",", ":"), ensure_ascii=True
     )
@@ -315,7 +336,9 @@ def v0_event_id(document: dict[str, Any]) -> uuid.UUID:
 
 def _as_floats(value: Any) -> Any:
     if isinstance(value, Decimal):
-        return float(value)
+        if math.isinf(number := float(value)):
+            raise OverflowError("a number past a float's range")
+        return number
     if isinstance(value, dict):
         return {k: _as_floats(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -54,6 +54,18 @@ _PENDING = (
     "   WHERE p.usage_id = o.usage_id AND p.published_at IS NULL AND p.id < o.id)"
     " ORDER BY o.id LIMIT $1"
 )
+_PENDING_IDS = (
+    "SELECT o.id, o.usage_id, o.revision FROM billing_outbox AS o"
+    " WHERE o.published_at IS NULL AND o.usage_id <> ALL($2::bigint[])"
+    " AND NOT EXISTS (SELECT 1 FROM billing_outbox AS p"
+    "   WHERE p.usage_id = o.usage_id AND p.published_at IS NULL AND p.id < o.id)"
+    " ORDER BY o.id LIMIT $1"
+)
+_PENDING_ROW = (
+    f"SELECT {OUTBOX_COLUMNS}"  # noqa: S608 - constant column names, no input
+    " FROM billing_outbox AS o LEFT JOIN chat_messages AS m ON m.id = o.message_id"
+    " WHERE o.id = $1"
+)
 _COUNT_PENDING = (
     "SELECT count(*) AS pending,"
     " count(*) FILTER (WHERE usage_id <> ALL($1::bigint[])) AS publishable"
@@ -122,12 +134,18 @@ class Relay:
 
     async def publish_pending(self) -> int | None:
         """One pass; the number of revisions published, or None when another relay holds the
-        lock. A revision the broker refuses for good is logged and set aside; any other
-        failure raises (the pass rolls back and is tried again)."""
+        lock. A revision the broker refuses for good, or that cannot be read or built, is logged
+        and set aside; any other failure raises (the pass rolls back and is tried again)."""
         async with self.pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RELAY_LOCK):
                 return None
-            rows = await conn.fetch(_PENDING, self.batch, sorted(self.refused))
+            try:
+                async with conn.transaction():  # a savepoint: see _readable
+                    rows = await conn.fetch(_PENDING, self.batch, sorted(self.refused))
+            except asyncpg.PostgresError as failure:
+                if as_transient(failure) is not None:
+                    raise
+                rows = await self._readable(conn)
             if not rows:
                 return 0
             built = self._build(rows)
@@ -148,6 +166,25 @@ class Relay:
         self.published += len(acked)
         return len(acked)
 
+    async def _readable(self, conn: asyncpg.Connection) -> list[asyncpg.Record]:
+        """The pending rows read one at a time, after reading them together failed for a reason
+        no retry cures (a value PostgreSQL cannot print, written by an older release): a row
+        that fails alone is held back, so that it stops its own message only."""
+        ids = await conn.fetch(_PENDING_IDS, self.batch, sorted(self.refused))
+        rows = []
+        for pending in ids:
+            try:
+                async with conn.transaction():
+                    row = await conn.fetchrow(_PENDING_ROW, pending["id"])
+            except asyncpg.PostgresError as error:
+                if as_transient(error) is not None:
+                    raise
+                self._refuse(pending, error, "cannot be read")
+                continue
+            if row is not None:
+                rows.append(row)
+        return rows
+
     def _build(
         self, rows: list[asyncpg.Record]
     ) -> list[tuple[asyncpg.Record, tuple[bytes, bytes]]]:
@@ -158,6 +195,8 @@ class Relay:
         for row in rows:
             try:
                 built.append((row, (thread_key(row["thread_id"]), encode(billing_event(row)))))
+            except MemoryError:
+                raise  # a moment of memory pressure: the pass is tried again
             except Exception as error:  # noqa: BLE001 - one row must not stop every tenant's billing
                 self._refuse(row, error, "cannot be built")
         return built

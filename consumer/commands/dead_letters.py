@@ -58,9 +58,18 @@ async def list_dead_letters(settings: Settings, reason: str | None = None) -> li
     return [view for view in views if reason is None or view.reason == reason]
 
 
+@dataclass(frozen=True)
+class Replayed:
+    """What `dlq replay` published (or would), and what it could not: records on the
+    dead-letter topic whose headers name no source position (not written by a consumer)."""
+
+    replayed: list[DeadLetterView]
+    skipped: list[DeadLetterView]
+
+
 async def replay_dead_letters(
     settings: Settings, reason: str | None = None, *, dry_run: bool = False
-) -> list[DeadLetterView]:
+) -> Replayed:
     """Publish dead letters' original records to their source topic again (e.g. after a fix).
 
     Replaying is safe to repeat: the ledger dedupes events, and a record that is still bad
@@ -68,30 +77,33 @@ async def replay_dead_letters(
     """
     async with reader(settings) as consumer:
         chosen = [
-            record
+            (record, dlq.source_position(record))
             async for record in dead_letter_records(
                 settings, consumer, settings.dlq_topic, variable="LEDGER_DLQ_TOPIC"
             )
             if reason is None or _view(record).reason == reason
         ]
-    if dry_run or not chosen:
-        return [_view(r) for r in chosen]
+    replayable = [(record, source) for record, source in chosen if source is not None]
+    done = Replayed(
+        replayed=[_view(record) for record, _ in replayable],
+        skipped=[_view(record) for record, source in chosen if source is None],
+    )
+    for view in done.skipped:
+        log.warning(
+            "not replayed: the record names no source position",
+            extra=fields(partition=view.partition, offset=view.offset),
+        )
+    if dry_run or not replayable:
+        return done
     async with ProducerResource(
         settings.kafka_bootstrap,
         client_id="token-ledger-dlq-replay",
         max_request_size=FETCH_BYTES,
         **settings.kafka_security(),
     ) as producer:
-        for record in chosen:
-            source = dlq.source_position(record)
-            if source is None:  # not one of ours: nothing says where it came from
-                log.warning(
-                    "not replayed: the record names no source topic",
-                    extra=fields(partition=record.partition, offset=record.offset),
-                )
-                continue
+        for record, source in replayable:
             original = [(k, v) for k, v in (record.headers or ()) if k not in dlq.LEDGER_HEADERS]
             await producer.send_and_wait(
                 source.topic, record.value, key=record.key, headers=original
             )
-    return [_view(r) for r in chosen]
+    return done

@@ -72,16 +72,17 @@ class SourcePosition:
 
 def source_position(record: ConsumerRecord) -> SourcePosition | None:
     """Where a dead letter's original record stood, from its headers; None if they do not say
-    (a record another writer put on the dead-letter topic)."""
+    (a record another writer put on the dead-letter topic, or headers with null values)."""
     headers = dict(record.headers or ())
     try:
-        return SourcePosition(
+        position = SourcePosition(
             (headers.get(SOURCE_TOPIC) or b"").decode(),
             int(headers.get(SOURCE_PARTITION) or b""),
             int(headers.get(SOURCE_OFFSET) or b""),
         )
     except ValueError:  # missing, null or not a number (UnicodeDecodeError is a ValueError)
         return None
+    return position if position.topic else None
 
 
 @dataclass(frozen=True)

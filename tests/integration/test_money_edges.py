@@ -339,3 +339,79 @@ async def test_dead_letters_whose_headers_have_null_values_are_listed_and_replay
     assert len(letters) == 2
     assert list(letters[1].headers[:2]) == headers  # the replayed copy kept them too
     cli_ok(stack, "verify")
+
+
+async def test_a_stored_value_postgresql_cannot_print_stops_only_its_own_message(
+    kafka_bootstrap: str, ledger_url: str
+) -> None:
+    """What an older release accepted: 9,000 numbers of 131,072 digits in one breakdown, 2 KB
+    stored and over 1 GB printed (PostgreSQL refuses: SQLSTATE 54000). Its revision is held
+    back, a later event of its message is dead-lettered alone, everyone else is billed, and
+    verify says where it stopped."""
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    await stack.publish(
+        records_of(
+            appended(thread_id=1, space=1, turn_id="1:a", cost=900),
+            appended(thread_id=2, space=2, turn_id="2:a", cost=800),
+        )
+    )
+    cli_ok(stack, "consume", "--until-idle", LEDGER_RELAY="false")
+    conn = await stack.connect()
+    try:
+        unprintable = (
+            "jsonb_build_object('m', jsonb_build_object('x',"
+            " (SELECT jsonb_agg(1e131071::numeric) FROM generate_series(1, 9000))))"
+        )
+        for table in ("token_usage", "billing_outbox"):
+            await conn.execute(
+                f"UPDATE {table} SET model_breakdown = {unprintable} WHERE thread_id = 1"
+            )
+        held = await conn.fetchval(
+            "SELECT usage_id || ':' || revision FROM billing_outbox WHERE thread_id = 1"
+        )
+    finally:
+        await conn.close()
+    await stack.publish(
+        records_of(
+            finalized(thread_id=1, space=1, turn_id="1:a", calls=[call(cost=300)]),
+            appended(thread_id=3, space=3, turn_id="3:a", cost=700),
+        )
+    )
+
+    run = stack.cli("consume", "--until-idle")
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert f"{held}: cannot be read: ProgramLimitExceededError" in run.stderr
+    billed = sorted(json.loads(r.value)["subject"] for r in await stack.billing_records())
+    assert billed == ["2", "3"]
+    (letter,) = await stack.dead_letters()
+    assert dict(letter.headers)["ledger.error.reason"] == b"database_rejected"
+    verify = stack.cli("verify")
+    assert verify.returncode == 1, verify.stderr[-3000:]
+    assert "cannot print" in verify.stdout
+
+
+async def test_the_relay_alone_says_what_it_holds_back(
+    kafka_bootstrap: str, ledger_url: str, tmp_path: Path, processes: list[ConsumerProcess]
+) -> None:
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    await stack.publish(records_of(appended(thread_id=1, space=1, turn_id="1:a", cost=900)))
+    cli_ok(stack, "consume", "--until-idle", LEDGER_RELAY="false")
+    conn = await stack.connect()
+    try:  # an instant no CloudEvent `time` can carry
+        held = await conn.fetchval(
+            "UPDATE billing_outbox SET occurred_at = '-infinity'"
+            " RETURNING usage_id || ':' || revision"
+        )
+    finally:
+        await conn.close()
+    relay = ConsumerProcess(stack.env(), tmp_path / "relay.log", command="relay").start()
+    processes.append(relay)
+
+    async def says_why() -> bool:
+        status, body = await asyncio.to_thread(relay.http, "/readyz")
+        return status == 503 and f"billing revision {held} held back" in body
+
+    await wait_for(says_why, what="the relay's /readyz naming the revision", context=relay.logs)
+    assert "no partitions assigned" not in relay.http("/readyz")[1]
+    assert metric_value(relay, "token_ledger_billing_refused") == 1
+    assert metric_value(relay, "token_ledger_outbox_pending") == 1

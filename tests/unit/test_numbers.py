@@ -1,0 +1,139 @@
+"""Numbers every path can read back (docs/contract.md#numbers): the range, the budget of what
+a record's numbers may add once written out, where the decoder says a bad one stands, and that
+no number can make the decoder raise."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import pytest
+from aiokafka.structs import ConsumerRecord
+
+from consumer.kafka.dead_letters import (
+    SOURCE_OFFSET,
+    SOURCE_PARTITION,
+    SOURCE_TOPIC,
+    source_position,
+)
+from producer import exact_json
+from producer.decoding import decode_event
+from producer.events import MessageAppended, Rejection, RejectReason, TurnFinalized, TurnStarted
+from tests.examples import example
+
+PLACEHOLDER = '"type": "text"'
+
+
+def _finalized_with(extra: str) -> bytes:
+    """The example turn.finalized whose first content part carries `extra` (raw JSON)."""
+    text = json.dumps(example("turn.finalized")).replace(PLACEHOLDER, f"{PLACEHOLDER}, {extra}", 1)
+    return text.encode()
+
+
+def _decoded(value: bytes) -> TurnStarted | TurnFinalized | MessageAppended | Rejection:
+    result = decode_event(value, timestamp_ms=None)
+    assert not isinstance(result, Exception)
+    return result
+
+
+@pytest.mark.parametrize(
+    "number",
+    ["1e999", "-1e999", "1.5e999", "1e+999", "1e-1000", "-0", "0.5e-999", "9" * 1000, "1E5"],
+)
+def test_numbers_within_the_range_are_accepted(number: str) -> None:
+    assert isinstance(_decoded(_finalized_with(f'"x": {number}')), TurnFinalized)
+
+
+@pytest.mark.parametrize(
+    "number",
+    ["1e1000", "-1e1000", "1e-1001", "0e-5000", "9" * 1001, "-" + "9" * 5000, "1e4400"],
+)
+def test_a_number_past_the_range_is_schema_invalid_naming_its_field(number: str) -> None:
+    rejected = _decoded(_finalized_with(f'"x": {number}'))
+    assert isinstance(rejected, Rejection)
+    assert rejected.reason is RejectReason.SCHEMA_INVALID
+    assert rejected.detail.startswith("content.0.x: number out of range")
+    assert rejected.event_type == "turn.finalized"
+
+
+def test_an_exponent_past_what_a_decimal_holds_is_out_of_range_not_a_crash() -> None:
+    huge = "1e99999999999999999999999"
+    for value in (
+        _finalized_with(f'"x": {huge}'),
+        _finalized_with(f'"s": "{"1" * 2000}", "x": {huge}'),
+    ):
+        rejected = _decoded(value)
+        assert isinstance(rejected, Rejection) and rejected.reason is RejectReason.SCHEMA_INVALID
+
+
+def test_a_bad_number_under_a_key_repeated_later_is_still_found() -> None:
+    # The plain parse keeps the last of two equal keys; the number before it was out of range.
+    rejected = _decoded(_finalized_with('"x": 1e5000, "x": 1'))
+    assert isinstance(rejected, Rejection)
+    assert rejected.detail.startswith("content.0.x: number out of range")
+
+
+def test_a_key_that_is_not_a_field_name_is_not_quoted() -> None:
+    secret = "my card number is 4111 1111 1111 1111"
+    rejected = _decoded(_finalized_with(f'"{secret}": 1e5000'))
+    assert isinstance(rejected, Rejection)
+    assert secret not in rejected.detail
+    assert rejected.detail.startswith("content.0.*: number out of range")
+
+
+def test_numbers_that_would_grow_the_record_past_the_budget_are_refused() -> None:
+    # 1e999 is 5 characters here and 1,000 once PostgreSQL writes it out.
+    within = exact_json.MAX_EXPANSION // 1000
+    accepted = _decoded(_finalized_with('"x": [' + ",".join(["1e999"] * within) + "]"))
+    assert isinstance(accepted, TurnFinalized)
+    rejected = _decoded(_finalized_with('"x": [' + ",".join(["1e999"] * (within + 1)) + "]"))
+    assert isinstance(rejected, Rejection)
+    assert rejected.reason is RejectReason.SCHEMA_INVALID
+    assert rejected.detail.startswith("numbers written out would add")
+
+
+def test_a_megabyte_of_long_integers_is_judged_without_parsing_them() -> None:
+    # A million-digit integer would take minutes to parse (quadratic): it is found by a scan of
+    # the bytes first. (The test's timeout is what fails if it were parsed.)
+    rejected = _decoded(_finalized_with('"x": ' + "9" * 1_000_000))
+    assert isinstance(rejected, Rejection) and rejected.reason is RejectReason.SCHEMA_INVALID
+    within = _decoded(_finalized_with('"x": [' + ",".join(["9" * 999] * 1000) + "]"))
+    assert isinstance(within, TurnFinalized)
+
+
+def test_a_v0_body_with_a_number_past_a_float_is_refused() -> None:
+    # The legacy event id reads every such number as Infinity: two different bodies would
+    # share one id, and one message's usage would be lost.
+    body = json.dumps(example("message.appended.v0")).replace(
+        PLACEHOLDER, f'{PLACEHOLDER}, "n": 1e400', 1
+    )
+    rejected = decode_event(body.encode(), timestamp_ms=1_764_000_000_000)
+    assert isinstance(rejected, Rejection)
+    assert rejected.reason is RejectReason.SCHEMA_INVALID
+    assert "legacy event id" in rejected.detail
+
+
+def test_the_exact_parse_keeps_a_decimal_digit_for_digit() -> None:
+    assert exact_json.parse('{"x": 12345678901234567890.123}') == {
+        "x": Decimal("12345678901234567890.123")
+    }
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([(SOURCE_TOPIC, b"t"), (SOURCE_PARTITION, b"1"), (SOURCE_OFFSET, b"7")], ("t", 1, 7)),
+        ([(SOURCE_TOPIC, None), (SOURCE_PARTITION, b"1"), (SOURCE_OFFSET, b"7")], None),
+        ([(SOURCE_TOPIC, b""), (SOURCE_PARTITION, b"1"), (SOURCE_OFFSET, b"7")], None),
+        ([(SOURCE_TOPIC, b"t"), (SOURCE_PARTITION, None), (SOURCE_OFFSET, b"7")], None),
+        ([("trace", None)], None),
+    ],
+)
+def test_a_dead_letters_source_position_is_read_from_its_headers(
+    headers: list[tuple[str, bytes | None]], expected: tuple[str, int, int] | None
+) -> None:
+    record = ConsumerRecord("dlq", 0, 0, 0, 0, None, b"x", None, 1, 0, headers)
+    position = source_position(record)
+    assert (
+        None if position is None else (position.topic, position.partition, position.offset)
+    ) == expected

@@ -17,6 +17,8 @@ from producer.events import (
     UsageCall,
 )
 
+# Where simulated traffic starts in the tests (TrafficConfig.start), and the events built here.
+START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 T0 = datetime(2026, 11, 26, 9, 15, tzinfo=UTC)
 USER = uuid.UUID("0b6f3c1e-2f44-4d8e-9a77-3f1c2e5d9b10")
 THREAD, SPACE, TURN = 4242, 7, "4242:1795252502118"

@@ -18,7 +18,7 @@ revisions this release knows) against the release's head:
                                         that no ledger release wrote)
 
 "Later" is decidable without the newer release's files because revision ids are sequence
-numbers ("0001", "0002", ...) on one linear chain: tests/unit/test_schema_revisions.py keeps
+numbers ("0001", "0002", ...) on one linear chain: tests/unit/consumer/ledger/test_schema_revisions.py keeps
 it so. A migration that would break an older release (dropping or renaming what it uses)
 needs a coordinated stop of the old consumers instead; none exists so far.
 

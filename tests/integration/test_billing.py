@@ -9,7 +9,6 @@ import io
 import json
 import re
 from collections import defaultdict
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,13 @@ from consumer.simulate.traffic import plan_traffic
 from producer.billing import BillingEvent
 from producer.client import thread_key
 from producer.events import USAGE_MEASURES, AnyEvent, encode_event
-from tests.factories import appended, call, finalized, started
+from tests.factories import START, appended, call, finalized, started
 from tests.integration.harness import ConsumerProcess, Stack, wait_for
 
 CLOUDEVENTS = json.loads((Path(__file__).parents[1] / "cloudevents-1.0.schema.json").read_text())
 OURS = BillingEvent.model_json_schema(mode="validation")
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 MEASURES = USAGE_MEASURES
-START = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 
 
 def records_of(*events: AnyEvent) -> list[tuple[bytes, bytes]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import pytest
 from consumer.simulate.config import QUERIES, TrafficConfig
 from consumer.simulate.expectation import SHAPES, Expectation
 from consumer.simulate.traffic import plan_traffic
+from tests.factories import START
 from tests.integration.harness import (
     ConsumerProcess,
     Stack,
@@ -21,8 +22,6 @@ from tests.integration.harness import (
     ledger_summary,
     wait_for,
 )
-
-START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 
 
 @pytest.fixture

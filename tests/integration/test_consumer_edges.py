@@ -11,7 +11,6 @@ import signal
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from consumer.simulate.config import TrafficConfig
 from consumer.simulate.traffic import plan_traffic
 from devstack.kafka import KafkaBroker
 from devstack.processes import free_port
+from tests.factories import START
 from tests.integration.harness import (
     ConsumerProcess,
     Stack,
@@ -28,8 +28,6 @@ from tests.integration.harness import (
     ledger_summary,
     wait_for,
 )
-
-START = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 
 
 def metric_value(consumer: ConsumerProcess, sample: str) -> float | None:

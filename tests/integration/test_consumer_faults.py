@@ -27,6 +27,7 @@ from consumer.simulate.traffic import plan_traffic
 from consumer.status import Readiness
 from devstack.postgres import PostgresServer
 from devstack.processes import free_port
+from tests.factories import START
 from tests.integration.harness import (
     ConsumerProcess,
     Stack,
@@ -34,8 +35,6 @@ from tests.integration.harness import (
     ledger_summary,
     wait_for,
 )
-
-START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 
 
 @pytest.fixture

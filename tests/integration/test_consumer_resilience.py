@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -18,6 +17,7 @@ from consumer.ledger.database import asyncpg_dsn
 from consumer.simulate.config import TrafficConfig
 from consumer.simulate.traffic import plan_traffic
 from producer.client import ensure_topic
+from tests.factories import START
 from tests.integration.harness import (
     ConsumerProcess,
     Stack,
@@ -25,8 +25,6 @@ from tests.integration.harness import (
     ledger_summary,
     wait_for,
 )
-
-START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 
 
 def _start(

@@ -22,7 +22,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -35,6 +34,7 @@ from consumer.simulate.expectation import Expectation
 from consumer.simulate.traffic import plan_traffic
 from devstack.postgres import PostgresServer
 from devstack.processes import free_port
+from tests.factories import START
 from tests.integration.harness import (
     ConsumerProcess,
     PostgresProxy,
@@ -47,7 +47,6 @@ from tests.integration.harness import (
     wait_for,
 )
 
-START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 MiB = 1024 * 1024
 # (shutdown mode, share of the backlog applied before it, then a pause): spread over the drain,
 # and the pauses move each restart to another point of the batch cycle (inside a statement, at

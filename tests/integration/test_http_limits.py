@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -28,6 +27,7 @@ from consumer.simulate.config import TrafficConfig
 from consumer.simulate.traffic import plan_traffic
 from devstack.postgres import PostgresServer
 from devstack.processes import free_port
+from tests.factories import START
 from tests.integration.harness import (
     ConsumerProcess,
     Stack,
@@ -36,7 +36,6 @@ from tests.integration.harness import (
     wait_for,
 )
 
-START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 LIMITS = HttpLimits()  # the consumer's own
 SLOW_CLIENTS = 2000
 OVERSIZED_CLIENTS = 200

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -14,9 +14,8 @@ import pytest
 from consumer.simulate.config import TrafficConfig
 from consumer.simulate.traffic import plan_traffic
 from producer import jsonvalues
+from tests.factories import START
 from tests.integration.harness import ConsumerProcess, Stack, ledger_summary
-
-START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 
 
 @pytest.fixture

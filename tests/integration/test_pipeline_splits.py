@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -31,9 +30,9 @@ from consumer.settings import load_settings
 from consumer.simulate.config import TrafficConfig
 from consumer.simulate.traffic import plan_traffic
 from consumer.status import Readiness
+from tests.factories import START
 from tests.integration.harness import Stack, expected_summary, ledger_summary
 
-START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 Hook = Callable[[Pipeline, list[Any]], Awaitable[None]]
 
 

@@ -8,7 +8,6 @@ unfinished `--until-idle`, and /readyz names it only once it has been open for t
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from aiokafka import AIOKafkaProducer
 from consumer.simulate.config import TrafficConfig
 from consumer.simulate.expectation import Expectation
 from consumer.simulate.traffic import plan_traffic
+from tests.factories import START
 from tests.integration.harness import (
     ConsumerProcess,
     Stack,
@@ -25,7 +25,6 @@ from tests.integration.harness import (
     wait_for,
 )
 
-START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 Records = list[tuple[bytes, bytes]]
 # Long enough that the broker never aborts a transaction this module leaves open on purpose
 # while a test still runs (2 busy cores); the broker's transaction.max.timeout.ms is 15 min.

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,8 @@ from consumer.ledger.offsets import reset_offsets
 from consumer.settings import Settings, load_settings
 from consumer.simulate.config import TrafficConfig
 from consumer.simulate.traffic import plan_traffic
+from tests.factories import START
 from tests.integration.harness import ConsumerProcess, Stack
-
-START = datetime(2026, 11, 27, 9, 0, tzinfo=UTC)
 
 
 class TinySpill(SortedSpill[Any]):

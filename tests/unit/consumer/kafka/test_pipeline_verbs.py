@@ -21,124 +21,16 @@ from aiokafka.structs import ConsumerRecord
 from consumer.errors import FencedError, TransientError
 from consumer.http.metrics import LedgerMetrics
 from consumer.kafka.assembly import build_pipeline
-from consumer.kafka.dead_letters import DeadLetter
 from consumer.kafka.pipeline import Pipeline
 from consumer.ledger.batch import Applied, Decoded, Report, apply_isolating
 from consumer.ledger.claims import BatchPlan, Outcome
 from consumer.ledger.offsets import OffsetMove
 from consumer.retry import Backoff
 from consumer.settings import load_settings
-from consumer.simulate.config import TrafficConfig
-from consumer.simulate.traffic import plan_traffic
 from consumer.status import Readiness
 from producer.decoding import BatchDecoder
 from producer.events import AnyEvent, RejectReason
-
-TOPIC = "chat.turn-events"
-TP = TopicPartition(TOPIC, 0)
-
-
-def _records(count: int) -> list[ConsumerRecord]:
-    planned, _ = plan_traffic(TrafficConfig(threads=count // 10 + 1, seed=3, poison_rate=0))
-    now = int(time.time() * 1000)
-    return [
-        ConsumerRecord(TOPIC, 0, offset, now, 0, key, value, None, len(key), len(value), ())
-        for offset, (key, value) in enumerate(planned[:count])
-    ]
-
-
-class FakeLog:
-    """One partition of the source topic, as much of AIOKafkaConsumer as the pipeline uses."""
-
-    def __init__(self, records: list[ConsumerRecord]) -> None:
-        self.records = records
-        self.next = 0  # the fetch position
-        self.paused: set[TopicPartition] = set()
-        self.seeks: list[int] = []
-        self.mirrored: list[dict[TopicPartition, int]] = []
-
-    def assignment(self) -> set[TopicPartition]:
-        return {TP}
-
-    def pause(self, *tps: TopicPartition) -> None:
-        self.paused.update(tps)
-
-    def resume(self, *tps: TopicPartition) -> None:
-        self.paused.difference_update(tps)
-
-    def seek(self, tp: TopicPartition, offset: int) -> None:
-        self.next = offset
-        self.seeks.append(offset)
-
-    async def seek_to_beginning(self, tp: TopicPartition) -> None:
-        self.seek(tp, 0)
-
-    async def getmany(self, *, timeout_ms: int, max_records: int) -> dict[Any, Any]:
-        await asyncio.sleep(0)
-        if TP in self.paused or self.next >= len(self.records):
-            return {}
-        batch = self.records[self.next : self.next + max_records]
-        self.next += len(batch)
-        return {TP: batch}
-
-    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
-        self.mirrored.append(offsets)
-
-    def highwater(self, tp: TopicPartition) -> int:
-        return len(self.records)
-
-    def last_stable_offset(self, tp: TopicPartition) -> int:
-        return len(self.records)
-
-    async def position(self, tp: TopicPartition) -> int:
-        return self.next
-
-
-class FakeOffsets:
-    """consumer_offsets: what `load_offsets` reads (through a pool) and the batch transaction
-    moves by compare-and-set."""
-
-    def __init__(self) -> None:
-        self.stored: dict[int, int] = {}
-
-    @asynccontextmanager
-    async def acquire(self) -> AsyncIterator[FakeOffsets]:
-        yield self
-
-    async def fetch(self, query: str, *args: Any) -> list[dict[str, int]]:
-        return [{"partition": p, "next_offset": o} for p, o in self.stored.items()]
-
-
-class FakeLedger:
-    """The batch transaction: moves offsets by compare-and-set, remembers what it applied."""
-
-    def __init__(self, offsets: FakeOffsets) -> None:
-        self.offsets = offsets
-        self.applied: list[int] = []  # offsets of the records committed, in commit order
-        self.fail_next: list[Exception] = []
-
-    async def __call__(
-        self, moves: Sequence[OffsetMove], decoded: Decoded, report: Report
-    ) -> Applied:
-        await asyncio.sleep(0)  # in flight: the loop fetches and decodes meanwhile
-        await asyncio.sleep(0)
-        if self.fail_next:
-            raise self.fail_next.pop(0)
-        for move in moves:
-            if self.offsets.stored.get(move.partition) != move.expected:
-                raise FencedError([move.partition])
-        for move in moves:
-            self.offsets.stored[move.partition] = move.next_offset
-        self.applied.extend(record.offset for record in decoded.records)
-        return Applied(events=[(event, Outcome.APPLIED) for event in decoded.events])
-
-
-class FakeDlq:
-    def __init__(self) -> None:
-        self.letters: list[DeadLetter] = []
-
-    async def report(self, letters: Sequence[DeadLetter]) -> None:
-        self.letters.extend(letters)
+from tests.fakes import TOPIC, TP, FakeDlq, FakeLedger, FakeLog, FakeOffsets, planned_records
 
 
 def _pipeline(
@@ -164,7 +56,7 @@ def _pipeline(
 
 
 async def test_put_moves_offsets_from_the_expected_position_and_mirrors_them() -> None:
-    records = _records(8)
+    records = planned_records(8)
     log, ledger = FakeLog(records), FakeLedger(FakeOffsets())
     ledger.offsets.stored[0] = 5
     pipeline = _pipeline(log, ledger)
@@ -178,7 +70,7 @@ async def test_put_moves_offsets_from_the_expected_position_and_mirrors_them() -
 
 
 async def test_a_fenced_batch_rolls_back_and_seeks_to_the_stored_offset() -> None:
-    records = _records(6)
+    records = planned_records(6)
     log, ledger = FakeLog(records), FakeLedger(FakeOffsets())
     ledger.offsets.stored[0] = 4  # another owner got here first
     pipeline = _pipeline(log, ledger)
@@ -191,7 +83,7 @@ async def test_a_fenced_batch_rolls_back_and_seeks_to_the_stored_offset() -> Non
 
 
 async def test_a_batch_retrying_while_its_partitions_are_revoked_is_abandoned() -> None:
-    records = _records(4)
+    records = planned_records(4)
     log, ledger = FakeLog(records), FakeLedger(FakeOffsets())
     pipeline = _pipeline(log, ledger)
     pipeline.checkpoints.positions[0] = None  # nothing stored yet
@@ -205,7 +97,7 @@ async def test_a_batch_retrying_while_its_partitions_are_revoked_is_abandoned() 
 
 
 async def test_a_record_the_database_rejects_is_isolated_and_dead_lettered() -> None:
-    records = _records(7)
+    records = planned_records(7)
     pipeline = _pipeline(FakeLog(records), FakeLedger(FakeOffsets()))
     decoded = pipeline._decode(records)
     poison = decoded.events[4]
@@ -235,7 +127,7 @@ async def _nothing() -> AsyncIterator[None]:
 
 
 async def test_the_batch_fetched_during_a_fenced_commit_is_discarded_never_skipped() -> None:
-    records = _records(30)
+    records = planned_records(30)
     log, ledger = FakeLog(records), FakeLedger(FakeOffsets())
     ledger.offsets.stored[0] = 0
     pipeline = _pipeline(log, ledger)
@@ -249,7 +141,7 @@ async def test_the_batch_fetched_during_a_fenced_commit_is_discarded_never_skipp
 
 
 async def test_a_stop_requested_while_a_batch_commits_starts_no_other() -> None:
-    records = _records(30)
+    records = planned_records(30)
     log, ledger = FakeLog(records), FakeLedger(FakeOffsets())
     commit = ledger.__call__
 
@@ -270,7 +162,7 @@ async def test_a_stop_requested_while_a_batch_commits_starts_no_other() -> None:
 
 
 async def test_a_batch_holds_at_most_max_batch_bytes_of_values_and_skips_nothing() -> None:
-    records = _records(40)
+    records = planned_records(40)
     cap = sum(len(r.value) for r in records[:3])  # three records' worth, at most
     records[7] = dataclasses.replace(records[7], value=records[7].value + b" " * (2 * cap))
     log, ledger = FakeLog(records), FakeLedger(FakeOffsets())
@@ -294,7 +186,7 @@ async def test_a_batch_holds_at_most_max_batch_bytes_of_values_and_skips_nothing
 
 
 async def test_unknown_fields_are_counted_per_record_by_event_type() -> None:
-    records = _records(60)
+    records = planned_records(60)
     # Redelivered (a producer's retry, further on in the log): each record counts.
     records += [dataclasses.replace(r, offset=r.offset + 50) for r in records[10:20]]
     log, ledger = FakeLog(records), FakeLedger(FakeOffsets())
@@ -325,7 +217,7 @@ async def test_cancelling_the_loop_cancels_the_batch_in_flight() -> None:
                 await asyncio.Event().wait()
             return await super().getmany(timeout_ms=timeout_ms, max_records=max_records)
 
-    log, ledger = QuietLog(_records(4)), FakeLedger(FakeOffsets())
+    log, ledger = QuietLog(planned_records(4)), FakeLedger(FakeOffsets())
     started, cancelled = asyncio.Event(), asyncio.Event()
 
     async def hung(moves: Sequence[OffsetMove], decoded: Decoded, report: Report) -> Applied:
@@ -442,7 +334,7 @@ class FlakyLedger(FakeLedger):
 
 
 def _partitioned(count: int, size: int, rng: random.Random) -> dict[int, list[ConsumerRecord]]:
-    values = [record.value for record in _records(60)]
+    values = [record.value for record in planned_records(60)]
     now = int(time.time() * 1000)
     logs: dict[int, list[ConsumerRecord]] = {}
     for p in range(count):
@@ -467,7 +359,7 @@ async def test_a_byte_capped_fetch_is_applied_whole_before_the_next_one() -> Non
     """Eight partitions of 10 KB records, a cap of three records: the rest of a fetch is the
     next batch, not fetched again, so every partition moves from the first fetch on (cut
     batches rewound instead would start from the lowest partitions every time)."""
-    value = _records(1)[0].value.ljust(10_000)
+    value = planned_records(1)[0].value.ljust(10_000)
     now = int(time.time() * 1000)
     logs = {
         p: [
@@ -527,7 +419,7 @@ async def test_a_carried_batch_does_not_count_as_the_broker_answering(
 ) -> None:
     """The broker goes away after a fetch that the byte cap cut into ten batches: those batches
     come from memory, so the outage is logged once, not ended and begun again per batch."""
-    value = _records(1)[0].value.ljust(10_000)
+    value = planned_records(1)[0].value.ljust(10_000)
     now = int(time.time() * 1000)
     logs = {
         0: [

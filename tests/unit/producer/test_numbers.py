@@ -8,14 +8,7 @@ import json
 from decimal import Decimal
 
 import pytest
-from aiokafka.structs import ConsumerRecord
 
-from consumer.kafka.dead_letters import (
-    SOURCE_OFFSET,
-    SOURCE_PARTITION,
-    SOURCE_TOPIC,
-    source_position,
-)
 from producer import exact_json
 from producer.decoding import decode_event
 from producer.events import MessageAppended, Rejection, RejectReason, TurnFinalized, TurnStarted
@@ -117,23 +110,3 @@ def test_the_exact_parse_keeps_a_decimal_digit_for_digit() -> None:
     assert exact_json.parse('{"x": 12345678901234567890.123}') == {
         "x": Decimal("12345678901234567890.123")
     }
-
-
-@pytest.mark.parametrize(
-    ("headers", "expected"),
-    [
-        ([(SOURCE_TOPIC, b"t"), (SOURCE_PARTITION, b"1"), (SOURCE_OFFSET, b"7")], ("t", 1, 7)),
-        ([(SOURCE_TOPIC, None), (SOURCE_PARTITION, b"1"), (SOURCE_OFFSET, b"7")], None),
-        ([(SOURCE_TOPIC, b""), (SOURCE_PARTITION, b"1"), (SOURCE_OFFSET, b"7")], None),
-        ([(SOURCE_TOPIC, b"t"), (SOURCE_PARTITION, None), (SOURCE_OFFSET, b"7")], None),
-        ([("trace", None)], None),
-    ],
-)
-def test_a_dead_letters_source_position_is_read_from_its_headers(
-    headers: list[tuple[str, bytes | None]], expected: tuple[str, int, int] | None
-) -> None:
-    record = ConsumerRecord("dlq", 0, 0, 0, 0, None, b"x", None, 1, 0, headers)
-    position = source_position(record)
-    assert (
-        None if position is None else (position.topic, position.partition, position.offset)
-    ) == expected

@@ -29,8 +29,8 @@ from producer.events import (
     TurnStarted,
     attribution,
 )
+from tests.factories import START
 
-START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 # Published a day later: no occurred_at of the plan lies ahead of its record.
 RECORD_TS = int(START.timestamp() * 1000) + 86_400_000
 

@@ -9,7 +9,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SOURCES = ("consumer", "producer")
 MAX_LINES = 400
 FOREIGN_DOCUMENT = b"SP" + b"EC"  # the steering document: spelled apart, or this file cites it

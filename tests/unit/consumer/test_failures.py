@@ -35,7 +35,7 @@ from consumer.failures import (
 from consumer.kafka.topics import TopicConfigError
 from consumer.settings import Settings, load_settings
 
-OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+OPERATIONS = Path(__file__).resolve().parents[3] / "docs" / "operations.md"
 SECRET = "s3cret-never-printed"
 
 

@@ -13,7 +13,7 @@ import pytest
 from devstack import system_packages
 from devstack.system_packages import PROFILES, Requirement, ensure
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 class Machine:

@@ -4,7 +4,6 @@ included; the chaos run holds the database to it."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from consumer.ledger.rebuild import rebuild
@@ -14,8 +13,8 @@ from consumer.simulate.traffic import plan_traffic
 from producer import jsonvalues
 from producer.decoding import decode_event
 from producer.events import Rejection
+from tests.factories import START
 
-START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 RECORD_TS = int(START.timestamp() * 1000) + 86_400_000
 
 

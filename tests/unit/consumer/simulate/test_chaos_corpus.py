@@ -12,13 +12,13 @@ from consumer.simulate.config import PoisonContext
 from producer.decoding import decode_event
 from producer.events import Rejection, RejectReason
 from tests.chaos.poison import CORPUS, MAX_EVENT_BYTES, PoisonDraws
+from tests.factories import START
 
 APPLY_TIME = {
     RejectReason.THREAD_SEARCH_SPACE_MISMATCH,
     RejectReason.EVENT_ID_CONFLICT,
     RejectReason.DATABASE_REJECTED,
 }
-START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 
 
 def _context() -> PoisonContext:

@@ -3,7 +3,7 @@
 Every relative link resolves to a file (and its #anchor to a heading of that file), the
 configuration table in docs/operations.md names exactly the consumer's settings, the README
 stays a short front page, and every page and heading the code cites (docs/PAGE.md#HEADING)
-exists. (tests/unit/test_layout.py checks that nothing cites a document outside the repo.)
+exists. (tests/unit/repo/test_layout.py checks that nothing cites a document outside the repo.)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 from consumer.settings import Settings
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 README = REPO / "README.md"
 DOCS = REPO / "docs"
 OPERATIONS = DOCS / "operations.md"

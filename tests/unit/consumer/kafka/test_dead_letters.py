@@ -1,0 +1,74 @@
+"""Dead-letter headers: the reason, the source position, the original headers, a bounded detail."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from aiokafka.structs import ConsumerRecord
+
+from consumer.kafka.dead_letters import (
+    DETAIL_LIMIT,
+    SOURCE_OFFSET,
+    SOURCE_PARTITION,
+    SOURCE_TOPIC,
+    DeadLetter,
+    dead_letter_headers,
+    source_position,
+)
+from producer.events import RejectReason
+
+
+def _record(**overrides: Any) -> ConsumerRecord:
+    fields: dict[str, Any] = {
+        "topic": "chat.turn-events",
+        "partition": 2,
+        "offset": 41,
+        "timestamp": 0,
+        "timestamp_type": 0,
+        "key": b"42",
+        "value": b"\xff raw",
+        "checksum": None,
+        "serialized_key_size": 2,
+        "serialized_value_size": 5,
+        "headers": (("trace", b"abc"), ("ledger.error.reason", b"stale")),
+    }
+    return ConsumerRecord(**{**fields, **overrides})
+
+
+def test_dead_letter_headers() -> None:
+    at = datetime(2026, 11, 26, 9, 15, tzinfo=UTC)
+    letter = DeadLetter(_record(), RejectReason.INVALID_UTF8, "é" * 2000)
+    headers = dead_letter_headers(letter, at)
+    as_dict = dict(headers)
+    assert as_dict["ledger.error.reason"] == b"invalid_utf8"
+    assert as_dict["ledger.source.topic"] == b"chat.turn-events"
+    assert as_dict["ledger.source.partition"] == b"2"
+    assert as_dict["ledger.source.offset"] == b"41"
+    assert datetime.fromisoformat(as_dict["ledger.failed_at"].decode()) == at
+    assert len(as_dict["ledger.error.detail"]) <= DETAIL_LIMIT
+    as_dict["ledger.error.detail"].decode()  # cut on a character boundary
+    # The original headers travel along; a stale ledger.* header from an earlier trip does not.
+    assert ("trace", b"abc") in headers
+    assert [v for k, v in headers if k == "ledger.error.reason"] == [b"invalid_utf8"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([(SOURCE_TOPIC, b"t"), (SOURCE_PARTITION, b"1"), (SOURCE_OFFSET, b"7")], ("t", 1, 7)),
+        ([(SOURCE_TOPIC, None), (SOURCE_PARTITION, b"1"), (SOURCE_OFFSET, b"7")], None),
+        ([(SOURCE_TOPIC, b""), (SOURCE_PARTITION, b"1"), (SOURCE_OFFSET, b"7")], None),
+        ([(SOURCE_TOPIC, b"t"), (SOURCE_PARTITION, None), (SOURCE_OFFSET, b"7")], None),
+        ([("trace", None)], None),
+    ],
+)
+def test_a_dead_letters_source_position_is_read_from_its_headers(
+    headers: list[tuple[str, bytes | None]], expected: tuple[str, int, int] | None
+) -> None:
+    record = ConsumerRecord("dlq", 0, 0, 0, 0, None, b"x", None, 1, 0, headers)
+    position = source_position(record)
+    assert (
+        None if position is None else (position.topic, position.partition, position.offset)
+    ) == expected

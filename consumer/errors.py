@@ -118,9 +118,11 @@ SQLSTATE_POLICY: dict[str, Policy] = {
     "58": Policy.TRANSIENT,  # system error (I/O)
     "XX000": Policy.TRANSIENT,  # internal_error
     "22": Policy.POISON,  # data exception
-    # program limit exceeded (54000 a value too large to print, 54001 a statement too complex):
-    # what the data makes of the statement, so the batch is split until the record is alone.
-    "54": Policy.POISON,
+    # Program limits that the data reaches (54000 a value too large to print, 54001 a statement
+    # too complex): the batch is split until the record is alone. The rest of class 54 (too
+    # many columns or arguments) is the statement's own shape: not a record's fault.
+    "54000": Policy.POISON,
+    "54001": Policy.POISON,
     "23": Policy.POISON,  # integrity constraint violation
 }
 

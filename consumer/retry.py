@@ -78,8 +78,9 @@ async def retry_transient(
 
 
 class RetryObserver(Protocol):
-    """What a retry means to someone else. Retries are never nested (every caller holds the
-    pipeline's batch lock), so an observer sees: retrying* then finished."""
+    """What a retry means to someone else: retrying* then finished, once per outermost call
+    (every caller holds the pipeline's batch lock, so calls do not overlap; one made inside
+    another would be part of it)."""
 
     def retrying(self, error: TransientError) -> None:
         """An attempt failed and another follows after a backoff."""
@@ -109,6 +110,7 @@ class Retrier:
         self.backoff = backoff
         self.abandon = abandon  # True: give up retrying (revoking, stopping)
         self.observers = list(observers)
+        self._depth = 0  # calls in progress: observers hear `finished` when the last ends
 
     async def __call__(
         self, operation: Callable[[], Awaitable[T]], *, splittable: bool = False
@@ -146,8 +148,11 @@ class Retrier:
                 extra=fields(error=str(error), attempt=attempt, delay_seconds=round(delay, 2)),
             )
 
+        self._depth += 1
         try:
             return await retry_transient(attempt, self.backoff, on_retry)
         finally:
-            for observer in self.observers:
-                observer.finished()
+            self._depth -= 1
+            if self._depth == 0:
+                for observer in self.observers:
+                    observer.finished()

@@ -34,7 +34,6 @@ from consumer.http.metrics import LedgerMetrics
 from consumer.kafka.assembly import RELEASE_SECONDS, open_pipeline
 from consumer.kafka.closing import bounded
 from consumer.kafka.dead_letters import HEADER_HEADROOM
-from consumer.kafka.outages import KafkaLogFilter
 from consumer.kafka.pipeline import Pipeline
 from consumer.kafka.topics import MAX_MESSAGE_BYTES, prepare_topics
 from consumer.ledger.database import create_pool, ping
@@ -221,10 +220,6 @@ async def _start(
     pipeline = await stack.enter_async_context(
         open_pipeline(settings, pool, metrics, readiness, fetch_bytes=fetch_bytes)
     )
-    kafka_logs = KafkaLogFilter(pipeline.kafka)
-    for handler in logging.getLogger().handlers:  # aiokafka logs on child loggers too
-        handler.addFilter(kafka_logs)
-        stack.callback(handler.removeFilter, kafka_logs)
     log.info(
         "consuming",
         extra=fields(
@@ -245,7 +240,7 @@ async def _start(
 async def relay(settings: Settings) -> None:
     """`token-ledger relay`: the billing relay alone, until SIGTERM/SIGINT (exit 0 within 10 s,
     even with Kafka or the database hung). It serves /metrics, /healthz and /readyz on
-    LEDGER_METRICS_PORT like `consume`: its backlog (token_ledger_outbox_pending) and what it
+    LEDGER_RELAY_METRICS_PORT: its backlog (token_ledger_outbox_pending) and what it
     holds back (token_ledger_billing_refused, and /readyz names each revision)."""
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -273,7 +268,12 @@ async def relay(settings: Settings) -> None:
                 return await ping(pool)
 
             health = HealthServer(
-                settings.metrics_host, settings.metrics_port, metrics, readiness, database_answers
+                settings.metrics_host,
+                settings.relay_metrics_port,
+                metrics,
+                readiness,
+                database_answers,
+                variable="LEDGER_RELAY_METRICS_PORT",
             )
             await health.start()
             stack.push_async_callback(_bounded(health.stop, "HTTP server"))

@@ -55,11 +55,15 @@ class Settings(BaseSettings):
     )
     # A stored offset outside its partition's log: stop that partition, or resume at its start.
     offset_reset: Literal["fail", "earliest"] = "fail"
-    # The billing stream (docs/contract.md#billing-stream): where revisions go, whether `consume` relays them
-    # itself (false: run `token-ledger relay` instead), how long published ones are kept.
+    # The billing stream (docs/contract.md#billing-stream): where revisions go, whether
+    # `consume` relays them itself (false: run `token-ledger relay` instead), how long
+    # published ones are kept.
     billing_topic: str = Field("billing.token-usage", min_length=1, max_length=249)
     relay: bool = True
     relay_batch: int = Field(500, ge=1, le=10_000)  # revisions per publish-and-mark transaction
+    # `token-ledger relay`'s /metrics, /healthz and /readyz: not LEDGER_METRICS_PORT, so that a
+    # relay beside a consumer (a sidecar, one host) does not take the consumer's port.
+    relay_metrics_port: int = Field(9465, ge=0, le=65535)
     outbox_retention: timedelta = Field(timedelta(days=7), gt=timedelta(0))
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

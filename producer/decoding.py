@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import uuid
 from collections.abc import Mapping
@@ -297,18 +296,10 @@ def _upcast_v0(document: dict[str, Any], timestamp_ms: int | None) -> AnyEvent |
             reason=RejectReason.SCHEMA_INVALID,
             detail="v0 body needs a record timestamp within years 1..9999 for occurred_at",
         )
-    try:
-        event_id = v0_event_id(document)
-    except OverflowError:
-        return Rejection(
-            reason=RejectReason.SCHEMA_INVALID,
-            detail="v0: a number too large for the legacy event id (past a float's range),"
-            " so two such bodies could not be told apart",
-        )
     upcast = {
         **{name: document[name] for name in legacy.model_fields_set},
         "schema_version": CURRENT_SCHEMA_VERSION,
-        "event_id": str(event_id),
+        "event_id": str(v0_event_id(document)),
         "occurred_at": record_time,
     }
     try:
@@ -326,8 +317,9 @@ def v0_event_id(document: dict[str, Any]) -> uuid.UUID:
     """uuid5 over the body's canonical JSON: identical re-sends get identical ids.
 
     The canonical text is the one every release so far used (floats through `repr`, ASCII
-    escapes), so a replay after an upgrade finds the rows it created before. OverflowError for
-    a number past a float's range: every one of them would read `Infinity` there."""
+    escapes), so a replay after an upgrade finds the rows it created before. Two bodies that
+    differ only in digits a float cannot hold (`0.1` and `0.10000000000000000001`, or `1e400`
+    and `2e400`, both `Infinity`) share an id: docs/contract.md#the-v0-legacy-body."""
     canonical = json.dumps(
         _as_floats(document), sort_keys=True, separators=(",", ":"), ensure_ascii=True
     )
@@ -336,9 +328,7 @@ def v0_event_id(document: dict[str, Any]) -> uuid.UUID:
 
 def _as_floats(value: Any) -> Any:
     if isinstance(value, Decimal):
-        if math.isinf(number := float(value)):
-            raise OverflowError("a number past a float's range")
-        return number
+        return float(value)
     if isinstance(value, dict):
         return {k: _as_floats(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -375,7 +365,11 @@ def _describe(errors: list[ErrorDetails]) -> str:
     """`location: error_type (schema context)` for each error, built from the schema side only."""
     parts = []
     for err in errors[:5]:
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        # A key is free text in a breakdown or a document: shown only if shaped like a field.
+        loc = ".".join(
+            exact_json.shown_key(p) if isinstance(p, str) else str(p) for p in err["loc"]
+        )
+        loc = loc or "<root>"
         ctx: Mapping[str, Any] = err.get("ctx") or {}
         shown = ", ".join(f"{k}={ctx[k]}" for k in _SAFE_CONTEXT if k in ctx)
         if err["type"] in _ERROR_TEXT_SAFE and "error" in ctx:

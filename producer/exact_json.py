@@ -164,11 +164,12 @@ def out_of_range_path(text: str) -> tuple[str, str | None] | None:
         if value is _OUT_OF_RANGE:
             return ".".join(path) or "<root>", named
         if isinstance(value, _Pairs):
-            stack.extend((v, (*path, _shown(k))) for k, v in reversed(value))
+            stack.extend((v, (*path, shown_key(k))) for k, v in reversed(value))
         elif isinstance(value, list):
             stack.extend((v, (*path, str(i))) for i, v in reversed(list(enumerate(value))))
     return None
 
 
-def _shown(key: str) -> str:
+def shown_key(key: str) -> str:
+    """A key as a detail may show it: itself if shaped like a field name, else `*`."""
     return key if _FIELD_NAME.fullmatch(key) else "*"

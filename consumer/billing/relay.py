@@ -28,6 +28,7 @@ import asyncpg
 from aiokafka.errors import KafkaError
 
 from consumer.billing.records import OUTBOX_COLUMNS, billing_event, encode
+from consumer.errors import PoisonError, classify_database_error
 from consumer.http.metrics import LedgerMetrics
 from consumer.kafka.dead_letters import MAX_UNCOMPRESSED_BYTES, REFUSALS
 from consumer.logs import fields
@@ -143,7 +144,9 @@ class Relay:
                 async with conn.transaction():  # a savepoint: see _readable
                     rows = await conn.fetch(_PENDING, self.batch, sorted(self.refused))
             except asyncpg.PostgresError as failure:
-                if as_transient(failure) is not None:
+                # Only what a row's data causes (a value too large to print): a privilege, a
+                # table or a column missing would fail every row alike, and is retried.
+                if not isinstance(classify_database_error(failure), PoisonError):
                     raise
                 rows = await self._readable(conn)
             if not rows:
@@ -177,7 +180,7 @@ class Relay:
                 async with conn.transaction():
                     row = await conn.fetchrow(_PENDING_ROW, pending["id"])
             except asyncpg.PostgresError as error:
-                if as_transient(error) is not None:
+                if not isinstance(classify_database_error(error), PoisonError):
                     raise
                 self._refuse(pending, error, "cannot be read")
                 continue

@@ -85,7 +85,9 @@ class HealthServer:
         ping_database: Callable[[], Awaitable[bool]],
         *,
         limits: HttpLimits | None = None,
+        variable: str = f"{PREFIX}METRICS_PORT",  # the setting that names `port`, for errors
     ) -> None:
+        self.variable = variable
         self.metrics = metrics
         self.readiness = readiness
         self.database_check = RecentCheck(ping_database)
@@ -111,7 +113,7 @@ class HealthServer:
             await self.http.start()
         except OSError as error:
             port_problem = error.errno in (errno.EADDRINUSE, errno.EACCES)
-            variable = f"{PREFIX}METRICS_PORT" if port_problem else f"{PREFIX}METRICS_HOST"
+            variable = self.variable if port_problem else f"{PREFIX}METRICS_HOST"
             raise SettingsError(
                 f"{variable}: cannot listen on {self.host} port {self.port}: "
                 f"{error.strerror or error}"

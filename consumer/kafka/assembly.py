@@ -10,6 +10,7 @@ Tests swap the batch transaction (`commit`) and the backoff; the pipeline's part
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -20,6 +21,7 @@ from consumer.http.metrics import CountRetries, LedgerMetrics
 from consumer.kafka.checkpoint import Checkpoints
 from consumer.kafka.closing import bounded, stop_consumer
 from consumer.kafka.dead_letters import DeadLetterQueue
+from consumer.kafka.outages import KafkaLogFilter
 from consumer.kafka.pausing import PauseWhileRetrying
 from consumer.kafka.pipeline import Commit, Pipeline
 from consumer.ledger.batch import commit_batch
@@ -77,6 +79,12 @@ async def open_pipeline(
             settings, consumer, pool, dlq, metrics, readiness, backoff=backoff, commit=commit
         )
         consumer.subscribe([settings.topic], listener=pipeline.listener)
+        # aiokafka's reconnect complaints, from joining the group to leaving it, become the
+        # broker's outage. On the root logger's handlers: aiokafka logs on child loggers too.
+        kafka_logs = KafkaLogFilter(pipeline.kafka)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(kafka_logs)
+            stack.callback(handler.removeFilter, kafka_logs)
         # Also when start() fails: its half-made connections would be reported unclosed.
         close_consumer = functools.partial(stop_consumer, consumer)
         stack.push_async_callback(bounded(close_consumer, "Kafka consumer", RELEASE_SECONDS))

@@ -80,6 +80,7 @@ class Stack:
             "LEDGER_GROUP_ID": self.group_id,
             "LEDGER_METRICS_HOST": "127.0.0.1",  # tests are never reachable from outside
             "LEDGER_METRICS_PORT": str(free_port()),
+            "LEDGER_RELAY_METRICS_PORT": str(free_port()),
             "LEDGER_LOG_FORMAT": "json",
             **extra,
         }
@@ -476,7 +477,10 @@ class ConsumerProcess:
     ) -> None:
         self.env = env
         self.command = command
-        self.port = int(env["LEDGER_METRICS_PORT"])
+        # `token-ledger relay` serves on its own port.
+        self.port = int(
+            env["LEDGER_RELAY_METRICS_PORT" if command == "relay" else "LEDGER_METRICS_PORT"]
+        )
         self.log_path = log_path
         self.args = args
         self.process: subprocess.Popen[bytes] | None = None

@@ -193,9 +193,12 @@ async def test_a_revision_no_record_can_be_built_from_holds_back_only_its_messag
         status, body = await asyncio.to_thread(consumer.http, "/readyz")
         return status == 503 and f"billing revision {held} held back" in body
 
+    async def counts_it() -> bool:  # the pending gauge is counted once the pass has ended
+        return metric_value(consumer, "token_ledger_outbox_pending") == 1
+
     await wait_for(says_why, what="/readyz naming the held revision", context=consumer.logs)
+    await wait_for(counts_it, what="the revision counted pending", context=consumer.logs)
     assert metric_value(consumer, "token_ledger_billing_refused") == 1
-    assert metric_value(consumer, "token_ledger_outbox_pending") == 1
     assert "billing revision held back: it and its message's later revisions wait" in (
         log_messages(consumer.logs())
     )
@@ -411,7 +414,10 @@ async def test_the_relay_alone_says_what_it_holds_back(
         status, body = await asyncio.to_thread(relay.http, "/readyz")
         return status == 503 and f"billing revision {held} held back" in body
 
+    async def counts_it() -> bool:  # the pending gauge is counted once the pass has ended
+        return metric_value(relay, "token_ledger_outbox_pending") == 1
+
     await wait_for(says_why, what="the relay's /readyz naming the revision", context=relay.logs)
+    await wait_for(counts_it, what="the relay counting the revision pending", context=relay.logs)
     assert "no partitions assigned" not in relay.http("/readyz")[1]
     assert metric_value(relay, "token_ledger_billing_refused") == 1
-    assert metric_value(relay, "token_ledger_outbox_pending") == 1

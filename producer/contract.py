@@ -106,6 +106,12 @@ def _asyncapi(schema_files: list[str]) -> dict[str, Any]:
                 "usageRevision": {
                     "name": "usageRevision",
                     "contentType": "application/cloudevents+json",
+                    # The CloudEvents Kafka binding's structured mode says so in this header.
+                    "headers": {
+                        "type": "object",
+                        "required": ["content-type"],
+                        "properties": {"content-type": {"const": "application/cloudevents+json"}},
+                    },
                     "payload": {"$ref": f"./{BILLING_SCHEMA}"},
                 },
                 "deadLetter": {

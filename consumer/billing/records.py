@@ -24,6 +24,10 @@ from producer.events import USAGE_MEASURES
 EVENT_TYPE = "ledger.token_usage.revised"
 EVENT_SOURCE = "token-ledger"
 CLOUDEVENTS_VERSION = "1.0"
+# The CloudEvents Kafka protocol binding's structured mode: a receiver that sees no such header
+# reads the record in binary mode (docs/contract.md#record).
+CONTENT_TYPE = "application/cloudevents+json"
+HEADERS = (("content-type", CONTENT_TYPE.encode()),)
 
 # The outbox row joined with its message's turn and role (what billing_event reads).
 OUTBOX_COLUMNS = (

@@ -27,7 +27,7 @@ from datetime import timedelta
 import asyncpg
 from aiokafka.errors import KafkaError
 
-from consumer.billing.records import OUTBOX_COLUMNS, billing_event, encode
+from consumer.billing.records import HEADERS, OUTBOX_COLUMNS, billing_event, encode
 from consumer.errors import PoisonError, classify_database_error
 from consumer.http.metrics import LedgerMetrics
 from consumer.kafka.dead_letters import MAX_UNCOMPRESSED_BYTES, REFUSALS
@@ -89,11 +89,14 @@ class BillingProducer(ProducerResource):
 
     async def publish(self, records: list[tuple[bytes, bytes]]) -> list[BaseException | None]:
         """Send all, then wait for every acknowledgement; per record, None (acked) or why not.
-        A refusal of one record does not stop the others (each message has one record here)."""
+        A refusal of one record does not stop the others (each message has one record here).
+        Every record says `content-type: application/cloudevents+json` (structured mode)."""
         sent: list[asyncio.Future[object] | BaseException] = []
         for key, value in records:
             try:
-                sent.append(await self._producer.send(self.topic, value, key=key))
+                sent.append(
+                    await self._producer.send(self.topic, value, key=key, headers=list(HEADERS))
+                )
             except KafkaError as error:  # refused before sending (e.g. too large)
                 sent.append(error)
         results = await asyncio.gather(*(_settled(item) for item in sent), return_exceptions=True)

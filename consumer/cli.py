@@ -39,8 +39,35 @@ app = typer.Typer(
 )
 
 
+def _print_version(wanted: bool) -> None:
+    """The release and the newest migration it knows: what a rolling deploy needs to know
+    (docs/operations.md#schema-revisions-and-rolling-deploys)."""
+    if not wanted:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from consumer.ledger.schema import code_revisions
+
+    try:
+        release = version("token-ledger")
+    except PackageNotFoundError:  # a checkout on sys.path that was never installed
+        release = "unknown"
+    typer.echo(f"token-ledger {release} (newest migration {code_revisions().head})")
+    raise typer.Exit
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=_print_version,
+            help="print the release and the newest migration it knows, then exit",
+        ),
+    ] = False,
+) -> None:
     """Kafka -> PostgreSQL ledger of chat messages and LLM token usage."""
 
 

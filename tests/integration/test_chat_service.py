@@ -92,6 +92,16 @@ def test_lean_install_imports_the_producer_and_nothing_of_the_consumer(
         assert f"No module named '{module}'" in missing.stderr
 
 
+def test_the_lean_install_ships_the_type_marker(lean_python: Path, tmp_path: Path) -> None:
+    """PEP 561: a chat service's type checker reads the producer's annotations."""
+    probe = "import pathlib, producer; print(pathlib.Path(producer.__file__).parent)"
+    result = _run(lean_python, "-c", probe, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    installed = Path(result.stdout.strip())
+    assert str(REPO) not in str(installed)  # the installed copy, not this checkout
+    assert (installed / "py.typed").is_file()
+
+
 def test_the_console_script_without_the_extra_says_what_to_install(
     lean_python: Path, tmp_path: Path
 ) -> None:

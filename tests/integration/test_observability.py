@@ -76,7 +76,9 @@ class Prometheus:
         config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
         config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
         config["rule_files"] = [str(PROMETHEUS / "alerts.yml")]
-        config["scrape_configs"][0]["static_configs"][0]["targets"] = [target]
+        job = config["scrape_configs"][0]  # compose finds consumers by DNS; here, one address
+        del job["dns_sd_configs"]
+        job["static_configs"] = [{"targets": [target]}]
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.port = free_port()
         self.log = open(workdir / "prometheus.log", "wb")  # noqa: SIM115 - closed in stop()

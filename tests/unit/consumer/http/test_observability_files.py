@@ -28,13 +28,15 @@ def _compose() -> dict[str, Any]:
 
 
 def test_every_mounted_file_exists_in_the_repo() -> None:
+    compose = _compose()
     mounts = [
         volume.split(":")[0]
-        for service in _compose()["services"].values()
+        for service in compose["services"].values()
         for volume in service.get("volumes", [])
     ]
-    assert mounts
-    for source in mounts:
+    files = [source for source in mounts if source not in compose["volumes"]]  # named: Docker's
+    assert files
+    for source in files:
         assert (REPO / source).exists(), source
 
 
@@ -62,11 +64,13 @@ def test_ledger_variables_are_settings_and_ports_agree() -> None:
                 assert variable in fields, f"{name}: {variable}"
     consumer = compose["services"]["consumer"]
     port = consumer["environment"]["LEDGER_METRICS_PORT"]
-    assert f"{port}:{port}" in consumer["ports"]
+    assert consumer["ports"] == [port]  # no fixed host port: `--scale consumer=N` works
     assert port in str(consumer["healthcheck"]["test"])
     scrape = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
-    targets = scrape["scrape_configs"][0]["static_configs"][0]["targets"]
-    assert targets == [f"consumer:{port}"]
+    # Every replica, by DNS service discovery on the compose service's name.
+    assert scrape["scrape_configs"][0]["dns_sd_configs"] == [
+        {"names": ["consumer"], "type": "A", "port": int(port), "refresh_interval": "15s"}
+    ]
     bootstrap = consumer["environment"]["LEDGER_KAFKA_BOOTSTRAP"]
     assert bootstrap.split(":")[1] in compose["services"]["kafka"]["environment"]["KAFKA_LISTENERS"]
     # Each setting in the compose file must also parse as a valid value.

@@ -7,7 +7,7 @@ VENV := .venv
 RUN := $(VENV)/bin
 SEED ?= 1
 
-.PHONY: setup system-packages test-packages jars services services-down status lint typecheck test demo bench clean chaos
+.PHONY: setup system-packages test-packages deploy-tools jars services services-down status lint typecheck test demo bench clean chaos
 
 setup: $(VENV)/.synced jars  ## Python env from the lock file + the Kafka broker jars
 
@@ -30,6 +30,12 @@ $(VENV)/.synced: pyproject.toml uv.lock | $(UV)
 	$(UV) sync --frozen --quiet --all-extras --compile-bytecode  # the consumer extra too
 	touch $@
 
+# helm and kubeconform (go install, pinned), compose-check (devstack/compose-check/) and the
+# Kubernetes schemas kubeconform reads, into .tools/: each only when missing. Needs Go; without
+# it, one line says what to install (devstack/deploy_tools.py).
+deploy-tools: $(VENV)/.synced  ## what the chart and compose checks of `make test` run
+	$(RUN)/python -m devstack.deploy_tools
+
 jars: $(VENV)/.synced system-packages
 	@$(RUN)/python -c 'from devstack.kafka import ensure_jars; print("kafka jars:", ensure_jars())'
 
@@ -49,7 +55,7 @@ lint: $(VENV)/.synced
 typecheck: $(VENV)/.synced
 	$(RUN)/mypy
 
-test: test-packages setup lint typecheck  ## lint, types, then every unit and integration test (starts its own services)
+test: test-packages setup deploy-tools lint typecheck  ## lint, types, then every unit and integration test (starts its own services)
 	$(RUN)/python -m compileall -q -j 0 consumer producer devstack tests  # see --compile-bytecode
 	$(RUN)/pytest
 

@@ -35,6 +35,7 @@ from tests.observability import (
 # Expressions that must come back empty in a clean run, and why.
 EXPECTED_EMPTY = {
     "TokenLedgerDown": "the consumer is up",
+    "TokenLedgerAbsent": "the consumer is scraped",
     "TokenLedgerLagGrowing": "the consumer keeps up",
     "TokenLedgerStalled": "the consumer is caught up and committing",
     "TokenLedgerDatabaseRetryStorm": "the database never failed in this run",

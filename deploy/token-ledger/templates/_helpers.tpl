@@ -58,6 +58,16 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and .Values.kafka.sasl.mechanism (not .Values.kafka.sasl.existingSecret) }}
 {{- fail "kafka.sasl.mechanism is set: kafka.sasl.existingSecret must name the Secret with the SASL username and password" }}
 {{- end }}
+{{- $sasl := has .Values.kafka.securityProtocol (list "SASL_PLAINTEXT" "SASL_SSL") }}
+{{- if and $sasl (not .Values.kafka.sasl.mechanism) }}
+{{- fail (printf "kafka.securityProtocol is %s: kafka.sasl.mechanism must name PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512" .Values.kafka.securityProtocol) }}
+{{- end }}
+{{- if and .Values.kafka.sasl.mechanism (not $sasl) }}
+{{- fail (printf "kafka.sasl.mechanism is set but kafka.securityProtocol is %s: use SASL_PLAINTEXT or SASL_SSL" .Values.kafka.securityProtocol) }}
+{{- end }}
+{{- if and .Values.keda.enabled (eq (.Values.keda.minReplicas | int) 0) (not .Values.relay.standalone) }}
+{{- fail "keda.minReplicas is 0 while the billing relay runs inside the consumers: nothing would publish usage revisions at zero; set relay.standalone" }}
+{{- end }}
 - name: LEDGER_DATABASE_URL
   valueFrom:
     secretKeyRef:

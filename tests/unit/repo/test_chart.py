@@ -255,10 +255,36 @@ def test_every_optional_feature_renders_as_documented() -> None:
         ),
         (("--set", "kafka.sasl.mechanism=PLAIN"), "kafka.sasl.existingSecret must name"),
         (("--set", "relay.standalon=true"), "additional properties 'standalon' not allowed"),
+        (("--set", "kafka.securityProtocol=SASL_SSL"), "kafka.sasl.mechanism must name"),
+        (
+            ("--set", "kafka.sasl.mechanism=PLAIN", "--set", "kafka.sasl.existingSecret=s"),
+            "use SASL_PLAINTEXT or SASL_SSL",
+        ),
+        (
+            ("--set", "keda.enabled=true", "--set", "keda.minReplicas=0"),
+            "nothing would publish usage revisions at zero",
+        ),
+        # Helm reads numbers as floats: 33554432 would reach the process as 3.3554432e+07.
+        (("--set-json", 'config={"LEDGER_MAX_BATCH_BYTES":33554432}'), "want string"),
     ],
-    ids=["replicas-over-partitions", "keda-over-partitions", "sasl-without-secret", "typo"],
+    ids=[
+        "replicas-over-partitions",
+        "keda-over-partitions",
+        "sasl-without-secret",
+        "typo",
+        "sasl-without-mechanism",
+        "mechanism-without-sasl",
+        "keda-to-zero-with-the-relay-inside",
+        "config-number",
+    ],
 )
 def test_values_that_cannot_work_are_refused_at_render(extra: tuple[str, ...], says: str) -> None:
     result = run(HELM.binary, "template", "ledger", str(CHART), *extra)
     assert result.returncode == 1
     assert says in result.stderr, result.stderr
+
+
+def test_keda_reaches_the_brokers_by_the_name_given_for_its_namespace() -> None:
+    extra = ("--set", "keda.enabled=true", "--set", "keda.bootstrapServers=kafka.ns.svc:9092")
+    (scaled,) = [doc for doc in manifests("default", *extra) if doc["kind"] == "ScaledObject"]
+    assert scaled["spec"]["triggers"][0]["metadata"]["bootstrapServers"] == "kafka.ns.svc:9092"

@@ -64,6 +64,22 @@ def every_report_runs(stack: Stack) -> None:
     cli_ok(stack, "dlq", "list")
 
 
+async def says_it_holds_back(process: ConsumerProcess, held: str) -> None:
+    """/readyz names the held revision, the pending gauge counts it (once the pass has ended)
+    and token_ledger_billing_refused says one is held."""
+
+    async def says_why() -> bool:
+        status, body = await asyncio.to_thread(process.http, "/readyz")
+        return status == 503 and f"billing revision {held} held back" in body
+
+    async def counts_it() -> bool:
+        return metric_value(process, "token_ledger_outbox_pending") == 1
+
+    await wait_for(says_why, what="/readyz naming the held revision", context=process.logs)
+    await wait_for(counts_it, what="the revision counted pending", context=process.logs)
+    assert metric_value(process, "token_ledger_billing_refused") == 1
+
+
 async def test_a_number_no_path_can_read_back_is_a_dead_letter_naming_its_field(
     kafka_bootstrap: str, ledger_url: str
 ) -> None:
@@ -189,16 +205,7 @@ async def test_a_revision_no_record_can_be_built_from_holds_back_only_its_messag
     consumer = ConsumerProcess(stack.env(), tmp_path / "consumer.log").start()
     processes.append(consumer)
 
-    async def says_why() -> bool:
-        status, body = await asyncio.to_thread(consumer.http, "/readyz")
-        return status == 503 and f"billing revision {held} held back" in body
-
-    async def counts_it() -> bool:  # the pending gauge is counted once the pass has ended
-        return metric_value(consumer, "token_ledger_outbox_pending") == 1
-
-    await wait_for(says_why, what="/readyz naming the held revision", context=consumer.logs)
-    await wait_for(counts_it, what="the revision counted pending", context=consumer.logs)
-    assert metric_value(consumer, "token_ledger_billing_refused") == 1
+    await says_it_holds_back(consumer, held)
     assert "billing revision held back: it and its message's later revisions wait" in (
         log_messages(consumer.logs())
     )
@@ -410,14 +417,5 @@ async def test_the_relay_alone_says_what_it_holds_back(
     relay = ConsumerProcess(stack.env(), tmp_path / "relay.log", command="relay").start()
     processes.append(relay)
 
-    async def says_why() -> bool:
-        status, body = await asyncio.to_thread(relay.http, "/readyz")
-        return status == 503 and f"billing revision {held} held back" in body
-
-    async def counts_it() -> bool:  # the pending gauge is counted once the pass has ended
-        return metric_value(relay, "token_ledger_outbox_pending") == 1
-
-    await wait_for(says_why, what="the relay's /readyz naming the revision", context=relay.logs)
-    await wait_for(counts_it, what="the relay counting the revision pending", context=relay.logs)
+    await says_it_holds_back(relay, held)
     assert "no partitions assigned" not in relay.http("/readyz")[1]
-    assert metric_value(relay, "token_ledger_billing_refused") == 1

@@ -129,9 +129,9 @@ class Relay:
         self.prepare = prepare  # e.g. the billing topic ensured: retried like any pass
         self.readiness = readiness  # where held-back revisions are reported (/readyz)
         self.published = 0
-        # usage id -> (revision id, why): refused for good by the broker, or a record that
-        # cannot be built; until a restart, that message's revisions wait (nothing later of it
-        # may overtake the held one).
+        # usage id -> (revision id, why): refused for good by the broker, or a revision that
+        # cannot be read or built; until a restart, that message's revisions wait (nothing
+        # later of it may overtake the held one).
         self.refused: dict[int, tuple[str, str]] = {}
         self._last_prune = 0.0
         self._outage = Outage("billing relay")

@@ -4,7 +4,8 @@ One pass (`publish_pending`), in one transaction:
   1. take the relay lock (a transaction-scoped advisory lock: of several consumers, one relays
      at a time, so revisions of one message are never published out of order);
   2. read up to `batch` pending rows in id order (a message's revision n+1 is written only
-     after the transaction of revision n committed, so id order is revision order);
+     after the transaction of revision n committed, or in the same statement right after it
+     for a reversal and the revision it makes room for: id order is revision order);
   3. send them (idempotent producer, acks=all, key = thread_id: one thread, one partition)
      and wait for every acknowledgement;
   4. mark them published; COMMIT.

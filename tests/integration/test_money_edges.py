@@ -64,6 +64,20 @@ def every_report_runs(stack: Stack) -> None:
     cli_ok(stack, "dlq", "list")
 
 
+async def two_tenants_not_billed_yet(kafka_bootstrap: str, ledger_url: str) -> Stack:
+    """A legacy usage of tenant 1 (thread 1) and of tenant 2 (thread 2) in the ledger, their
+    revisions pending in the outbox (applied with the relay off)."""
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    await stack.publish(
+        records_of(
+            appended(thread_id=1, space=1, turn_id="1:a", cost=900),
+            appended(thread_id=2, space=2, turn_id="2:a", cost=800),
+        )
+    )
+    cli_ok(stack, "consume", "--until-idle", LEDGER_RELAY="false")
+    return stack
+
+
 async def says_it_holds_back(process: ConsumerProcess, held: str) -> None:
     """/readyz names the held revision, the pending gauge counts it (once the pass has ended)
     and token_ledger_billing_refused says one is held."""
@@ -179,14 +193,7 @@ async def test_a_ledger_holding_numbers_written_before_the_bound_keeps_running(
 async def test_a_revision_no_record_can_be_built_from_holds_back_only_its_message(
     kafka_bootstrap: str, ledger_url: str, tmp_path: Path, processes: list[ConsumerProcess]
 ) -> None:
-    stack = Stack.fresh(kafka_bootstrap, ledger_url)
-    await stack.publish(
-        records_of(
-            appended(thread_id=1, space=1, turn_id="1:a", cost=900),
-            appended(thread_id=2, space=2, turn_id="2:a", cost=800),
-        )
-    )
-    cli_ok(stack, "consume", "--until-idle", LEDGER_RELAY="false")
+    stack = await two_tenants_not_billed_yet(kafka_bootstrap, ledger_url)
     conn = await stack.connect()
     try:  # an instant no CloudEvent `time` can carry (written by hand, say)
         held = await conn.fetchval(
@@ -358,14 +365,7 @@ async def test_a_stored_value_postgresql_cannot_print_stops_only_its_own_message
     stored and over 1 GB printed (PostgreSQL refuses: SQLSTATE 54000). Its revision is held
     back, a later event of its message is dead-lettered alone, everyone else is billed, and
     verify says where it stopped."""
-    stack = Stack.fresh(kafka_bootstrap, ledger_url)
-    await stack.publish(
-        records_of(
-            appended(thread_id=1, space=1, turn_id="1:a", cost=900),
-            appended(thread_id=2, space=2, turn_id="2:a", cost=800),
-        )
-    )
-    cli_ok(stack, "consume", "--until-idle", LEDGER_RELAY="false")
+    stack = await two_tenants_not_billed_yet(kafka_bootstrap, ledger_url)
     conn = await stack.connect()
     try:
         unprintable = (

@@ -20,8 +20,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from bench.services import Services
 from consumer.ledger.batch import apply_events
 from consumer.ledger.database import asyncpg_dsn
+from consumer.ledger.decode import decode_ledger_event
 from consumer.ledger.offsets import OffsetMove, advance_offsets
-from producer.decoding import decode_event
 from producer.events import DEFAULT_MAX_EVENT_BYTES, Rejection
 
 LEDGER_TABLES = ("chat_threads", "chat_messages", "token_usage", "consumer_offsets")
@@ -99,7 +99,7 @@ async def naive(
         pg_before = services.postgres_cpu()
         started = time.monotonic()
         for offset, (_, value) in enumerate(records):
-            event = decode_event(
+            event = decode_ledger_event(
                 value, timestamp_ms=published_ms, max_future_skew=timedelta(hours=1)
             )
             async with conn.transaction():

@@ -32,7 +32,7 @@ from typing import Any, Literal, Self
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from producer.events import (
     AnyEvent,
@@ -182,6 +182,31 @@ class ProducerResource:
     ) -> None:
         """Publish one record as it is and wait for the broker's acknowledgement."""
         await self._producer.send_and_wait(topic, value, key=key, headers=list(headers) or None)
+
+    async def send_all(
+        self, topic: str, records: Sequence[OutgoingRecord]
+    ) -> list[BaseException | None]:
+        """Send every record, then wait for every acknowledgement: the records share the
+        producer's batches instead of a round trip each. Per record, None (acked) or why not;
+        one record refused does not stop the others."""
+        sent: list[asyncio.Future[object] | BaseException] = []
+        for key, value, headers in records:
+            try:
+                sent.append(await self._producer.send(topic, value, key=key, headers=headers))
+            except KafkaError as error:  # refused before sending (e.g. too large)
+                sent.append(error)
+        results = await asyncio.gather(*(_settled(item) for item in sent), return_exceptions=True)
+        return [result if isinstance(result, BaseException) else None for result in results]
+
+
+# (key, value, headers) of a record to publish.
+OutgoingRecord = tuple[bytes | None, bytes | None, list[tuple[str, bytes]] | None]
+
+
+async def _settled(item: asyncio.Future[object] | BaseException) -> object:
+    if isinstance(item, BaseException):
+        raise item
+    return await item
 
 
 def turn_started_event(

@@ -6,7 +6,8 @@ never quotes chat text. In order: the bytes are screened (empty, too large, U+00
 UTF-8, parsed with exact numbers within the accepted range (producer/exact_json.py), checked
 for nesting and lone surrogates, validated by the models; a v0 legacy body is upcast to v1
 (deterministic event_id, occurred_at = the record's timestamp). Fields this consumer does not
-know are counted (`BatchDecoder.unknown_fields`).
+know are counted. The consumer decodes through consumer/ledger/decode.py: a compiled path
+first, this decoder for whatever that path is not sure of.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
@@ -40,6 +41,7 @@ from producer.events import (
     TurnStarted,
     TurnUsage,
 )
+from producer.ledger_event import LedgerEvent
 
 # A JSON string can only carry U+0000 as the escape \u0000 (raw control bytes are invalid JSON);
 # an even run of backslashes before it is an escaped backslash followed by literal text.
@@ -54,6 +56,7 @@ _KNOWN_TYPES = frozenset(("turn.started", "turn.finalized", "message.appended"))
 # Deeper JSON is refused (the pydantic parser used before refused past ~200): everything after
 # the decoder may walk a value recursively, and Python's stack is ~1000 frames.
 MAX_NESTING = 128
+_Decoded = TypeVar("_Decoded", AnyEvent | Rejection, LedgerEvent | Rejection)
 
 
 def decode_event(
@@ -64,41 +67,11 @@ def decode_event(
     max_future_skew: timedelta | None = DEFAULT_MAX_FUTURE_SKEW,
 ) -> AnyEvent | Rejection:
     """Validate a record value into a current-version event, or reject it. Never raises."""
-    result, _, _ = _decode_value(value, timestamp_ms, max_bytes)
-    return _within_skew(result, timestamp_ms, max_future_skew)
+    result, _, _ = decode_value(value, timestamp_ms, max_bytes)
+    return within_skew(result, timestamp_ms, max_future_skew)
 
 
-class BatchDecoder:
-    """decode_event for the records of one batch: a value seen before in the batch (a
-    redelivery, a producer's retry) is not parsed and validated again when its event cannot
-    depend on the record's timestamp (a current-version event: only the future-skew check
-    reads the timestamp, and it runs for every record). An upcast v0 body takes occurred_at
-    from its record, and a rejection is not kept: both are decoded every time.
-
-    `unknown_fields`: per event type, the fields of the decoded records that this consumer
-    does not know (each record counts, repeats too; rejected records do not)."""
-
-    def __init__(self, *, max_bytes: int, max_future_skew: timedelta | None) -> None:
-        self.max_bytes = max_bytes
-        self.max_future_skew = max_future_skew
-        self.unknown_fields: dict[str, int] = {}
-        self._seen: dict[bytes, tuple[AnyEvent, int]] = {}
-
-    def __call__(self, value: bytes | None, timestamp_ms: int | None) -> AnyEvent | Rejection:
-        seen = self._seen.get(value) if value else None
-        if seen is None:
-            result, timeless, unknown = _decode_value(value, timestamp_ms, self.max_bytes)
-            if timeless and value and not isinstance(result, Rejection):
-                self._seen[value] = (result, unknown)
-        else:
-            result, unknown = seen
-        result = _within_skew(result, timestamp_ms, self.max_future_skew)
-        if unknown and not isinstance(result, Rejection):
-            self.unknown_fields[result.type] = self.unknown_fields.get(result.type, 0) + unknown
-        return result
-
-
-def _decode_value(
+def decode_value(
     value: bytes | None, timestamp_ms: int | None, max_bytes: int
 ) -> tuple[AnyEvent | Rejection, bool, int]:
     """The record's event or rejection before the future-skew check, whether it is the same
@@ -113,11 +86,12 @@ def _decode_value(
         return Rejection(reason=RejectReason.SCHEMA_INVALID, detail=detail), False, 0
 
 
-def _within_skew(
-    result: AnyEvent | Rejection, timestamp_ms: int | None, max_future_skew: timedelta | None
-) -> AnyEvent | Rejection:
+def within_skew(
+    result: _Decoded, timestamp_ms: int | None, max_future_skew: timedelta | None
+) -> _Decoded:
     if isinstance(result, Rejection) or max_future_skew is None:
         return result
+
     if timestamp_ms is not None and timestamp_ms >= 0:
         record_time = _record_time(timestamp_ms)
         if record_time is not None and result.occurred_at - record_time > max_future_skew:

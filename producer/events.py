@@ -11,13 +11,12 @@ accepted; inside a content part, a usage call or a legacy per-model breakdown it
 (stored as sent), elsewhere ignored. `occurred_at` is normalised to UTC, so no later comparison
 can overflow.
 
-Also the event's identity as the ledger sees it (`payload`, `payload_digest`) and the per-model
-attribution rule (docs/contract.md#per-model-attribution).
+Also the per-model attribution rule (docs/contract.md#per-model-attribution); the event as the
+ledger sees it is producer/ledger_event.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import uuid
 from collections.abc import Mapping
@@ -189,14 +188,6 @@ class LegacyTokenUsage(_Strict):
     usage: dict[str, ModelUsage] | None = None
     call_details: list[dict[str, Any]] | dict[str, Any] | None = None
 
-    def call_details_object(self) -> dict[str, Any]:
-        """`call_details` as stored: a bare list is normalised to {"calls": [...]}."""
-        if self.call_details is None:
-            return {"calls": []}
-        if isinstance(self.call_details, list):
-            return {"calls": self.call_details}
-        return self.call_details
-
 
 class _Envelope(_Strict):
     event_id: Uuid
@@ -299,21 +290,6 @@ def attribution(
         named = shares.get(UNATTRIBUTED, dict.fromkeys(USAGE_MEASURES, 0))
         shares[UNATTRIBUTED] = {name: named[name] + rest[name] for name in USAGE_MEASURES}
     return shares
-
-
-def payload(event: AnyEvent) -> dict[str, Any]:
-    """The event as the ledger sees it. exclude_unset: what the ledger stores (e.g. a legacy
-    breakdown entry as sent), so copies that would store differently never share a digest."""
-    return event.model_dump(exclude_unset=True)
-
-
-def payload_digest(event: AnyEvent, dumped: Mapping[str, Any] | None = None) -> bytes:
-    """SHA-256 of the event's `payload` (pass it when already dumped): what orders differing
-    copies of one event_id (docs/contract.md#identity); exact copies have equal digests."""
-    text = jsonvalues.dumps(
-        payload(event) if dumped is None else dumped, sort_keys=True, ensure_ascii=True
-    )
-    return hashlib.sha256(text.encode("ascii")).digest()
 
 
 def encode_event(event: AnyEvent) -> bytes:

@@ -58,7 +58,7 @@ def number_in_range(number: int | Decimal) -> bool:
     )
 
 
-def _written_out(number: Decimal) -> int:
+def written_out(number: Decimal) -> int:
     """How many digits PostgreSQL prints for `number` (in range): its integer part (at least
     one digit) and its fraction."""
     exponent = number.as_tuple().exponent
@@ -86,7 +86,7 @@ class _Parser:
             raise NumberOutOfRangeError from None
         if not number_in_range(number):
             raise NumberOutOfRangeError
-        self.expansion += max(0, _written_out(number) - len(text))
+        self.expansion += max(0, written_out(number) - len(text))
         return number
 
     def parse(self, text: str) -> Any:

@@ -14,6 +14,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import msgspec
+
 _COMPACT = (",", ":")
 
 
@@ -78,10 +80,19 @@ _EXACT = json.JSONDecoder(parse_float=Decimal)
 _EXACT_LONG = json.JSONDecoder(parse_float=Decimal, parse_int=_long_int)
 
 
+_COMPILED = msgspec.json.Decoder(float_hook=Decimal)
+
+
 def loads(text: str | bytes) -> Any:
     """Parse JSON with exact numbers (the inverse of `dumps`). An integer too long for Python
     to read from text (which a ledger written before numbers were bounded at decode may hold:
-    PostgreSQL prints `1e4400` in full) is read as an integral Decimal instead of failing."""
+    PostgreSQL prints `1e4400` in full) is read as an integral Decimal instead of failing.
+    msgspec parses first; what it refuses (such an integer, or text that is not JSON) is parsed
+    again by the json module, which says why."""
+    try:
+        return _COMPILED.decode(text)
+    except msgspec.DecodeError:
+        pass
     if isinstance(text, bytes):
         text = text.decode()
     try:

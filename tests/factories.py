@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from producer.events import (
+    AnyEvent,
     ContentPart,
     LegacyTokenUsage,
     MessageAppended,
@@ -16,6 +18,7 @@ from producer.events import (
     TurnUsage,
     UsageCall,
 )
+from producer.ledger_event import LedgerEvent, ledger_event
 
 # Where simulated traffic starts in the tests (TrafficConfig.start), and the events built here.
 START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
@@ -140,3 +143,8 @@ def appended(
         content=[ContentPart.model_validate(p) for p in content or [{"type": "text", "text": "x"}]],
         token_usage=usage,
     )
+
+
+def ledger_events(events: Iterable[AnyEvent]) -> list[LedgerEvent]:
+    """Events as the merge folds them (the reference decode path's conversion)."""
+    return [ledger_event(event) for event in events]

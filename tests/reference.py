@@ -9,6 +9,7 @@ of one event_id all compete, ordered by their digest last.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
@@ -16,9 +17,18 @@ from typing import Any
 
 from consumer.ledger.claims import Claim, MessageKey
 from consumer.ledger.rebuild import LedgerRows
-from producer.events import AnyEvent, MessageAppended, TurnFinalized, TurnStarted, payload_digest
+from producer import jsonvalues
+from producer.events import AnyEvent, MessageAppended, TurnFinalized, TurnStarted
 
 FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
+
+
+def payload_digest(event: AnyEvent) -> bytes:
+    """The digest as every release before the compiled path wrote it (pure-Python JSON): the
+    compiled one must give the same bytes, or a redelivery after an upgrade would compete as a
+    differing copy."""
+    text = jsonvalues.dumps(event.model_dump(exclude_unset=True), sort_keys=True, ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).digest()
 
 
 def reference_rows(events: Sequence[AnyEvent]) -> LedgerRows:

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from datetime import UTC
 from typing import Any
 
-from producer import jsonvalues
+from producer import canonical, jsonvalues
 from producer.events import USAGE_MEASURES
 
 EVENT_TYPE = "ledger.token_usage.revised"
@@ -69,4 +69,4 @@ def billing_event(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def encode(event: Mapping[str, Any]) -> bytes:
-    return jsonvalues.dumps(event, sort_keys=True).encode()
+    return canonical.sorted_bytes(event)

@@ -92,22 +92,9 @@ class BillingProducer(ProducerResource):
         """Send all, then wait for every acknowledgement; per record, None (acked) or why not.
         A refusal of one record does not stop the others (each message has one record here).
         Every record says `content-type: application/cloudevents+json` (structured mode)."""
-        sent: list[asyncio.Future[object] | BaseException] = []
-        for key, value in records:
-            try:
-                sent.append(
-                    await self._producer.send(self.topic, value, key=key, headers=list(HEADERS))
-                )
-            except KafkaError as error:  # refused before sending (e.g. too large)
-                sent.append(error)
-        results = await asyncio.gather(*(_settled(item) for item in sent), return_exceptions=True)
-        return [r if isinstance(r, BaseException) else None for r in results]
-
-
-async def _settled(item: asyncio.Future[object] | BaseException) -> object:
-    if isinstance(item, BaseException):
-        raise item
-    return await item
+        return await self.send_all(
+            self.topic, [(key, value, list(HEADERS)) for key, value in records]
+        )
 
 
 class Relay:

@@ -23,6 +23,7 @@ from consumer.commands.reading import (
 from consumer.commands.spill import SortedSpill
 from consumer.kafka import dead_letters as dlq
 from consumer.ledger.claims import StoredState
+from consumer.ledger.decode import decode_ledger_event
 from consumer.ledger.merge import Admission
 from consumer.ledger.rebuild import (
     TOTALS,
@@ -33,8 +34,8 @@ from consumer.ledger.rebuild import (
     rebuild_by_thread,
 )
 from consumer.settings import Settings
-from producer.decoding import decode_event
-from producer.events import AnyEvent, Rejection
+from producer.events import Rejection
+from producer.ledger_event import LedgerEvent
 
 log = logging.getLogger(__name__)
 # verify's fetches: parsed records cost several times their bytes, so this bounds its memory.
@@ -120,7 +121,7 @@ async def verify(settings: Settings) -> VerifyReport:
         with spill:
             async for record in read_range(consumer, ends):
                 report.records_read += 1
-                event = decode_event(
+                event = decode_ledger_event(
                     record.value,
                     timestamp_ms=record.timestamp,
                     max_bytes=settings.max_event_bytes,
@@ -149,15 +150,15 @@ def _spilled_bytes(item: Spilled) -> int:
 
 def _by_thread(
     spilled: Iterable[Spilled], max_bytes: int
-) -> Iterator[tuple[int, Iterator[AnyEvent]]]:
+) -> Iterator[tuple[int, Iterator[LedgerEvent]]]:
     """The spilled records, decoded again, one thread at a time in arrival order."""
     for thread_id, records in groupby(spilled, key=itemgetter(0)):
         yield thread_id, (_decoded_again(value, at, max_bytes) for _, _, at, value in records)
 
 
-def _decoded_again(value: bytes, timestamp_ms: int, max_bytes: int) -> AnyEvent:
+def _decoded_again(value: bytes, timestamp_ms: int, max_bytes: int) -> LedgerEvent:
     # The skew was judged on the first read.
-    event = decode_event(
+    event = decode_ledger_event(
         value, timestamp_ms=timestamp_ms, max_bytes=max_bytes, max_future_skew=None
     )
     if isinstance(event, Rejection):  # decoding is a function of (value, timestamp)

@@ -15,7 +15,6 @@ the decoder or the error taxonomy, which never quote chat text or secrets.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -130,12 +129,18 @@ class DeadLetterQueue(ProducerResource):
         return self
 
     async def report(self, letters: Sequence[DeadLetter]) -> None:
-        """Publish every dead letter and wait until the broker has acknowledged all of them."""
+        """Publish every dead letter and wait until the broker has acknowledged all of them
+        (sent together, acknowledged together: one batch of the producer, not one round trip
+        per letter)."""
         if not letters:
             return
         failed_at = datetime.now(UTC)
-        outcomes = await asyncio.gather(
-            *(self._send(letter, failed_at) for letter in letters), return_exceptions=True
+        outcomes = await self.send_all(
+            self.topic,
+            [
+                (letter.record.key, letter.record.value, dead_letter_headers(letter, failed_at))
+                for letter in letters
+            ],
         )
         refused = sorted(
             {
@@ -144,7 +149,7 @@ class DeadLetterQueue(ProducerResource):
                 if isinstance(outcome, REFUSALS)
             }
         )
-        errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        errors = [outcome for outcome in outcomes if outcome is not None]
         if refused:
             names = sorted({type(e).__name__ for e in errors if isinstance(e, REFUSALS)})
             raise DeadLetterRefusedError(refused, ", ".join(names))
@@ -162,13 +167,3 @@ class DeadLetterQueue(ProducerResource):
                     offset=letter.record.offset,
                 ),
             )
-
-    async def _send(self, letter: DeadLetter, failed_at: datetime) -> None:
-        """Send one letter and wait for its acknowledgement (errors raised, not swallowed)."""
-        delivery = await self._producer.send(
-            self.topic,
-            letter.record.value,
-            key=letter.record.key,
-            headers=dead_letter_headers(letter, failed_at),
-        )
-        await delivery

@@ -26,13 +26,14 @@ from aiokafka.structs import ConsumerRecord
 from consumer.errors import PoisonError, TransientError, classify_database_error
 from consumer.kafka.dead_letters import DeadLetter
 from consumer.ledger.claims import BatchPlan, Outcome
+from consumer.ledger.decode import BatchDecoder
 from consumer.ledger.merge import reduce_batch
 from consumer.ledger.offsets import OffsetMove, advance_offsets
 from consumer.ledger.state import load_state
 from consumer.ledger.store import write_plan
 from consumer.logs import fields
-from producer.decoding import BatchDecoder
-from producer.events import AnyEvent, Rejection, RejectReason
+from producer.events import Rejection, RejectReason
+from producer.ledger_event import LedgerEvent
 
 log = logging.getLogger(__name__)
 # aiokafka ships no type information: a record is a ConsumerRecord[bytes, bytes].
@@ -42,7 +43,7 @@ Report = Callable[[Sequence[DeadLetter]], Awaitable[None]]
 
 @dataclass
 class Decoded:
-    events: list[AnyEvent] = field(default_factory=list)
+    events: list[LedgerEvent] = field(default_factory=list)
     records: list[Record] = field(default_factory=list)  # the record of each event
     letters: list[DeadLetter] = field(default_factory=list)  # what cannot be an event
     # Per event type, fields of the records that this consumer does not know (a metric).
@@ -53,7 +54,7 @@ class Decoded:
 class Applied:
     """What one batch transaction did, for metrics and dead letters."""
 
-    events: list[tuple[AnyEvent, Outcome]] = field(default_factory=list)
+    events: list[tuple[LedgerEvent, Outcome]] = field(default_factory=list)
     letters: list[DeadLetter] = field(default_factory=list)
     plans: list[BatchPlan] = field(default_factory=list)
 
@@ -100,7 +101,7 @@ async def commit_batch(
     return applied
 
 
-async def apply_events(conn: asyncpg.Connection, events: Sequence[AnyEvent]) -> BatchPlan:
+async def apply_events(conn: asyncpg.Connection, events: Sequence[LedgerEvent]) -> BatchPlan:
     """Read the stored registers, reduce the batch against them, write what changes.
 
     Must run inside the caller's transaction (together with `advance_offsets`)."""
@@ -109,12 +110,12 @@ async def apply_events(conn: asyncpg.Connection, events: Sequence[AnyEvent]) -> 
     return plan
 
 
-Apply = Callable[[asyncpg.Connection, Sequence[AnyEvent]], Awaitable[BatchPlan]]
+Apply = Callable[[asyncpg.Connection, Sequence[LedgerEvent]], Awaitable[BatchPlan]]
 
 
 async def apply_isolating(
     conn: asyncpg.Connection,
-    items: list[tuple[AnyEvent, Record]],
+    items: list[tuple[LedgerEvent, Record]],
     applied: Applied,
     apply: Apply = apply_events,
 ) -> None:

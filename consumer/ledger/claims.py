@@ -17,17 +17,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from producer.events import (
-    TOKEN_KINDS,
-    USAGE_MEASURES,
-    AnyEvent,
-    MessageAppended,
-    Rejection,
-    TurnFinalized,
-    TurnStarted,
-    payload,
-    payload_digest,
-)
+from producer import jsonvalues
+from producer.events import TOKEN_KINDS, USAGE_MEASURES, Rejection, attribution
+from producer.ledger_event import LedgerEvent
 
 SHELL, LEGACY, SERVER = 0, 1, 2
 STATUS_NO_TEXT: list[dict[str, Any]] = [{"type": "status", "text": "(no text response)"}]
@@ -163,13 +155,21 @@ class UsageRow:
 
 @dataclass(frozen=True)
 class StoredMessage:
-    """The register of a stored message row (and of its usage row, if any)."""
+    """The register of a stored message row (and of its usage row, if any). Its usage's
+    per-model attribution is worked out only for a usage that a batch supersedes, from the
+    stored totals and breakdown (JSON text): a redelivery never parses it."""
 
     claim: Claim
     created_at: datetime
     usage_claim: Claim | None = None
     usage_created_at: datetime | None = None
-    usage_attribution: Mapping[str, Mapping[str, int]] | None = None
+    usage_totals: Mapping[str, int] | None = None
+    usage_breakdown: str | None = None
+
+    def usage_attribution(self) -> dict[str, dict[str, int]]:
+        if self.usage_totals is None or self.usage_breakdown is None:
+            return {}
+        return attribution(self.usage_totals, jsonvalues.loads(self.usage_breakdown))
 
 
 @dataclass(frozen=True)
@@ -206,8 +206,8 @@ def usage_totals(row: UsageRow) -> dict[str, int]:
 # -- events -> candidate rows ----------------------------------------------------------------
 
 
-def _claim(event: AnyEvent, rank: int, digest: bytes) -> Claim:
-    return Claim(rank, event.occurred_at, event.event_id, digest)
+def _claim(event: LedgerEvent, rank: int) -> Claim:
+    return Claim(rank, event.occurred_at, event.event_id, event.digest)
 
 
 def mentioned_documents_part(documents: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
@@ -219,124 +219,114 @@ def mentioned_documents_part(documents: Sequence[Mapping[str, Any]]) -> dict[str
     return {"type": "mentioned-documents", "documents": kept} if kept else None
 
 
-def _message(
-    event: AnyEvent,
-    role: str,
-    claim: Claim,
-    content: list[dict[str, Any]],
-    key: MessageKey,
-) -> MessageRow:
-    return MessageRow(
-        key=key,
-        claim=claim,
-        content=content,
-        author_id=event.user_id if role == "user" else None,
-        created_at=event.occurred_at,
-    )
-
-
-def message_keys(event: AnyEvent) -> tuple[MessageKey, ...]:
+def message_keys(event: LedgerEvent) -> tuple[MessageKey, ...]:
     """The messages an event touches (a turn.started: user row first, then the shell)."""
-    if isinstance(event, TurnStarted):
+    if event.type == "turn.started":
         return (
             MessageKey(event.thread_id, "user", event.turn_id, None),
             MessageKey(event.thread_id, "assistant", event.turn_id, None),
         )
-    if isinstance(event, TurnFinalized):
+    if event.type == "turn.finalized":
         return (MessageKey(event.thread_id, "assistant", event.turn_id, None),)
     origin = None if event.turn_id is not None else event.event_id
+    assert event.role is not None  # message.appended
     return (MessageKey(event.thread_id, event.role, event.turn_id, origin),)
 
 
-def candidates(
-    event: AnyEvent, digest: bytes | None = None, dumped: Mapping[str, Any] | None = None
-) -> tuple[list[MessageRow], UsageRow | None]:
-    """The message rows an event claims and the usage row it claims, before any merging.
-    `dumped`: the event's `payload`, when the caller has it (its parts are what rows store)."""
-    if dumped is None:
-        dumped = payload(event)
-    if digest is None:
-        digest = payload_digest(event, dumped)
+def candidates(event: LedgerEvent) -> tuple[list[MessageRow], UsageRow | None]:
+    """The message rows an event claims and the usage row it claims, before any merging: built
+    from its payload, whose parts are what rows store."""
     keys = message_keys(event)
-    if isinstance(event, TurnStarted):
+    payload = event.payload
+    if event.type == "turn.started":
         user_key, assistant_key = keys
-        content: list[dict[str, Any]] = [{"type": "text", "text": event.user_query}]
-        if part := mentioned_documents_part(event.mentioned_documents):
+        content: list[dict[str, Any]] = [{"type": "text", "text": payload["user_query"]}]
+        if part := mentioned_documents_part(payload.get("mentioned_documents", ())):
             content.append(part)
         return [
-            _message(event, "user", _claim(event, SERVER, digest), content, user_key),
-            _message(
-                event, "assistant", _claim(event, SHELL, digest), SHELL_CONTENT, assistant_key
-            ),
+            MessageRow(user_key, _claim(event, SERVER), content, event.user_id, event.occurred_at),
+            MessageRow(assistant_key, _claim(event, SHELL), SHELL_CONTENT, None, event.occurred_at),
         ], None
-    if isinstance(event, TurnFinalized):
+    if event.type == "turn.finalized":
         (key,) = keys
-        claim = _claim(event, SERVER, digest)
-        message = _message(event, "assistant", claim, dumped["content"] or STATUS_NO_TEXT, key)
-        calls = event.usage.calls if event.usage else []
+        claim = _claim(event, SERVER)
+        message = MessageRow(
+            key, claim, payload["content"] or STATUS_NO_TEXT, None, event.occurred_at
+        )
+        usage = payload.get("usage")
+        calls = usage["calls"] if usage else ()
         if not calls:
             return [message], None
-        breakdown: dict[str, dict[str, int]] = {}
-        for call in calls:
-            sums = breakdown.setdefault(call.model, dict.fromkeys(USAGE_MEASURES, 0))
-            for name in USAGE_MEASURES:
-                sums[name] += getattr(call, name)
-            for kind in TOKEN_KINDS:  # only where reported: absent is not zero
-                if (value := getattr(call, kind)) is not None:
-                    sums[kind] = sums.get(kind, 0) + value
-        usage = UsageRow(
-            key=key,
-            claim=claim,
-            source=event.type,
-            **{name: sum(getattr(c, name) for c in calls) for name in USAGE_MEASURES},
-            model_breakdown=breakdown,
-            # As sent (exclude_unset): a token kind the call did not report stays absent.
-            call_details={"calls": dumped["usage"]["calls"]},
-            search_space_id=event.search_space_id,
-            user_id=event.user_id,
-            created_at=event.occurred_at,
-        )
-        return [message], usage
-    return _appended_candidates(event, digest, dumped, *keys)
-
-
-def _appended_candidates(
-    event: MessageAppended, digest: bytes, dumped: Mapping[str, Any], key: MessageKey
-) -> tuple[list[MessageRow], UsageRow | None]:
-    claim = _claim(event, LEGACY, digest)
-    message = _message(event, event.role, claim, dumped["content"], key)
-    legacy = event.token_usage
+        return [message], _turn_usage(event, key, claim, calls)
+    (key,) = keys
+    claim = _claim(event, LEGACY)
+    author = event.user_id if event.role == "user" else None
+    message = MessageRow(key, claim, payload["content"], author, event.occurred_at)
+    legacy = payload.get("token_usage")
     if legacy is None:
         return [message], None
-    usage = UsageRow(
+    details = legacy.get("call_details")
+    return [message], UsageRow(
         key=key,
         claim=claim,
         source=event.type,
-        prompt_tokens=legacy.prompt_tokens,
-        completion_tokens=legacy.completion_tokens,
-        total_tokens=legacy.total_tokens,
-        cost_micros=legacy.cost_micros,
-        # As sent (exclude_unset): a legacy entry may carry any subset of the measures.
-        model_breakdown=dumped["token_usage"].get("usage") or {},
-        call_details=legacy.call_details_object(),
+        prompt_tokens=legacy["prompt_tokens"],
+        completion_tokens=legacy["completion_tokens"],
+        total_tokens=legacy["total_tokens"],
+        cost_micros=legacy["cost_micros"],
+        # As sent: a legacy entry may carry any subset of the measures.
+        model_breakdown=legacy.get("usage") or {},
+        # A bare list is normalised to {"calls": [...]}.
+        call_details={"calls": []}
+        if details is None
+        else {"calls": details}
+        if isinstance(details, list)
+        else details,
         search_space_id=event.search_space_id,
         user_id=event.user_id,
         created_at=event.occurred_at,
     )
-    return [message], usage
 
 
-def thread_candidate(event: AnyEvent, digest: bytes | None = None) -> ThreadRow:
-    has_user = event.user_id is not None
-    if digest is None:
-        digest = payload_digest(event)
-    return ThreadRow(
-        id=event.thread_id,
+def _turn_usage(
+    event: LedgerEvent, key: MessageKey, claim: Claim, calls: Sequence[Mapping[str, Any]]
+) -> UsageRow:
+    breakdown: dict[str, dict[str, int]] = {}
+    totals = dict.fromkeys(USAGE_MEASURES, 0)
+    for call in calls:
+        sums = breakdown.setdefault(call["model"], dict.fromkeys(USAGE_MEASURES, 0))
+        for name in USAGE_MEASURES:
+            sums[name] += call[name]
+            totals[name] += call[name]
+        for kind in TOKEN_KINDS:  # only where reported: absent is not zero
+            if (value := call.get(kind)) is not None:
+                sums[kind] = sums.get(kind, 0) + value
+    return UsageRow(
+        key=key,
+        claim=claim,
+        source=event.type,
+        **totals,
+        model_breakdown=breakdown,
+        # As sent: a token kind the call did not report stays absent.
+        call_details={"calls": calls},
         search_space_id=event.search_space_id,
+        user_id=event.user_id,
         created_at=event.occurred_at,
-        updated_at=event.occurred_at,
-        created_by_id=event.user_id,
-        created_by_at=event.occurred_at if has_user else None,
-        created_by_event_id=event.event_id if has_user else None,
-        created_by_digest=digest if has_user else None,
+    )
+
+
+def thread_candidate(event: LedgerEvent) -> ThreadRow:
+    if event.user_id is None:
+        return ThreadRow(
+            event.thread_id, event.search_space_id, event.occurred_at, event.occurred_at
+        )
+    return ThreadRow(
+        event.thread_id,
+        event.search_space_id,
+        event.occurred_at,
+        event.occurred_at,
+        event.user_id,
+        event.occurred_at,
+        event.event_id,
+        event.digest,
     )

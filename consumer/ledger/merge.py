@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, Self, TypeVar
+from typing import Protocol, Self, TypeVar
 
 from consumer.ledger.claims import (
     BatchPlan,
@@ -54,15 +54,8 @@ from consumer.ledger.claims import (
     usage_beats,
     usage_totals,
 )
-from producer.events import (
-    USAGE_MEASURES,
-    AnyEvent,
-    Rejection,
-    RejectReason,
-    attribution,
-    payload,
-    payload_digest,
-)
+from producer.events import USAGE_MEASURES, Rejection, RejectReason, attribution
+from producer.ledger_event import LedgerEvent
 
 # -- folding ---------------------------------------------------------------------------------
 
@@ -91,7 +84,7 @@ class Admission:
             k.origin_event_id: k for k in stored.messages if k.origin_event_id is not None
         }
 
-    def check(self, event: AnyEvent) -> Rejection | None:
+    def check(self, event: LedgerEvent) -> Rejection | None:
         """Why the event cannot be applied after what came before it; None binds its thread
         and its turn-less keys (an exact copy binds the same again)."""
         rejection = _rejection(event, self.spaces, self.origins)
@@ -112,49 +105,43 @@ class Fold:
         self.messages: dict[MessageKey, MessageRow] = {}
         self.usage: dict[MessageKey, UsageRow] = {}
 
-    def add(self, event: AnyEvent, digest: bytes, dumped: Mapping[str, Any]) -> None:
+    def add(self, event: LedgerEvent) -> None:
         """Fold an event that passed `Admission.check` (folding an exact copy again changes
-        nothing); `digest` and `dumped`: its payload_digest and payload."""
-        _fold(self.threads, event.thread_id, thread_candidate(event, digest))
-        event_messages, event_usage = candidates(event, digest, dumped)
+        nothing)."""
+        _fold(self.threads, event.thread_id, thread_candidate(event))
+        event_messages, event_usage = candidates(event)
         for message in event_messages:
             _fold(self.messages, message.key, message)
         if event_usage is not None:
             _fold(self.usage, event_usage.key, event_usage)
 
 
-def reduce_batch(events: Sequence[AnyEvent], stored: StoredState) -> BatchPlan:
-    """Fold a batch (in arrival order) against the stored registers."""
+def reduce_batch(events: Sequence[LedgerEvent], stored: StoredState) -> BatchPlan:
+    """Fold a batch (in arrival order) against the stored registers. An exact copy of a stored
+    claim (a redelivery) was applied whole when it won, and every register only moves forward,
+    so it is a duplicate before any row is built."""
     admission, fold = Admission(stored), Fold()
     decided: list[Outcome | None] = []  # None: accepted, decided once the batch is folded
     copies: list[Copy | None] = []
     rejections: dict[int, Rejection] = {}
-    seen: set[Copy] = set()
-    # The batch decoder hands out one object for a value it saw twice: its copy is known.
-    copy_of: dict[int, Copy] = {}
+    seen: set[Copy] = _stored_copies(stored)
 
     for index, event in enumerate(events):
+        copy = Copy(event.event_id, event.occurred_at, event.digest)
+        if copy in seen:
+            copies.append(copy)
+            decided.append(Outcome.DUPLICATE)
+            continue
         rejection = admission.check(event)
         if rejection is not None:
             rejections[index] = rejection
             decided.append(Outcome.REJECTED)
             copies.append(None)
             continue
-        copy = copy_of.get(id(event))
-        if copy is not None:
-            copies.append(copy)
-            decided.append(Outcome.DUPLICATE)
-            continue
-        dumped = payload(event)
-        digest = payload_digest(event, dumped)
-        copy = copy_of[id(event)] = Copy(event.event_id, event.occurred_at, digest)
         copies.append(copy)
-        if copy in seen:
-            decided.append(Outcome.DUPLICATE)
-            continue
         seen.add(copy)
         decided.append(None)
-        fold.add(event, digest, dumped)
+        fold.add(event)
 
     threads, messages, usage = fold.threads, fold.messages, fold.usage
     outcomes = _outcomes(copies, decided, messages, usage, stored)
@@ -186,8 +173,18 @@ def reduce_batch(events: Sequence[AnyEvent], stored: StoredState) -> BatchPlan:
     )
 
 
+def _stored_copies(stored: StoredState) -> set[Copy]:
+    """Every copy that holds a stored register: content, usage, or a thread's creator."""
+    copies = {m.claim.copy for m in stored.messages.values()}
+    copies.update(m.usage_claim.copy for m in stored.messages.values() if m.usage_claim)
+    for thread in stored.threads.values():
+        if (creator := thread.creator_claim) is not None:
+            copies.add(Copy(creator[1], creator[0], creator[2]))
+    return copies
+
+
 def _rejection(
-    event: AnyEvent, spaces: Mapping[int, int], origins: Mapping[uuid.UUID, MessageKey]
+    event: LedgerEvent, spaces: Mapping[int, int], origins: Mapping[uuid.UUID, MessageKey]
 ) -> Rejection | None:
     """Why the event cannot be applied given what came before it, or None. A rejected event
     binds nothing, so it cannot change how later events are judged."""
@@ -217,25 +214,17 @@ def _outcomes(
     usage: dict[MessageKey, UsageRow],
     stored: StoredState,
 ) -> list[Outcome]:
-    """Applied if the copy holds a register it did not hold before; duplicate if it already
-    held one (a redelivery); superseded if it lost everywhere."""
+    """Applied if the copy holds a register it did not hold before; superseded if it lost
+    everywhere (duplicates were decided while folding)."""
     winners = {
         row.claim.copy
         for row in messages.values()
         if _content_wins(row, stored.messages.get(row.key))
     } | {row.claim.copy for row in usage.values() if _usage_wins(row, stored.messages.get(row.key))}
-    stored_winners = {m.claim.copy for m in stored.messages.values()} | {
-        m.usage_claim.copy for m in stored.messages.values() if m.usage_claim
-    }
     outcomes = []
     for copy, outcome in zip(copies, decided, strict=True):
         if outcome is None:
-            if copy in winners:
-                outcome = Outcome.APPLIED
-            elif copy in stored_winners:
-                outcome = Outcome.DUPLICATE
-            else:
-                outcome = Outcome.SUPERSEDED
+            outcome = Outcome.APPLIED if copy in winners else Outcome.SUPERSEDED
         outcomes.append(outcome)
     return outcomes
 
@@ -266,7 +255,7 @@ def _thread_changes(row: ThreadRow, stored: ThreadRow | None) -> bool:
 
 
 def _usage_delta(row: UsageRow, stored: StoredMessage | None) -> list[UsageChange]:
-    previous = (stored.usage_attribution if stored else None) or {}
+    previous = stored.usage_attribution() if stored else {}
     current = attribution(usage_totals(row), row.model_breakdown)
     changes = []
     for model in sorted(set(current) | set(previous)):

@@ -9,7 +9,8 @@ from typing import Any
 
 from consumer.ledger.claims import MessageKey, MessageRow, StoredState, ThreadRow, UsageRow
 from consumer.ledger.merge import Admission, Fold
-from producer.events import USAGE_MEASURES, AnyEvent, payload, payload_digest
+from producer.events import USAGE_MEASURES
+from producer.ledger_event import LedgerEvent
 
 
 @dataclass(frozen=True)
@@ -19,18 +20,18 @@ class Ledger:
     usage: dict[MessageKey, UsageRow]
 
 
-def rebuild(events: Iterable[AnyEvent]) -> Ledger:
+def rebuild(events: Iterable[LedgerEvent]) -> Ledger:
     """The ledger the given events (in arrival order) must produce from an empty database."""
     stored = StoredState()
     admission, fold = Admission(stored), Fold()
     for event in events:
         if admission.check(event) is None:
-            _add(fold, event)
+            fold.add(event)
     return Ledger(threads=fold.threads, messages=fold.messages, usage=fold.usage)
 
 
 def rebuild_by_thread(
-    threads: Iterable[tuple[int, Iterable[AnyEvent]]],
+    threads: Iterable[tuple[int, Iterable[LedgerEvent]]],
 ) -> Iterator[tuple[int, LedgerRows]]:
     """Each thread's expected rows from its admitted events (see merge.Admission), one thread at
     a time: every row of a thread is keyed by it, so the threads fold independently and memory
@@ -39,16 +40,11 @@ def rebuild_by_thread(
     for thread_id, events in threads:
         fold = Fold()
         for event in events:
-            _add(fold, event)
+            fold.add(event)
         yield (
             thread_id,
             expected_rows(Ledger(threads=fold.threads, messages=fold.messages, usage=fold.usage)),
         )
-
-
-def _add(fold: Fold, event: AnyEvent) -> None:
-    dumped = payload(event)
-    fold.add(event, payload_digest(event, dumped), dumped)
 
 
 @dataclass(frozen=True)

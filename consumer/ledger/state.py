@@ -22,8 +22,8 @@ from consumer.ledger.claims import (
     ThreadRow,
     message_keys,
 )
-from producer import jsonvalues
-from producer.events import USAGE_MEASURES, AnyEvent, attribution
+from producer.events import USAGE_MEASURES
+from producer.ledger_event import LedgerEvent
 
 # One transaction-scoped advisory lock per thread, in id order, whether or not the thread has
 # a row yet: two writers of one thread (its records split over partitions, so over members)
@@ -36,11 +36,14 @@ SELECT count(pg_advisory_xact_lock((k >> 32)::int, ((k & 4294967295) - 214748364
 FROM (SELECT k FROM unnest($1::bigint[]) AS k ORDER BY k) AS t
 """
 
+# No FOR UPDATE: the advisory locks already make every other writer of these threads wait, and
+# a row lock writes to each row it takes (a redelivered batch would write to every thread it
+# names). A separate statement from the locks: its snapshot must be taken once they are held.
 _LOAD_THREADS = """
 SELECT id, search_space_id, created_at, updated_at, created_by_id, created_by_at,
        created_by_event_id, created_by_digest
 FROM chat_threads WHERE id = ANY($1::bigint[])
-ORDER BY id FOR UPDATE
+ORDER BY id
 """
 
 _MESSAGE_REGISTERS = """
@@ -64,13 +67,13 @@ WHERE m.turn_id IS NULL AND m.content_event_id = ANY($4::uuid[])
 """
 
 
-def _batch_keys(events: Sequence[AnyEvent]) -> tuple[set[int], set[MessageKey]]:
+def _batch_keys(events: Sequence[LedgerEvent]) -> tuple[set[int], set[MessageKey]]:
     threads = {event.thread_id for event in events}
     keys = {key for event in events for key in message_keys(event)}
     return threads, keys
 
 
-async def load_state(conn: asyncpg.Connection, events: Sequence[AnyEvent]) -> StoredState:
+async def load_state(conn: asyncpg.Connection, events: Sequence[LedgerEvent]) -> StoredState:
     """The stored registers of every thread and message the batch touches."""
     thread_ids, keys = _batch_keys(events)
     turn_keys = sorted((k for k in keys if k.turn_id is not None), key=MessageKey.sort_key)
@@ -113,9 +116,6 @@ def _stored_message(row: Mapping[str, Any]) -> StoredMessage:
         created_at=row["created_at"],
         usage_claim=source_claim(row) if has_usage else None,
         usage_created_at=row["usage_created_at"],
-        usage_attribution=attribution(
-            {name: row[name] for name in USAGE_MEASURES}, jsonvalues.loads(row["model_breakdown"])
-        )
-        if has_usage
-        else None,
+        usage_totals={name: row[name] for name in USAGE_MEASURES} if has_usage else None,
+        usage_breakdown=row["model_breakdown"] if has_usage else None,
     )

@@ -22,13 +22,13 @@ import asyncpg
 
 from consumer.errors import ConcurrentWriteError, ThreadRaceError
 from consumer.ledger.claims import BatchPlan, UsageRow
-from producer import jsonvalues
+from producer import canonical
 from producer.events import USAGE_MEASURES
 
 
 def canonical_json(value: Any) -> str:
     """The JSON text written to jsonb columns (compact, unicode and exact numbers kept)."""
-    return jsonvalues.dumps(value)
+    return canonical.text(value)
 
 
 def _take_if(condition: str, alias: str, columns: Iterable[str]) -> str:

@@ -21,7 +21,7 @@ from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.migrate import upgrade
 from producer.client import ensure_topic, thread_key
 from producer.events import USAGE_MEASURES, AnyEvent, encode_event
-from tests.factories import appended, call, finalized, started
+from tests.factories import appended, call, finalized, ledger_events, started
 from tests.integration.harness import REPO, ConsumerProcess, Stack, wait_for
 
 MEASURES = USAGE_MEASURES
@@ -183,12 +183,12 @@ async def test_usage_that_exists_when_0003_runs_is_billed(database_url: str) -> 
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         async with conn.transaction():
-            await apply_events(conn, [started(), appended(cost=777, seconds=5)])
+            await apply_events(conn, ledger_events([started(), appended(cost=777, seconds=5)]))
         await conn.close()
         await asyncio.to_thread(upgrade, database_url, "head")
         conn = await asyncpg.connect(asyncpg_dsn(database_url))
         async with conn.transaction():  # the server's finalize supersedes it
-            await apply_events(conn, [finalized(calls=[call(cost=500)], seconds=10)])
+            await apply_events(conn, ledger_events([finalized(calls=[call(cost=500)], seconds=10)]))
         row = await conn.fetchrow("SELECT cost_micros, revision FROM token_usage")
         deltas = await conn.fetchval(
             "SELECT coalesce(sum(delta_cost_micros), 0) FROM billing_outbox"

@@ -19,6 +19,7 @@ from consumer.ledger.batch import apply_events
 from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.rebuild import LedgerRows
 from producer.events import USAGE_MEASURES, AnyEvent
+from tests.factories import ledger_events
 from tests.reference import reference_rows
 from tests.strategies import across_periods, batch_splits, delivered
 
@@ -43,7 +44,7 @@ class LedgerDriver:
         counted: Counter[tuple[str, str]] = Counter()
         for batch in batches:
             async with self.conn.transaction():
-                plan = await apply_events(self.conn, batch)
+                plan = await apply_events(self.conn, ledger_events(batch))
             for change in plan.usage_changes:
                 for name in USAGE_MEASURES:
                     counted[change.model, name] += getattr(change, name)
@@ -53,7 +54,9 @@ class LedgerDriver:
         # A replay of everything (one batch) changes nothing, and writes no revision.
         revisions = await self.conn.fetchval("SELECT count(*) FROM billing_outbox")
         async with self.conn.transaction():
-            await apply_events(self.conn, [event for batch in batches for event in batch])
+            await apply_events(
+                self.conn, ledger_events(event for batch in batches for event in batch)
+            )
         assert await self.conn.fetchval("SELECT count(*) FROM billing_outbox") == revisions
         return ledger
 

@@ -15,14 +15,25 @@ from consumer.ledger.database import asyncpg_dsn
 from producer.decoding import decode_event
 from producer.events import UNATTRIBUTED, AnyEvent, RejectReason, TurnFinalized
 from tests.examples import example
-from tests.factories import SPACE, THREAD, TURN, USER, appended, at, call, finalized, started
+from tests.factories import (
+    SPACE,
+    THREAD,
+    TURN,
+    USER,
+    appended,
+    at,
+    call,
+    finalized,
+    ledger_events,
+    started,
+)
 
 TS = 1_795_684_502_118  # 2026-11-26T09:15:02.118Z, when the examples happened
 
 
 async def apply(conn: asyncpg.Connection, *events: AnyEvent) -> BatchPlan:
     async with conn.transaction():
-        return await apply_events(conn, list(events))
+        return await apply_events(conn, ledger_events(events))
 
 
 async def messages(conn: asyncpg.Connection) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ from consumer.simulate.config import TrafficConfig
 from consumer.simulate.traffic import plan_traffic
 from producer.decoding import decode_event
 from producer.events import AnyEvent, Rejection
-from tests.factories import appended, call, finalized, started
+from tests.factories import appended, call, finalized, ledger_events, started
 from tests.integration.harness import wait_for
 
 GROUP, TOPIC = "token-ledger", "chat.turn-events"
@@ -55,7 +55,9 @@ async def test_a_fenced_batch_writes_no_rows(ledger: asyncpg.Connection) -> None
 
     async def stale_batch() -> None:
         async with ledger.transaction():
-            await apply_events(ledger, [started()])  # rows first, to prove they roll back
+            await apply_events(
+                ledger, ledger_events([started()])
+            )  # rows first, to prove they roll back
             await advance_offsets(ledger, GROUP, TOPIC, [OffsetMove(0, 0, 2)])
 
     with pytest.raises(FencedError):
@@ -103,7 +105,7 @@ async def _writer(url: str, batches: list[list[AnyEvent]]) -> None:
 
             async def apply_batch(batch: list[AnyEvent] = batch) -> None:
                 async with conn.transaction():
-                    await apply_events(conn, batch)
+                    await apply_events(conn, ledger_events(batch))
 
             await retry_transient(apply_batch, Backoff(initial=0.01, maximum=0.2, attempts=50))
     finally:
@@ -119,7 +121,7 @@ async def test_concurrent_writers_in_opposite_orders_converge(ledger_url: str) -
     await asyncio.gather(_writer(ledger_url, forward), _writer(ledger_url, backward))
     conn = await asyncpg.connect(asyncpg_dsn(ledger_url))
     try:
-        assert await read_ledger(conn) == expected_rows(rebuild(events))
+        assert await read_ledger(conn) == expected_rows(rebuild(ledger_events(events)))
         assert (
             await conn.fetchval(
                 "SELECT count(*) FROM token_usage GROUP BY message_id ORDER BY 1 DESC LIMIT 1"
@@ -145,7 +147,7 @@ async def _count_statements(conn: asyncpg.Connection, events: list[AnyEvent]) ->
     try:
         async with conn.transaction():
             await advance_offsets(conn, GROUP, TOPIC, [OffsetMove(0, None, len(events))])
-            await apply_events(conn, events)
+            await apply_events(conn, ledger_events(events))
     finally:
         conn.remove_query_logger(counter)
     await conn.execute("DELETE FROM consumer_offsets")
@@ -200,24 +202,26 @@ async def test_a_second_writer_of_a_thread_waits_so_the_counters_stay_exact(
     whether the thread is stored already or neither writer has stored it yet (then no row
     exists to lock, and both would count their usage as new)."""
     if stored_before:
-        await apply_events(ledger, [started(seconds=0)])
+        await apply_events(ledger, ledger_events([started(seconds=0)]))
     legacy = appended(cost=100, seconds=5)  # rank 1
     final = finalized(calls=[call(cost=7)], seconds=10)  # rank 2: authoritative
     other = await asyncpg.connect(asyncpg_dsn(ledger_url))
     counted = 0
     try:
         async with other.transaction():
-            stored = await load_state(other, [final])  # locks the thread until commit
+            stored = await load_state(
+                other, ledger_events([final])
+            )  # locks the thread until commit
 
             async def first_writer() -> int:
                 async with ledger.transaction():
-                    plan = await apply_events(ledger, [legacy])
+                    plan = await apply_events(ledger, ledger_events([legacy]))
                 return sum(change.cost_micros for change in plan.usage_changes)
 
             waiting = asyncio.create_task(first_writer())
             await wait_for(lambda: _waits_on_a_lock(other), within=30, what="a lock wait")
             assert not waiting.done()
-            plan = reduce_batch([final], stored)
+            plan = reduce_batch(ledger_events([final]), stored)
             await write_plan(other, plan)
             counted += sum(change.cost_micros for change in plan.usage_changes)
         counted += await waiting

@@ -12,9 +12,10 @@ import pytest
 
 from consumer.http.metrics import LedgerMetrics
 from consumer.ledger.claims import StoredState
+from consumer.ledger.decode import BatchDecoder
 from consumer.ledger.merge import reduce_batch
 from producer import jsonvalues
-from producer.decoding import BatchDecoder, decode_event
+from producer.decoding import decode_event
 from producer.events import (
     DEFAULT_MAX_EVENT_BYTES,
     UNATTRIBUTED,
@@ -24,9 +25,10 @@ from producer.events import (
     TurnFinalized,
     TurnStarted,
     attribution,
-    payload_digest,
 )
+from producer.ledger_event import ledger_event
 from tests.examples import example
+from tests.factories import ledger_events
 
 TS = 1_795_684_502_118  # 2026-11-26T09:15:02.118Z, when the examples happened
 
@@ -65,7 +67,7 @@ def _legacy_with(usage: Any) -> dict[str, Any]:
 def test_a_loose_legacy_breakdown_is_accepted_and_kept_as_sent(usage: Any) -> None:
     event = _decode(_legacy_with(usage))
     assert isinstance(event, MessageAppended), event
-    (row,) = reduce_batch([event], StoredState()).usage
+    (row,) = reduce_batch(ledger_events([event]), StoredState()).usage
     assert row.model_breakdown == (usage or {})
     assert row.cost_micros == example("message.appended")["token_usage"]["cost_micros"]
 
@@ -86,7 +88,7 @@ def _counted(metrics: LedgerMetrics, name: str, labels: dict[str, str]) -> float
 @pytest.mark.parametrize("usage", [None, {}, {"gpt-4o-mini": {"prompt_tokens": 4}}])
 def test_usage_without_a_full_breakdown_reaches_the_counters(usage: Any) -> None:
     event = _decode(_legacy_with(usage))
-    plan = reduce_batch([event], StoredState())
+    plan = reduce_batch(ledger_events([event]), StoredState())
     metrics = LedgerMetrics()
     metrics.count_usage(plan.usage_changes)
     cost = event.token_usage.cost_micros
@@ -115,8 +117,8 @@ def test_a_v0_body_resent_later_is_a_differing_copy_ordered_the_same_way_in_any_
     body = example("message.appended.v0")
     first, later = _decode(body, TS), _decode(body, TS + 60_000)
     assert first.event_id == later.event_id and first.occurred_at != later.occurred_at
-    one_batch = reduce_batch([first, later], StoredState())
-    other_order = reduce_batch([later, first], StoredState())
+    one_batch = reduce_batch(ledger_events([first, later]), StoredState())
+    other_order = reduce_batch(ledger_events([later, first]), StoredState())
     assert one_batch.messages == other_order.messages
     # Content: the later occurred_at wins, whichever arrived first.
     (message,) = one_batch.messages
@@ -126,9 +128,9 @@ def test_a_v0_body_resent_later_is_a_differing_copy_ordered_the_same_way_in_any_
 def test_copies_that_differ_only_in_payload_are_ordered_by_digest() -> None:
     event = _decode(example("turn.finalized"))
     other = event.model_copy(update={"content": []})
-    assert payload_digest(event) != payload_digest(other)
-    a = reduce_batch([event, other], StoredState())
-    b = reduce_batch([other, event], StoredState())
+    assert ledger_event(event).digest != ledger_event(other).digest
+    a = reduce_batch(ledger_events([event, other]), StoredState())
+    b = reduce_batch(ledger_events([other, event]), StoredState())
     assert a.messages == b.messages and a.usage == b.usage
 
 
@@ -150,7 +152,7 @@ def test_numbers_in_content_are_kept_digit_for_digit() -> None:
     )
     event = _decode(raw.encode())
     assert isinstance(event, TurnFinalized)
-    (message,) = reduce_batch([event], StoredState()).messages
+    (message,) = reduce_batch(ledger_events([event]), StoredState()).messages
     stored = jsonvalues.dumps(message.content)
     assert "12345678901234567890.123" in stored and "1E+400" in stored
 
@@ -187,9 +189,9 @@ def test_unknown_fields_are_accepted_kept_where_they_belong_and_counted() -> Non
     event = _decode(body)
     assert isinstance(event, TurnFinalized), event
     assert _unknown_fields(body) == {"turn.finalized": 4}
-    (row,) = reduce_batch([event], StoredState()).usage
+    (row,) = reduce_batch(ledger_events([event]), StoredState()).usage
     assert row.call_details["calls"][0]["audio_tokens"] == 120
-    (message,) = reduce_batch([event], StoredState()).messages
+    (message,) = reduce_batch(ledger_events([event]), StoredState()).messages
     assert message.content[0]["citations"] == [1, 2]
 
 
@@ -253,7 +255,9 @@ def test_deep_nesting_is_invalid_json_whatever_it_holds() -> None:
     )
     event = _decode(shallow.encode())
     assert isinstance(event, TurnFinalized)
-    reduce_batch([event], StoredState())  # the digest and the merge walk it without trouble
+    reduce_batch(
+        ledger_events([event]), StoredState()
+    )  # the digest and the merge walk it without trouble
 
 
 def test_a_record_without_a_timestamp_is_not_in_the_future() -> None:
@@ -271,8 +275,11 @@ def test_absent_and_null_measures_are_different_copies() -> None:
     absent = _decode(body)
     body["token_usage"]["usage"]["gpt-4o-mini"]["cost_micros"] = None
     null = _decode(body)
-    assert payload_digest(absent) != payload_digest(null)
-    a, b = reduce_batch([absent, null], StoredState()), reduce_batch([null, absent], StoredState())
+    assert ledger_event(absent).digest != ledger_event(null).digest
+    a, b = (
+        reduce_batch(ledger_events([absent, null]), StoredState()),
+        reduce_batch(ledger_events([null, absent]), StoredState()),
+    )
     assert a.usage == b.usage
 
 
@@ -301,7 +308,7 @@ def test_token_kinds_are_summed_per_model_where_reported() -> None:
     event = _decode(body)
     assert isinstance(event, TurnFinalized), event
     assert _unknown_fields(body) == {}  # known: not counted as unknown
-    (row,) = reduce_batch([event], StoredState()).usage
+    (row,) = reduce_batch(ledger_events([event]), StoredState()).usage
     assert row.model_breakdown["m1"]["cached_tokens"] == 125
     assert row.model_breakdown["m1"]["reasoning_tokens"] == 30
     assert "cached_tokens" not in row.model_breakdown["m2"]  # not reported is not zero

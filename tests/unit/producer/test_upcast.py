@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+from consumer.ledger.claims import candidates
+from consumer.ledger.decode import decode_ledger_event
 from producer.decoding import decode_event
 from producer.events import MessageAppended, Rejection, RejectReason
 from tests.examples import example, example_bytes
@@ -54,9 +56,11 @@ def test_v0_token_usage_with_bare_call_list_is_kept_and_normalised() -> None:
         "call_details": [{"model": "m", "cost_micros": 4}],
     }
     body = {**example("message.appended.v0"), "role": "assistant", "token_usage": usage}
-    event = decode_event(json.dumps(body).encode(), timestamp_ms=TS)
-    assert isinstance(event, MessageAppended) and event.token_usage is not None
-    assert event.token_usage.call_details_object() == {"calls": [{"model": "m", "cost_micros": 4}]}
+    event = decode_ledger_event(json.dumps(body).encode(), timestamp_ms=TS)
+    assert not isinstance(event, Rejection)
+    _, usage_row = candidates(event)
+    assert usage_row is not None
+    assert usage_row.call_details == {"calls": [{"model": "m", "cost_micros": 4}]}
 
 
 def test_v0_without_a_record_timestamp_is_rejected() -> None:

@@ -24,12 +24,13 @@ from consumer.kafka.assembly import build_pipeline
 from consumer.kafka.pipeline import Pipeline
 from consumer.ledger.batch import Applied, Decoded, Report, apply_isolating
 from consumer.ledger.claims import BatchPlan, Outcome
+from consumer.ledger.decode import BatchDecoder
 from consumer.ledger.offsets import OffsetMove
 from consumer.retry import Backoff
 from consumer.settings import load_settings
 from consumer.status import Readiness
-from producer.decoding import BatchDecoder
-from producer.events import AnyEvent, RejectReason
+from producer.events import RejectReason
+from producer.ledger_event import LedgerEvent
 from tests.fakes import TOPIC, TP, FakeDlq, FakeLedger, FakeLog, FakeOffsets, planned_records
 
 
@@ -102,7 +103,7 @@ async def test_a_record_the_database_rejects_is_isolated_and_dead_lettered() -> 
     decoded = pipeline._decode(records)
     poison = decoded.events[4]
 
-    async def apply(conn: Any, events: Sequence[AnyEvent]) -> BatchPlan:
+    async def apply(conn: Any, events: Sequence[LedgerEvent]) -> BatchPlan:
         if any(event is poison for event in events):  # identity: exact copies are equal
             raise asyncpg.CheckViolationError("violates check constraint")
         return BatchPlan([], [], [], [Outcome.APPLIED] * len(events), [])

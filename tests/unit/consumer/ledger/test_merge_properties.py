@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 from consumer.ledger.claims import Outcome, StoredState
 from consumer.ledger.merge import Admission, reduce_batch
 from consumer.ledger.rebuild import LedgerRows, expected_rows, rebuild, rebuild_by_thread
-from producer.events import AnyEvent, payload_digest
+from producer.events import AnyEvent
+from producer.ledger_event import ledger_event
+from tests.factories import ledger_events
 from tests.reference import reference_rows
 from tests.strategies import delivered
 
@@ -21,7 +23,7 @@ from tests.strategies import delivered
 @settings(max_examples=400, deadline=None)
 @given(delivered())
 def test_rebuild_equals_the_reference(events: list[AnyEvent]) -> None:
-    assert expected_rows(rebuild(events)) == reference_rows(events)
+    assert expected_rows(rebuild(ledger_events(events))) == reference_rows(events)
 
 
 @settings(max_examples=200, deadline=None)
@@ -29,13 +31,15 @@ def test_rebuild_equals_the_reference(events: list[AnyEvent]) -> None:
 def test_order_and_duplicates_do_not_matter(events: list[AnyEvent], rng: random.Random) -> None:
     shuffled = list(events) + list(events[: len(events) // 2])
     rng.shuffle(shuffled)
-    assert expected_rows(rebuild(shuffled)) == expected_rows(rebuild(events))
+    assert expected_rows(rebuild(ledger_events(shuffled))) == expected_rows(
+        rebuild(ledger_events(events))
+    )
 
 
 @settings(max_examples=200, deadline=None)
 @given(delivered(consistent_spaces=False))
 def test_conflicting_spaces_follow_arrival_order(events: list[AnyEvent]) -> None:
-    assert expected_rows(rebuild(events)) == reference_rows(events)
+    assert expected_rows(rebuild(ledger_events(events))) == reference_rows(events)
 
 
 @settings(max_examples=300, deadline=None)
@@ -47,11 +51,11 @@ def test_thread_by_thread_after_admission_equals_the_whole_rebuild(events: list[
     admitted = [
         (event.thread_id, arrival, event)
         for arrival, event in enumerate(events)
-        if admission.check(event) is None
+        if admission.check(ledger_event(event)) is None
     ]
     admitted.sort(key=itemgetter(0, 1))
     groups = (
-        (thread_id, (event for _, _, event in group))
+        (thread_id, (ledger_event(event) for _, _, event in group))
         for thread_id, group in groupby(admitted, key=itemgetter(0))
     )
     whole = LedgerRows(threads={}, messages={}, usage={})
@@ -63,19 +67,19 @@ def test_thread_by_thread_after_admission_equals_the_whole_rebuild(events: list[
         whole.messages.update(rows.messages)
         whole.usage.update(rows.usage)
     assert thread_ids == sorted(set(thread_ids))
-    assert whole == expected_rows(rebuild(events))
+    assert whole == expected_rows(rebuild(ledger_events(events)))
 
 
 @settings(max_examples=100, deadline=None)
 @given(delivered())
 def test_every_event_gets_one_outcome_and_repeats_are_duplicates(events: list[AnyEvent]) -> None:
-    plan = reduce_batch(events, StoredState())
+    plan = reduce_batch(ledger_events(events), StoredState())
     assert len(plan.outcomes) == len(events)
     seen = set()
     for event, outcome in zip(events, plan.outcomes, strict=True):
         # Only an exact copy is a duplicate; a differing copy of an event_id competes.
         # (A copy of a rejected event is judged again, and rejected again.)
-        copy = (event.event_id, event.occurred_at, payload_digest(event))
+        copy = ledger_event(event).copy_key
         if copy in seen:
             assert outcome is Outcome.DUPLICATE
         if outcome is not Outcome.REJECTED:
@@ -87,10 +91,11 @@ def test_every_event_gets_one_outcome_and_repeats_are_duplicates(events: list[An
 def test_a_repeated_object_is_judged_like_an_equal_copy(
     events: list[AnyEvent], rng: random.Random
 ) -> None:
-    """The batch decoder hands out one object for a value delivered twice; reduce_batch
-    recognises it without a digest, and must decide exactly as for two equal objects."""
+    """The batch decoder hands out one object for a value delivered twice; reduce_batch must
+    decide exactly as for two equal objects."""
+    decoded = {id(event): ledger_event(event) for event in events}
     repeats = [rng.choice(events) for _ in range(len(events) // 2 + 1)]
     batch = list(events) + repeats
     rng.shuffle(batch)
-    as_copies = [event.model_copy() for event in batch]
-    assert reduce_batch(batch, StoredState()) == reduce_batch(as_copies, StoredState())
+    shared = [decoded[id(event)] for event in batch]
+    assert reduce_batch(shared, StoredState()) == reduce_batch(ledger_events(batch), StoredState())

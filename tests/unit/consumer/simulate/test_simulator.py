@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from consumer.ledger.claims import usage_totals
+from consumer.ledger.decode import decode_ledger_event
 from consumer.ledger.rebuild import rebuild
 from consumer.simulate.config import TrafficConfig
 from consumer.simulate.expectation import (
@@ -125,7 +126,7 @@ def test_expectation_agrees_with_the_merge_rules() -> None:
         TrafficConfig(threads=120, seed=11, duplicate_rate=0.2, shuffle_rate=0.4, start=START)
     )
     decoded = [
-        decode_event(value, timestamp_ms=RECORD_TS + offset)
+        decode_ledger_event(value, timestamp_ms=RECORD_TS + offset)
         for offset, (_, value) in enumerate(records)
     ]
     ledger = rebuild([event for event in decoded if not isinstance(event, Rejection)])

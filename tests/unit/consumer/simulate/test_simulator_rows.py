@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from consumer.ledger.decode import decode_ledger_event
 from consumer.ledger.rebuild import rebuild
 from consumer.simulate.config import TrafficConfig
 from consumer.simulate.expectation import ExpectedRow, RowKey, row_key
 from consumer.simulate.traffic import plan_traffic
 from producer import jsonvalues
-from producer.decoding import decode_event
 from producer.events import Rejection
 from tests.factories import START
 
@@ -21,7 +21,7 @@ RECORD_TS = int(START.timestamp() * 1000) + 86_400_000
 def _rows(config: TrafficConfig) -> tuple[dict[RowKey, ExpectedRow], dict[RowKey, ExpectedRow]]:
     records, expect = plan_traffic(config)
     decoded = [
-        decode_event(value, timestamp_ms=RECORD_TS + offset)
+        decode_ledger_event(value, timestamp_ms=RECORD_TS + offset)
         for offset, (_, value) in enumerate(records)
     ]
     ledger = rebuild([event for event in decoded if not isinstance(event, Rejection)])

@@ -35,7 +35,7 @@ from consumer.kafka.dead_letters import MAX_UNCOMPRESSED_BYTES, REFUSALS
 from consumer.logs import fields
 from consumer.retry import Backoff, as_transient
 from consumer.status import Outage, Readiness
-from producer.client import ProducerResource, thread_key
+from producer.client import BATCH_BYTES, ProducerResource, thread_key
 
 log = logging.getLogger(__name__)
 RELAY_LOCK = 0x70_6C_65_64_67_65_72  # pg advisory lock key: one relay per ledger database
@@ -84,6 +84,7 @@ class BillingProducer(ProducerResource):
             client_id="token-ledger-relay",
             max_request_size=MAX_UNCOMPRESSED_BYTES,
             compression_type="zstd",
+            max_batch_size=BATCH_BYTES,
             **kafka_options,
         )
         self.topic = topic

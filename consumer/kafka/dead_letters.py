@@ -32,7 +32,7 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer.errors import DeadLetterRefusedError, DeadLetterUnavailableError
 from consumer.logs import fields
-from producer.client import ProducerResource
+from producer.client import BATCH_BYTES, ProducerResource
 from producer.events import RejectReason
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ class DeadLetterQueue(ProducerResource):
             client_id="token-ledger-dlq",
             max_request_size=MAX_UNCOMPRESSED_BYTES,
             compression_type="zstd",
+            max_batch_size=BATCH_BYTES,
             **kafka_options,
         )
         self.topic = topic

@@ -1,7 +1,9 @@
 """The compiled decode path: a record's bytes straight to a LedgerEvent, for the shape producers
-write (docs/contract.md#event-types). msgspec parses the JSON in C (non-integers as exact Decimals,
-through the same range rule as producer/exact_json.py), and the checks below are the models'
-rules (producer/events.py) written out for plain values, so no model is built.
+write (docs/contract.md#event-types). msgspec validates the record in C against the models'
+rules (producer/events.py) as msgspec types, and parses it once more into plain values (non-
+integers as exact Decimals, through the same range rule as producer/exact_json.py) for what
+is stored as sent; no model is built. The rules no type can say (sums within 2^63-1, usage
+needs a user, token_usage on assistant messages only) are checked after.
 
 It answers only when it is sure. Anything it does not know to be valid in the plain shape (a
 rejection, a v0 legacy body, an upper-case UUID, a timestamp written another way, deep nesting,
@@ -12,19 +14,20 @@ paths equal, field by field, on generated records and their mutations.
 
 from __future__ import annotations
 
-import re
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 from producer import exact_json
 from producer.events import (
     MAX_INT64,
     TOKEN_KINDS,
     USAGE_MEASURES,
+    ContentPart,
     LegacyTokenUsage,
     MessageAppended,
     ModelUsage,
@@ -33,14 +36,100 @@ from producer.events import (
     TurnUsage,
     UsageCall,
 )
-from producer.ledger_event import LedgerEvent, from_payload
+from producer.ledger_event import LedgerEvent, payload_digest
 
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_TIMESTAMP = re.compile(
-    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)"
-)
-_EDGES = frozenset((datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)))
-_ROLES = frozenset(("user", "assistant", "system"))
+MAX = MAX_INT64
+Id64 = Annotated[int, Meta(ge=1, le=MAX)]
+Count64 = Annotated[int, Meta(ge=0, le=MAX)]
+TurnId = Annotated[str, Meta(min_length=1, max_length=64)]
+# RFC 3339 as producers write it; anything else is for the reference decoder. \Z, not $: a
+# pattern is searched, and $ would let a trailing newline through.
+Timestamp = Annotated[
+    str,
+    Meta(
+        pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?"
+        r"(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)\Z"
+    ),
+]
+
+
+# The models of producer/events.py as msgspec types, for validating in C. Fields a model keeps
+# as sent (content parts, calls, breakdown entries) are checked here and taken from the parsed
+# document, extra fields included; tests/unit/producer/test_compiled.py holds the field names
+# to the models'.
+class _Call(Struct):
+    model: Annotated[str, Meta(min_length=1, max_length=200)]
+    prompt_tokens: Count64
+    completion_tokens: Count64
+    total_tokens: Count64
+    cost_micros: Count64
+    call_kind: Annotated[str, Meta(min_length=1, max_length=64)]
+    cached_tokens: Count64 | None = None
+    reasoning_tokens: Count64 | None = None
+
+
+class _TurnUsage(Struct):
+    calls: list[_Call]
+
+
+class _ContentPart(Struct):
+    type: str
+
+
+class _ModelUsage(Struct):
+    prompt_tokens: Count64 | None = None
+    completion_tokens: Count64 | None = None
+    total_tokens: Count64 | None = None
+    cost_micros: Count64 | None = None
+
+
+class _LegacyTokenUsage(Struct):
+    prompt_tokens: Count64
+    completion_tokens: Count64
+    total_tokens: Count64
+    cost_micros: Count64
+    usage: dict[str, _ModelUsage] | UnsetType | None = UNSET
+    call_details: list[dict[str, Any]] | dict[str, Any] | UnsetType | None = UNSET
+
+
+class _Envelope(Struct, tag_field="type"):
+    event_id: uuid.UUID
+    schema_version: Literal[1]
+    occurred_at: Timestamp
+    thread_id: Id64
+    search_space_id: Id64
+    user_id: uuid.UUID | None
+
+
+class _TurnStarted(_Envelope, tag="turn.started"):
+    turn_id: TurnId
+    user_query: str
+    mentioned_documents: list[dict[str, Any]] | UnsetType = UNSET
+
+
+class _TurnFinalized(_Envelope, tag="turn.finalized"):
+    turn_id: TurnId
+    content: list[_ContentPart]
+    usage: _TurnUsage | UnsetType | None = UNSET
+
+
+class _MessageAppended(_Envelope, tag="message.appended"):
+    role: Literal["user", "assistant", "system"]
+    content: list[_ContentPart]
+    turn_id: TurnId | UnsetType | None = UNSET
+    token_usage: _LegacyTokenUsage | UnsetType | None = UNSET
+
+
+STRUCTS = {
+    TurnStarted: _TurnStarted,
+    TurnFinalized: _TurnFinalized,
+    MessageAppended: _MessageAppended,
+    TurnUsage: _TurnUsage,
+    UsageCall: _Call,
+    ContentPart: _ContentPart,
+    ModelUsage: _ModelUsage,
+    LegacyTokenUsage: _LegacyTokenUsage,
+}
 _FIELDS = {
     "turn.started": frozenset(TurnStarted.model_fields),
     "turn.finalized": frozenset(TurnFinalized.model_fields),
@@ -51,15 +140,12 @@ _CALL_FIELDS = frozenset(UsageCall.model_fields)
 _LEGACY_FIELDS = frozenset(LegacyTokenUsage.model_fields)
 _ENTRY_FIELDS = frozenset(ModelUsage.model_fields)
 _COUNTS = (*USAGE_MEASURES, *TOKEN_KINDS)
-
-
-class _Unsure(Exception):  # noqa: N818 - control flow: the reference decoder decides
-    pass
+_EDGES = frozenset((datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)))
 
 
 class _Numbers:
-    """msgspec's hook for non-integers: exact, within the accepted range, and counting how much
-    they grow the record when written out (exact_json.MAX_EXPANSION)."""
+    """msgspec's hook for non-integers of the untyped parse: exact, within the accepted range,
+    counting how much they grow the record when written out (exact_json.MAX_EXPANSION)."""
 
     def __init__(self) -> None:
         self.expansion = 0
@@ -67,13 +153,14 @@ class _Numbers:
     def __call__(self, text: str) -> Decimal:
         number = Decimal(text)
         if not exact_json.number_in_range(number):
-            raise _Unsure
+            raise ValueError("out of range")
         self.expansion += max(0, exact_json.written_out(number) - len(text))
         return number
 
 
 _NUMBERS = _Numbers()
-_DECODER = msgspec.json.Decoder(float_hook=_NUMBERS)
+_PARSE = msgspec.json.Decoder(float_hook=_NUMBERS)
+_VALIDATE = msgspec.json.Decoder(_TurnStarted | _TurnFinalized | _MessageAppended)
 
 
 def decode(value: bytes, max_bytes: int, max_nesting: int) -> tuple[LedgerEvent, int] | None:
@@ -91,161 +178,105 @@ def decode(value: bytes, max_bytes: int, max_nesting: int) -> tuple[LedgerEvent,
         return None
     _NUMBERS.expansion = 0
     try:
-        document = _DECODER.decode(value)
-        if _NUMBERS.expansion > exact_json.MAX_EXPANSION or type(document) is not dict:
-            return None
-        payload, unknown = _event(document)
-    except (_Unsure, msgspec.DecodeError, ArithmeticError, LookupError, ValueError):
+        event = _VALIDATE.decode(value)
+        document = _PARSE.decode(value)
+    except (msgspec.DecodeError, ValueError, ArithmeticError):
         return None
-    return from_payload(payload), unknown
-
-
-def _event(document: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    kind = document.get("type")
-    known = _FIELDS.get(kind) if type(kind) is str else None
-    version = document.get("schema_version")
-    if known is None or type(version) is not int or version != 1:
-        raise _Unsure
-    user_id = document["user_id"]  # required, may be null
-    payload: dict[str, Any] = {
-        "event_id": _uuid(document["event_id"]),
-        "schema_version": 1,
-        "occurred_at": _timestamp(document["occurred_at"]),
-        "thread_id": _id64(document["thread_id"]),
-        "search_space_id": _id64(document["search_space_id"]),
-        "user_id": None if user_id is None else _uuid(user_id),
-        "type": kind,
-    }
-    unknown = len(document.keys() - known)
-    if kind == "turn.started":
-        payload["turn_id"] = _turn_id(document["turn_id"])
-        payload["user_query"] = _text(document["user_query"])
-        if "mentioned_documents" in document:
-            payload["mentioned_documents"] = _objects(document["mentioned_documents"])
-    elif kind == "turn.finalized":
-        payload["turn_id"] = _turn_id(document["turn_id"])
-        payload["content"] = _content(document["content"])
-        if "usage" in document:
-            usage, extra = _usage(document["usage"], user_id is not None)
-            payload["usage"] = usage
-            unknown += extra
+    if _NUMBERS.expansion > exact_json.MAX_EXPANSION:
+        return None
+    try:
+        occurred_at = datetime.fromisoformat(event.occurred_at).astimezone(UTC)
+    except (ValueError, OverflowError):
+        return None
+    if occurred_at in _EDGES:
+        return None
+    found: tuple[dict[str, Any], int] | None
+    if isinstance(event, _TurnStarted):
+        found = _started(event, document)
+    elif isinstance(event, _TurnFinalized):
+        found = _finalized(event, document)
     else:
-        if "turn_id" in document:
-            turn_id = document["turn_id"]
-            payload["turn_id"] = None if turn_id is None else _turn_id(turn_id)
-        role = document["role"]
-        if type(role) is not str or role not in _ROLES:
-            raise _Unsure
-        payload["role"] = role
-        payload["content"] = _content(document["content"])
-        if "token_usage" in document:
-            legacy = document["token_usage"]
-            if legacy is not None and role != "assistant":
-                raise _Unsure
-            payload["token_usage"], extra = (None, 0) if legacy is None else _legacy(legacy)
-            unknown += extra
+        found = _appended(event, document)
+    if found is None:
+        return None
+    payload, unknown = found
+    payload.update(
+        event_id=event.event_id,
+        schema_version=1,
+        occurred_at=occurred_at.isoformat(),
+        thread_id=event.thread_id,
+        search_space_id=event.search_space_id,
+        user_id=event.user_id,
+        type=document["type"],
+    )
+    return (
+        LedgerEvent(
+            document["type"],
+            event.event_id,
+            occurred_at,
+            event.thread_id,
+            event.search_space_id,
+            event.user_id,
+            payload.get("turn_id"),
+            payload.get("role"),
+            payload_digest(payload),
+            payload,
+        ),
+        unknown + len(document.keys() - _FIELDS[document["type"]]),
+    )
+
+
+def _started(event: _TurnStarted, document: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    payload: dict[str, Any] = {"turn_id": event.turn_id, "user_query": event.user_query}
+    if event.mentioned_documents is not UNSET:
+        payload["mentioned_documents"] = document["mentioned_documents"]
+    return payload, 0
+
+
+def _finalized(
+    event: _TurnFinalized, document: dict[str, Any]
+) -> tuple[dict[str, Any], int] | None:
+    payload: dict[str, Any] = {"turn_id": event.turn_id, "content": document["content"]}
+    unknown = 0
+    if event.usage is not UNSET:
+        payload["usage"] = None
+        if event.usage is not None:
+            calls = event.usage.calls
+            if calls and event.user_id is None:
+                return None  # usage calls need a user_id to bill: a rejection
+            if len(calls) > 1:
+                for name in _COUNTS:
+                    if sum(getattr(call, name) or 0 for call in calls) > MAX:
+                        return None
+            usage = document["usage"]
+            sent = usage["calls"]
+            unknown = len(usage.keys() - _USAGE_FIELDS)
+            unknown += sum(len(call.keys() - _CALL_FIELDS) for call in sent)
+            payload["usage"] = {"calls": sent}
     return payload, unknown
 
 
-def _uuid(value: Any) -> uuid.UUID:
-    if type(value) is not str or not _UUID.fullmatch(value):
-        raise _Unsure
-    return uuid.UUID(value)
-
-
-def _timestamp(value: Any) -> datetime:
-    if type(value) is not str or not _TIMESTAMP.fullmatch(value):
-        raise _Unsure
-    at = datetime.fromisoformat(value).astimezone(UTC)
-    if at in _EDGES:
-        raise _Unsure
-    return at
-
-
-def _id64(value: Any) -> int:
-    if type(value) is not int or not 1 <= value <= MAX_INT64:
-        raise _Unsure
-    return value
-
-
-def _count(value: Any) -> int:
-    if type(value) is not int or not 0 <= value <= MAX_INT64:
-        raise _Unsure
-    return value
-
-
-def _text(value: Any, shortest: int = 0, longest: int | None = None) -> str:
-    if type(value) is not str or len(value) < shortest:
-        raise _Unsure
-    if longest is not None and len(value) > longest:
-        raise _Unsure
-    return value
-
-
-def _turn_id(value: Any) -> str:
-    return _text(value, 1, 64)
-
-
-def _objects(value: Any) -> list[dict[str, Any]]:
-    if type(value) is not list or any(type(item) is not dict for item in value):
-        raise _Unsure
-    return value
-
-
-def _content(value: Any) -> list[dict[str, Any]]:
-    parts = _objects(value)
-    for part in parts:
-        if type(part.get("type")) is not str:
-            raise _Unsure
-    return parts
-
-
-def _usage(value: Any, has_user: bool) -> tuple[dict[str, Any] | None, int]:
-    if value is None:
-        return None, 0
-    if type(value) is not dict:
-        raise _Unsure
-    calls = _objects(value["calls"])
-    if calls and not has_user:
-        raise _Unsure  # usage calls need a user_id to bill: a rejection
-    unknown = len(value.keys() - _USAGE_FIELDS)
-    for call in calls:
-        _text(call["model"], 1, 200)
-        _text(call["call_kind"], 1, 64)
-        for name in USAGE_MEASURES:
-            _count(call[name])
-        for kind in TOKEN_KINDS:
-            if (reported := call.get(kind)) is not None:
-                _count(reported)
-        unknown += len(call.keys() - _CALL_FIELDS)
-    if len(calls) > 1:
-        for name in _COUNTS:
-            if sum(call.get(name) or 0 for call in calls) > MAX_INT64:
-                raise _Unsure
-    return {"calls": calls}, unknown
-
-
-def _legacy(value: Any) -> tuple[dict[str, Any], int]:
-    if type(value) is not dict:
-        raise _Unsure
-    legacy = {name: _count(value[name]) for name in USAGE_MEASURES}
-    unknown = len(value.keys() - _LEGACY_FIELDS)
-    if "usage" in value:
-        breakdown = value["usage"]
-        if breakdown is not None:
-            if type(breakdown) is not dict:
-                raise _Unsure
-            for entry in breakdown.values():
-                if type(entry) is not dict:
-                    raise _Unsure
-                for name in USAGE_MEASURES:
-                    if (measure := entry.get(name)) is not None:
-                        _count(measure)
-                unknown += len(entry.keys() - _ENTRY_FIELDS)
-        legacy["usage"] = breakdown
-    if "call_details" in value:
-        details = value["call_details"]
-        if details is not None and type(details) is not dict:
-            _objects(details)
-        legacy["call_details"] = details
-    return legacy, unknown
+def _appended(
+    event: _MessageAppended, document: dict[str, Any]
+) -> tuple[dict[str, Any], int] | None:
+    payload: dict[str, Any] = {"role": event.role, "content": document["content"]}
+    if event.turn_id is not UNSET:
+        payload["turn_id"] = event.turn_id
+    unknown = 0
+    if event.token_usage is not UNSET:
+        legacy = event.token_usage
+        payload["token_usage"] = None
+        if legacy is not None:
+            if event.role != "assistant":
+                return None  # token_usage on a user or system message: a rejection
+            sent = document["token_usage"]
+            kept = {name: sent[name] for name in USAGE_MEASURES}
+            unknown = len(sent.keys() - _LEGACY_FIELDS)
+            if legacy.usage is not UNSET:
+                kept["usage"] = sent["usage"]
+                if sent["usage"] is not None:
+                    unknown += sum(len(e.keys() - _ENTRY_FIELDS) for e in sent["usage"].values())
+            if legacy.call_details is not UNSET:
+                kept["call_details"] = sent["call_details"]
+            payload["token_usage"] = kept
+    return payload, unknown

@@ -26,7 +26,7 @@ from producer.events import AnyEvent
 class LedgerEvent(msgspec.Struct, frozen=True):
     type: str
     event_id: uuid.UUID
-    occurred_at: datetime  # in UTC
+    occurred_at: datetime  # in UTC (in the payload as its isoformat() text)
     thread_id: int
     search_space_id: int
     user_id: uuid.UUID | None
@@ -42,27 +42,23 @@ class LedgerEvent(msgspec.Struct, frozen=True):
 
 
 def payload_digest(payload: Mapping[str, Any]) -> bytes:
-    """SHA-256 of the payload's canonical text (occurred_at written as `isoformat()`)."""
-    text = canonical.ascii_text({**payload, "occurred_at": payload["occurred_at"].isoformat()})
-    return hashlib.sha256(text).digest()
+    """SHA-256 of the payload's canonical text."""
+    return hashlib.sha256(canonical.ascii_text(payload)).digest()
 
 
-def from_payload(payload: dict[str, Any]) -> LedgerEvent:
-    """The LedgerEvent of a validated event's payload (see the module docstring)."""
+def ledger_event(event: AnyEvent) -> LedgerEvent:
+    """The reference path: a validated model's LedgerEvent."""
+    payload = event.model_dump(exclude_unset=True)
+    payload["occurred_at"] = event.occurred_at.isoformat()
     return LedgerEvent(
-        payload["type"],
-        payload["event_id"],
-        payload["occurred_at"],
-        payload["thread_id"],
-        payload["search_space_id"],
-        payload["user_id"],
+        event.type,
+        event.event_id,
+        event.occurred_at,
+        event.thread_id,
+        event.search_space_id,
+        event.user_id,
         payload.get("turn_id"),
         payload.get("role"),
         payload_digest(payload),
         payload,
     )
-
-
-def ledger_event(event: AnyEvent) -> LedgerEvent:
-    """The reference path: a validated model's LedgerEvent."""
-    return from_payload(event.model_dump(exclude_unset=True))

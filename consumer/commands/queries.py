@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Set
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from consumer.ledger.claims import MessageKey, MessageRow, ThreadRow, UsageRow
 from consumer.ledger.rebuild import LedgerRows, message_values, thread_values, usage_values
@@ -122,7 +122,7 @@ def _rows(
 
 
 def _pick(row: Mapping[str, Any], cls: type, skip: Set[str] = frozenset()) -> dict[str, Any]:
-    return {f.name: row[f.name] for f in dataclasses.fields(cls) if f.name not in skip}
+    return {f.name: row[f.name] for f in msgspec.structs.fields(cls) if f.name not in skip}
 
 
 async def applied_offsets(

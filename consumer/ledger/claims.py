@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
+
+from msgspec import Struct
+from msgspec.structs import replace
 
 from producer import jsonvalues
 from producer.events import TOKEN_KINDS, USAGE_MEASURES, Rejection, attribution
@@ -79,8 +82,7 @@ def usage_beats(new: Claim, old: Claim) -> bool:
     return (new.at, new.event_id, new.digest) < (old.at, old.event_id, old.digest)
 
 
-@dataclass(frozen=True)
-class ThreadRow:
+class ThreadRow(Struct, frozen=True, gc=False):
     id: int
     search_space_id: int
     created_at: datetime
@@ -103,7 +105,7 @@ class ThreadRow:
     def merge(self, other: ThreadRow) -> ThreadRow:
         mine, theirs = self.creator_claim, other.creator_claim
         creator = other if theirs is not None and (mine is None or theirs < mine) else self
-        # Positional, not dataclasses.replace: this runs once per event of a batch.
+        # Positional, not replace(): this runs once per event of a batch.
         return ThreadRow(
             self.id,
             self.search_space_id,
@@ -116,8 +118,7 @@ class ThreadRow:
         )
 
 
-@dataclass(frozen=True)
-class MessageRow:
+class MessageRow(Struct, frozen=True, gc=False):
     key: MessageKey
     claim: Claim
     content: list[dict[str, Any]]
@@ -131,8 +132,7 @@ class MessageRow:
         return replace(winner, created_at=loser.created_at)
 
 
-@dataclass(frozen=True)
-class UsageRow:
+class UsageRow(Struct, frozen=True, gc=False):
     key: MessageKey
     claim: Claim
     source: str
@@ -153,8 +153,7 @@ class UsageRow:
         return replace(winner, created_at=loser.created_at)
 
 
-@dataclass(frozen=True)
-class StoredMessage:
+class StoredMessage(Struct, frozen=True, gc=False):
     """The register of a stored message row (and of its usage row, if any). Its usage's
     per-model attribution is worked out only for a usage that a batch supersedes, from the
     stored totals and breakdown (JSON text): a redelivery never parses it."""
@@ -178,8 +177,7 @@ class StoredState:
     messages: Mapping[MessageKey, StoredMessage] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class UsageChange:
+class UsageChange(Struct, frozen=True, gc=False):
     """A usage register that became authoritative: per model, new minus previous sums."""
 
     model: str

@@ -14,7 +14,8 @@ the same labels: `sum(cost_micros_total) - sum(cost_micros_reversed_total)` equa
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping
+from bisect import bisect_left
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 from prometheus_client import (
@@ -211,11 +212,12 @@ class LedgerMetrics:
         self.batch_seconds.observe(seconds)
         self.last_commit.set(now.timestamp())
         events: collections.Counter[tuple[str, str]] = collections.Counter()
-        observe_lag = self.event_lag.observe
+        lags = []
         for event_type, occurred_at, outcome in outcomes:
             events[event_type, outcome.value] += 1
             if outcome is not Outcome.REJECTED:
-                observe_lag(max(0.0, (now - occurred_at).total_seconds()))
+                lags.append(max(0.0, (now - occurred_at).total_seconds()))
+        observe_many(self.event_lag, lags)
         for named in undecodable:  # the type the record names if it is one of ours
             events[named or "unknown", Outcome.REJECTED.value] += 1
         for (event_type, outcome_name), count in events.items():
@@ -288,3 +290,17 @@ class CountRetries:
 
     def finished(self) -> None:
         pass
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """`histogram.observe(v)` for every value, with each bucket and the sum moved once (one
+    lock each) instead of once per value. It reads prometheus_client's own attributes:
+    tests/unit/consumer/http/test_metrics.py holds it equal to observing one by one."""
+    bounds = histogram._upper_bounds
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1
+    histogram._sum.inc(sum(values))
+    for bucket, count in zip(histogram._buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)

@@ -1,6 +1,6 @@
 """`make bench`: the consumer end to end, against a baseline commit measured in the same run.
 
-    .venv/bin/python -m bench [--runs 3] [--records 200000] [--full] [--baseline f8f748f]
+    .venv/bin/python -m bench [--runs 3] [--records 200000] [--full] [--baseline add7224]
 
 Everything runs on a throw-away Kafka broker and PostgreSQL started for the benchmark
 (bench/services.py). The baseline and the candidate (HEAD unless given) are commits' trees,
@@ -31,13 +31,13 @@ from bench.backlog import publish_backlog
 from bench.ceilings import copy_ceiling, naive, raw_read
 from bench.consumers import Consumer, Tree
 from bench.latency import produce_to_commit
-from bench.report import Results, summary, table
+from bench.report import LATENCY_RATE, MILLION, POISON, Results, summary, table
 from bench.services import Databases, Services, running_services
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "latest.json"
 NAIVE_RECORDS = 3_000
-LATENCY_RATE = 1_000
+POISON_RATE = 0.3
 
 
 def export(commit: str, name: str) -> Tree:
@@ -143,6 +143,20 @@ class Bench:
                 _rate(await raw_read(self.services.bootstrap, backlog.topic, backlog.partitions)),
             )
         drained = await self.drains(backlog.topic, backlog.records)
+        poisoned = await publish_backlog(
+            self.services.bootstrap,
+            "bench.poison",
+            records=args.records,
+            partitions=6,
+            sample=0,
+            poison_rate=POISON_RATE,
+        )
+        for run in range(args.runs):
+            for tree in self.trees if run % 2 == 0 else self.trees[::-1]:
+                url = await self.databases.fresh()
+                drain = await self.consumer(tree, url, poisoned.topic).drain()
+                await self.databases.drop(url)
+                self.results.drain(tree.name, POISON, drain, poisoned.records)
         for _ in range(args.runs):
             empty = await self.databases.fresh()
             bound = await copy_ceiling(self.services, drained, empty)
@@ -187,7 +201,7 @@ class Bench:
             url = await self.databases.fresh()
             consumer = self.consumer(tree, url, big.topic)
             drain = await consumer.drain()
-            self.results.drain(tree.name, "1,000,000 records", drain, big.records)
+            self.results.drain(tree.name, MILLION, drain, big.records)
             print(f"million {tree.name}: {drain}", flush=True)
             # verify streams the topic with bounded memory: its peak counts against the target.
             checked = await consumer.measure(("verify",))
@@ -208,7 +222,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--full", action="store_true", help="60 s latency, 1,000,000 records")
-    parser.add_argument("--baseline", default="f8f748f", help="commit to compare against")
+    parser.add_argument("--baseline", default="add7224", help="commit to compare against")
     parser.add_argument("--candidate", default="HEAD", help="commit to measure")
     args = parser.parse_args()
     trees = [export(args.baseline, "baseline"), export(args.candidate, "candidate")]

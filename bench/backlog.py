@@ -34,7 +34,14 @@ async def create_topic(bootstrap: str, name: str, partitions: int) -> None:
 
 
 async def publish_backlog(
-    bootstrap: str, topic: str, *, records: int, partitions: int, sample: int, seed: int = 1
+    bootstrap: str,
+    topic: str,
+    *,
+    records: int,
+    partitions: int,
+    sample: int,
+    seed: int = 1,
+    poison_rate: float = TrafficConfig.poison_rate,
 ) -> Backlog:
     """At least `records` simulated records on a new topic; keeps the first `sample` of them."""
     await create_topic(bootstrap, topic, partitions)
@@ -45,7 +52,9 @@ async def publish_backlog(
             left = records - backlog.records
             threads = min(THREADS_PER_CHUNK, int(left / RECORDS_PER_THREAD) + 1)
             # Each chunk its own seed: thread ids are random 62-bit numbers, never shared.
-            planned, _ = plan_traffic(TrafficConfig(threads=threads, seed=seed * 1000 + chunk))
+            planned, _ = plan_traffic(
+                TrafficConfig(threads=threads, seed=seed * 1000 + chunk, poison_rate=poison_rate)
+            )
             chunk += 1
             if len(backlog.sample) < sample:
                 backlog.sample.extend(planned[: sample - len(backlog.sample)])

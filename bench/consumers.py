@@ -6,6 +6,7 @@ its peak RSS from /proc, and PostgreSQL's CPU over the same span."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -37,6 +38,9 @@ class Drain:
     cpu_seconds: float  # all consumer processes together
     pg_cpu_seconds: float
     peak_rss_kib: int  # the largest of the processes
+    # What the consumer says it sat idle waiting on (its `caught up` line), when it says so:
+    # {"postgres": s, "kafka": s}, summed over the processes.
+    idle_seconds: dict[str, float] | None = None
 
 
 @dataclass
@@ -57,7 +61,8 @@ class Consumer:
             LEDGER_GROUP_ID=self.group,
             LEDGER_METRICS_HOST="127.0.0.1",
             LEDGER_METRICS_PORT=str(metrics_port),
-            LEDGER_LOG_LEVEL="WARNING",
+            LEDGER_LOG_LEVEL="INFO",  # the `caught up` line says where the time went
+            LEDGER_LOG_FORMAT="json",
             PYTHONPATH=str(self.tree.path),
             **extra,
         )
@@ -106,6 +111,7 @@ class Consumer:
         await asyncio.gather(watcher, return_exceptions=True)
         seconds = time.monotonic() - started
         pg_cpu = self.services.postgres_cpu() - pg_before
+        idle: dict[str, float] | None = {}
         for (child, log), (_, status, _) in zip(children, waited, strict=True):
             child.returncode = os.waitstatus_to_exitcode(status)
             if child.returncode != 0:
@@ -113,13 +119,37 @@ class Consumer:
                     f"{self.tree.name} {args[0]} exited {child.returncode}:\n"
                     + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
                 )
+            said = _idle(log)
+            idle = (
+                None
+                if idle is None or said is None
+                else {what: idle.get(what, 0.0) + seconds for what, seconds in said.items()}
+            )
             log.unlink()
         return Drain(
             seconds=seconds,
             cpu_seconds=sum(usage.ru_utime + usage.ru_stime for _, _, usage in waited),
             pg_cpu_seconds=pg_cpu,
             peak_rss_kib=max(peaks),
+            idle_seconds=idle,
         )
+
+
+def _idle(log: Path) -> dict[str, float] | None:
+    """The idle figures of the process's `caught up` line (a release that logs none: None)."""
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and str(entry.get("msg", "")).startswith("caught up"):
+            figures = {
+                key.removeprefix("idle_on_").removesuffix("_seconds"): float(value)
+                for key, value in entry.items()
+                if key.startswith("idle_on_")
+            }
+            return figures or None
+    return None
 
 
 def _ready(port: int) -> bool:

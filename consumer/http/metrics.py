@@ -45,6 +45,13 @@ class LedgerMetrics:
         self.registry = registry or CollectorRegistry()
         self._models: set[str] = set()
         r = self.registry
+        self.idle_seconds = Counter(
+            "token_ledger_idle_seconds",
+            "Time the consumer sat idle waiting on postgres (the batch in flight) or kafka (a"
+            " fetch with nothing buffered).",
+            ["waiting_on"],
+            registry=r,
+        )
         self.events = Counter(
             "token_ledger_events",
             "Events by type and outcome (applied, duplicate, superseded, dead_lettered).",

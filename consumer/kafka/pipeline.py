@@ -43,6 +43,7 @@ from consumer.kafka.checkpoint import Checkpoints
 from consumer.kafka.dead_letters import DeadLetter, DeadLetterQueue
 from consumer.kafka.lag import update_lag
 from consumer.kafka.outages import KafkaProbe
+from consumer.kafka.waiting import IdleClock
 from consumer.ledger.batch import Applied, Decoded, Record, Report, decode_records
 from consumer.ledger.offsets import OffsetMove
 from consumer.logs import fields
@@ -100,6 +101,7 @@ class Pipeline:
         self._lag_partitions: set[int] = set()
         self._last_sync = time.monotonic()
         self._probe = KafkaProbe(consumer, self.kafka, readiness)
+        self.idle = IdleClock(metrics.idle_seconds)
 
     @property
     def listener(self) -> ConsumerRebalanceListener:
@@ -170,7 +172,16 @@ class Pipeline:
                     continue
                 await self._probe()
                 if until_idle and caught_up:
-                    log.info("caught up: every assigned partition is at its last stable offset")
+                    log.info(
+                        "caught up: every assigned partition is at its last stable offset",
+                        extra=fields(
+                            cpu_seconds=round(time.process_time(), 3),
+                            **{
+                                f"idle_on_{what}_seconds": round(seconds, 3)
+                                for what, seconds in self.idle.seconds.items()
+                            },
+                        ),
+                    )
                     return
                 if time.monotonic() - self._last_sync > IDLE_SYNC_SECONDS:
                     self._last_sync = time.monotonic()
@@ -214,7 +225,8 @@ class Pipeline:
         nothing was fetched and every partition is caught up. `generation`: the checkpoints'
         when the fetch began; a seek since means the records may come from old positions."""
         decoded = self._decode(records) if records else None  # 1, overlapping the commit
-        committed = await self._settle()
+        with self.idle.waiting_on("postgres"):
+            committed = await self._settle()
         if decoded is None:
             async with self._batch_lock:
                 return await self._update_lag()
@@ -263,7 +275,10 @@ class Pipeline:
             carried, self._carry = self._carry, []
             return self._within_bytes(carried, generation)
         try:
-            batch = await self.consumer.getmany(timeout_ms=500, max_records=self.settings.max_batch)
+            with self.idle.waiting_on("kafka"):
+                batch = await self.consumer.getmany(
+                    timeout_ms=500, max_records=self.settings.max_batch
+                )
         except OffsetOutOfRangeError as error:
             await self._settle()
             async with self._batch_lock:

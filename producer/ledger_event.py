@@ -23,7 +23,7 @@ from producer import canonical
 from producer.events import AnyEvent
 
 
-class LedgerEvent(msgspec.Struct, frozen=True):
+class LedgerEvent(msgspec.Struct, frozen=True, gc=False):
     type: str
     event_id: uuid.UUID
     occurred_at: datetime  # in UTC (in the payload as its isoformat() text)

@@ -5,21 +5,26 @@ to each other on generated values.
 
 `ascii_text` adds what `ensure_ascii=True` does: every character past U+007E (DEL included)
 written as a `\\uXXXX` escape, astral ones as a surrogate pair. JSON text holds such characters
-only inside strings, so escaping them in the whole text is escaping them in the strings; the
-ASCII codec finds them in C and calls the escape once per run of them.
+only inside strings, so escaping them in the whole text is escaping them in the strings: the
+ASCII codec escapes them in C (`backslashreplace`), and two substitutions give its escapes the
+form JSON has (text with a literal backslash goes through an exact handler instead).
 """
 
 from __future__ import annotations
 
 import codecs
+import re
 from typing import Any
 
 import msgspec
 
 _PLAIN = msgspec.json.Encoder(decimal_format="number")
 _SORTED = msgspec.json.Encoder(decimal_format="number", order="sorted")
-_ESCAPES: dict[str, str] = {}  # character -> its escape, as characters are met (bounded)
-_KEPT_ESCAPES = 4096
+# After the `backslashreplace` codec, `\xe9` is what `ensure_ascii` writes as `\u00e9`, and an
+# astral `\U0001f680` is its surrogate pair. JSON text never holds `\x` or `\U` itself; a
+# literal backslash in a string (`\\`) could make one, so such text takes the exact handler.
+_LATIN = re.compile(rb"\\x([0-9a-f]{2})")
+_ASTRAL = re.compile(rb"\\U([0-9a-f]{8})")
 _ERRORS = "token-ledger-json-escape"
 
 
@@ -31,17 +36,13 @@ def _escape(character: str) -> str:
     return f"\\u{0xD800 | (code >> 10):04x}\\u{0xDC00 | (code & 0x3FF):04x}"
 
 
+def _pair(match: re.Match[bytes]) -> bytes:
+    return _escape(chr(int(match.group(1), 16))).encode()
+
+
 def _escape_run(error: UnicodeError) -> tuple[str, int]:
     assert isinstance(error, UnicodeEncodeError)
-    escaped = []
-    for character in error.object[error.start : error.end]:
-        escape = _ESCAPES.get(character)
-        if escape is None:
-            escape = _escape(character)
-            if len(_ESCAPES) < _KEPT_ESCAPES:
-                _ESCAPES[character] = escape
-        escaped.append(escape)
-    return "".join(escaped), error.end
+    return "".join(map(_escape, error.object[error.start : error.end])), error.end
 
 
 codecs.register_error(_ERRORS, _escape_run)
@@ -61,7 +62,14 @@ def ascii_text(value: Any) -> bytes:
     """Compact JSON with sorted keys and only ASCII characters (what a digest is taken of)."""
     encoded = _SORTED.encode(value)
     if not encoded.isascii():
-        encoded = encoded.decode().encode("ascii", _ERRORS)
+        if b"\\\\" in encoded:  # a literal backslash: each character escaped by the handler
+            encoded = encoded.decode().encode("ascii", _ERRORS)
+        else:
+            encoded = encoded.decode().encode("ascii", "backslashreplace")
+            if b"\\x" in encoded:
+                encoded = _LATIN.sub(rb"\\u00\1", encoded)
+            if b"\\U" in encoded:
+                encoded = _ASTRAL.sub(_pair, encoded)
     if b"\x7f" in encoded:  # ASCII, but escaped all the same
         encoded = encoded.replace(b"\x7f", b"\\u007f")
     return encoded

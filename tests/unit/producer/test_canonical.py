@@ -8,6 +8,7 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +16,9 @@ from producer import canonical, jsonvalues
 
 # Text from every plane, DEL and the control characters included (no lone surrogates: JSON
 # text that names one is refused before it becomes a value).
-texts = st.text(st.characters(exclude_categories=["Cs"]), max_size=12)
+texts = st.text(st.characters(exclude_categories=["Cs"]), max_size=12) | st.lists(
+    st.sampled_from(["\\", "x", "U", "e9", "0001f680", "é", "\U0001f680"]), max_size=8
+).map("".join)
 numbers = st.one_of(
     st.integers(min_value=-(10**40), max_value=10**40),
     st.decimals(allow_nan=False, allow_infinity=False),
@@ -36,6 +39,17 @@ def test_the_compiled_encoder_writes_what_the_python_one_wrote(value: Any) -> No
     )
     assert canonical.text(value) == jsonvalues.dumps(value)
     assert canonical.sorted_bytes(value) == jsonvalues.dumps(value, sort_keys=True).encode()
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["\\xe9é", "\\\\xe9", "\\U0001f680\U0001f680", "\\\U0001f680", "x\\\\\\é", "\\u00e9é"],
+)
+def test_a_backslash_in_the_text_is_never_taken_for_an_escape(text: str) -> None:
+    value = {"t": text, text: [text]}
+    assert canonical.ascii_text(value).decode("ascii") == jsonvalues.dumps(
+        value, sort_keys=True, ensure_ascii=True
+    )
 
 
 def test_characters_past_ascii_are_escaped_as_python_escapes_them() -> None:

@@ -40,11 +40,11 @@ from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 from consumer.errors import BatchAbandoned, BatchTooSlow, DeadLetterRefusedError, FencedError
 from consumer.http.metrics import LedgerMetrics
 from consumer.kafka.checkpoint import Checkpoints
-from consumer.kafka.dead_letters import DeadLetter, DeadLetterQueue
+from consumer.kafka.dead_letters import DeadLetterQueue
 from consumer.kafka.lag import update_lag
 from consumer.kafka.outages import KafkaProbe
 from consumer.kafka.waiting import IdleClock
-from consumer.ledger.batch import Applied, Decoded, Record, Report, decode_records
+from consumer.ledger.batch import Applied, Decoded, Record, Report, decode_in_slices
 from consumer.ledger.offsets import OffsetMove
 from consumer.logs import fields
 from consumer.retry import Retrier
@@ -174,13 +174,7 @@ class Pipeline:
                 if until_idle and caught_up:
                     log.info(
                         "caught up: every assigned partition is at its last stable offset",
-                        extra=fields(
-                            cpu_seconds=round(time.process_time(), 3),
-                            **{
-                                f"idle_on_{what}_seconds": round(seconds, 3)
-                                for what, seconds in self.idle.seconds.items()
-                            },
-                        ),
+                        extra=fields(**self.idle.summary()),
                     )
                     return
                 if time.monotonic() - self._last_sync > IDLE_SYNC_SECONDS:
@@ -224,7 +218,7 @@ class Pipeline:
         """Decode the fetched batch while the previous one commits, then hand it on; True when
         nothing was fetched and every partition is caught up. `generation`: the checkpoints'
         when the fetch began; a seek since means the records may come from old positions."""
-        decoded = self._decode(records) if records else None  # 1, overlapping the commit
+        decoded = await self._decode(records) if records else None  # 1, beside the commit
         with self.idle.waiting_on("postgres"):
             committed = await self._settle()
         if decoded is None:
@@ -343,9 +337,9 @@ class Pipeline:
     async def _put(self, owned: list[Record], decoded: Decoded | None) -> bool:
         started = time.monotonic()
         try:
-            ready = decoded if decoded is not None else self._decode(owned)
+            ready = decoded if decoded is not None else await self._decode(owned)
             letters = ready.letters
-            await self.retry(lambda: self.dlq_report(letters))  # 1
+            await self.retry(lambda: self.dlq.report(letters))  # 1
             applied = await self.retry(
                 lambda: self._commit(owned, ready), splittable=len(owned) > 1
             )  # 2
@@ -370,20 +364,19 @@ class Pipeline:
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def _decode(self, records: list[Record]) -> Decoded:
-        """Pure, and never raises for a record (producer.decoding.decode_event)."""
-        return decode_records(
+    async def _decode(self, records: list[Record]) -> Decoded:
+        """Pure, never raises for a record; in slices while a batch is in flight."""
+        inflight = self._inflight
+        return await decode_in_slices(
             records,
             max_bytes=self.settings.max_event_bytes,
             max_future_skew=self.settings.future_skew,
+            busy=lambda: inflight is not None and not inflight.done(),
         )
-
-    async def dlq_report(self, letters: Sequence[DeadLetter]) -> None:
-        await self.dlq.report(letters)
 
     async def _commit(self, records: list[Record], decoded: Decoded) -> Applied:
         moves = self.checkpoints.moves(records)
-        applied = await self.commit(moves, decoded, self.dlq_report)
+        applied = await self.commit(moves, decoded, self.dlq.report)
         self.checkpoints.committed(moves)
         self.readiness.progressed()
         return applied

@@ -30,3 +30,10 @@ class IdleClock:
             idle = max(0.0, (time.monotonic() - wall) - (time.thread_time() - cpu))
             self.seconds[what] += idle
             self.counter.labels(what).inc(idle)
+
+    def summary(self) -> dict[str, float]:
+        """This process's CPU so far and its idle time by what it waited on (log fields)."""
+        return {
+            "cpu_seconds": round(time.process_time(), 3),
+            **{f"idle_on_{what}_seconds": round(s, 3) for what, s in self.seconds.items()},
+        }

@@ -14,8 +14,9 @@ Also used without Kafka by the property tests, which feed arbitrary records thro
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TypeAlias
@@ -59,20 +60,54 @@ class Applied:
     plans: list[BatchPlan] = field(default_factory=list)
 
 
+class Decoding:
+    """Step 1 for one batch, a slice of records at a time (the pipeline yields to the batch in
+    flight between slices)."""
+
+    def __init__(self, *, max_bytes: int, max_future_skew: timedelta) -> None:
+        self.decoded = Decoded()
+        self._decode = BatchDecoder(max_bytes=max_bytes, max_future_skew=max_future_skew)
+        self.decoded.unknown_fields = self._decode.unknown_fields
+
+    def add(self, records: Iterable[Record]) -> None:
+        decoded, decode = self.decoded, self._decode
+        for record in records:
+            result = decode(record.value, record.timestamp)
+            if isinstance(result, Rejection):
+                decoded.letters.append(
+                    DeadLetter(record, result.reason, result.detail, result.event_type)
+                )
+            else:
+                decoded.events.append(result)
+                decoded.records.append(record)
+
+
 def decode_records(records: list[Record], *, max_bytes: int, max_future_skew: timedelta) -> Decoded:
-    decoded = Decoded()
-    decode = BatchDecoder(max_bytes=max_bytes, max_future_skew=max_future_skew)
-    for record in records:
-        result = decode(record.value, record.timestamp)
-        if isinstance(result, Rejection):
-            decoded.letters.append(
-                DeadLetter(record, result.reason, result.detail, result.event_type)
-            )
-        else:
-            decoded.events.append(result)
-            decoded.records.append(record)
-    decoded.unknown_fields = decode.unknown_fields
-    return decoded
+    decoding = Decoding(max_bytes=max_bytes, max_future_skew=max_future_skew)
+    decoding.add(records)
+    return decoding.decoded
+
+
+DECODE_SLICE = 128  # records decoded between two turns of the batch in flight
+
+
+async def decode_in_slices(
+    records: list[Record],
+    *,
+    max_bytes: int,
+    max_future_skew: timedelta,
+    busy: Callable[[], bool],
+) -> Decoded:
+    """decode_records a slice at a time, yielding to the event loop between slices while
+    `busy` (a batch in flight): that batch sends its next statement as soon as PostgreSQL
+    answers the last one, not once this whole batch is decoded, so the database works
+    meanwhile."""
+    decoding = Decoding(max_bytes=max_bytes, max_future_skew=max_future_skew)
+    for start in range(0, len(records), DECODE_SLICE):
+        decoding.add(records[start : start + DECODE_SLICE])
+        if busy():
+            await asyncio.sleep(0)
+    return decoding.decoded
 
 
 async def commit_batch(

@@ -100,7 +100,7 @@ async def test_a_batch_retrying_while_its_partitions_are_revoked_is_abandoned() 
 async def test_a_record_the_database_rejects_is_isolated_and_dead_lettered() -> None:
     records = planned_records(7)
     pipeline = _pipeline(FakeLog(records), FakeLedger(FakeOffsets()))
-    decoded = pipeline._decode(records)
+    decoded = await pipeline._decode(records)
     poison = decoded.events[4]
 
     async def apply(conn: Any, events: Sequence[LedgerEvent]) -> BatchPlan:

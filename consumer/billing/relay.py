@@ -3,9 +3,10 @@
 One pass (`publish_pending`), in one transaction:
   1. take the relay lock (a transaction-scoped advisory lock: of several consumers, one relays
      at a time, so revisions of one message are never published out of order);
-  2. read up to `batch` pending rows in id order (a message's revision n+1 is written only
-     after the transaction of revision n committed, or in the same statement right after it
-     for a reversal and the revision it makes room for: id order is revision order);
+  2. read up to `batch` pending rows in id order, and keep each message's first (a message's
+     revision n+1 is written only after the transaction of revision n committed, or in the
+     same statement right after it for a reversal and the revision it makes room for: id
+     order is revision order);
   3. send them (idempotent producer, acks=all, key = thread_id: one thread, one partition)
      and wait for every acknowledgement;
   4. mark them published; COMMIT.
@@ -41,26 +42,26 @@ log = logging.getLogger(__name__)
 RELAY_LOCK = 0x70_6C_65_64_67_65_72  # pg advisory lock key: one relay per ledger database
 IDLE_SECONDS = 0.5  # how often an idle relay looks for new revisions
 PRUNE_SECONDS = 300.0
+# While passes publish, the pending gauge is counted at most this often (the count reads every
+# pending row).
+COUNT_SECONDS = 1.0
 BACKOFF = Backoff(initial=0.2, maximum=5.0)
 BILLING_PARTITIONS = 3  # when the relay creates the billing topic
 
-# Per message, only its oldest pending revision: revision n+1 is sent only once n is acked, so
-# a revision the broker refuses can never be overtaken by a later one of the same message.
-# Revisions refused for good ($2) are left where they are, and with them their message's later
-# ones.
+# The first pending rows in id order (the partial index on pending ids, no scan of every pending
+# row): of them, the relay sends per message only its oldest pending revision (`_oldest_each`),
+# so that revision n+1 is sent only once n is acked and a revision the broker refuses can never
+# be overtaken by a later one of the same message. Revisions refused for good ($2) are left
+# where they are, and with them their message's later ones.
 _PENDING = (
     f"SELECT {OUTBOX_COLUMNS}"  # noqa: S608 - constant column names, no input
     " FROM billing_outbox AS o LEFT JOIN chat_messages AS m ON m.id = o.message_id"
     " WHERE o.published_at IS NULL AND o.usage_id <> ALL($2::bigint[])"
-    " AND NOT EXISTS (SELECT 1 FROM billing_outbox AS p"
-    "   WHERE p.usage_id = o.usage_id AND p.published_at IS NULL AND p.id < o.id)"
     " ORDER BY o.id LIMIT $1"
 )
 _PENDING_IDS = (
     "SELECT o.id, o.usage_id, o.revision FROM billing_outbox AS o"
     " WHERE o.published_at IS NULL AND o.usage_id <> ALL($2::bigint[])"
-    " AND NOT EXISTS (SELECT 1 FROM billing_outbox AS p"
-    "   WHERE p.usage_id = o.usage_id AND p.published_at IS NULL AND p.id < o.id)"
     " ORDER BY o.id LIMIT $1"
 )
 _PENDING_ROW = (
@@ -123,6 +124,7 @@ class Relay:
         # later of it may overtake the held one).
         self.refused: dict[int, tuple[str, str]] = {}
         self._last_prune = 0.0
+        self._last_count = 0.0
         self._outage = Outage("billing relay")
 
     async def publish_pending(self) -> int | None:
@@ -134,7 +136,9 @@ class Relay:
                 return None
             try:
                 async with conn.transaction():  # a savepoint: see _readable
-                    rows = await conn.fetch(_PENDING, self.batch, sorted(self.refused))
+                    rows = _oldest_each(
+                        await conn.fetch(_PENDING, self.batch, sorted(self.refused))
+                    )
             except asyncpg.PostgresError as failure:
                 # Only what a row's data causes (a value too large to print): a privilege, a
                 # table or a column missing would fail every row alike, and is retried.
@@ -165,7 +169,7 @@ class Relay:
         """The pending rows read one at a time, after reading them together failed for a reason
         no retry cures (a value PostgreSQL cannot print, written by an older release): a row
         that fails alone is held back, so that it stops its own message only."""
-        ids = await conn.fetch(_PENDING_IDS, self.batch, sorted(self.refused))
+        ids = _oldest_each(await conn.fetch(_PENDING_IDS, self.batch, sorted(self.refused)))
         rows = []
         for pending in ids:
             try:
@@ -212,6 +216,7 @@ class Relay:
 
     async def pending(self) -> tuple[int, int]:
         """(pending, publishable): what waits, and what of it is not held by a refusal."""
+        self._last_count = time.monotonic()
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(_COUNT_PENDING, sorted(self.refused))
         self.metrics.outbox_pending.set(row["pending"])
@@ -253,7 +258,9 @@ class Relay:
                     prepared = True
                 published = await self.publish_pending()
                 await self._prune_when_due()
-                _, publishable = await self.pending()
+                publishable = None  # while passes publish, counted every COUNT_SECONDS
+                if not published or time.monotonic() - self._last_count >= COUNT_SECONDS:
+                    _, publishable = await self.pending()
             except Exception as error:  # no answer stops the relay: wait and try again
                 failures += 1
                 if as_transient(error) is None and not isinstance(error, KafkaError | OSError):
@@ -271,6 +278,18 @@ class Relay:
                 return
             if not published:
                 await _wait(stop, IDLE_SECONDS)
+
+
+def _oldest_each(rows: list[asyncpg.Record]) -> list[asyncpg.Record]:
+    """Of pending rows in id order, each message's first: every earlier pending revision of a
+    message has a smaller id, so it is among them (a revision n+1 is written only after n)."""
+    seen: set[int] = set()
+    oldest = []
+    for row in rows:
+        if row["usage_id"] not in seen:
+            seen.add(row["usage_id"])
+            oldest.append(row)
+    return oldest
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

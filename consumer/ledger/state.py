@@ -88,7 +88,8 @@ async def load_state(conn: asyncpg.Connection, events: Sequence[LedgerEvent]) ->
         origins,
     )
     return StoredState(
-        threads={row["id"]: ThreadRow(**dict(row)) for row in thread_rows},
+        # The columns of _LOAD_THREADS are ThreadRow's fields, in order.
+        threads={row["id"]: ThreadRow(*row) for row in thread_rows},
         messages={stored_key(row): _stored_message(row) for row in message_rows},
     )
 

@@ -217,18 +217,27 @@ async def write_plan(conn: asyncpg.Connection, plan: BatchPlan) -> None:
         (_UPSERT_TURNLESS_MESSAGES, turnless_rows),
     ):
         if rows:
+            # One tuple per row, then columns (zip in C): one pass over the rows.
             await conn.execute(
                 statement,
-                [r.key.thread_id for r in rows],
-                [r.key.role for r in rows],
-                [r.key.turn_id for r in rows],
-                [canonical_json(r.content) for r in rows],
-                [r.author_id for r in rows],
-                [r.claim.rank for r in rows],
-                [r.claim.at for r in rows],
-                [r.claim.event_id for r in rows],
-                [r.claim.digest for r in rows],
-                [r.created_at for r in rows],
+                *zip(
+                    *(
+                        (
+                            r.key.thread_id,
+                            r.key.role,
+                            r.key.turn_id,
+                            canonical_json(r.content),
+                            r.author_id,
+                            r.claim.rank,
+                            r.claim.at,
+                            r.claim.event_id,
+                            r.claim.digest,
+                            r.created_at,
+                        )
+                        for r in rows
+                    ),
+                    strict=True,
+                ),
             )
     if turnless_rows and await conn.fetchval(
         _TURNLESS_CONFLICTS,

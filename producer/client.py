@@ -32,9 +32,9 @@ from typing import Any, Literal, Self
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
-from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
+from producer.batches import OutgoingRecord, send_all
 from producer.events import (
     AnyEvent,
     ContentPart,
@@ -187,74 +187,8 @@ class ProducerResource:
     async def send_all(
         self, topic: str, records: Sequence[OutgoingRecord]
     ) -> list[BaseException | None]:
-        """Send every record, then wait for every acknowledgement. The records go out as a few
-        batches per partition (the partition the key gives, as aiokafka's default partitioner
-        would choose it), not one by one. Per record, None (acked) or why not. A batch refused
-        refuses its records only, and a record larger than half a batch travels alone, so one
-        too large never takes others with it."""
-        try:
-            partitions = sorted(await self._producer.partitions_for(topic))
-        except KafkaError as error:  # e.g. no metadata in time: every record waits
-            return [error] * len(records)
-        by_partition: dict[int, list[int]] = {}
-        for index, (key, _, _) in enumerate(records):
-            partition = _PARTITIONER(key, partitions, partitions)
-            by_partition.setdefault(partition, []).append(index)
-        sent: list[tuple[list[int], asyncio.Future[object] | BaseException]] = []
-        for partition, indexes in by_partition.items():
-            members: list[int] = []
-            batch = self._producer.create_batch()
-            for index in indexes:
-                key, value, headers = records[index]
-                alone = len(value or b"") > BATCH_BYTES // 2
-                if members and (
-                    alone
-                    or batch.append(timestamp=None, key=key, value=value, headers=headers) is None
-                ):
-                    sent.append((members, await self._send_batch(batch, topic, partition)))
-                    members, batch = [], self._producer.create_batch()
-                if not members:  # an empty batch takes any record
-                    batch.append(timestamp=None, key=key, value=value, headers=headers)
-                members.append(index)
-                if alone:
-                    sent.append((members, await self._send_batch(batch, topic, partition)))
-                    members, batch = [], self._producer.create_batch()
-            if members:
-                sent.append((members, await self._send_batch(batch, topic, partition)))
-        outcomes = await asyncio.gather(
-            *(_settled(future) for _, future in sent), return_exceptions=True
-        )
-        results: list[BaseException | None] = [None] * len(records)
-        for (members, _), outcome in zip(sent, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                for index in members:
-                    results[index] = outcome
-        return results
-
-    async def _send_batch(
-        self, batch: Any, topic: str, partition: int
-    ) -> asyncio.Future[object] | BaseException:
-        try:
-            future: asyncio.Future[object] = await self._producer.send_batch(
-                batch, topic, partition=partition
-            )
-        except KafkaError as error:  # refused before sending
-            refused: BaseException = error
-            return refused
-        return future
-
-
-# (key, value, headers) of a record to publish.
-OutgoingRecord = tuple[bytes | None, bytes | None, list[tuple[str, bytes]] | None]
-# The batches send_all fills (aiokafka's max_batch_size): a few dozen records each.
-BATCH_BYTES = 256 * 1024
-_PARTITIONER = DefaultPartitioner()
-
-
-async def _settled(item: asyncio.Future[object] | BaseException) -> object:
-    if isinstance(item, BaseException):
-        raise item
-    return await item
+        """Every record sent, every acknowledgement awaited (producer/batches.py)."""
+        return await send_all(self._producer, topic, records)
 
 
 def turn_started_event(

@@ -36,7 +36,8 @@ from consumer.kafka.dead_letters import MAX_UNCOMPRESSED_BYTES, REFUSALS
 from consumer.logs import fields
 from consumer.retry import Backoff, as_transient
 from consumer.status import Outage, Readiness
-from producer.client import BATCH_BYTES, ProducerResource, thread_key
+from producer.batches import BATCH_BYTES
+from producer.client import ProducerResource, thread_key
 
 log = logging.getLogger(__name__)
 RELAY_LOCK = 0x70_6C_65_64_67_65_72  # pg advisory lock key: one relay per ledger database

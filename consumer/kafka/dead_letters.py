@@ -32,7 +32,8 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer.errors import DeadLetterRefusedError, DeadLetterUnavailableError
 from consumer.logs import fields
-from producer.client import BATCH_BYTES, ProducerResource
+from producer.batches import BATCH_BYTES
+from producer.client import ProducerResource
 from producer.events import RejectReason
 
 log = logging.getLogger(__name__)

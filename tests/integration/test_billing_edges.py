@@ -102,6 +102,36 @@ async def test_a_refused_revision_never_lets_a_later_revision_of_its_message_out
             assert f"{usage}:{int(revision) - 1}" in seen[:position], seen
 
 
+async def test_a_refused_revision_holds_back_no_other_message_sharing_its_batch(
+    kafka_bootstrap: str, ledger_url: str, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    """Revisions go out in batches per partition: a batch the topic finds too large must not
+    refuse a small revision of another message that the topic takes (same thread, so the same
+    key and partition, below half a batch: they share one)."""
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    await _small_billing_topic(stack)
+    await stack.publish(
+        records_of(
+            started(),
+            appended(cost=777, seconds=5, breakdown=big_breakdown()),
+            started(turn_id="4242:2", seconds=20),
+            appended(cost=5, seconds=25, turn_id="4242:2"),
+        )
+    )
+    consume_until_idle(stack, LEDGER_RELAY="false")
+    relay = ConsumerProcess(stack.env(), tmp_path / "relay.log", command="relay").start()
+    processes.append(relay)
+
+    async def small_one_published() -> bool:
+        return len(await stack.billing_records()) == 1
+
+    await wait_for(small_one_published, within=60, what="the small revision", context=relay.logs)
+    (record,) = await stack.billing_records()
+    assert json.loads(record.value)["data"]["cost_micros"] == 5
+    held = [line for line in relay.logs().splitlines() if "billing revision held back" in line]
+    assert len(held) == 1, held  # the big one only
+
+
 async def test_until_idle_ends_when_a_revision_cannot_be_published(
     kafka_bootstrap: str, ledger_url: str
 ) -> None:

@@ -15,6 +15,7 @@ import pytest
 from consumer.commands.queries import read_ledger
 from consumer.errors import FencedError, PoisonError, classify_database_error
 from consumer.ledger.batch import apply_events
+from consumer.ledger.claims import Outcome
 from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.merge import reduce_batch
 from consumer.ledger.offsets import OffsetMove, advance_offsets, load_offsets
@@ -179,6 +180,31 @@ async def test_a_batch_costs_a_constant_number_of_statements(ledger: asyncpg.Con
     # check, usage
     assert counts[10] == counts[5000] == 9, counts
     assert await ledger.fetchval("SELECT count(*) FROM token_usage") == 2000
+
+
+async def test_a_redelivered_batch_writes_no_row(ledger: asyncpg.Connection) -> None:
+    """Every record an exact copy of a stored claim: nothing is built, and the transaction
+    inserts, updates and deletes no ledger or outbox row (its own statistics say so)."""
+    events = ledger_events(_mixed_events(500))
+    async with ledger.transaction():
+        first = await apply_events(ledger, events)
+    tuples = (
+        "SELECT sum(n_tup_ins + n_tup_upd + n_tup_del) FROM pg_stat_xact_user_tables"
+        " WHERE relname IN ('chat_threads', 'chat_messages', 'token_usage', 'billing_outbox')"
+    )
+    async with ledger.transaction():
+        # The session's counts not yet flushed to the statistics may show here: what moves
+        # between the two reads is this transaction's.
+        before = await ledger.fetchval(tuples)
+        plan = await apply_events(ledger, events)
+        written = await ledger.fetchval(tuples) - before
+    assert (plan.threads, plan.messages, plan.usage, plan.usage_changes) == ([], [], [], [])
+    # What won is a duplicate now; what lost (a legacy cost under a finalize) loses again.
+    assert plan.outcomes == [
+        Outcome.SUPERSEDED if outcome is Outcome.SUPERSEDED else Outcome.DUPLICATE
+        for outcome in first.outcomes
+    ]
+    assert written == 0
 
 
 async def test_database_rejection_is_classified_as_poison(ledger: asyncpg.Connection) -> None:

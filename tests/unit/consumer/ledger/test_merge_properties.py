@@ -6,11 +6,12 @@ from __future__ import annotations
 import random
 from itertools import groupby
 from operator import itemgetter
+from unittest.mock import patch
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.ledger.claims import Outcome, StoredState
+from consumer.ledger.claims import Outcome, StoredMessage, StoredState
 from consumer.ledger.merge import Admission, reduce_batch
 from consumer.ledger.rebuild import LedgerRows, expected_rows, rebuild, rebuild_by_thread
 from producer.events import AnyEvent
@@ -99,3 +100,30 @@ def test_a_repeated_object_is_judged_like_an_equal_copy(
     rng.shuffle(batch)
     shared = [decoded[id(event)] for event in batch]
     assert reduce_batch(shared, StoredState()) == reduce_batch(ledger_events(batch), StoredState())
+
+
+@settings(max_examples=100, deadline=None)
+@given(delivered())
+def test_a_copy_of_a_stored_claim_builds_no_row(events: list[AnyEvent]) -> None:
+    """Redelivered after the batch committed: dropped before any candidate row is built (the
+    rows are what the fold builds; none is built), every outcome a duplicate."""
+    batch = ledger_events(events)
+    first = reduce_batch(batch, StoredState())
+    stored = StoredState(
+        threads={row.id: row for row in first.threads},
+        messages={
+            row.key: StoredMessage(
+                claim=row.claim,
+                created_at=row.created_at,
+                usage_claim=usage.claim if (usage := usage_of.get(row.key)) else None,
+                usage_created_at=usage.created_at if usage else None,
+            )
+            for usage_of in [{u.key: u for u in first.usage}]
+            for row in first.messages
+        },
+    )
+    applied = [e for e, o in zip(batch, first.outcomes, strict=True) if o is Outcome.APPLIED]
+    with patch("consumer.ledger.merge.candidates", side_effect=AssertionError("a row built")):
+        again = reduce_batch(applied, stored)
+    assert set(again.outcomes) <= {Outcome.DUPLICATE}
+    assert (again.threads, again.messages, again.usage) == ([], [], [])

@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from rich.table import Table
 
 from consumer.commands.tables import print_table
+from consumer.failures import ExitCode, fatal_line
 from consumer.logs import configure_logging
 from consumer.settings import Settings, SettingsError, load_settings
 from consumer.simulate.config import TrafficConfig
@@ -75,8 +76,8 @@ def _settings() -> Settings:
     try:
         return load_settings()
     except SettingsError as exc:
-        typer.echo(f"token-ledger: configuration error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fatal_line(f"configuration error: {exc}", ExitCode.CONFIGURATION)
+        raise typer.Exit(ExitCode.CONFIGURATION) from None
 
 
 @app.command()
@@ -96,10 +97,10 @@ def consume(
     # It could not finish these (each logged as ERROR when it happened).
     if halted := unfinished.partitions:
         stopped = "; ".join(f"partition {p}: {why}" for p, why in sorted(halted.items()))
-        typer.echo(f"token-ledger: partitions stopped: {stopped}", err=True)
+        fatal_line(f"partitions stopped: {stopped}", ExitCode.CHECK_FAILED, settings)
     if refused := unfinished.billing:
         listed = "; ".join(f"{rev}: {why}" for rev, why in sorted(refused.items()))
-        typer.echo(f"token-ledger: billing revisions held back: {listed}", err=True)
+        fatal_line(f"billing revisions held back: {listed}", ExitCode.CHECK_FAILED, settings)
     raise typer.Exit(1)
 
 
@@ -237,8 +238,8 @@ def replay(
 ) -> None:
     """Rewind the stored offsets; the consumers apply the range again (the ledger must not change)."""
     if (from_time is None) == (to_offset is None):
-        typer.echo("token-ledger replay: give exactly one of --from-time or --to-offset", err=True)
-        raise typer.Exit(2)
+        fatal_line("replay: give exactly one of --from-time or --to-offset", ExitCode.CONFIGURATION)
+        raise typer.Exit(ExitCode.CONFIGURATION)
     settings = _settings()
     from consumer.commands.replay import replay as run_replay
 
@@ -333,11 +334,11 @@ def usage(
 
     group_by = by or ["space", "model"]
     if bad := [d for d in group_by if d not in USAGE_DIMENSIONS]:
-        typer.echo(
-            f"token-ledger usage: --by {bad[0]!r} is not one of {', '.join(USAGE_DIMENSIONS)}",
-            err=True,
+        fatal_line(
+            f"usage: --by {bad[0]!r} is not one of {', '.join(USAGE_DIMENSIONS)}",
+            ExitCode.CONFIGURATION,
         )
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.CONFIGURATION)
 
     async def report() -> list[dict[str, Any]]:
         conn = await connect_checked(settings)

@@ -26,11 +26,14 @@ parsed URL and from server messages, which do not carry one.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import ssl
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from enum import IntEnum
 from typing import ClassVar
 
@@ -53,7 +56,7 @@ from aiokafka.errors import (
 from sqlalchemy.engine import make_url
 
 from consumer.errors import LedgerError
-from consumer.settings import Settings, SettingsError, load_settings
+from consumer.settings import PREFIX, Settings, SettingsError, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -341,20 +344,54 @@ def run_cli(app: Callable[[], object]) -> int:
 
 
 def report(error: BaseException, settings: Settings | None) -> int:
-    """Print one line for an expected failure (the traceback too at DEBUG); a bug in full."""
+    """Print one line for an expected failure (the traceback too at DEBUG); a bug in full.
+    Under LEDGER_LOG_FORMAT=json the line is a JSON object like every log line (the traceback
+    in its `error` field), so that the most important line parses too."""
     try:
         failure = explain(error, settings)
     except Exception:  # noqa: BLE001 - diagnosing must never hide the original error
         failure = None
     debug = settings is not None and settings.log_level == "DEBUG"
-    if failure is None or debug:
-        traceback.print_exception(error, file=sys.stderr)
+    trace = "".join(traceback.format_exception(error)) if failure is None or debug else None
     if failure is None:
-        print(
-            f"token-ledger: internal error ({type(error).__name__}): this is a bug, not a "
-            "setting; please report it with the traceback above",
-            file=sys.stderr,
+        _fatal(
+            f"internal error ({type(error).__name__}): this is a bug, not a setting; please"
+            f" report it with the traceback{'' if _json_lines(settings) else ' above'}",
+            ExitCode.BUG,
+            trace,
+            settings,
         )
         return ExitCode.BUG
-    print(f"token-ledger: {failure}", file=sys.stderr)
+    _fatal(str(failure), failure.exit_code, trace, settings)
     return failure.exit_code
+
+
+def _json_lines(settings: Settings | None) -> bool:
+    if settings is not None:
+        return settings.log_format == "json"
+    # The settings themselves failed: the variable, as the settings would read it.
+    return os.environ.get(f"{PREFIX}LOG_FORMAT", "").strip().lower() == "json"
+
+
+def fatal_line(message: str, code: int, settings: Settings | None = None) -> None:
+    """The one line a command ends on (`token-ledger: <message>`, or a JSON object under
+    LEDGER_LOG_FORMAT=json), for failures decided outside `report`."""
+    _fatal(message, code, None, settings)
+
+
+def _fatal(message: str, code: int, trace: str | None, settings: Settings | None) -> None:
+    if _json_lines(settings):
+        line = {
+            "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "level": "critical" if code == ExitCode.BUG else "error",
+            "logger": "token_ledger",
+            "msg": message,
+            "exit_code": int(code),
+        }
+        if trace is not None:
+            line["error"] = trace
+        print(json.dumps(line), file=sys.stderr)
+        return
+    if trace is not None:
+        print(trace, end="", file=sys.stderr)
+    print(f"token-ledger: {message}", file=sys.stderr)

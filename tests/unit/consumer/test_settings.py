@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -133,3 +134,28 @@ def test_an_empty_variable_means_not_set(monkeypatch: pytest.MonkeyPatch) -> Non
     settings = load_settings()
     assert settings.group_id == "token-ledger"
     assert settings.kafka_ssl_cafile is None
+
+
+@pytest.mark.parametrize(
+    ("command", "env", "code", "named"),
+    [
+        (["simulate"], {"LEDGER_MAX_BATCH": "lots"}, 2, "LEDGER_MAX_BATCH"),
+        # A database nobody listens on: the fatal line after the command's own log lines.
+        (["usage"], {"LEDGER_DATABASE_URL": "postgresql+asyncpg://u:p@127.0.0.1:9/db"}, 11, ":9/"),
+    ],
+)
+def test_every_stderr_line_is_json_under_the_json_log_format(
+    command: list[str], env: dict[str, str], code: int, named: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "consumer", *command],
+        env={**os.environ, "LEDGER_LOG_FORMAT": "json", **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == code, result.stderr
+    lines = [json.loads(line) for line in result.stderr.strip().splitlines()]
+    fatal = lines[-1]
+    assert fatal["level"] == "error" and fatal["exit_code"] == code
+    assert named in fatal["msg"]

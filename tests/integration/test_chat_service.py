@@ -64,6 +64,7 @@ def _run(*command: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_the_base_install_is_the_producer_library_only() -> None:
     assert PYPROJECT["project"]["dependencies"] == [
         "aiokafka[zstd]>=0.13,<0.15",
+        "msgspec>=0.19",
         "pydantic>=2.9,<3",
     ]
     assert {"asyncpg", "sqlalchemy", "alembic", "typer", "rich"} <= set(CONSUMER_ONLY)

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from consumer.http.metrics import CountRetries, LedgerMetrics
 from consumer.kafka.checkpoint import Checkpoints
@@ -78,7 +78,7 @@ async def open_pipeline(
         pipeline = build_pipeline(
             settings, consumer, pool, dlq, metrics, readiness, backoff=backoff, commit=commit
         )
-        consumer.subscribe([settings.topic], listener=pipeline.listener)
+        consumer.subscribe([settings.topic], listener=_Rebalance(pipeline))
         # aiokafka's reconnect complaints, from joining the group to leaving it, become the
         # broker's outage. On the root logger's handlers: aiokafka logs on child loggers too.
         kafka_logs = KafkaLogFilter(pipeline.kafka)
@@ -127,3 +127,16 @@ def build_pipeline(
         settings, consumer, dlq, metrics, readiness, checkpoints, retry, status, commit
     )
     return pipeline
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """aiokafka's rebalance callbacks, as the pipeline's SinkTask verbs."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.pipeline.close(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self.pipeline.open(assigned)

@@ -34,7 +34,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
 
 from consumer.errors import BatchAbandoned, BatchTooSlow, DeadLetterRefusedError, FencedError
@@ -55,17 +55,6 @@ log = logging.getLogger(__name__)
 IDLE_SYNC_SECONDS = 2.0
 # The batch transaction: (offset moves, decoded records, dead-letter report) -> what it did.
 Commit = Callable[[Sequence[OffsetMove], Decoded, Report], Awaitable[Applied]]
-
-
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
-
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        await self.pipeline.close(revoked)
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        await self.pipeline.open(assigned)
 
 
 class Pipeline:
@@ -92,6 +81,7 @@ class Pipeline:
         self.kafka = status.kafka
         self.revoking = False
         self._stop = asyncio.Event()
+        self._caught_up = False  # run(until_idle=True) returned: every partition caught up
         self._batch_lock = asyncio.Lock()
         self._inflight: asyncio.Task[bool] | None = None
         self._stale: list[Record] = []  # fetched but never applied: fetched again
@@ -102,10 +92,6 @@ class Pipeline:
         self._last_sync = time.monotonic()
         self._probe = KafkaProbe(consumer, self.kafka, readiness)
         self.idle = IdleClock(metrics.idle_seconds)
-
-    @property
-    def listener(self) -> ConsumerRebalanceListener:
-        return _Rebalance(self)
 
     def request_stop(self) -> None:
         """Stop taking work; the batch in flight still commits."""
@@ -172,6 +158,7 @@ class Pipeline:
                     continue
                 await self._probe()
                 if until_idle and caught_up:
+                    self._caught_up = True
                     log.info(
                         "caught up: every assigned partition is at its last stable offset",
                         extra=fields(**self.idle.summary()),
@@ -357,7 +344,10 @@ class Pipeline:
         return True
 
     async def stop(self) -> None:
-        self.request_stop()
+        if self._caught_up:  # `--until-idle` ended: nobody asked to stop, nothing is in flight
+            self._stop.set()
+        else:
+            self.request_stop()
         await self._settle(quietly=True)
         await self._batch_lock.acquire()  # wait for the batch in flight
         self._batch_lock.release()

@@ -143,6 +143,21 @@ async def _recreate_smaller(stack: Stack, seed: int) -> None:
     await stack.publish(records)
 
 
+async def test_until_idle_says_it_caught_up_and_not_that_a_stop_was_asked(
+    kafka_bootstrap: str, ledger_url: str
+) -> None:
+    stack = Stack.fresh(kafka_bootstrap, ledger_url, partitions=1)
+    records, _ = plan_traffic(
+        TrafficConfig(threads=3, turns_per_thread=2, seed=23, poison_rate=0, start=START)
+    )
+    await stack.publish(records)
+    run = stack.cli("consume", "--until-idle", LEDGER_LOG_FORMAT="json", LEDGER_LOG_LEVEL="INFO")
+    assert run.returncode == 0, run.stderr
+    said = [json.loads(line)["msg"] for line in run.stderr.splitlines()]
+    assert any(msg.startswith("caught up") for msg in said), said
+    assert not any("stop requested" in msg for msg in said), said
+
+
 async def test_a_stored_offset_beyond_a_recreated_topic_stops_the_partition_with_fail(
     kafka_bootstrap: str, ledger_url: str, processes: list[ConsumerProcess], tmp_path: Path
 ) -> None:

@@ -278,7 +278,8 @@ def dlq_list(
 
     views = asyncio.run(list_dead_letters(settings, reason))
     _print_dead_letters(views)
-    typer.echo(f"{len(views)} dead letter(s)")
+    # On stderr: piped, stdout holds the rows only.
+    typer.echo(f"{len(views)} dead letter(s)", err=True)
 
 
 @dlq_app.command("replay")

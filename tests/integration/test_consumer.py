@@ -320,9 +320,9 @@ async def test_operator_commands_dlq_usage_and_replay(
 
     listed = stack.cli("dlq", "list")
     assert listed.returncode == 0, listed.stderr
-    assert "2 dead letter(s)" in listed.stdout
+    assert "2 dead letter(s)" in listed.stderr
     assert "invalid_json" in listed.stdout and "unknown_type" in listed.stdout
-    assert "1 dead letter(s)" in stack.cli("dlq", "list", "--reason", "invalid_json").stdout
+    assert "1 dead letter(s)" in stack.cli("dlq", "list", "--reason", "invalid_json").stderr
 
     end = (await stack.end_offsets())[0]
     assert "would replay 2 record(s)" in stack.cli("dlq", "replay", "--dry-run").stdout

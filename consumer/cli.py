@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
 from consumer.commands.tables import print_table
@@ -27,7 +26,6 @@ from consumer.settings import Settings, SettingsError, load_settings
 from consumer.simulate.config import TrafficConfig
 from consumer.simulate.traffic import plan_traffic
 from producer import jsonvalues
-from producer.client import TurnEventProducer, ensure_topic
 
 if TYPE_CHECKING:
     from consumer.commands.dead_letters import DeadLetterView
@@ -120,11 +118,21 @@ def simulate(
     threads: Annotated[int, typer.Option(min=1, help="chat threads")] = 100,
     turns: Annotated[int, typer.Option(min=1, help="turns per thread")] = 5,
     seed: Annotated[int, typer.Option(help="same seed, same traffic")] = 1,
-    duplicate_rate: Annotated[float, typer.Option(min=0, max=1)] = 0.1,
-    legacy_rate: Annotated[float, typer.Option(min=0, max=1)] = 0.1,
-    second_finalize_rate: Annotated[float, typer.Option(min=0, max=1)] = 0.05,
-    shuffle_rate: Annotated[float, typer.Option(min=0, max=1)] = 0.2,
-    poison_rate: Annotated[float, typer.Option(min=0, max=1)] = 0.01,
+    duplicate_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="records re-sent right after, as exact copies")
+    ] = 0.1,
+    legacy_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="turns with legacy message.appended beside them")
+    ] = 0.1,
+    second_finalize_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="turns finalized twice (the first cost wins)")
+    ] = 0.05,
+    shuffle_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="threads whose records are published shuffled")
+    ] = 0.2,
+    poison_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="per turn, a poison record in its thread")
+    ] = 0.01,
     legacy_partial_rate: Annotated[
         float, typer.Option(min=0, max=1, help="legacy breakdowns partial per model")
     ] = TrafficConfig.legacy_partial_rate,
@@ -171,7 +179,9 @@ def simulate(
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
     records, expectation = plan_traffic(config)
-    asyncio.run(_publish(settings, records, partitions))
+    from consumer.simulate.publishing import publish_with_progress
+
+    asyncio.run(publish_with_progress(settings, records, partitions))
     summary = expectation.to_json()
     if expect is not None:
         expect.write_text(json.dumps(summary, indent=2) + "\n")
@@ -181,19 +191,6 @@ def simulate(
         f"{summary['messages']} messages, {summary['usage_rows']} usage rows, "
         f"cost {summary['total_cost_micros']} micros"
     )
-
-
-async def _publish(settings: Settings, records: list[tuple[bytes, bytes]], partitions: int) -> None:
-    security = settings.kafka_security()
-    await ensure_topic(settings.kafka_bootstrap, settings.topic, partitions=partitions, **security)
-    columns = (*Progress.get_default_columns()[:-1], MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, BarColumn(bar_width=None), transient=False) as progress:
-        task = progress.add_task("publishing", total=len(records))
-        async with TurnEventProducer(
-            settings.kafka_bootstrap, topic=settings.topic, **security
-        ) as producer:
-            async for acked in producer.publish_records(records):
-                progress.advance(task, acked)
 
 
 @app.command()
@@ -310,7 +307,11 @@ class UsageFormat(StrEnum):
 @app.command()
 def usage(
     by: Annotated[
-        list[str] | None, typer.Option(help="user, space, model, day, month (repeat to combine)")
+        list[str] | None,
+        typer.Option(
+            metavar="[user|space|model|day|month]",
+            help="group by (repeat to combine); default: --by space --by model",
+        ),
     ] = None,
     since: Annotated[
         datetime | None, typer.Option(help="from this time, inclusive (UTC if no zone)")
@@ -340,11 +341,18 @@ def usage(
             ExitCode.CONFIGURATION,
         )
         raise typer.Exit(ExitCode.CONFIGURATION)
+    start, end = _utc(since), _utc(until)
+    if start is not None and end is not None and start >= end:
+        fatal_line(
+            f"usage: --since {start.isoformat()} is not before --until {end.isoformat()}",
+            ExitCode.CONFIGURATION,
+        )
+        raise typer.Exit(ExitCode.CONFIGURATION)
 
     async def report() -> list[dict[str, Any]]:
         conn = await connect_checked(settings)
         try:
-            return await usage_report(conn, group_by, _utc(since), _utc(until))
+            return await usage_report(conn, group_by, start, end)
         finally:
             await conn.close()
 

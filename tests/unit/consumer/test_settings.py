@@ -159,3 +159,58 @@ def test_every_stderr_line_is_json_under_the_json_log_format(
     fatal = lines[-1]
     assert fatal["level"] == "error" and fatal["exit_code"] == code
     assert named in fatal["msg"]
+
+
+def test_usage_refuses_a_since_that_is_not_before_until() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "consumer",
+            "usage",
+            "--since",
+            "2026-02-01",
+            "--until",
+            "2026-01-01",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "token-ledger: usage: --since 2026-02-01T00:00:00+00:00 is not before"
+        " --until 2026-01-01T00:00:00+00:00"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["usage"], ["[user|space|model|day|month]", "default: --by space --by model"]),
+        (
+            ["simulate"],
+            [
+                "as exact copies",
+                "legacy message.appended",
+                "finalized twice",
+                "published shuffled",
+                "a poison record",
+            ],
+        ),
+    ],
+)
+def test_help_shows_the_choices_and_what_each_option_does(
+    command: list[str], shown: list[str]
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "consumer", *command, "--help"],
+        env={**os.environ, "COLUMNS": "200", "TERM": "dumb"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert "<list[str]>" not in result.stdout
+    for text in shown:
+        assert text in result.stdout

@@ -7,11 +7,9 @@ expected failure is one line and an exit code from the table in consumer/failure
 from __future__ import annotations
 
 import asyncio
-import csv
 import json
 import sys
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -19,13 +17,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from consumer.commands.tables import print_table
+from consumer.commands.tables import ReportFormat, print_rows, print_table
 from consumer.failures import ExitCode, fatal_line
 from consumer.logs import configure_logging
 from consumer.settings import Settings, SettingsError, load_settings
 from consumer.simulate.config import TrafficConfig
 from consumer.simulate.traffic import plan_traffic
-from producer import jsonvalues
 
 if TYPE_CHECKING:
     from consumer.commands.dead_letters import DeadLetterView
@@ -227,11 +224,15 @@ def replay(
     from_time: Annotated[
         datetime | None,
         typer.Option(
-            help="rewind to the first record at or after this time (ISO 8601, UTC if no zone)"
+            help="rewind to the first record whose Kafka timestamp (when it was published, not"
+            " the event's occurred_at) is at or after this time (ISO 8601, UTC if no zone)"
         ),
     ] = None,
     to_offset: Annotated[int | None, typer.Option(min=0, help="rewind to this offset")] = None,
     partition: Annotated[int | None, typer.Option(min=0, help="only this partition")] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="say where each partition would go; change nothing")
+    ] = False,
 ) -> None:
     """Rewind the stored offsets; the consumers apply the range again (the ledger must not change)."""
     if (from_time is None) == (to_offset is None):
@@ -241,12 +242,27 @@ def replay(
     from consumer.commands.replay import replay as run_replay
 
     moves = asyncio.run(
-        run_replay(settings, from_time=_utc(from_time), to_offset=to_offset, partition=partition)
+        run_replay(
+            settings,
+            from_time=_utc(from_time),
+            to_offset=to_offset,
+            partition=partition,
+            dry_run=dry_run,
+        )
     )
-    for part, (old, new) in sorted(moves.items()):
-        typer.echo(f"partition {part}: {old} -> {new}" + ("" if new < old else " (unchanged)"))
     if not moves:
-        typer.echo("no stored offsets for this group and topic: nothing to rewind")
+        fatal_line(
+            f"replay: group {settings.group_id!r} has no stored offsets for topic"
+            f" {settings.topic!r}: check LEDGER_GROUP_ID and LEDGER_TOPIC",
+            ExitCode.CONFIGURATION,
+            settings,
+        )
+        raise typer.Exit(ExitCode.CONFIGURATION)
+    for part, (old, new) in sorted(moves.items()):
+        again = f" ({old - new} records applied again)" if new < old else " (unchanged)"
+        typer.echo(f"partition {part}: {old} -> {new}{again}")
+    if dry_run:
+        typer.echo("dry run: nothing was changed")
 
 
 dlq_app = typer.Typer(help="Inspect and replay the dead-letter topic.", no_args_is_help=True)
@@ -298,12 +314,6 @@ def dlq_replay(
         )
 
 
-class UsageFormat(StrEnum):
-    table = "table"
-    csv = "csv"
-    json = "json"
-
-
 @app.command()
 def usage(
     by: Annotated[
@@ -320,12 +330,12 @@ def usage(
         datetime | None, typer.Option(help="up to this time, exclusive (UTC if no zone)")
     ] = None,
     output: Annotated[
-        UsageFormat,
+        ReportFormat,
         typer.Option(
             "--format",
             help="table for people; csv (header + rows) or json (one object per line) for jobs",
         ),
-    ] = UsageFormat.table,
+    ] = ReportFormat.table,
     as_json: Annotated[bool, typer.Option("--json", help="the same as --format json")] = False,
 ) -> None:
     """Billing report: tokens and cost by user, search space, model, day and/or month (a usage
@@ -356,22 +366,14 @@ def usage(
         finally:
             await conn.close()
 
-    rows = asyncio.run(report())
     columns = [*group_by, *REPORTED, "usage_rows"]
-    if as_json or output is UsageFormat.json:
-        for row in rows:
-            typer.echo(jsonvalues.dumps({c: row[c] for c in columns}))  # exact Decimals
-    elif output is UsageFormat.csv:
-        writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows([row[c] for c in columns] for row in rows)
-    else:
-        print_table(
-            columns,
-            [[row[c] for c in columns] for row in rows],
-            title="token usage",
-            numeric={*REPORTED, "usage_rows"},
-        )
+    print_rows(
+        columns,
+        asyncio.run(report()),
+        "json" if as_json else output.value,
+        title="token usage",
+        numeric={*REPORTED, "usage_rows"},
+    )
 
 
 @app.command()

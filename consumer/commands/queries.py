@@ -145,9 +145,15 @@ async def applied_offsets(
 
 
 async def rewind_offsets(
-    conn: asyncpg.Connection, group_id: str, topic: str, targets: Mapping[int, int]
+    conn: asyncpg.Connection,
+    group_id: str,
+    topic: str,
+    targets: Mapping[int, int],
+    *,
+    dry_run: bool = False,
 ) -> dict[int, tuple[int, int]]:
     """Move stored next_offsets back to `targets` (never forward); partition -> (old, new).
+    With dry_run, only say so.
 
     A running consumer notices at its next batch (its compare-and-set fails) or within a few
     seconds when idle, and seeks to the rewound offsets.
@@ -166,6 +172,8 @@ async def rewind_offsets(
             for r in rows
         }
         changed = sorted(p for p, (old, new) in moves.items() if new < old)
+        if dry_run:
+            return moves
         await conn.execute(
             # Where the ledger stands is kept whoever wrote the offsets (an older release
             # does not keep applied_until): a rewind is where the two part.

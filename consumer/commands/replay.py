@@ -23,8 +23,10 @@ async def replay(
     from_time: datetime | None = None,
     to_offset: int | None = None,
     partition: int | None = None,
+    dry_run: bool = False,
 ) -> dict[int, tuple[int, int]]:
-    """Rewind the stored offsets so that the consumers apply the range again."""
+    """Rewind the stored offsets so that the consumers apply the range again (with dry_run,
+    only say where each partition would go); partition -> (stored, rewound)."""
     async with reader(settings) as consumer, database(settings) as conn:
         partitions = [
             tp
@@ -42,4 +44,6 @@ async def replay(
         else:
             assert to_offset is not None
             targets = {tp.partition: to_offset for tp in partitions}
-        return await rewind_offsets(conn, settings.group_id, settings.topic, targets)
+        return await rewind_offsets(
+            conn, settings.group_id, settings.topic, targets, dry_run=dry_run
+        )

@@ -14,11 +14,16 @@ model name or a bill, so:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+import csv
+import sys
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from enum import StrEnum
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from producer import jsonvalues
 
 TEXT_MIN = 8  # characters a text column keeps when numbers get their full width
 _TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -26,6 +31,35 @@ _TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r
 
 def tsv_field(value: object) -> str:
     return str(value).translate(_TSV_ESCAPES)
+
+
+class ReportFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def print_rows(
+    columns: Sequence[str],
+    rows: Iterable[Mapping[str, object]],
+    output: str,
+    *,
+    title: str,
+    numeric: Collection[str] = (),
+) -> None:
+    """Rows in one of the report formats: `table` for people, `csv` (a header line, then one
+    line per row) or `json` (one object per line, numbers exact) for jobs."""
+    if output == "json":
+        for row in rows:
+            print(jsonvalues.dumps({c: row[c] for c in columns}))
+    elif output == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([row[c] for c in columns] for row in rows)
+    else:
+        print_table(
+            columns, [[row[c] for c in columns] for row in rows], title=title, numeric=numeric
+        )
 
 
 def print_table(

@@ -346,6 +346,13 @@ async def test_operator_commands_dlq_usage_and_replay(
     assert stack.cli("usage", "--by", "planet").returncode == 2
 
     before = await ledger_summary(stack)
+    planned = stack.cli("replay", "--to-offset", "0", "--dry-run")
+    assert planned.returncode == 0, planned.stderr
+    assert f"partition 0: {end + 1} -> 0 ({end + 1} records applied again)" in planned.stdout
+    assert (await stack.stored_offsets())[0] == end + 1  # a dry run changes nothing
+    unknown_group = stack.cli("replay", "--to-offset", "0", LEDGER_GROUP_ID="no-such-group")
+    assert unknown_group.returncode == 2
+    assert "'no-such-group' has no stored offsets" in unknown_group.stderr
     rewound = stack.cli("replay", "--to-offset", "0")
     assert f"partition 0: {end + 1} -> 0" in rewound.stdout, rewound.stderr
     assert (await stack.stored_offsets())[0] == 0

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -337,12 +338,15 @@ def usage(
         ),
     ] = ReportFormat.table,
     as_json: Annotated[bool, typer.Option("--json", help="the same as --format json")] = False,
+    space: Annotated[int | None, typer.Option(min=1, help="only this search space")] = None,
+    user: Annotated[uuid.UUID | None, typer.Option(help="only this user")] = None,
+    model: Annotated[str | None, typer.Option(help="only this model")] = None,
 ) -> None:
     """Billing report: tokens and cost by user, search space, model, day and/or month (a usage
-    row's day is its winning event's occurred_at, in UTC)."""
+    row's day is its winning event's occurred_at, in UTC), then the total (table, json)."""
     settings = _settings()
-    from consumer.commands.queries import REPORTED, USAGE_DIMENSIONS, usage_report
-    from consumer.ledger.schema import connect_checked
+    from consumer.commands.queries import REPORTED, USAGE_DIMENSIONS, UsageFilter
+    from consumer.commands.usage import usage_with_total
 
     group_by = by or ["space", "model"]
     if bad := [d for d in group_by if d not in USAGE_DIMENSIONS]:
@@ -351,29 +355,18 @@ def usage(
             ExitCode.CONFIGURATION,
         )
         raise typer.Exit(ExitCode.CONFIGURATION)
-    start, end = _utc(since), _utc(until)
-    if start is not None and end is not None and start >= end:
+    only = UsageFilter(_utc(since), _utc(until), space, user, model)
+    if only.since is not None and only.until is not None and only.since >= only.until:
         fatal_line(
-            f"usage: --since {start.isoformat()} is not before --until {end.isoformat()}",
+            f"usage: --since {only.since.isoformat()} is not before --until"
+            f" {only.until.isoformat()}",
             ExitCode.CONFIGURATION,
         )
         raise typer.Exit(ExitCode.CONFIGURATION)
-
-    async def report() -> list[dict[str, Any]]:
-        conn = await connect_checked(settings)
-        try:
-            return await usage_report(conn, group_by, start, end)
-        finally:
-            await conn.close()
-
+    fmt = "json" if as_json else output.value
+    rows = asyncio.run(usage_with_total(settings, group_by, only, total=fmt != "csv"))
     columns = [*group_by, *REPORTED, "usage_rows"]
-    print_rows(
-        columns,
-        asyncio.run(report()),
-        "json" if as_json else output.value,
-        title="token usage",
-        numeric={*REPORTED, "usage_rows"},
-    )
+    print_rows(columns, rows, fmt, title="token usage", numeric={*REPORTED, "usage_rows"})
 
 
 @app.command()

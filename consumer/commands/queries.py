@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Set
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -245,31 +247,47 @@ _BY_ROW = f"""(
 )"""
 
 
+@dataclass(frozen=True)
+class UsageFilter:
+    """Which usage the report counts: one search space, user or model, within [since, until)."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    space: int | None = None
+    user: uuid.UUID | None = None
+    model: str | None = None
+
+
 async def usage_report(
-    conn: asyncpg.Connection,
-    group_by: list[str],
-    since: datetime | None = None,
-    until: datetime | None = None,
+    conn: asyncpg.Connection, group_by: list[str], only: UsageFilter = UsageFilter()
 ) -> list[dict[str, Any]]:
     """Token and cost sums of the ledger grouped by the chosen dimensions (UTC days), with the
     token kinds of the breakdowns; by model, each row is split by merge.attribution, so the
-    groups always sum to the ungrouped totals."""
+    groups always sum to the ungrouped totals. An empty group_by: one row, the totals."""
     unknown = [d for d in group_by if d not in USAGE_DIMENSIONS]
-    if unknown or not group_by:
+    if unknown:
         raise ValueError(f"group by one or more of {', '.join(USAGE_DIMENSIONS)}: got {unknown}")
-    source = _BY_MODEL if "model" in group_by else _BY_ROW
+    by_model = "model" in group_by or only.model is not None
+    source = _BY_MODEL if by_model else _BY_ROW
     measures = ", ".join(f"sum(u.{m}) AS {m}" for m in REPORTED)
     # Quoted: a bare `user` in GROUP BY is PostgreSQL's CURRENT_USER, not the column alias.
     aliases = ", ".join(f'"{d}"' for d in group_by)
-    dimensions = ", ".join(f'{USAGE_DIMENSIONS[d]} AS "{d}"' for d in group_by)
+    dimensions = "".join(f'{USAGE_DIMENSIONS[d]} AS "{d}", ' for d in group_by)
+    grouped = f" GROUP BY {aliases} ORDER BY {aliases}" if group_by else ""
     rows = await conn.fetch(
-        f"SELECT {dimensions}, {measures}, count(DISTINCT u.id) AS usage_rows"
+        f"SELECT {dimensions}{measures}, count(DISTINCT u.id) AS usage_rows"
         f" FROM {source} AS u"
         " WHERE ($1::timestamptz IS NULL OR u.source_at >= $1)"
         "   AND ($2::timestamptz IS NULL OR u.source_at < $2)"
-        f" GROUP BY {aliases} ORDER BY {aliases}",
-        since,
-        until,
+        "   AND ($3::bigint IS NULL OR u.search_space_id = $3)"
+        "   AND ($4::uuid IS NULL OR u.user_id = $4)"
+        + ("   AND ($5::text IS NULL OR u.model = $5)" if by_model else "")
+        + grouped,
+        only.since,
+        only.until,
+        only.space,
+        only.user,
+        *([only.model] if by_model else []),
     )
     return [{k: _exact(v) if isinstance(v, Decimal) else v for k, v in row.items()} for row in rows]
 

@@ -41,25 +41,33 @@ class ReportFormat(StrEnum):
 
 def print_rows(
     columns: Sequence[str],
-    rows: Iterable[Mapping[str, object]],
+    rows: Sequence[Mapping[str, object]],
     output: str,
     *,
     title: str,
     numeric: Collection[str] = (),
 ) -> None:
     """Rows in one of the report formats: `table` for people, `csv` (a header line, then one
-    line per row) or `json` (one object per line, numbers exact) for jobs."""
+    line per row) or `json` (one object per line, numbers exact) for jobs. A row marked
+    `total` is the totals: `"total": true` in JSON, "total" in its first column in a table."""
     if output == "json":
         for row in rows:
-            print(jsonvalues.dumps({c: row[c] for c in columns}))
+            shown = {c: row[c] for c in columns}
+            print(jsonvalues.dumps({**shown, "total": True} if row.get("total") else shown))
     elif output == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(columns)
         writer.writerows([row[c] for c in columns] for row in rows)
     else:
-        print_table(
-            columns, [[row[c] for c in columns] for row in rows], title=title, numeric=numeric
-        )
+        cells = [
+            [
+                ("total" if i == 0 else "") if row.get("total") and row[c] is None else row[c]
+                for i, c in enumerate(columns)
+            ]
+            for row in rows
+        ]
+        last_apart = bool(cells) and bool(rows[-1].get("total"))
+        print_table(columns, cells, title=title, numeric=numeric, last_apart=last_apart)
 
 
 def print_table(
@@ -70,11 +78,13 @@ def print_table(
     title: str | None = None,
     numeric: Collection[str] = (),
     row_lines: bool = False,
+    last_apart: bool = False,
 ) -> None:
     """Print `rows` under `headers`: a folding table in a terminal, TSV otherwise.
 
     `numeric` columns are right-aligned in the terminal; `row_lines` separates rows whose
-    cells are expected to wrap over several lines (e.g. a dead letter's detail).
+    cells are expected to wrap over several lines (e.g. a dead letter's detail); `last_apart`
+    draws a line above the last row (a total).
     """
     console = console or Console()
     if not console.is_terminal:
@@ -97,8 +107,8 @@ def print_table(
             justify="right" if header in numeric else "left",
             width=width,
         )
-    for row in cells:
-        table.add_row(*map(Text, row))
+    for index, row in enumerate(cells):
+        table.add_row(*map(Text, row), end_section=last_apart and index == len(cells) - 2)
     console.print(table)
 
 

@@ -268,16 +268,32 @@ async def test_usage_in_every_format_equals_a_direct_aggregate(
     assert as_csv.returncode == 0, as_csv.stderr
     assert list(csv.DictReader(io.StringIO(as_csv.stdout))) == expected
 
+    totals = {
+        k: str(sum(int(row[k]) for row in expected)) for k in (*MEASURES, *kinds, "usage_rows")
+    }
     as_json = stack.cli("usage", *by, "--format", "json")
-    assert [
+    *groups, total = [
         {k: str(v) for k, v in json.loads(line).items()} for line in as_json.stdout.splitlines()
-    ] == expected
+    ]
+    assert groups == expected
+    assert total == {"space": "None", "day": "None", **totals, "total": "True"}
 
     as_table = stack.cli("usage", *by)  # not a terminal: tab-separated, nothing cut
     header, *lines = as_table.stdout.splitlines()
-    assert [dict(zip(header.split("\t"), line.split("\t"), strict=True)) for line in lines] == (
-        expected
-    )
+    *rows_shown, total_shown = [
+        dict(zip(header.split("\t"), line.split("\t"), strict=True)) for line in lines
+    ]
+    assert rows_shown == expected
+    assert total_shown == {"space": "total", "day": "", **totals}
+
+    # One tenant, one day: the filters give that group alone (and its total).
+    space, day = expected[0]["space"], expected[0]["day"]
+    only = stack.cli("usage", "--by", "day", "--space", space, "--since", day, "--format", "csv")
+    assert only.returncode == 0, only.stderr
+    mine = [row for row in expected if row["space"] == space]
+    assert list(csv.DictReader(io.StringIO(only.stdout))) == [
+        {k: v for k, v in row.items() if k != "space"} for row in mine if row["day"] >= day
+    ]
 
 
 async def test_published_revisions_are_pruned_after_the_retention(

@@ -139,7 +139,8 @@ async def test_dlq_list_and_usage_in_a_pipe_and_in_an_80_column_terminal(
         "reasoning_tokens",
         "usage_rows",
     ]
-    (usage,) = [line.split("\t") for line in piped[1:]]
+    usage, total = [line.split("\t") for line in piped[1:]]
+    assert total == ["total", "", *usage[2:]]  # one usage row: the total is that row
     assert usage[1:] == [
         LONG_MODEL,
         "987654321",
@@ -154,4 +155,4 @@ async def test_dlq_list_and_usage_in_a_pipe_and_in_an_80_column_terminal(
     shown = _cli(stack, "usage", *by, terminal=True).stdout
     assert "…" not in shown and max(map(len, plain(shown).splitlines())) <= 80
     assert "token usage" in shown
-    assert [[squeeze(cell) for cell in row] for row in terminal_rows(shown)] == [usage]
+    assert [[squeeze(cell) for cell in row] for row in terminal_rows(shown)] == [usage, total]

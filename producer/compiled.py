@@ -6,7 +6,7 @@ is stored as sent; no model is built. The rules no type can say (sums within 2^6
 needs a user, token_usage on assistant messages only) are checked after.
 
 It answers only when it is sure. Anything it does not know to be valid in the plain shape (a
-rejection, a v0 legacy body, an upper-case UUID, a timestamp written another way, deep nesting,
+rejection, a v0 legacy body, a UUID in braces, a timestamp written another way, deep nesting,
 a digit run past the number bound) is None, and the reference decoder (producer/decoding.py)
 decides it, with its rejection reasons. tests/unit/producer/test_compiled.py holds the two
 paths equal, field by field, on generated records and their mutations.
@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
+from pydantic import BaseModel
 
 from producer import exact_json
 from producer.events import (
@@ -120,7 +121,7 @@ class _MessageAppended(_Envelope, tag="message.appended"):
     token_usage: _LegacyTokenUsage | UnsetType | None = UNSET
 
 
-STRUCTS = {
+STRUCTS: dict[type[BaseModel], type[Struct]] = {
     TurnStarted: _TurnStarted,
     TurnFinalized: _TurnFinalized,
     MessageAppended: _MessageAppended,

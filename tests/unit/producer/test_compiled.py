@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from consumer.ledger.decode import BatchDecoder
 from consumer.simulate.config import TrafficConfig
@@ -74,6 +77,18 @@ def test_the_compiled_path_agrees_with_the_reference_on_every_input(value: bytes
 @given(events())
 def test_the_digest_is_the_one_every_release_stored(event: AnyEvent) -> None:
     assert ledger_event(event).digest == payload_digest(event)
+
+
+@pytest.mark.parametrize("model", list(compiled.STRUCTS), ids=lambda m: m.__name__)
+def test_each_struct_has_the_fields_of_its_model(model: type[BaseModel]) -> None:
+    """The compiled path's types are the models' (producer/events.py) field for field: a field
+    added to a model without its struct would not be validated in C."""
+    struct = compiled.STRUCTS[model]
+    fields = {field.name for field in msgspec.structs.fields(struct)}
+    info = msgspec.inspect.type_info(struct)
+    assert isinstance(info, msgspec.inspect.StructType)
+    tag = info.tag_field  # the envelope's `type` is the tag
+    assert fields | ({tag} if tag else set()) == set(model.model_fields)
 
 
 def test_the_compiled_path_takes_the_shapes_producers_write() -> None:

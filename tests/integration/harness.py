@@ -533,3 +533,15 @@ class ConsumerProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+
+
+def said(line: str) -> str:
+    """A line a command ended on, as its text form `token-ledger: <message>`: under
+    LEDGER_LOG_FORMAT=json (the stacks' default) it is a JSON object with that message."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return line
+    if isinstance(entry, dict) and "exit_code" in entry:
+        return f"token-ledger: {entry['msg']}"
+    return line

@@ -34,6 +34,7 @@ from tests.integration.harness import (
     Stack,
     expected_summary,
     ledger_summary,
+    said,
 )
 
 USER, PASSWORD = "ledger-consumer", "correct-horse-battery"
@@ -184,7 +185,7 @@ def test_wrong_credentials_fail_with_one_clear_line(
     )
     assert listed.returncode == ExitCode.KAFKA_AUTHENTICATION, listed.stderr
     for output in (consumer.logs(), listed.stderr):
-        lines = output.strip().splitlines()
+        lines = [said(line) for line in output.strip().splitlines()]
         assert len(lines) <= 2, output  # aiokafka's own line, then ours
         assert lines[-1].startswith(
             f"token-ledger: cannot connect to Kafka at {secure_broker.sasl_bootstrap} "

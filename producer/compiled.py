@@ -37,7 +37,7 @@ from producer.events import (
     TurnUsage,
     UsageCall,
 )
-from producer.ledger_event import LedgerEvent, payload_digest
+from producer.ledger_event import LedgerEvent, from_payload
 
 MAX = MAX_INT64
 Id64 = Annotated[int, Meta(ge=1, le=MAX)]
@@ -211,18 +211,7 @@ def decode(value: bytes, max_bytes: int, max_nesting: int) -> tuple[LedgerEvent,
         type=document["type"],
     )
     return (
-        LedgerEvent(
-            document["type"],
-            event.event_id,
-            occurred_at,
-            event.thread_id,
-            event.search_space_id,
-            event.user_id,
-            payload.get("turn_id"),
-            payload.get("role"),
-            payload_digest(payload),
-            payload,
-        ),
+        from_payload(payload, occurred_at),
         unknown + len(document.keys() - _FIELDS[document["type"]]),
     )
 

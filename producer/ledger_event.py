@@ -46,19 +46,25 @@ def payload_digest(payload: Mapping[str, Any]) -> bytes:
     return hashlib.sha256(canonical.ascii_text(payload)).digest()
 
 
-def ledger_event(event: AnyEvent) -> LedgerEvent:
-    """The reference path: a validated model's LedgerEvent."""
-    payload = event.model_dump(exclude_unset=True)
-    payload["occurred_at"] = event.occurred_at.isoformat()
+def from_payload(payload: dict[str, Any], occurred_at: datetime) -> LedgerEvent:
+    """The LedgerEvent of a validated event's payload (`occurred_at` in it as its isoformat()
+    text, and here as the UTC datetime): both decode paths end here."""
     return LedgerEvent(
-        event.type,
-        event.event_id,
-        event.occurred_at,
-        event.thread_id,
-        event.search_space_id,
-        event.user_id,
+        payload["type"],
+        payload["event_id"],
+        occurred_at,
+        payload["thread_id"],
+        payload["search_space_id"],
+        payload["user_id"],
         payload.get("turn_id"),
         payload.get("role"),
         payload_digest(payload),
         payload,
     )
+
+
+def ledger_event(event: AnyEvent) -> LedgerEvent:
+    """The reference path: a validated model's LedgerEvent."""
+    payload = event.model_dump(exclude_unset=True)
+    payload["occurred_at"] = event.occurred_at.isoformat()
+    return from_payload(payload, event.occurred_at)

@@ -254,7 +254,8 @@ def replay(
     if not moves:
         fatal_line(
             f"replay: group {settings.group_id!r} has no stored offsets for topic"
-            f" {settings.topic!r}: check LEDGER_GROUP_ID and LEDGER_TOPIC",
+            f" {settings.topic!r}{'' if partition is None else f' partition {partition}'}:"
+            " check LEDGER_GROUP_ID and LEDGER_TOPIC",
             ExitCode.CONFIGURATION,
             settings,
         )

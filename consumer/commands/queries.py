@@ -269,7 +269,8 @@ async def usage_report(
         raise ValueError(f"group by one or more of {', '.join(USAGE_DIMENSIONS)}: got {unknown}")
     by_model = "model" in group_by or only.model is not None
     source = _BY_MODEL if by_model else _BY_ROW
-    measures = ", ".join(f"sum(u.{m}) AS {m}" for m in REPORTED)
+    # coalesce: the total of nothing (an empty ledger, a filter matching no row) is 0.
+    measures = ", ".join(f"coalesce(sum(u.{m}), 0) AS {m}" for m in REPORTED)
     # Quoted: a bare `user` in GROUP BY is PostgreSQL's CURRENT_USER, not the column alias.
     aliases = ", ".join(f'"{d}"' for d in group_by)
     dimensions = "".join(f'{USAGE_DIMENSIONS[d]} AS "{d}", ' for d in group_by)

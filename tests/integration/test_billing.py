@@ -290,6 +290,11 @@ async def test_usage_in_every_format_equals_a_direct_aggregate(
     space, day = expected[0]["space"], expected[0]["day"]
     only = stack.cli("usage", "--by", "day", "--space", space, "--since", day, "--format", "csv")
     assert only.returncode == 0, only.stderr
+    nobody = stack.cli("usage", "--space", "999999999", "--format", "json")
+    (nothing,) = [json.loads(line) for line in nobody.stdout.splitlines()]
+    assert {k: nothing[k] for k in (*MEASURES, "usage_rows")} == dict.fromkeys(
+        (*MEASURES, "usage_rows"), 0
+    )  # the total of nothing is 0, not null
     mine = [row for row in expected if row["space"] == space]
     assert list(csv.DictReader(io.StringIO(only.stdout))) == [
         {k: v for k, v in row.items() if k != "space"} for row in mine if row["day"] >= day

@@ -8,7 +8,7 @@ import io
 import pytest
 from rich.console import Console
 
-from consumer import cli
+from consumer.cli import dead_letters as dlq_cli
 from consumer.commands.dead_letters import DeadLetterView
 from consumer.commands.tables import print_table
 from producer.events import USAGE_MEASURES
@@ -85,7 +85,7 @@ def test_dlq_list_in_an_80_column_terminal_folds_every_value(
     # The command's own code path, with rich believing it writes to an 80-column terminal.
     monkeypatch.setenv("TTY_COMPATIBLE", "1")
     monkeypatch.setenv("COLUMNS", "80")
-    cli._print_dead_letters(VIEWS)
+    dlq_cli.print_dead_letters(VIEWS)
     rendered = capsys.readouterr().out
     _assert_whole(rendered, [_dlq_values(view) for view in VIEWS])
     assert "dlq offset" in plain(rendered)
@@ -96,7 +96,7 @@ def test_dlq_list_in_a_pipe_is_one_tab_separated_line_per_dead_letter(
 ) -> None:
     monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
     monkeypatch.delenv("FORCE_COLOR", raising=False)
-    cli._print_dead_letters(VIEWS)  # capsys is not a terminal, as a pipe is not
+    dlq_cli.print_dead_letters(VIEWS)  # capsys is not a terminal, as a pipe is not
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("\t") for line in lines] == [
         DLQ_HEADERS,

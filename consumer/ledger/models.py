@@ -200,3 +200,29 @@ consumer_offsets = Table(
     PrimaryKeyConstraint("group_id", "topic", "partition"),
     CheckConstraint("next_offset >= 0", name="next_offset_non_negative"),
 )
+
+# A source record the group dead-lettered, written with the offsets that move past it
+# (migrations/versions/0006): a record read again is not dead-lettered again.
+dead_lettered = Table(
+    "dead_lettered",
+    metadata,
+    Column("group_id", Text, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("offset", BigInteger, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("dead_lettered_at", TIMESTAMP, nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("group_id", "topic", "partition", "offset"),
+)
+
+# A partition a consumer stopped, and why, until an owner opens it again (`token-ledger status`).
+partition_halts = Table(
+    "partition_halts",
+    metadata,
+    Column("group_id", Text, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("halted_at", TIMESTAMP, nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("group_id", "topic", "partition"),
+)

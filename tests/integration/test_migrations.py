@@ -21,6 +21,8 @@ LEDGER_TABLES = {
     "token_usage",
     "consumer_offsets",
     "billing_outbox",
+    "dead_lettered",
+    "partition_halts",
 }
 
 

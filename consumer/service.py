@@ -27,21 +27,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+from aiokafka.errors import UnknownTopicOrPartitionError
 
 from consumer.billing.relay import BILLING_PARTITIONS, BillingProducer, Relay
+from consumer.failures import TopicMissingError
 from consumer.http.health import HealthServer
 from consumer.http.metrics import LedgerMetrics
 from consumer.kafka.assembly import RELEASE_SECONDS, open_pipeline
 from consumer.kafka.closing import bounded
 from consumer.kafka.dead_letters import HEADER_HEADROOM
 from consumer.kafka.pipeline import Pipeline
-from consumer.kafka.topics import MAX_MESSAGE_BYTES, prepare_topics
+from consumer.kafka.topics import MAX_MESSAGE_BYTES, ensure_or_create, prepare_topics
 from consumer.ledger.database import create_pool, ping
 from consumer.ledger.schema import check_database, wait_until_usable
 from consumer.logs import fields
 from consumer.settings import Settings
 from consumer.status import Readiness
-from producer.client import ensure_topic
 
 log = logging.getLogger(__name__)
 
@@ -165,13 +166,17 @@ async def start_relay(
     security = settings.kafka_security()
 
     async def billing_topic() -> None:
-        await ensure_topic(
-            settings.kafka_bootstrap,
-            settings.billing_topic,
-            partitions=BILLING_PARTITIONS,
-            config={MAX_MESSAGE_BYTES: str(record_bytes)},  # a revision of the largest event
-            **security,
-        )
+        try:
+            await ensure_or_create(
+                settings,
+                settings.billing_topic,
+                "LEDGER_BILLING_TOPIC",
+                partitions=BILLING_PARTITIONS,
+                config={MAX_MESSAGE_BYTES: str(record_bytes)},  # a revision of the largest event
+            )
+        except TopicMissingError as missing:
+            # The relay's outage, retried (and logged once a minute), not the ledger's stop.
+            raise UnknownTopicOrPartitionError(str(missing)) from None
 
     producer = await BillingProducer(
         settings.kafka_bootstrap, settings.billing_topic, **security

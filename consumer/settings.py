@@ -11,7 +11,7 @@ import ipaddress
 from datetime import timedelta
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -49,6 +49,14 @@ class Settings(BaseSettings):
     metrics_host: str = "0.0.0.0"  # noqa: S104
     metrics_port: int = Field(9464, ge=0, le=65535)
     stall_seconds: float = Field(120.0, gt=0)
+    # How long the group waits for a member that stopped heartbeating (a kill -9, a frozen
+    # host) before its partitions move: within the broker's group.min/max.session.timeout.ms
+    # (6 s .. 30 min by default). Heartbeats must come well inside it (Kafka advises a third).
+    session_timeout: float = Field(10.0, ge=1, le=3600)
+    heartbeat_interval: float = Field(3.0, gt=0, le=3600)
+    # Whether `consume` and `relay` create missing topics (true suits devstack and compose;
+    # production topics are usually provisioned, and a mistyped name should stop us, exit 8).
+    create_topics: bool = True
     # Seconds an event's occurred_at may lie ahead of its record's timestamp.
     max_future_skew: float = Field(
         DEFAULT_MAX_FUTURE_SKEW.total_seconds(), gt=0, le=10 * 365 * 86400
@@ -73,6 +81,15 @@ class Settings(BaseSettings):
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: str | None = None
+
+    @model_validator(mode="after")
+    def _heartbeat_inside_session(self) -> Settings:
+        if self.heartbeat_interval >= self.session_timeout:
+            raise ValueError(
+                f"{PREFIX}HEARTBEAT_INTERVAL: {self.heartbeat_interval:g}s must be less than"
+                f" {PREFIX}SESSION_TIMEOUT ({self.session_timeout:g}s)"
+            )
+        return self
 
     @field_validator("database_url")
     @classmethod
@@ -138,9 +155,10 @@ def load_settings(**overrides: Any) -> Settings:
         settings = Settings(**overrides)
     except ValidationError as exc:
         error = exc.errors(include_url=False, include_input=False)[0]
-        field = str(error["loc"][0]) if error["loc"] else "?"
         message = error["msg"].removeprefix("Value error, ")
-        raise SettingsError(f"{PREFIX}{field.upper()}: {message}") from None
+        if not error["loc"]:  # a rule over several variables: its message names them
+            raise SettingsError(message) from None
+        raise SettingsError(f"{PREFIX}{str(error['loc'][0]).upper()}: {message}") from None
     if settings.kafka_security_protocol.startswith("SASL"):
         settings.kafka_security()  # fail at start, not at the first connection
     return settings

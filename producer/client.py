@@ -32,7 +32,7 @@ from typing import Any, Literal, Self
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
 
 from producer.batches import OutgoingRecord, send_all
 from producer.events import (
@@ -92,9 +92,11 @@ async def ensure_topic(
     partitions: int = 3,
     replication_factor: int = 1,
     config: dict[str, str] | None = None,
+    create: bool = True,
     **kafka_options: Any,
-) -> None:
-    """Create `topic` unless it exists (brokers should not auto-create it).
+) -> bool:
+    """Create `topic` unless it exists (brokers should not auto-create it); whether this call
+    created it. With create=False a missing topic is UnknownTopicOrPartitionError.
 
     An existing topic is left exactly as it is: production topics are usually provisioned by
     the platform team with their own partition count and replication.
@@ -103,14 +105,20 @@ async def ensure_topic(
     await admin.start()
     try:
         if topic in await admin.list_topics():
-            return
+            return False
+        if not create:
+            raise UnknownTopicOrPartitionError(f"topic {topic} does not exist")
         response = await admin.create_topics(
             [NewTopic(topic, partitions, replication_factor, topic_configs=config or {})]
         )
+        created = True
         for error in response.topic_errors:
             # Created meanwhile by another client is exactly what we wanted.
-            if error[1] not in (0, TopicAlreadyExistsError.errno):
+            if error[1] == TopicAlreadyExistsError.errno:
+                created = False
+            elif error[1] != 0:
                 raise for_code(error[1])(f"creating topic {topic}")
+        return created
     finally:
         await admin.close()
 

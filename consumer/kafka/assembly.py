@@ -49,6 +49,8 @@ def source_consumer(
         # (LEDGER_OFFSET_RESET); every assigned partition is sought explicitly anyway.
         auto_offset_reset="none",
         isolation_level="read_committed",
+        session_timeout_ms=round(settings.session_timeout * 1000),
+        heartbeat_interval_ms=round(settings.heartbeat_interval * 1000),
         max_partition_fetch_bytes=fetch_bytes,
         fetch_max_bytes=max(50 * 1024 * 1024, fetch_bytes),
         **settings.kafka_security(),

@@ -1,20 +1,27 @@
-"""The consumer's topics: created when missing, and sized so that any record the source topic
-accepts also fits, byte for byte, into the dead-letter topic and through our clients."""
+"""The consumer's topics: created when missing (unless LEDGER_CREATE_TOPICS=false, where a
+missing one stops the command, exit 8), each creation logged, and sized so that any record the
+source topic accepts also fits, byte for byte, into the dead-letter topic and through our
+clients."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import UnknownTopicOrPartitionError, for_code
 
 from consumer.errors import LedgerError
+from consumer.failures import TopicMissingError
 from consumer.kafka.dead_letters import HEADER_HEADROOM
-from consumer.settings import Settings
+from consumer.logs import fields
+from consumer.settings import PREFIX, Settings
 from producer.client import ensure_topic
 
+log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = "max.message.bytes"
 
 
@@ -45,20 +52,53 @@ async def _max_message_bytes(admin: AIOKafkaAdminClient, topic: str) -> int:
     raise TopicConfigError(f"topic {topic} reports no {MAX_MESSAGE_BYTES}")
 
 
+async def ensure_or_create(
+    settings: Settings,
+    topic: str,
+    variable: str,
+    *,
+    partitions: int,
+    config: dict[str, str] | None = None,
+) -> None:
+    """The topic exists afterwards: created if missing and LEDGER_CREATE_TOPICS allows (logged:
+    a mistyped name must not pass unnoticed), else TopicMissingError naming the variable."""
+    try:
+        created = await ensure_topic(
+            settings.kafka_bootstrap,
+            topic,
+            partitions=partitions,
+            config=config,
+            create=settings.create_topics,
+            **settings.kafka_security(),
+        )
+    except UnknownTopicOrPartitionError:
+        raise TopicMissingError(
+            f"topic {topic} does not exist at {settings.kafka_bootstrap} and"
+            f" {PREFIX}CREATE_TOPICS=false: check {variable}, or create the topic"
+        ) from None
+    if created:
+        options: dict[str, Any] = {"partitions": partitions, **(config or {})}
+        log.warning(
+            f"topic {topic} did not exist: created it (set {PREFIX}CREATE_TOPICS=false to"
+            " refuse a missing topic instead)",
+            extra=fields(topic=topic, variable=variable, **options),
+        )
+
+
 async def prepare_topics(settings: Settings, *, partitions: int = 3) -> TopicLimits:
     security = settings.kafka_security()
-    await ensure_topic(settings.kafka_bootstrap, settings.topic, partitions=partitions, **security)
+    await ensure_or_create(settings, settings.topic, f"{PREFIX}TOPIC", partitions=partitions)
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **security)
     await admin.start()
     try:
         source_max = await _max_message_bytes(admin, settings.topic)
         needed = source_max + HEADER_HEADROOM
-        await ensure_topic(
-            settings.kafka_bootstrap,
+        await ensure_or_create(
+            settings,
             settings.dlq_topic,
+            f"{PREFIX}DLQ_TOPIC",
             partitions=1,
             config={MAX_MESSAGE_BYTES: str(needed)},
-            **security,
         )
         dlq_max = await _max_message_bytes(admin, settings.dlq_topic)
     finally:

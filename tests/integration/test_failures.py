@@ -7,6 +7,7 @@ missing topic. No run prints a traceback or the password."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 import tempfile
@@ -376,3 +377,42 @@ async def test_consume_waits_for_a_database_that_is_not_up_yet(
 
 async def _says(process: ConsumerProcess, text: str) -> bool:
     return text in process.logs()
+
+
+async def test_a_missing_topic_stops_consume_when_topics_may_not_be_created(
+    kafka_bootstrap: str, ledger_url: str
+) -> None:
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)  # topics never created
+    run = await asyncio.to_thread(
+        stack.cli, "consume", "--until-idle", LEDGER_CREATE_TOPICS="false"
+    )
+    _assert_one_line(
+        "consume", run, ExitCode.TOPIC_MISSING, stack.topic, "LEDGER_TOPIC", "CREATE_TOPICS"
+    )
+
+
+async def test_consume_says_which_topics_it_created(kafka_bootstrap: str, ledger_url: str) -> None:
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)  # topics never created
+    run = await asyncio.to_thread(stack.cli, "consume", "--until-idle")
+    assert run.returncode == 0, run.stderr
+    created = [
+        line
+        for line in map(json.loads, run.stderr.splitlines())
+        if line["msg"].startswith("topic ") and "created it" in line["msg"]
+    ]
+    said_created = {(line["level"], line["topic"], line["variable"]) for line in created}
+    assert said_created >= {
+        ("warning", stack.topic, "LEDGER_TOPIC"),
+        ("warning", stack.dlq_topic, "LEDGER_DLQ_TOPIC"),
+    }
+    # The relay beside it creates the billing topic on its first pass (which a consumer that
+    # is caught up at once may not wait for).
+    assert said_created <= {
+        ("warning", stack.topic, "LEDGER_TOPIC"),
+        ("warning", stack.dlq_topic, "LEDGER_DLQ_TOPIC"),
+        ("warning", stack.billing_topic, "LEDGER_BILLING_TOPIC"),
+    }
+    # Already there: the next start creates nothing, and says nothing about it.
+    again = await asyncio.to_thread(stack.cli, "consume", "--until-idle")
+    assert again.returncode == 0, again.stderr
+    assert "created it" not in again.stderr

@@ -61,6 +61,9 @@ def test_environment_and_dotenv_are_read(monkeypatch: pytest.MonkeyPatch) -> Non
         ("LEDGER_KAFKA_SECURITY_PROTOCOL", "TLS"),
         ("LEDGER_KAFKA_SASL_MECHANISM", "GSSAPI"),
         ("LEDGER_STALL_SECONDS", "-1"),
+        ("LEDGER_SESSION_TIMEOUT", "0.5"),
+        ("LEDGER_HEARTBEAT_INTERVAL", "0"),
+        ("LEDGER_CREATE_TOPICS", "perhaps"),
     ],
 )
 def test_bad_value_names_its_variable(
@@ -71,6 +74,30 @@ def test_bad_value_names_its_variable(
         load_settings()
     assert str(error.value).startswith(f"{variable}:")
     assert "\n" not in str(error.value)
+
+
+def test_the_heartbeat_must_come_inside_the_session_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LEDGER_SESSION_TIMEOUT", "6")
+    monkeypatch.setenv("LEDGER_HEARTBEAT_INTERVAL", "6")
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    assert str(error.value) == (
+        "LEDGER_HEARTBEAT_INTERVAL: 6s must be less than LEDGER_SESSION_TIMEOUT (6s)"
+    )
+
+
+async def test_the_group_session_timings_reach_the_source_consumer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from consumer.kafka.assembly import source_consumer
+
+    monkeypatch.setenv("LEDGER_SESSION_TIMEOUT", "6.5")
+    monkeypatch.setenv("LEDGER_HEARTBEAT_INTERVAL", "2")
+    consumer = source_consumer(load_settings(), fetch_bytes=1024)
+    # aiokafka keeps them for its group coordinator (not a public attribute).
+    assert (consumer._session_timeout_ms, consumer._heartbeat_interval_ms) == (6500, 2000)
 
 
 def test_sasl_needs_mechanism_and_username(monkeypatch: pytest.MonkeyPatch) -> None:

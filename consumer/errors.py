@@ -32,6 +32,10 @@ class LedgerError(Exception):
     """Base of every error the consumer raises on purpose."""
 
 
+class TopicConfigError(LedgerError):
+    """A topic exists with settings the consumer cannot work with (an operator's fix)."""
+
+
 class TransientError(LedgerError):
     def __init__(self, message: str, *, sqlstate: str = "", timed_out: bool = False) -> None:
         super().__init__(message)

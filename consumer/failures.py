@@ -55,7 +55,7 @@ from aiokafka.errors import (
 )
 from sqlalchemy.engine import make_url
 
-from consumer.errors import LedgerError
+from consumer.errors import LedgerError, TopicConfigError
 from consumer.settings import PREFIX, Settings, SettingsError, load_settings
 
 log = logging.getLogger(__name__)
@@ -254,8 +254,6 @@ def _translate_kafka_error(error: KafkaError, settings: Settings | None) -> Oper
 def translate(error: BaseException, settings: Settings | None) -> OperatorError | None:
     """The one boundary: an expected failure as an OperatorError, or None (a bug)."""
     from alembic.util.exc import CommandError
-
-    from consumer.kafka.topics import TopicConfigError
 
     for cause in _chain(error):
         if isinstance(cause, OperatorError):

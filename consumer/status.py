@@ -26,6 +26,8 @@ from consumer.logs import fields
 
 log = logging.getLogger(__name__)
 REMINDER_SECONDS = 60.0
+# A backlog this long is worth a line when it is applied; shorter ones are ordinary traffic.
+BACKLOG_LOG_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,69 @@ class Readiness:
     # from them): revision id -> why. Their messages' later revisions wait behind them.
     billing_held: dict[str, str] = field(default_factory=dict)
 
+    # What judge() last said, so that each condition is logged when it starts and ends.
+    _stalled_since: float | None = field(default=None, init=False, repr=False)
+    _held_logged: frozenset[int] = field(default=frozenset(), init=False, repr=False)
+    # (since, most records waiting) while lag > 0
+    _backlog: tuple[float, int] | None = field(default=None, init=False, repr=False)
+
     def progressed(self) -> None:
         self.last_progress = time.monotonic()
+
+    def judge(self) -> list[str]:
+        """The reasons not to be ready (empty: ready), and the log lines they call for: a stall
+        or a partition held by an open transaction is one WARNING when it starts and one INFO
+        when it ends; a backlog that took BACKLOG_LOG_SECONDS or more is one INFO once it is
+        applied. Called every second by the readiness watch and by each /readyz."""
+        reasons = self.reasons_not_ready()
+        now = time.monotonic()
+        self._log_stall(now)
+        self._log_held(now)
+        self._log_backlog(now)
+        return reasons
+
+    def _log_stall(self, now: float) -> None:
+        stalled = self.lag > 0 and now - self.last_progress > self.stall_seconds
+        if stalled and self._stalled_since is None:
+            self._stalled_since = self.last_progress
+            log.warning(
+                "stalled: records wait and nothing was committed",
+                extra=fields(records=self.lag, seconds=round(now - self.last_progress)),
+            )
+        elif not stalled and self._stalled_since is not None:
+            log.info(
+                "stall over",
+                extra=fields(seconds=round(now - self._stalled_since, 1), records=self.lag),
+            )
+            self._stalled_since = None
+
+    def _log_held(self, now: float) -> None:
+        held = frozenset(p for p, h in self.held.items() if now - h.since > self.stall_seconds)
+        if started := held - self._held_logged:
+            log.warning(
+                "partitions held by an open transaction",
+                extra=fields(
+                    partitions=sorted(started),
+                    records=sum(self.held[p].records for p in started),
+                    seconds=round(now - min(self.held[p].since for p in started)),
+                ),
+            )
+        if ended := self._held_logged - held:
+            log.info("open transaction over", extra=fields(partitions=sorted(ended)))
+        self._held_logged = held
+
+    def _log_backlog(self, now: float) -> None:
+        if self.lag > 0:
+            since, most = self._backlog or (now, 0)
+            self._backlog = (since, max(most, self.lag))
+        elif self._backlog is not None:
+            since, most = self._backlog
+            self._backlog = None
+            if now - since >= BACKLOG_LOG_SECONDS:
+                log.info(
+                    "caught up: the backlog is applied",
+                    extra=fields(seconds=round(now - since, 1), most_records_waiting=most),
+                )
 
     def reasons_not_ready(self) -> list[str]:
         reasons = []

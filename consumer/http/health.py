@@ -1,5 +1,5 @@
 """HTTP on LEDGER_METRICS_HOST:LEDGER_METRICS_PORT: /metrics (Prometheus), /healthz (alive),
-/readyz (ready).
+/readyz (ready); and the readiness watch.
 
 Ready means: partitions assigned, the database answers, and not stalled (records waiting
 while nothing has been committed for LEDGER_STALL_SECONDS), nor held that long by a transaction
@@ -7,6 +7,11 @@ a producer left open (consumer/kafka/lag.py). The port faces the network, so nei
 (consumer/http/server.py bounds them) nor its request rate may reach the ledger's resources:
 /readyz reuses a database check at most a second old, and concurrent requests share the one in
 flight, so the database sees at most one ping a second from it.
+
+The readiness watch judges the same every second without being asked: it refreshes the lag
+(even while a batch is blocked on the database), pings through the same shared check, sets
+`token_ledger_ready`, and logs stalls when they start and end (consumer/status.py). A probe is
+not needed for the gauge or the log to be true.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from consumer.status import Readiness
 log = logging.getLogger(__name__)
 
 DATABASE_CHECK_MAX_AGE = 1.0  # seconds
+WATCH_SECONDS = 1.0
 
 
 class RecentCheck:
@@ -86,11 +92,16 @@ class HealthServer:
         *,
         limits: HttpLimits | None = None,
         variable: str = f"{PREFIX}METRICS_PORT",  # the setting that names `port`, for errors
+        watch: bool = True,  # False: judged only when /readyz is asked (the server's own tests)
     ) -> None:
         self.variable = variable
         self.metrics = metrics
         self.readiness = readiness
         self.database_check = RecentCheck(ping_database)
+        # Refreshes what the watch judges (the pipeline's lag), once there is a pipeline.
+        self.refresh: Callable[[], Awaitable[object]] | None = None
+        self.watch = watch
+        self._watch: asyncio.Task[None] | None = None
         self.http = HttpServer(
             host,
             port,
@@ -119,10 +130,41 @@ class HealthServer:
                 f"{error.strerror or error}"
             ) from None
         log.info("http listening", extra=fields(host=self.host, port=self.port))
+        if self.watch:
+            self._watch = asyncio.create_task(self._watch_readiness(), name="readiness-watch")
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.wait([self._watch])
         await self.http.stop()
         await self.database_check.close()
+
+    async def judge(self) -> list[str]:
+        """Why not ready (empty: ready), with the database asked at most once a second; the
+        ready gauge follows."""
+        self.readiness.database_ok = await self.database_check()
+        reasons = self.readiness.judge()
+        self.metrics.ready.set(0 if reasons else 1)
+        return reasons
+
+    async def _watch_readiness(self) -> None:
+        failing: str | None = None  # logged once per kind of failure, not once a second
+        while True:
+            try:
+                if self.refresh is not None:
+                    await self.refresh()
+                await self.judge()
+                failing = None
+            except Exception as error:
+                if type(error).__name__ != failing:
+                    failing = type(error).__name__
+                    log.warning(
+                        "readiness watch failed: retrying every second",
+                        extra=fields(error=failing),
+                        exc_info=True,
+                    )
+            await asyncio.sleep(WATCH_SECONDS)
 
     async def _route(self, request: Request) -> Response:
         if request.path == "/metrics":
@@ -130,10 +172,7 @@ class HealthServer:
         if request.path == "/healthz":
             return Response(200, b"ok\n")
         if request.path == "/readyz":
-            self.readiness.database_ok = await self.database_check()
-            reasons = self.readiness.reasons_not_ready()
-            self.metrics.ready.set(0 if reasons else 1)
-            if reasons:
+            if reasons := await self.judge():
                 return Response(503, ("\n".join(reasons) + "\n").encode())
             return Response(200, b"ready\n")
         return Response(404, b"not found\n")

@@ -172,7 +172,11 @@ class LedgerMetrics:
             ["type"],
             registry=r,
         )
-        self.ready = Gauge("token_ledger_ready", "1 when /readyz answers 200, else 0.", registry=r)
+        self.ready = Gauge(
+            "token_ledger_ready",
+            "1 when ready (judged every second by the consumer itself; /readyz answers the same).",
+            registry=r,
+        )
         self.http_rejected = Counter(
             "token_ledger_http_connections_rejected",
             "HTTP connections closed without being served, by reason.",

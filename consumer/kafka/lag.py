@@ -8,12 +8,16 @@ batches stay in the log; aiokafka's fetcher steps `position()` over both when `g
 a fetch (`PartitionRecords._unpack_records` sets `next_fetch_offset` past control and aborted
 batches, and `FetchResult.getall` moves the position there even when it returns no record). So
 a partition whose last offset is a marker ends at `LSO - position == 0`, although the offset
-stored in PostgreSQL (last applied record + 1) may point at that marker: lag is measured from
-the position, never from the stored offset.
+stored in PostgreSQL (last applied record + 1) may point at that marker.
 
 Per partition:
-- lag (`token_ledger_consumer_lag_records`) = LSO - position: records readable now and not yet
-  applied. Lag that does not shrink is a stall (/readyz: "stalled").
+- lag (`token_ledger_consumer_lag_records`): records readable now and not yet committed. While
+  records fetched from a partition wait uncommitted (the next batch, decoded beside the
+  transaction in flight, or a batch blocked on the database), it counts from the stored offset:
+  `LSO - stored`; once everything fetched is committed, from the position: `LSO - position`
+  (which steps over markers the stored offset may point at). Lag that does not shrink is a
+  stall (/readyz: "stalled"). The consumer refreshes it every second on its own
+  (consumer/http/health.py), so a batch blocked on a lock still shows its records waiting.
 - uncommitted (`token_ledger_uncommitted_records`) = high watermark - LSO: records nobody can
   read until a transaction ends (its own, and every record written after its first one, by any
   producer). Ordinary while chat services publish in transactions; it means trouble only when
@@ -25,11 +29,12 @@ Per partition:
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
 
 from consumer.status import Held, Readiness
 
@@ -43,14 +48,26 @@ class PartitionEnds:
     position: int  # the next offset the consumer will fetch
     stable: int  # last stable offset
     highwater: int
+    # Where counting starts: the stored offset while fetched records of the partition wait
+    # uncommitted, else (None) the position (see the module docstring).
+    counted_from: int | None = None
 
     @property
     def lag(self) -> int:
-        return max(0, self.stable - self.position)
+        start = self.position if self.counted_from is None else self.counted_from
+        return max(0, self.stable - start)
 
     @property
     def uncommitted(self) -> int:
         return max(0, self.highwater - self.stable)
+
+
+def counted_from(position: int, stored: int | None, fetched_until: int | None) -> int:
+    """The offset lag counts from: the stored one while records fetched up to `fetched_until`
+    (the last fetched offset + 1) are not committed yet, else the fetch position."""
+    if stored is not None and fetched_until is not None and fetched_until > stored:
+        return min(stored, position)
+    return position
 
 
 def held_partitions(
@@ -71,36 +88,71 @@ def held_partitions(
     return held
 
 
-async def update_lag(
-    consumer: AIOKafkaConsumer,
-    topic: str,
-    checkpoints: Checkpoints,
-    metrics: LedgerMetrics,
-    readiness: Readiness,
-    reported: set[int],
-) -> bool:
-    """Refresh lag, records held by open transactions and readiness; True when every
-    assigned partition is caught up: at its last stable offset, the end of what a
-    read_committed consumer can read. `reported`: partitions with a lag series (grows)."""
-    positions = checkpoints.positions
-    ends: dict[int, PartitionEnds] = {}
-    caught_up = bool(positions) and not checkpoints.opening
-    for partition in sorted(set(positions) - set(readiness.halted)):
-        tp = TopicPartition(topic, partition)
-        highwater, stable = consumer.highwater(tp), consumer.last_stable_offset(tp)
-        # None until a fetch answered; -1 from a consumer that is not read_committed
-        # (service.source_consumer always is): either way the end is unknown.
-        if highwater is None or stable is None or stable < 0:
-            caught_up = False
-            continue
-        end = PartitionEnds(await consumer.position(tp), stable, highwater)
-        ends[partition] = end
-        metrics.consumer_lag.labels(str(partition)).set(end.lag)
-        reported.add(partition)
-        caught_up = caught_up and end.lag == 0
-    metrics.set_uncommitted({p: end.uncommitted for p, end in ends.items()})
-    readiness.held = held_partitions(readiness.held, ends, time.monotonic())
-    readiness.lag = sum(end.lag for end in ends.values())
-    if readiness.lag == 0:
-        readiness.progressed()  # idle is not stalled
-    return caught_up
+class Lag:
+    """The lag gauges and readiness's view of them, refreshed by the loop after each batch
+    and by the readiness watch every second (concurrently with a batch in flight: nothing
+    here waits for the batch, and a partition revoked meanwhile is skipped)."""
+
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        topic: str,
+        checkpoints: Checkpoints,
+        metrics: LedgerMetrics,
+        readiness: Readiness,
+    ) -> None:
+        self.consumer = consumer
+        self.topic = topic
+        self.checkpoints = checkpoints
+        self.metrics = metrics
+        self.readiness = readiness
+        self.reported: set[int] = set()  # partitions with a lag series
+        self.fetched_until: dict[int, int] = {}  # partition -> last offset fetched + 1
+
+    def fetched(self, records: Iterable[ConsumerRecord]) -> None:
+        for record in records:
+            if record.offset >= self.fetched_until.get(record.partition, 0):
+                self.fetched_until[record.partition] = record.offset + 1
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Revoked: its owner reports it now."""
+        for partition in partitions:
+            self.fetched_until.pop(partition, None)
+            if partition in self.reported:
+                self.reported.discard(partition)
+                self.metrics.consumer_lag.remove(str(partition))
+
+    async def update(self) -> bool:
+        """Refresh lag, records held by open transactions and readiness; True when every
+        assigned partition is caught up: at its last stable offset, the end of what a
+        read_committed consumer can read, with nothing fetched left uncommitted."""
+        positions = self.checkpoints.positions
+        ends: dict[int, PartitionEnds] = {}
+        caught_up = bool(positions) and not self.checkpoints.opening
+        assigned = self.consumer.assignment()
+        for partition in sorted(set(positions) - set(self.readiness.halted)):
+            tp = TopicPartition(self.topic, partition)
+            if tp not in assigned:  # revoked while a batch holds the loop: not ours to report
+                caught_up = False
+                continue
+            highwater, stable = self.consumer.highwater(tp), self.consumer.last_stable_offset(tp)
+            # None until a fetch answered; -1 from a consumer that is not read_committed
+            # (service.source_consumer always is): either way the end is unknown.
+            if highwater is None or stable is None or stable < 0:
+                caught_up = False
+                continue
+            position = await self.consumer.position(tp)  # sought explicitly: valid, no wait
+            start = counted_from(
+                position, positions.get(partition), self.fetched_until.get(partition)
+            )
+            end = PartitionEnds(position, stable, highwater, start)
+            ends[partition] = end
+            self.metrics.consumer_lag.labels(str(partition)).set(end.lag)
+            self.reported.add(partition)
+            caught_up = caught_up and end.lag == 0
+        self.metrics.set_uncommitted({p: end.uncommitted for p, end in ends.items()})
+        self.readiness.held = held_partitions(self.readiness.held, ends, time.monotonic())
+        self.readiness.lag = sum(end.lag for end in ends.values())
+        if self.readiness.lag == 0:
+            self.readiness.progressed()  # idle is not stalled
+        return caught_up

@@ -41,7 +41,7 @@ from consumer.errors import BatchAbandoned, BatchTooSlow, DeadLetterRefusedError
 from consumer.http.metrics import LedgerMetrics
 from consumer.kafka.checkpoint import Checkpoints
 from consumer.kafka.dead_letters import DeadLetterQueue
-from consumer.kafka.lag import update_lag
+from consumer.kafka.lag import Lag
 from consumer.kafka.outages import KafkaProbe
 from consumer.kafka.waiting import IdleClock
 from consumer.ledger.batch import Applied, Decoded, Record, Report, decode_in_slices
@@ -88,7 +88,7 @@ class Pipeline:
         # Fetched, beyond LEDGER_MAX_BATCH_BYTES: the next batch, if no seek came between.
         self._carry: list[Record] = []
         self._carry_generation = 0
-        self._lag_partitions: set[int] = set()
+        self.lag = Lag(consumer, settings.topic, checkpoints, metrics, readiness)
         self._last_sync = time.monotonic()
         self._probe = KafkaProbe(consumer, self.kafka, readiness)
         self.idle = IdleClock(metrics.idle_seconds)
@@ -111,10 +111,8 @@ class Pipeline:
         try:
             async with self._batch_lock:
                 self.checkpoints.close(revoked)
+                self.lag.forget(tp.partition for tp in revoked)
                 for tp in revoked:
-                    if tp.partition in self._lag_partitions:
-                        self._lag_partitions.discard(tp.partition)
-                        self.metrics.consumer_lag.remove(str(tp.partition))
                     # Its owner now judges it (and meets the same cause, if it lasts).
                     if self.readiness.halted.pop(tp.partition, None) is not None:
                         self.metrics.halted_partitions.remove(str(tp.partition))
@@ -210,7 +208,7 @@ class Pipeline:
             committed = await self._settle()
         if decoded is None:
             async with self._batch_lock:
-                return await self._update_lag()
+                return await self.lag.update()
         if not committed or generation != self.checkpoints.generation:
             self._stale.extend(records)  # fetched from positions that no longer hold
             return False
@@ -244,7 +242,7 @@ class Pipeline:
         try:
             async with self._batch_lock:
                 committed = await self.put(records, decoded)
-                await self._update_lag()
+                await self.lag.update()
                 return committed
         except Exception:
             self._stale.extend(records)  # never applied: fetched again, never skipped
@@ -272,6 +270,7 @@ class Pipeline:
         records = sorted(
             (r for rs in batch.values() for r in rs), key=lambda r: (r.partition, r.offset)
         )
+        self.lag.fetched(records)
         return self._within_bytes(records, generation)
 
     def _within_bytes(self, records: list[Record], generation: int) -> list[Record]:
@@ -370,16 +369,6 @@ class Pipeline:
         self.checkpoints.committed(moves)
         self.readiness.progressed()
         return applied
-
-    async def _update_lag(self) -> bool:
-        return await update_lag(
-            self.consumer,
-            self.settings.topic,
-            self.checkpoints,
-            self.metrics,
-            self.readiness,
-            self._lag_partitions,
-        )
 
     def _observe(self, applied: Applied, decoded: Decoded, records: int, seconds: float) -> None:
         self.metrics.observe_committed(applied, decoded, records=records, seconds=seconds)

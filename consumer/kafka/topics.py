@@ -14,7 +14,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import UnknownTopicOrPartitionError, for_code
 
-from consumer.errors import LedgerError
+from consumer.errors import TopicConfigError
 from consumer.failures import TopicMissingError
 from consumer.kafka.dead_letters import HEADER_HEADROOM
 from consumer.logs import fields
@@ -23,10 +23,6 @@ from producer.client import ensure_topic
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = "max.message.bytes"
-
-
-class TopicConfigError(LedgerError):
-    """A topic exists with settings the consumer cannot work with."""
 
 
 @dataclass(frozen=True)

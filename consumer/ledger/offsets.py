@@ -111,3 +111,15 @@ async def load_offsets(
         sorted(partitions),
     )
     return {row["partition"]: row["next_offset"] for row in rows}
+
+
+async def last_commit_time(pool: asyncpg.Pool, group_id: str, topic: str) -> float | None:
+    """When the group last committed a batch of the topic (any member, any release), as a Unix
+    time; None before its first."""
+    moment = await pool.fetchval(
+        "SELECT extract(epoch FROM max(updated_at))::float8 FROM consumer_offsets"
+        " WHERE group_id = $1 AND topic = $2",
+        group_id,
+        topic,
+    )
+    return None if moment is None else float(moment)

@@ -18,6 +18,7 @@ from aiokafka.errors import (
 )
 from sqlalchemy.exc import DBAPIError
 
+from consumer.errors import TopicConfigError
 from consumer.failures import (
     DatabaseCredentialsError,
     DatabaseMissingError,
@@ -32,7 +33,6 @@ from consumer.failures import (
     report,
     translate,
 )
-from consumer.kafka.topics import TopicConfigError
 from consumer.settings import Settings, load_settings
 
 OPERATIONS = Path(__file__).resolve().parents[3] / "docs" / "operations.md"

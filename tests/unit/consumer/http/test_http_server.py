@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import socket
 import struct
@@ -70,7 +71,9 @@ async def serving(limits: HttpLimits = FAST) -> AsyncIterator[Served]:
     database = Database()
     readiness = Readiness(stall_seconds=60, assigned=frozenset({0}))
     metrics = LedgerMetrics()
-    server = HealthServer("127.0.0.1", 0, metrics, readiness, database.ping, limits=limits)
+    server = HealthServer(
+        "127.0.0.1", 0, metrics, readiness, database.ping, limits=limits, watch=False
+    )
     await server.start()
     try:
         yield Served(server, database, metrics)
@@ -156,6 +159,32 @@ async def test_routes(served: Served) -> None:
         status(await exchange(served.port, b"GET /healthz HTTP/1.1\r\n\r\n", half_close=True))
         == 200
     )
+
+
+async def test_the_ready_gauge_is_judged_without_a_probe() -> None:
+    database = Database()
+    readiness = Readiness(stall_seconds=60)  # nothing assigned yet: not ready
+    metrics = LedgerMetrics()
+    metrics.ready.set(1)
+    server = HealthServer("127.0.0.1", 0, metrics, readiness, database.ping)
+    refreshed = 0
+
+    async def refresh() -> None:
+        nonlocal refreshed
+        refreshed += 1
+
+    server.refresh = refresh
+    ready = functools.partial(metrics.registry.get_sample_value, "token_ledger_ready")
+    await server.start()
+    try:
+        await until(lambda: ready() == 0 and refreshed >= 1)
+        readiness.assigned = frozenset({0})
+        await until(lambda: ready() == 1)  # nobody asked /readyz
+        database.answer = False
+        await until(lambda: ready() == 0)
+    finally:
+        await server.stop()
+    assert database.pings >= 2
 
 
 async def test_readyz_says_why_not(served: Served) -> None:

@@ -7,7 +7,7 @@ import time
 from prometheus_client import generate_latest
 
 from consumer.http.metrics import LedgerMetrics
-from consumer.kafka.lag import PartitionEnds, held_partitions
+from consumer.kafka.lag import PartitionEnds, counted_from, held_partitions
 from consumer.status import Held, Readiness
 
 
@@ -19,6 +19,20 @@ def test_lag_ends_at_the_last_stable_offset_and_the_rest_is_uncommitted() -> Non
     # Past a trailing commit marker the position is the high watermark: nothing left.
     done = PartitionEnds(position=56, stable=56, highwater=56)
     assert (done.lag, done.uncommitted) == (0, 0)
+
+
+def test_records_fetched_and_not_committed_count_from_the_stored_offset() -> None:
+    # Stored 100; records up to 149 fetched (a batch blocked on the database): the position is
+    # past them, but all 50 still wait.
+    start = counted_from(position=150, stored=100, fetched_until=150)
+    assert PartitionEnds(position=150, stable=160, highwater=160, counted_from=start).lag == 60
+    # Everything fetched committed, the last offset a commit marker the stored offset points
+    # at: the position has stepped over it, and nothing waits.
+    caught_up = counted_from(position=161, stored=160, fetched_until=160)
+    assert PartitionEnds(position=161, stable=161, highwater=161, counted_from=caught_up).lag == 0
+    # Nothing fetched yet, or no stored offset to count from: the position.
+    assert counted_from(position=7, stored=5, fetched_until=None) == 7
+    assert counted_from(position=7, stored=None, fetched_until=9) == 7
 
 
 def test_a_partition_is_held_since_its_last_stable_offset_stopped_moving() -> None:

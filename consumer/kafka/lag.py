@@ -110,9 +110,11 @@ class Lag:
         self.fetched_until: dict[int, int] = {}  # partition -> last offset fetched + 1
 
     def fetched(self, records: Iterable[ConsumerRecord]) -> None:
-        for record in records:
-            if record.offset >= self.fetched_until.get(record.partition, 0):
-                self.fetched_until[record.partition] = record.offset + 1
+        """Records a fetch returned, sorted by (partition, offset)."""
+        last = {record.partition: record.offset for record in records}  # each partition's last
+        for partition, offset in last.items():
+            if offset >= self.fetched_until.get(partition, 0):
+                self.fetched_until[partition] = offset + 1
 
     def forget(self, partitions: Iterable[int]) -> None:
         """Revoked: its owner reports it now."""

@@ -23,7 +23,6 @@ _SORTED = msgspec.json.Encoder(decimal_format="number", order="sorted")
 # After the `backslashreplace` codec, `\xe9` is what `ensure_ascii` writes as `\u00e9`, and an
 # astral `\U0001f680` is its surrogate pair. JSON text never holds `\x` or `\U` itself; a
 # literal backslash in a string (`\\`) could make one, so such text takes the exact handler.
-_LATIN = re.compile(rb"\\x([0-9a-f]{2})")
 _ASTRAL = re.compile(rb"\\U([0-9a-f]{8})")
 _ERRORS = "token-ledger-json-escape"
 
@@ -66,8 +65,9 @@ def ascii_text(value: Any) -> bytes:
             encoded = encoded.decode().encode("ascii", _ERRORS)
         else:
             encoded = encoded.decode().encode("ascii", "backslashreplace")
-            if b"\\x" in encoded:
-                encoded = _LATIN.sub(rb"\\u00\1", encoded)
+            # Every `\x` is the codec's (see above): a plain replacement, no regex (whose
+            # template Python 3.11 expands in Python, match by match).
+            encoded = encoded.replace(b"\\x", b"\\u00")
             if b"\\U" in encoded:
                 encoded = _ASTRAL.sub(_pair, encoded)
     if b"\x7f" in encoded:  # ASCII, but escaped all the same

@@ -45,6 +45,7 @@ from aiokafka.errors import (
     DelegationTokenAuthorizationFailed,
     GroupAuthorizationFailedError,
     IllegalSaslStateError,
+    InvalidSessionTimeoutError,
     KafkaConnectionError,
     KafkaError,
     SaslAuthenticationFailed,
@@ -238,6 +239,11 @@ def _translate_kafka_error(error: KafkaError, settings: Settings | None) -> Oper
             f"{where} denied an operation ({type(error).__name__}): grant the principal ACLs to "
             "read, write and create the ledger's topics and to join its consumer group"
         )
+    if isinstance(error, InvalidSessionTimeoutError):
+        return ConfigurationError(
+            f"{where} refused LEDGER_SESSION_TIMEOUT: it must lie within the broker's"
+            " group.min.session.timeout.ms and group.max.session.timeout.ms"
+        )
     if isinstance(error, UnknownTopicOrPartitionError):
         return TopicMissingError(
             f"{where}: a topic does not exist ({type(error).__name__}): check LEDGER_TOPIC and "
@@ -320,13 +326,6 @@ def explain(error: BaseException, settings: Settings | None) -> OperatorError | 
 # -- the CLI boundary ------------------------------------------------------------------------
 
 
-def _quiet_settings() -> Settings | None:
-    try:
-        return load_settings()
-    except SettingsError:
-        return None
-
-
 def run_cli(app: Callable[[], object]) -> int:
     """Run the command line; every expected failure becomes one line and its exit code."""
     try:
@@ -337,7 +336,11 @@ def run_cli(app: Callable[[], object]) -> int:
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
     except Exception as error:  # noqa: BLE001 - the top boundary: everything is reported
-        return report(error, _quiet_settings())
+        try:
+            settings: Settings | None = load_settings()
+        except SettingsError:
+            settings = None  # the line is printed all the same, as text
+        return report(error, settings)
     return ExitCode.OK
 
 

@@ -166,6 +166,8 @@ async def start_relay(
     here: billing that cannot reach its topic must not keep the ledger from starting."""
     security = settings.kafka_security()
 
+    missing_said: list[bool] = []
+
     async def billing_topic() -> None:
         try:
             await ensure_or_create(
@@ -176,7 +178,11 @@ async def start_relay(
                 config={MAX_MESSAGE_BYTES: str(record_bytes)},  # a revision of the largest event
             )
         except TopicMissingError as missing:
-            # The relay's outage, retried (and logged once a minute), not the ledger's stop.
+            # The relay's outage, retried (its outage lines name only the error's type), not
+            # the ledger's stop: which topic and variable is said once.
+            if not missing_said:
+                missing_said.append(True)
+                log.warning(str(missing), extra=fields(topic=settings.billing_topic))
             raise UnknownTopicOrPartitionError(str(missing)) from None
 
     producer = await BillingProducer(

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     # host) before its partitions move: within the broker's group.min/max.session.timeout.ms
     # (6 s .. 30 min by default). Heartbeats must come well inside it (Kafka advises a third).
     session_timeout: float = Field(10.0, ge=1, le=3600)
-    heartbeat_interval: float = Field(3.0, gt=0, le=3600)
+    heartbeat_interval: float = Field(3.0, ge=0.01, le=3600)
     # Whether `consume` and `relay` create missing topics (true suits devstack and compose;
     # production topics are usually provisioned, and a mistyped name should stop us, exit 8).
     create_topics: bool = True
@@ -84,7 +84,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _heartbeat_inside_session(self) -> Settings:
-        if self.heartbeat_interval >= self.session_timeout:
+        if round(self.heartbeat_interval * 1000) >= round(self.session_timeout * 1000):
             raise ValueError(
                 f"{PREFIX}HEARTBEAT_INTERVAL: {self.heartbeat_interval:g}s must be less than"
                 f" {PREFIX}SESSION_TIMEOUT ({self.session_timeout:g}s)"

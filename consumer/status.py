@@ -47,7 +47,9 @@ class Readiness:
     consumes: bool = True  # False: `token-ledger relay` alone, which is assigned no partitions
     assigned: frozenset[int] = frozenset()
     lag: int = 0
-    last_progress: float = field(default_factory=time.monotonic)
+    lag_complete: bool = True  # every partition of this member counted in `lag`
+    last_progress: float = field(default_factory=time.monotonic)  # a commit, or nothing waiting
+    last_commit: float = 0.0
     database_ok: bool = True
     # Not lag (nothing there can be read yet), so judged on its own: partition -> its records
     # waiting for an open transaction, and since when its last stable offset has stood still.
@@ -66,7 +68,17 @@ class Readiness:
     _backlog: tuple[float, int] | None = field(default=None, init=False, repr=False)
 
     def progressed(self) -> None:
+        """Nothing is waiting (idle is not stalled)."""
         self.last_progress = time.monotonic()
+
+    def committed(self) -> None:
+        self.last_progress = self.last_commit = time.monotonic()
+
+    def set_lag(self, records: int, *, complete: bool) -> None:
+        """The records waiting; `complete` False when some partition of this member could not
+        be counted (opening, revoked, stopped): a lag that fell then is not a backlog applied."""
+        self.lag = records
+        self.lag_complete = complete
 
     def judge(self) -> list[str]:
         """The reasons not to be ready (empty: ready), and the log lines they call for: a stall
@@ -89,10 +101,13 @@ class Readiness:
                 extra=fields(records=self.lag, seconds=round(now - self.last_progress)),
             )
         elif not stalled and self._stalled_since is not None:
-            log.info(
-                "stall over",
-                extra=fields(seconds=round(now - self._stalled_since, 1), records=self.lag),
-            )
+            if self.last_commit > self._stalled_since:
+                log.info("stall over", extra=fields(seconds=round(now - self._stalled_since, 1)))
+            else:  # nothing committed: the waiting partitions left this member, or stopped
+                log.info(
+                    "stall over: the partitions that waited were revoked or stopped",
+                    extra=fields(seconds=round(now - self._stalled_since, 1)),
+                )
             self._stalled_since = None
 
     def _log_held(self, now: float) -> None:
@@ -117,7 +132,8 @@ class Readiness:
         elif self._backlog is not None:
             since, most = self._backlog
             self._backlog = None
-            if now - since >= BACKLOG_LOG_SECONDS:
+            # Not when partitions left the count (revoked, opening, stopped): not applied.
+            if self.lag_complete and now - since >= BACKLOG_LOG_SECONDS:
                 log.info(
                     "caught up: the backlog is applied",
                     extra=fields(seconds=round(now - since, 1), most_records_waiting=most),

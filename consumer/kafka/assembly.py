@@ -51,6 +51,9 @@ def source_consumer(
         isolation_level="read_committed",
         session_timeout_ms=round(settings.session_timeout * 1000),
         heartbeat_interval_ms=round(settings.heartbeat_interval * 1000),
+        # A JoinGroup may wait for the whole rebalance (as long as the session timeout): the
+        # client must not give up on it first (aiokafka's default is 40 s).
+        request_timeout_ms=max(40_000, round(settings.session_timeout * 1000) + 5_000),
         max_partition_fetch_bytes=fetch_bytes,
         fetch_max_bytes=max(50 * 1024 * 1024, fetch_bytes),
         **settings.kafka_security(),

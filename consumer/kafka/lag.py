@@ -28,15 +28,19 @@ Per partition:
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import IllegalStateError
 from aiokafka.structs import ConsumerRecord
 
 from consumer.status import Held, Readiness
+
+POSITION_SECONDS = 0.5  # the readiness watch must not wait on a position being resolved
 
 if TYPE_CHECKING:
     from consumer.http.metrics import LedgerMetrics
@@ -62,11 +66,15 @@ class PartitionEnds:
         return max(0, self.highwater - self.stable)
 
 
-def counted_from(position: int, stored: int | None, fetched_until: int | None) -> int:
-    """The offset lag counts from: the stored one while records fetched up to `fetched_until`
-    (the last fetched offset + 1) are not committed yet, else the fetch position."""
-    if stored is not None and fetched_until is not None and fetched_until > stored:
-        return min(stored, position)
+def counted_from(position: int, stored: int | None, fetched: tuple[int, int] | None = None) -> int:
+    """The offset lag counts from. `fetched`: (first, last + 1) offsets fetched from the
+    partition since it was last sought. While some of them are not committed, count from the
+    stored offset (from the first fetched one when nothing is stored yet), else from the
+    fetch position."""
+    if fetched is not None:
+        start = fetched[0] if stored is None else stored
+        if fetched[1] > start:
+            return min(start, position)
     return position
 
 
@@ -91,7 +99,10 @@ def held_partitions(
 class Lag:
     """The lag gauges and readiness's view of them, refreshed by the loop after each batch
     and by the readiness watch every second (concurrently with a batch in flight: nothing
-    here waits for the batch, and a partition revoked meanwhile is skipped)."""
+    here waits for the batch, and a partition revoked meanwhile is skipped).
+
+    What was fetched is kept per partition since the last seek (any seek bumps the
+    checkpoints' generation, and the pipeline fetches again whatever it had not committed)."""
 
     def __init__(
         self,
@@ -107,54 +118,84 @@ class Lag:
         self.metrics = metrics
         self.readiness = readiness
         self.reported: set[int] = set()  # partitions with a lag series
-        self.fetched_until: dict[int, int] = {}  # partition -> last offset fetched + 1
+        # partition -> (first offset fetched, last offset fetched + 1), since `_generation`.
+        self.fetched_range: dict[int, tuple[int, int]] = {}
+        self._generation = checkpoints.generation
 
-    def fetched(self, records: Iterable[ConsumerRecord]) -> None:
-        """Records a fetch returned, sorted by (partition, offset)."""
-        last = {record.partition: record.offset for record in records}  # each partition's last
+    def fetched(self, records: Iterable[ConsumerRecord], generation: int) -> None:
+        """Records a fetch that began at checkpoints `generation` returned, sorted by
+        (partition, offset); from before a seek, they are fetched again, so not counted."""
+        if generation != self.checkpoints.generation:
+            return
+        self._since_last_seek()
+        first: dict[int, int] = {}
+        last: dict[int, int] = {}
+        for record in records:
+            first.setdefault(record.partition, record.offset)
+            last[record.partition] = record.offset
         for partition, offset in last.items():
-            if offset >= self.fetched_until.get(partition, 0):
-                self.fetched_until[partition] = offset + 1
+            low, high = self.fetched_range.get(partition, (first[partition], 0))
+            self.fetched_range[partition] = (low, max(high, offset + 1))
 
     def forget(self, partitions: Iterable[int]) -> None:
         """Revoked: its owner reports it now."""
         for partition in partitions:
-            self.fetched_until.pop(partition, None)
+            self.fetched_range.pop(partition, None)
             if partition in self.reported:
                 self.reported.discard(partition)
                 self.metrics.consumer_lag.remove(str(partition))
+
+    def _since_last_seek(self) -> None:
+        if self._generation != self.checkpoints.generation:
+            self._generation = self.checkpoints.generation
+            self.fetched_range.clear()
+
+    async def _ends(self, partition: int) -> PartitionEnds | None:
+        """The partition's ends as this member sees them now; None when it cannot say (not
+        assigned to it any more, not fetched yet, or its position not settled)."""
+        tp = TopicPartition(self.topic, partition)
+        if tp not in self.consumer.assignment():
+            return None
+        highwater, stable = self.consumer.highwater(tp), self.consumer.last_stable_offset(tp)
+        # None until a fetch answered; -1 from a consumer that is not read_committed
+        # (service.source_consumer always is): either way the end is unknown.
+        if highwater is None or stable is None or stable < 0:
+            return None
+        try:
+            # Sought explicitly, so valid at once; but a partition with nothing stored is
+            # sought to its beginning, which aiokafka resolves with a request.
+            async with asyncio.timeout(POSITION_SECONDS):
+                position = await self.consumer.position(tp)
+        except (TimeoutError, IllegalStateError):  # unsettled, or revoked while we waited
+            return None
+        if tp not in self.consumer.assignment() or partition not in self.checkpoints.positions:
+            return None  # revoked meanwhile: the series must not come back
+        start = counted_from(
+            position, self.checkpoints.positions[partition], self.fetched_range.get(partition)
+        )
+        return PartitionEnds(position, stable, highwater, start)
 
     async def update(self) -> bool:
         """Refresh lag, records held by open transactions and readiness; True when every
         assigned partition is caught up: at its last stable offset, the end of what a
         read_committed consumer can read, with nothing fetched left uncommitted."""
-        positions = self.checkpoints.positions
+        self._since_last_seek()
         ends: dict[int, PartitionEnds] = {}
-        caught_up = bool(positions) and not self.checkpoints.opening
-        assigned = self.consumer.assignment()
-        for partition in sorted(set(positions) - set(self.readiness.halted)):
-            tp = TopicPartition(self.topic, partition)
-            if tp not in assigned:  # revoked while a batch holds the loop: not ours to report
-                caught_up = False
+        owned = sorted(set(self.checkpoints.positions) - set(self.readiness.halted))
+        measured_all = bool(self.checkpoints.positions) and not self.checkpoints.opening
+        for partition in owned:
+            end = await self._ends(partition)
+            if end is None:
+                measured_all = False
                 continue
-            highwater, stable = self.consumer.highwater(tp), self.consumer.last_stable_offset(tp)
-            # None until a fetch answered; -1 from a consumer that is not read_committed
-            # (service.source_consumer always is): either way the end is unknown.
-            if highwater is None or stable is None or stable < 0:
-                caught_up = False
-                continue
-            position = await self.consumer.position(tp)  # sought explicitly: valid, no wait
-            start = counted_from(
-                position, positions.get(partition), self.fetched_until.get(partition)
-            )
-            end = PartitionEnds(position, stable, highwater, start)
             ends[partition] = end
             self.metrics.consumer_lag.labels(str(partition)).set(end.lag)
             self.reported.add(partition)
-            caught_up = caught_up and end.lag == 0
         self.metrics.set_uncommitted({p: end.uncommitted for p, end in ends.items()})
         self.readiness.held = held_partitions(self.readiness.held, ends, time.monotonic())
-        self.readiness.lag = sum(end.lag for end in ends.values())
-        if self.readiness.lag == 0:
+        lag = sum(end.lag for end in ends.values())
+        # Partitions leaving the count (revoked, opening, stopped) are not records applied.
+        self.readiness.set_lag(lag, complete=measured_all and not self.readiness.halted)
+        if lag == 0 and measured_all:
             self.readiness.progressed()  # idle is not stalled
-        return caught_up
+        return measured_all and lag == 0

@@ -270,7 +270,7 @@ class Pipeline:
         records = sorted(
             (r for rs in batch.values() for r in rs), key=lambda r: (r.partition, r.offset)
         )
-        self.lag.fetched(records)
+        self.lag.fetched(records, generation)
         return self._within_bytes(records, generation)
 
     def _within_bytes(self, records: list[Record], generation: int) -> list[Record]:
@@ -367,7 +367,7 @@ class Pipeline:
         moves = self.checkpoints.moves(records)
         applied = await self.commit(moves, decoded, self.dlq.report)
         self.checkpoints.committed(moves)
-        self.readiness.progressed()
+        self.readiness.committed()
         return applied
 
     def _observe(self, applied: Applied, decoded: Decoded, records: int, seconds: float) -> None:

@@ -8,10 +8,10 @@ import asyncio
 import json
 from pathlib import Path
 
-from producer.client import thread_key
+from producer.client import ensure_topic, thread_key
 from producer.events import AnyEvent, encode_event
 from tests.factories import appended, started
-from tests.integration.harness import ConsumerProcess, Stack, wait_for
+from tests.integration.harness import ConsumerProcess, Stack, said, wait_for
 
 BLOCKED = 60  # records published while the offsets table is locked
 
@@ -129,3 +129,78 @@ async def test_gauges_lag_and_stalls_are_true_without_a_probe(
         last_commit_shown, within=60, what="the ledger's last commit", context=restarted.logs
     )
     assert restarted.terminate()[0] == 0
+
+
+async def test_a_new_groups_first_batch_blocked_on_the_database_is_lag_and_a_stall(
+    kafka_bootstrap: str, ledger_url: str, tmp_path: Path, processes: list[ConsumerProcess]
+) -> None:
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    await stack.publish(turns(1, BLOCKED))  # a new group: nothing stored to count from
+    conn = await stack.connect()
+    try:
+        locker = conn.transaction()
+        await locker.start()
+        await conn.execute("LOCK TABLE consumer_offsets IN EXCLUSIVE MODE")
+        consumer = ConsumerProcess(
+            stack.env(LEDGER_STALL_SECONDS="2"), tmp_path / "consumer.log"
+        ).start()
+        processes.append(consumer)
+
+        async def blocked_records_count_and_stall() -> bool:
+            metrics = await metrics_of(consumer)
+            lag = sum(sample(metrics, "token_ledger_consumer_lag_records").values())
+            return lag == BLOCKED and sample(metrics, "token_ledger_ready") == {"": 0}
+
+        await wait_for(
+            blocked_records_count_and_stall,
+            within=60,
+            what="the blocked first batch counted as lag, and not ready",
+            context=consumer.logs,
+        )
+        assert not await stack.caught_up()
+        await locker.rollback()
+    finally:
+        await conn.close()
+    await wait_for(stack.caught_up, within=60, what="the first batch", context=consumer.logs)
+    assert consumer.terminate()[0] == 0
+
+
+async def test_a_session_timeout_the_broker_refuses_is_exit_2_naming_the_variable(
+    kafka_bootstrap: str, ledger_url: str
+) -> None:
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    await stack.create_topic()
+    # The broker's group.min.session.timeout.ms is 6 s by default.
+    run = await asyncio.to_thread(
+        stack.cli, "consume", LEDGER_SESSION_TIMEOUT="2", LEDGER_HEARTBEAT_INTERVAL="0.5"
+    )
+    assert run.returncode == 2, run.stderr
+    assert "LEDGER_SESSION_TIMEOUT" in said(run.stderr.strip().splitlines()[-1])
+
+
+async def test_a_missing_billing_topic_is_named_once_when_topics_may_not_be_created(
+    kafka_bootstrap: str, ledger_url: str, tmp_path: Path, processes: list[ConsumerProcess]
+) -> None:
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    await stack.create_topic()
+    await ensure_topic(  # sized for the source's largest record, as `consume` would
+        stack.bootstrap, stack.dlq_topic, partitions=1, config={"max.message.bytes": "2000000"}
+    )
+    consumer = ConsumerProcess(
+        stack.env(LEDGER_CREATE_TOPICS="false"), tmp_path / "consumer.log"
+    ).start()
+    processes.append(consumer)
+
+    async def relay_says_which_topic() -> bool:
+        return any(
+            stack.billing_topic in str(e["msg"]) and "LEDGER_BILLING_TOPIC" in str(e["msg"])
+            for e in log_lines(consumer)
+        )
+
+    await wait_for(relay_says_which_topic, within=60, what="the missing billing topic named")
+    await stack.publish(turns(1, 10))  # the ledger goes on without its billing topic
+    await wait_for(stack.caught_up, within=60, what="the ledger", context=consumer.logs)
+    assert consumer.process is not None and consumer.process.poll() is None
+    named = [e for e in log_lines(consumer) if stack.billing_topic in str(e["msg"])]
+    assert len(named) == 1, named
+    assert consumer.terminate()[0] == 0

@@ -56,7 +56,7 @@ def test_a_stall_is_one_warning_when_it_starts_and_one_info_when_it_ends(
         clock.now += 1
         assert readiness.judge()
     assert _said(caplog) == []
-    readiness.progressed()
+    readiness.committed()
     assert readiness.judge() == []
     assert _said(caplog) == [("INFO", "stall over")]
     assert readiness.judge() == [] and _said(caplog) == []

@@ -24,15 +24,16 @@ def test_lag_ends_at_the_last_stable_offset_and_the_rest_is_uncommitted() -> Non
 def test_records_fetched_and_not_committed_count_from_the_stored_offset() -> None:
     # Stored 100; records up to 149 fetched (a batch blocked on the database): the position is
     # past them, but all 50 still wait.
-    start = counted_from(position=150, stored=100, fetched_until=150)
+    start = counted_from(position=150, stored=100, fetched=(100, 150))
     assert PartitionEnds(position=150, stable=160, highwater=160, counted_from=start).lag == 60
     # Everything fetched committed, the last offset a commit marker the stored offset points
     # at: the position has stepped over it, and nothing waits.
-    caught_up = counted_from(position=161, stored=160, fetched_until=160)
+    caught_up = counted_from(position=161, stored=160, fetched=(100, 160))
     assert PartitionEnds(position=161, stable=161, highwater=161, counted_from=caught_up).lag == 0
-    # Nothing fetched yet, or no stored offset to count from: the position.
-    assert counted_from(position=7, stored=5, fetched_until=None) == 7
-    assert counted_from(position=7, stored=None, fetched_until=9) == 7
+    # Nothing stored yet (a new group): from the first record fetched.
+    assert counted_from(position=60, stored=None, fetched=(0, 60)) == 0
+    # Nothing fetched since the last seek: the position.
+    assert counted_from(position=7, stored=5) == 7
 
 
 def test_a_partition_is_held_since_its_last_stable_offset_stopped_moving() -> None:

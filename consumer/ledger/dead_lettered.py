@@ -10,6 +10,7 @@ send, those already there were sent by this group before.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 
@@ -21,13 +22,17 @@ from consumer.logs import fields
 log = logging.getLogger(__name__)
 
 # Sorted keys: two transactions inserting overlapping positions lock them in the same order.
+# A stored position whose value differs is another record at the same offset (the topic was
+# recreated): it is taken over and sent, never mistaken for the one sent before.
 _RECORD = """
-INSERT INTO dead_lettered (group_id, topic, partition, "offset", reason)
-SELECT $1, v.topic, v.partition, v.position, v.reason
-FROM unnest($2::text[], $3::int[], $4::bigint[], $5::text[])
-  AS v(topic, partition, position, reason)
+INSERT INTO dead_lettered AS d (group_id, topic, partition, "offset", reason, value_digest)
+SELECT $1, v.topic, v.partition, v.position, v.reason, v.digest
+FROM unnest($2::text[], $3::int[], $4::bigint[], $5::text[], $6::bytea[])
+  AS v(topic, partition, position, reason, digest)
 ORDER BY v.topic, v.partition, v.position
-ON CONFLICT (group_id, topic, partition, "offset") DO NOTHING
+ON CONFLICT (group_id, topic, partition, "offset") DO UPDATE
+  SET reason = excluded.reason, value_digest = excluded.value_digest, dead_lettered_at = now()
+  WHERE d.value_digest <> excluded.value_digest
 RETURNING topic, partition, "offset"
 """
 
@@ -36,7 +41,8 @@ async def record_dead_letters(
     conn: asyncpg.Connection, group_id: str, letters: Sequence[DeadLetter]
 ) -> list[DeadLetter]:
     """Record the letters' source positions for the group, inside the caller's transaction;
-    the letters to send: those whose position the group had not dead-lettered before."""
+    the letters to send: those whose position (and value) the group had not dead-lettered
+    before."""
     if not letters:
         return []
     ordered = sorted(letters, key=lambda x: (x.record.topic, x.record.partition, x.record.offset))
@@ -47,6 +53,7 @@ async def record_dead_letters(
         [x.record.partition for x in ordered],
         [x.record.offset for x in ordered],
         [x.reason.value for x in ordered],
+        [hashlib.sha256(x.record.value or b"").digest() for x in ordered],
     )
     fresh = {(row["topic"], row["partition"], row["offset"]) for row in rows}
     new: list[DeadLetter] = []

@@ -199,9 +199,9 @@ class LedgerMetrics:
             ],
             unknown_fields=list(decoded.unknown_fields.items()),
             undecodable=[letter.event_type for letter in decode_letters],
-            dead_letter_reasons=[
-                letter.reason.value for letter in [*decode_letters, *applied.letters]
-            ],
+            # Only those sent: a position this group dead-lettered before (an offset replay)
+            # is not sent, nor counted, again.
+            dead_letter_reasons=[letter.reason.value for letter in applied.sent],
             usage_changes=[change for plan in applied.plans for change in plan.usage_changes],
         )
 

@@ -76,7 +76,10 @@ async def open_pipeline(
     `fetch_bytes`: per partition and fetch, at least the largest record the topic accepts."""
     async with AsyncExitStack() as stack:
         dlq = await DeadLetterQueue(
-            settings.kafka_bootstrap, settings.dlq_topic, **settings.kafka_security()
+            settings.kafka_bootstrap,
+            settings.dlq_topic,
+            group_id=settings.group_id,  # the group whose offsets the batch moves
+            **settings.kafka_security(),
         ).__aenter__()
         stack.push_async_callback(bounded(dlq.close, "dead-letter producer", RELEASE_SECONDS))
         consumer = source_consumer(settings, fetch_bytes, group_id=group_id)

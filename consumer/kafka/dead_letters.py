@@ -2,8 +2,11 @@
 
 `DeadLetterQueue.report(letters)` returns only once the broker has acknowledged every one
 (acks=all, idempotent producer), so the caller may move its offsets past them afterwards.
-Dead letters are at-least-once: if the transaction that follows is retried, a letter it
-already reported is reported again (readers dedupe by the ledger.source.* headers).
+Dead letters are at-least-once: if the transaction that reports them is retried, a letter it
+already reported is reported again (readers dedupe by the ledger.source.* headers). Each names
+the consumer group that sent it (`ledger.consumer.group`). A record `dlq replay` published again
+carries `ledger.origin.*`, the position of the first record it copies; a dead letter keeps
+those, so every copy of one source record can be traced to it (docs/operations.md#dead-letters).
 A record that reached us compressed can be far larger once decoded (a 5 MiB value of
 repeated text is a few hundred bytes with zstd), so the producer compresses too and takes any
 size: only the topic's own limit (on the compressed batch) can refuse one. A refusal that a
@@ -58,9 +61,16 @@ SOURCE_TOPIC = "ledger.source.topic"
 SOURCE_PARTITION = "ledger.source.partition"
 SOURCE_OFFSET = "ledger.source.offset"
 FAILED_AT = "ledger.failed_at"
+GROUP = "ledger.consumer.group"
+# Replaced on every trip through the consumer: they describe this dead letter only.
 LEDGER_HEADERS = frozenset(
-    (REASON, DETAIL, SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET, FAILED_AT)
+    (REASON, DETAIL, SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET, FAILED_AT, GROUP)
 )
+ORIGIN_TOPIC = "ledger.origin.topic"
+ORIGIN_PARTITION = "ledger.origin.partition"
+ORIGIN_OFFSET = "ledger.origin.offset"
+# Kept on every trip: where the first copy of a replayed record was read.
+ORIGIN_HEADERS = frozenset((ORIGIN_TOPIC, ORIGIN_PARTITION, ORIGIN_OFFSET))
 
 
 @dataclass(frozen=True)
@@ -73,16 +83,50 @@ class SourcePosition:
 def source_position(record: ConsumerRecord) -> SourcePosition | None:
     """Where a dead letter's original record stood, from its headers; None if they do not say
     (a record another writer put on the dead-letter topic, or headers with null values)."""
+    return _position(record, SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET)
+
+
+def origin_position(record: ConsumerRecord) -> SourcePosition | None:
+    """The first position of a record `dlq replay` published again, from its `ledger.origin.*`
+    headers; None if it was never replayed (or they do not say)."""
+    return _position(record, ORIGIN_TOPIC, ORIGIN_PARTITION, ORIGIN_OFFSET)
+
+
+def first_position(record: ConsumerRecord) -> SourcePosition | None:
+    """The source record a dead letter stands for: its origin if it is a replayed copy, else
+    where it was read."""
+    return origin_position(record) or source_position(record)
+
+
+def _position(
+    record: ConsumerRecord, topic: str, partition: str, offset: str
+) -> SourcePosition | None:
     headers = dict(record.headers or ())
     try:
         position = SourcePosition(
-            (headers.get(SOURCE_TOPIC) or b"").decode(),
-            int(headers.get(SOURCE_PARTITION) or b""),
-            int(headers.get(SOURCE_OFFSET) or b""),
+            (headers.get(topic) or b"").decode(),
+            int(headers.get(partition) or b""),
+            int(headers.get(offset) or b""),
         )
     except ValueError:  # missing, null or not a number (UnicodeDecodeError is a ValueError)
         return None
     return position if position.topic else None
+
+
+def replay_headers(record: ConsumerRecord, origin: SourcePosition) -> list[tuple[str, bytes]]:
+    """A dead letter's original headers, for its record published again, with `origin` (its
+    first position) in place of any ledger.* header."""
+    original = [
+        (k, v)
+        for k, v in (record.headers or ())
+        if k not in LEDGER_HEADERS and k not in ORIGIN_HEADERS
+    ]
+    return [
+        *original,
+        (ORIGIN_TOPIC, origin.topic.encode()),
+        (ORIGIN_PARTITION, str(origin.partition).encode()),
+        (ORIGIN_OFFSET, str(origin.offset).encode()),
+    ]
 
 
 @dataclass(frozen=True)
@@ -93,7 +137,9 @@ class DeadLetter:
     event_type: str | None = None  # for metrics: the type the record names, if one of ours
 
 
-def dead_letter_headers(letter: DeadLetter, failed_at: datetime) -> list[tuple[str, bytes]]:
+def dead_letter_headers(
+    letter: DeadLetter, failed_at: datetime, group_id: str
+) -> list[tuple[str, bytes]]:
     record = letter.record
     detail = letter.detail.encode()[:DETAIL_LIMIT].decode(errors="ignore")
     original = [(k, v) for k, v in (record.headers or ()) if k not in LEDGER_HEADERS]
@@ -105,11 +151,15 @@ def dead_letter_headers(letter: DeadLetter, failed_at: datetime) -> list[tuple[s
         (SOURCE_PARTITION, str(record.partition).encode()),
         (SOURCE_OFFSET, str(record.offset).encode()),
         (FAILED_AT, failed_at.isoformat(timespec="milliseconds").encode()),
+        (GROUP, group_id.encode()),
     ]
 
 
 class DeadLetterQueue(ProducerResource):
-    def __init__(self, bootstrap_servers: str, topic: str, **kafka_options: Any) -> None:
+    def __init__(
+        self, bootstrap_servers: str, topic: str, *, group_id: str, **kafka_options: Any
+    ) -> None:
+        """`group_id`: the consumer group the dead letters are sent for (a header of each)."""
         super().__init__(
             bootstrap_servers,
             client_id="token-ledger-dlq",
@@ -119,6 +169,7 @@ class DeadLetterQueue(ProducerResource):
             **kafka_options,
         )
         self.topic = topic
+        self.group_id = group_id
 
     async def __aenter__(self) -> Self:
         await super().__aenter__()
@@ -140,7 +191,11 @@ class DeadLetterQueue(ProducerResource):
         outcomes = await self.send_all(
             self.topic,
             [
-                (letter.record.key, letter.record.value, dead_letter_headers(letter, failed_at))
+                (
+                    letter.record.key,
+                    letter.record.value,
+                    dead_letter_headers(letter, failed_at, self.group_id),
+                )
                 for letter in letters
             ],
         )

@@ -3,10 +3,10 @@ close(partitions), stop(). Where partitions stand is checkpoint.py; what one bat
 database is consumer/ledger/batch.py; the loop is assembled and opened by assembly.py.
 
 One batch, in one direction:
-  1. decode every record (while the previous batch's transaction is in flight); dead-letter
-     what cannot be an event (awaited: acked before any offset moves past it)
+  1. decode every record (while the previous batch's transaction is in flight)
   2. one transaction (batch.commit_batch), retried with capped backoff on transient failures
      (fetching paused): offsets by compare-and-set, load state, reduce, write, dead letters
+     (what could not be decoded or written; acked before COMMIT, none sent twice per group)
   3. mirror the new offsets to Kafka (for lag tooling only, bounded: PostgreSQL is the truth)
   4. metrics
 
@@ -323,9 +323,7 @@ class Pipeline:
     async def _put(self, owned: list[Record], decoded: Decoded | None) -> bool:
         started = time.monotonic()
         try:
-            ready = decoded if decoded is not None else await self._decode(owned)
-            letters = ready.letters
-            await self.retry(lambda: self.dlq.report(letters))  # 1
+            ready = decoded if decoded is not None else await self._decode(owned)  # 1
             applied = await self.retry(
                 lambda: self._commit(owned, ready), splittable=len(owned) > 1
             )  # 2

@@ -7,7 +7,9 @@
      b. apply_isolating: load the stored registers, reduce the batch against them
         (merge.reduce_batch), write what changes; a record the database rejects (SQLSTATE
         22/23) is isolated by splitting the batch under savepoints
-     c. dead-letter what the transaction rejected, awaited, before COMMIT
+     c. dead-letter what could not be decoded and what the transaction rejected: record
+        their positions in `dead_lettered` (ledger/dead_lettered.py) and send those this group
+        had not sent before, awaited (acknowledged before COMMIT)
 
 Also used without Kafka by the property tests, which feed arbitrary records through it.
 """
@@ -27,6 +29,7 @@ from aiokafka.structs import ConsumerRecord
 from consumer.errors import PoisonError, TransientError, classify_database_error
 from consumer.kafka.dead_letters import DeadLetter
 from consumer.ledger.claims import BatchPlan, Outcome
+from consumer.ledger.dead_lettered import record_dead_letters
 from consumer.ledger.decode import BatchDecoder
 from consumer.ledger.merge import reduce_batch
 from consumer.ledger.offsets import OffsetMove, advance_offsets
@@ -56,8 +59,10 @@ class Applied:
     """What one batch transaction did, for metrics and dead letters."""
 
     events: list[tuple[LedgerEvent, Outcome]] = field(default_factory=list)
-    letters: list[DeadLetter] = field(default_factory=list)
+    letters: list[DeadLetter] = field(default_factory=list)  # what the database rejected
     plans: list[BatchPlan] = field(default_factory=list)
+    # The dead letters sent (decoded and rejected), less those this group had sent before.
+    sent: list[DeadLetter] = field(default_factory=list)
 
 
 class Decoding:
@@ -130,7 +135,9 @@ async def commit_batch(
             await apply_isolating(
                 conn, list(zip(decoded.events, decoded.records, strict=True)), applied
             )  # 2b
-            await report(applied.letters)  # 2c
+            if letters := [*decoded.letters, *applied.letters]:  # 2c
+                applied.sent = await record_dead_letters(conn, group_id, letters)
+                await report(applied.sent)
     finally:
         await pool.release(conn)
     return applied

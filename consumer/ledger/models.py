@@ -211,6 +211,7 @@ dead_lettered = Table(
     Column("partition", Integer, nullable=False),
     Column("offset", BigInteger, nullable=False),
     Column("reason", Text, nullable=False),
+    Column("value_digest", LargeBinary, nullable=False),  # SHA-256 of the record's value
     Column("dead_lettered_at", TIMESTAMP, nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("group_id", "topic", "partition", "offset"),
 )

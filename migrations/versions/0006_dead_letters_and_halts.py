@@ -2,8 +2,8 @@
 
 - `dead_lettered`: one row per source record a group sent to the dead-letter topic, written in
   the batch transaction that moves the offsets past it. An offset `replay` reads the same
-  records again; a position already here is not sent (or counted) a second time
-  (docs/operations.md#dead-letters).
+  records again; a position already here, holding the same value (`value_digest`), is not sent
+  (or counted) a second time (docs/operations.md#dead-letters).
 - `partition_halts`: a partition a consumer stopped (a dead letter the topic refuses, a stored
   offset outside the log), with why, until an owner opens the partition again. `token-ledger
   status` reads it: the reason lives with the ledger, not only in one process's /readyz.
@@ -32,6 +32,9 @@ def upgrade() -> None:
         sa.Column("partition", sa.Integer(), nullable=False),
         sa.Column("offset", sa.BigInteger(), nullable=False),
         sa.Column("reason", sa.Text(), nullable=False),
+        # SHA-256 of the record's value: a position read again holding another record (the
+        # topic recreated) is dead-lettered again, never taken for the one already sent.
+        sa.Column("value_digest", sa.LargeBinary(), nullable=False),
         sa.Column(
             "dead_lettered_at",
             sa.TIMESTAMP(timezone=True),

@@ -28,7 +28,7 @@ async def test_a_refused_letter_stops_its_own_partition_only(kafka_bootstrap: st
     await ensure_topic(kafka_bootstrap, topic, partitions=1, config={"max.message.bytes": "2000"})
     incompressible = random.Random(1).randbytes(100_000)
     big, small = _letter(0, b"\xff" + incompressible), _letter(1, b"\xff{}")
-    async with DeadLetterQueue(kafka_bootstrap, topic) as dlq:
+    async with DeadLetterQueue(kafka_bootstrap, topic, group_id="g") as dlq:
         with pytest.raises(DeadLetterRefusedError) as refused:
             await dlq.report([big, small])
     assert refused.value.partitions == [0]
@@ -41,5 +41,5 @@ async def test_letters_the_topic_takes_one_by_one_are_taken_together(kafka_boots
         _letter(partition, b"\xff" + random.Random(partition).randbytes(30_000))
         for partition in (0, 1)
     ]
-    async with DeadLetterQueue(kafka_bootstrap, topic) as dlq:
+    async with DeadLetterQueue(kafka_bootstrap, topic, group_id="g") as dlq:
         await dlq.report(letters)  # each fits the topic, together they would not

@@ -10,11 +10,17 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer.kafka.dead_letters import (
     DETAIL_LIMIT,
+    ORIGIN_OFFSET,
+    ORIGIN_PARTITION,
+    ORIGIN_TOPIC,
     SOURCE_OFFSET,
     SOURCE_PARTITION,
     SOURCE_TOPIC,
     DeadLetter,
+    SourcePosition,
     dead_letter_headers,
+    first_position,
+    replay_headers,
     source_position,
 )
 from producer.events import RejectReason
@@ -40,12 +46,13 @@ def _record(**overrides: Any) -> ConsumerRecord:
 def test_dead_letter_headers() -> None:
     at = datetime(2026, 11, 26, 9, 15, tzinfo=UTC)
     letter = DeadLetter(_record(), RejectReason.INVALID_UTF8, "é" * 2000)
-    headers = dead_letter_headers(letter, at)
+    headers = dead_letter_headers(letter, at, "token-ledger")
     as_dict = dict(headers)
     assert as_dict["ledger.error.reason"] == b"invalid_utf8"
     assert as_dict["ledger.source.topic"] == b"chat.turn-events"
     assert as_dict["ledger.source.partition"] == b"2"
     assert as_dict["ledger.source.offset"] == b"41"
+    assert as_dict["ledger.consumer.group"] == b"token-ledger"
     assert datetime.fromisoformat(as_dict["ledger.failed_at"].decode()) == at
     assert len(as_dict["ledger.error.detail"]) <= DETAIL_LIMIT
     as_dict["ledger.error.detail"].decode()  # cut on a character boundary
@@ -72,3 +79,55 @@ def test_a_dead_letters_source_position_is_read_from_its_headers(
     assert (
         None if position is None else (position.topic, position.partition, position.offset)
     ) == expected
+
+
+REPLAYED = (
+    ("trace", b"abc"),
+    (ORIGIN_TOPIC, b"chat.turn-events"),
+    (ORIGIN_PARTITION, b"0"),
+    (ORIGIN_OFFSET, b"3"),
+)
+
+
+def test_a_replayed_records_dead_letter_keeps_its_origin_and_names_where_it_was_read() -> None:
+    at = datetime(2026, 11, 26, 9, 15, tzinfo=UTC)
+    letter = DeadLetter(_record(headers=REPLAYED), RejectReason.INVALID_UTF8, "bad")
+    headers = dead_letter_headers(letter, at, "g")
+    assert [h for h in headers if h[0].startswith("ledger.origin.")] == list(REPLAYED[1:])
+    assert dict(headers)[SOURCE_OFFSET] == b"41"
+    dead = ConsumerRecord("dlq", 0, 9, 0, 0, b"42", b"x", None, 2, 1, headers)
+    assert source_position(dead) == SourcePosition("chat.turn-events", 2, 41)
+    assert first_position(dead) == SourcePosition("chat.turn-events", 0, 3)
+
+
+@pytest.mark.parametrize(
+    ("headers", "origin"),
+    [
+        # Never replayed: its origin is where it was read.
+        ((("trace", b"abc"), ("ledger.consumer.group", b"g")), ("chat.turn-events", 2, 41)),
+        # A copy that failed again: the first position stays, whatever this copy's.
+        (REPLAYED, ("chat.turn-events", 0, 3)),
+        # Origin headers that do not name a position are replaced by the source's.
+        (
+            (("trace", b"abc"), (ORIGIN_TOPIC, b"t"), (ORIGIN_OFFSET, b"x")),
+            ("chat.turn-events", 2, 41),
+        ),
+    ],
+)
+def test_a_replayed_record_names_its_first_position_once(
+    headers: tuple[tuple[str, bytes], ...], origin: tuple[str, int, int]
+) -> None:
+    at = datetime(2026, 11, 26, 9, 15, tzinfo=UTC)
+    letter = DeadLetter(_record(headers=headers), RejectReason.INVALID_UTF8, "bad")
+    dead = ConsumerRecord(
+        "dlq", 0, 9, 0, 0, b"42", b"x", None, 2, 1, dead_letter_headers(letter, at, "g")
+    )
+    first = first_position(dead)
+    assert first is not None
+    replayed = replay_headers(dead, first)
+    assert replayed == [
+        ("trace", b"abc"),
+        (ORIGIN_TOPIC, origin[0].encode()),
+        (ORIGIN_PARTITION, str(origin[1]).encode()),
+        (ORIGIN_OFFSET, str(origin[2]).encode()),
+    ]  # no ledger.error.*, ledger.source.*, group or failed_at: those describe a dead letter

@@ -67,7 +67,7 @@ def replay(
     settings = settings_or_exit()
     from consumer.commands.replay import replay as run_replay
 
-    moves = asyncio.run(
+    done = asyncio.run(
         run_replay(
             settings,
             from_time=utc(from_time),
@@ -76,7 +76,7 @@ def replay(
             dry_run=dry_run,
         )
     )
-    if not moves:
+    if not done.moves:
         fatal_line(
             f"replay: group {settings.group_id!r} has no stored offsets for topic"
             f" {settings.topic!r}{'' if partition is None else f' partition {partition}'}:"
@@ -85,11 +85,17 @@ def replay(
             settings,
         )
         raise typer.Exit(ExitCode.CONFIGURATION)
-    for part, (old, new) in sorted(moves.items()):
+    for part, (old, new) in sorted(done.moves.items()):
         again = f" ({old - new} records applied again)" if new < old else " (unchanged)"
         typer.echo(f"partition {part}: {old} -> {new}{again}")
     if dry_run:
         typer.echo("dry run: nothing was changed")
+    elif done.not_mirrored is not None:
+        # Not a failure: PostgreSQL holds the offsets; Kafka's copy is for lag tooling.
+        typer.echo(
+            f"token-ledger: the group's offsets in Kafka were not moved: {done.not_mirrored}",
+            err=True,
+        )
 
 
 @app.command()

@@ -64,7 +64,8 @@ def print_verify(report: VerifyReport) -> None:
                 "stopped comparing: the ledger holds a value PostgreSQL cannot print"
                 f" ({report.unreadable})",
                 style="red",
-            )
+            ),
+            soft_wrap=True,
         )
     # soft_wrap: the verdict is one line however long, in a pipe too (rich assumes 80 columns)
     console.print(

@@ -99,20 +99,6 @@ async def reset_offsets(
         raise FencedError([partition])
 
 
-async def load_offsets(
-    conn: asyncpg.Connection, group_id: str, topic: str, partitions: Iterable[int]
-) -> dict[int, int]:
-    """Stored next_offset per partition (partitions without a row are absent)."""
-    rows = await conn.fetch(
-        "SELECT partition, next_offset FROM consumer_offsets"
-        " WHERE group_id = $1 AND topic = $2 AND partition = ANY($3::int[])",
-        group_id,
-        topic,
-        sorted(partitions),
-    )
-    return {row["partition"]: row["next_offset"] for row in rows}
-
-
 # -- stopped partitions (partition_halts): what `token-ledger status` shows ------------------
 
 _HALT = """
@@ -145,3 +131,17 @@ async def clear_halts(
         topic,
         sorted(partitions),
     )
+
+
+async def load_offsets(
+    conn: asyncpg.Connection, group_id: str, topic: str, partitions: Iterable[int]
+) -> dict[int, int]:
+    """Stored next_offset per partition (partitions without a row are absent)."""
+    rows = await conn.fetch(
+        "SELECT partition, next_offset FROM consumer_offsets"
+        " WHERE group_id = $1 AND topic = $2 AND partition = ANY($3::int[])",
+        group_id,
+        topic,
+        sorted(partitions),
+    )
+    return {row["partition"]: row["next_offset"] for row in rows}

@@ -29,10 +29,12 @@ def verify(
 
     report = asyncio.run(run_verify(settings))
     if report.no_offsets:
+        others = ", ".join(map(repr, report.other_groups))
         fatal_line(
             f"verify: group {settings.group_id!r} has no stored offsets for topic"
-            f" {settings.topic!r}, so nothing was compared: check LEDGER_GROUP_ID and"
-            " LEDGER_TOPIC (or let `token-ledger consume` apply the topic first)",
+            f" {settings.topic!r}, so nothing was compared: check LEDGER_GROUP_ID"
+            f"{f' (groups with offsets for the topic: {others})' if others else ''}"
+            " and LEDGER_TOPIC",
             ExitCode.CONFIGURATION,
             settings,
         )

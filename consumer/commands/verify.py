@@ -10,7 +10,7 @@ from itertools import groupby
 from operator import itemgetter
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from consumer.commands.queries import applied_offsets, ledger_by_thread
 from consumer.commands.reading import (
@@ -62,9 +62,10 @@ class Coverage:
 class VerifyReport:
     # Per partition, in partition order; empty when the group has no stored offsets.
     coverage: list[Coverage] = field(default_factory=list)
-    # The group has no stored offsets for the topic while the topic or the ledger holds
-    # something: nothing was compared (a mistyped LEDGER_GROUP_ID, or no consumer ran yet).
+    # The group has no stored offsets for the topic, yet the ledger holds rows or other groups
+    # have offsets for it: a mistyped LEDGER_GROUP_ID (or LEDGER_TOPIC). Nothing was compared.
     no_offsets: bool = False
+    other_groups: list[str] = field(default_factory=list)  # with offsets for the topic
     # No stored offsets, no record on the topic and no row in the ledger: an empty ledger
     # beside an empty topic, as after `migrate` (clean, and said so).
     nothing_to_compare: bool = False
@@ -147,13 +148,15 @@ async def verify(settings: Settings) -> VerifyReport:
         )
         stable = await consumer.end_offsets(partitions)  # read_committed: the LSOs
         if not applied:
+            # Without any offsets and rows, no consumer applied anything yet (one may be
+            # starting): every record is counted as not applied. With them, the ledger was
+            # written under another group: a mistyped group would compare as all differences.
+            report.other_groups = await _groups_of(conn, settings.topic)
             # Every ledger row hangs off a thread.
-            report.no_offsets = bool(
-                await conn.fetchval("SELECT EXISTS (SELECT 1 FROM chat_threads)")
-            ) or await _any_record(consumer, stable)
-            if report.no_offsets:
+            has_rows = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM chat_threads)")
+            if report.other_groups or has_rows:
+                report.no_offsets = True
                 return report
-            report.nothing_to_compare = True
         for tp in partitions:
             if applied.get(tp.partition, 0) > stable[tp]:
                 log.warning(  # e.g. the topic was recreated under the ledger
@@ -197,19 +200,17 @@ async def verify(settings: Settings) -> VerifyReport:
         Coverage(tp.partition, applied.get(tp.partition, 0), stable[tp], beyond[tp.partition])
         for tp in partitions
     ]
+    report.nothing_to_compare = not applied and not report.not_applied
     return report
 
 
-async def _any_record(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
-    """Whether a read_committed reader finds any record below `ends` (a log that only holds
-    aborted transactions, or whose records were deleted, has offsets and no record)."""
-    records = read_range(consumer, ends)
-    try:
-        async for _ in records:
-            return True
-        return False
-    finally:
-        await records.aclose()
+async def _groups_of(conn: asyncpg.Connection, topic: str, most: int = 5) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT DISTINCT group_id FROM consumer_offsets WHERE topic = $1 ORDER BY 1 LIMIT $2",
+        topic,
+        most,
+    )
+    return [row["group_id"] for row in rows]
 
 
 def _spilled_bytes(item: Spilled) -> int:

@@ -103,7 +103,21 @@ async def test_verify_of_a_group_without_offsets_is_one_line_not_differences(
     assert empty.returncode == 0, empty.stdout + empty.stderr
     assert empty.stdout.strip().splitlines()[-1].startswith("nothing to compare")
 
-    await _drained(stack)
+    # Records, and no consumer applied any yet (none ran, or one is starting): the empty
+    # ledger is right so far, and every record is counted as not applied.
+    records, _ = plan_traffic(
+        TrafficConfig(threads=4, turns_per_thread=2, seed=64, poison_rate=0, start=START)
+    )
+    await stack.publish(records)
+    waiting = await asyncio.to_thread(stack.cli, "verify", "--format", "json")
+    assert waiting.returncode == 0, waiting.stdout + waiting.stderr
+    report = _json(waiting)
+    assert report["not_applied"] == len(records)
+    assert [p["compared_up_to"] for p in report["partitions"]] == [0] * stack.partitions
+    assert report["verdict"].startswith("ledger matches the topic up to the applied offsets")
+
+    drained = await asyncio.to_thread(stack.cli, "consume", "--until-idle")
+    assert drained.returncode == 0, drained.stderr
     for args in (("verify",), ("verify", "--format", "json")):
         run = await asyncio.to_thread(stack.cli, *args, LEDGER_GROUP_ID="token-ledgr")
         assert run.returncode == ExitCode.CONFIGURATION, run.stdout + run.stderr
@@ -112,8 +126,8 @@ async def test_verify_of_a_group_without_offsets_is_one_line_not_differences(
         assert len(lines) == 1, run.stderr
         assert said(lines[0]) == (
             f"token-ledger: verify: group 'token-ledgr' has no stored offsets for topic"
-            f" '{stack.topic}', so nothing was compared: check LEDGER_GROUP_ID and LEDGER_TOPIC"
-            " (or let `token-ledger consume` apply the topic first)"
+            f" '{stack.topic}', so nothing was compared: check LEDGER_GROUP_ID (groups with"
+            f" offsets for the topic: '{stack.group_id}') and LEDGER_TOPIC"
         )
 
 

@@ -84,10 +84,21 @@ class FakeLog:
 
 class FakeOffsets:
     """consumer_offsets: what `load_offsets` reads (through a pool) and the batch transaction
-    moves by compare-and-set."""
+    moves by compare-and-set; partition_halts: what `record_halts` and `clear_halts` write."""
 
     def __init__(self) -> None:
         self.stored: dict[int, int] = {}
+        self.halts: dict[int, str] = {}
+
+    async def execute(self, query: str, *args: Any) -> str:
+        if query.lstrip().startswith("DELETE FROM partition_halts"):
+            for partition in args[2]:
+                self.halts.pop(partition, None)
+        elif "INSERT INTO partition_halts" in query:
+            self.halts.update(dict.fromkeys(args[2], args[3]))
+        else:
+            raise AssertionError(f"not faked: {query}")
+        return ""
 
     @asynccontextmanager
     async def acquire(self) -> AsyncIterator[FakeOffsets]:

@@ -1,4 +1,5 @@
-"""`verify`, `replay` and `usage`: the commands that read (or rewind) what the ledger holds."""
+"""`verify`, `status`, `replay` and `usage`: the commands that read (or rewind) what the ledger
+holds."""
 
 from __future__ import annotations
 
@@ -8,41 +9,46 @@ from datetime import datetime
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from consumer.cli.app import app, settings_or_exit, utc
-from consumer.commands.tables import ReportFormat, print_rows
+from consumer.commands.tables import ReportFormat, ScreenFormat, print_rows
 from consumer.failures import ExitCode, fatal_line
 
 
 @app.command()
-def verify() -> None:
-    """Re-read the topic, rebuild the expected ledger, report differences (exit 1 on any)."""
+def verify(
+    output: Annotated[
+        ScreenFormat,
+        typer.Option("--format", help="table for people; json (one object) for jobs"),
+    ] = ScreenFormat.table,
+) -> None:
+    """Re-read the topic, rebuild the expected ledger, report differences (exit 1 on any) and
+    how far it compared: up to the applied offsets, with the records not applied yet."""
     settings = settings_or_exit()
     from consumer.commands.verify import verify as run_verify
 
     report = asyncio.run(run_verify(settings))
-    console = Console()
-    table = Table("", "expected", "in the ledger", title="verify")
-    for name in report.expected:
-        style = "" if report.expected[name] == report.actual.get(name) else "red"
-        table.add_row(name, str(report.expected[name]), str(report.actual.get(name)), style=style)
-    console.print(table)
-    console.print(f"records read: {report.records_read} (skipped, never applied: {report.skipped})")
-    for difference in report.differences[:50]:
-        console.print(f"  {difference.table}: {difference.key}: {difference.problem}")
-    if report.difference_count > 50:
-        console.print(f"  ... and {report.difference_count - 50} more")
-    if report.unreadable:
-        console.print(
-            f"[red]stopped comparing: the ledger holds a value PostgreSQL cannot print"
-            f" ({report.unreadable})[/red]"
+    if report.no_offsets:
+        others = ", ".join(map(repr, report.other_groups))
+        fatal_line(
+            f"verify: group {settings.group_id!r} has no stored offsets for topic"
+            f" {settings.topic!r}, so nothing was compared: check LEDGER_GROUP_ID"
+            f"{f' (groups with offsets for the topic: {others})' if others else ''}"
+            " and LEDGER_TOPIC",
+            ExitCode.CONFIGURATION,
+            settings,
         )
+        raise typer.Exit(ExitCode.CONFIGURATION)
+    if output is ScreenFormat.json:
+        from consumer.cli.screens import verify_json
+
+        print(verify_json(report))
+    else:
+        from consumer.cli.screens import print_verify
+
+        print_verify(report)
     if not report.ok:
-        console.print(f"[red]{report.difference_count} difference(s)[/red]")
-        raise typer.Exit(1)
-    console.print("[green]ledger matches the topic[/green]")
+        raise typer.Exit(ExitCode.CHECK_FAILED)
 
 
 @app.command()
@@ -67,7 +73,7 @@ def replay(
     settings = settings_or_exit()
     from consumer.commands.replay import replay as run_replay
 
-    moves = asyncio.run(
+    done = asyncio.run(
         run_replay(
             settings,
             from_time=utc(from_time),
@@ -76,7 +82,7 @@ def replay(
             dry_run=dry_run,
         )
     )
-    if not moves:
+    if not done.moves:
         fatal_line(
             f"replay: group {settings.group_id!r} has no stored offsets for topic"
             f" {settings.topic!r}{'' if partition is None else f' partition {partition}'}:"
@@ -85,11 +91,17 @@ def replay(
             settings,
         )
         raise typer.Exit(ExitCode.CONFIGURATION)
-    for part, (old, new) in sorted(moves.items()):
+    for part, (old, new) in sorted(done.moves.items()):
         again = f" ({old - new} records applied again)" if new < old else " (unchanged)"
         typer.echo(f"partition {part}: {old} -> {new}{again}")
     if dry_run:
         typer.echo("dry run: nothing was changed")
+    elif done.not_mirrored is not None:
+        # Not a failure: PostgreSQL holds the offsets; Kafka's copy is for lag tooling.
+        typer.echo(
+            f"token-ledger: the group's offsets in Kafka were not moved: {done.not_mirrored}",
+            err=True,
+        )
 
 
 @app.command()
@@ -144,3 +156,34 @@ def usage(
     rows = asyncio.run(usage_with_total(settings, group_by, only, total=fmt != "csv"))
     columns = [*group_by, *REPORTED, "usage_rows"]
     print_rows(columns, rows, fmt, title="token usage", numeric={*REPORTED, "usage_rows"})
+
+
+@app.command()
+def status(
+    output: Annotated[
+        ScreenFormat,
+        typer.Option("--format", help="table for people; json (one object) for jobs"),
+    ] = ScreenFormat.table,
+) -> None:
+    """Where each partition of the group stands: stored offset, log end, lag, stopped and why;
+    the group's members (exit 1 when a partition is stopped or the group has no offsets)."""
+    settings = settings_or_exit()
+    from consumer.cli.screens import print_status, status_json
+    from consumer.commands.group_status import group_status
+
+    found = asyncio.run(group_status(settings))
+    if found.no_offsets:  # a mistyped group: one line, not a screen of empty rows
+        fatal_line(
+            f"status: group {settings.group_id!r} has no stored offsets for topic"
+            f" {settings.topic!r}: check LEDGER_GROUP_ID and LEDGER_TOPIC (or no consumer"
+            " has applied a record yet)",
+            ExitCode.CHECK_FAILED,
+            settings,
+        )
+        raise typer.Exit(ExitCode.CHECK_FAILED)
+    if output is ScreenFormat.json:
+        print(status_json(found))
+    else:
+        print_status(found)
+    if not found.ok:
+        raise typer.Exit(ExitCode.CHECK_FAILED)

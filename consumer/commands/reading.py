@@ -6,7 +6,7 @@ consumers; the ledger is read through a connection checked against the schema re
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 import asyncpg
@@ -89,7 +89,7 @@ async def topic_partitions(
 
 async def read_range(
     consumer: AIOKafkaConsumer, ends: Mapping[TopicPartition, int]
-) -> AsyncIterator[ConsumerRecord]:
+) -> AsyncGenerator[ConsumerRecord]:
     """Every record from the start of each partition up to (excluding) its end offset."""
     wanted = {tp: end for tp, end in ends.items() if end > 0}
     if not wanted:

@@ -39,6 +39,13 @@ class ReportFormat(StrEnum):
     json = "json"
 
 
+class ScreenFormat(StrEnum):
+    """A command that reports one state (`verify`, `status`): a screen, or one JSON object."""
+
+    table = "table"
+    json = "json"
+
+
 def print_rows(
     columns: Sequence[str],
     rows: Sequence[Mapping[str, object]],

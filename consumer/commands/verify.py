@@ -33,6 +33,7 @@ from consumer.ledger.rebuild import (
     compare,
     rebuild_by_thread,
 )
+from consumer.logs import fields
 from consumer.settings import Settings
 from producer.events import Rejection
 from producer.ledger_event import LedgerEvent
@@ -47,8 +48,27 @@ VERIFY_FETCH_BYTES = 1024 * 1024
 MAX_DIFFERENCES = 1_000  # kept to show; all of them are counted
 
 
+@dataclass(frozen=True)
+class Coverage:
+    """How far verify compared one partition."""
+
+    partition: int
+    applied: int  # compared up to here (excluded): the furthest offset the ledger holds
+    log_end: int  # the last stable offset: the end of what a read_committed reader can read
+    not_applied: int  # records (not offsets) from `applied` to `log_end`: the consumers' share
+
+
 @dataclass
 class VerifyReport:
+    # Per partition, in partition order; empty when the group has no stored offsets.
+    coverage: list[Coverage] = field(default_factory=list)
+    # The group has no stored offsets for the topic, yet the ledger holds rows or other groups
+    # have offsets for it: a mistyped LEDGER_GROUP_ID (or LEDGER_TOPIC). Nothing was compared.
+    no_offsets: bool = False
+    other_groups: list[str] = field(default_factory=list)  # with offsets for the topic
+    # No stored offsets, no record on the topic and no row in the ledger: an empty ledger
+    # beside an empty topic, as after `migrate` (clean, and said so).
+    nothing_to_compare: bool = False
     records_read: int = 0
     skipped: int = 0  # undecodable, dead-lettered or rejected by the merge: never in the ledger
     expected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TOTALS, 0))
@@ -62,8 +82,16 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return (
-            not self.difference_count and self.expected == self.actual and self.unreadable is None
+            not self.no_offsets
+            and not self.difference_count
+            and self.expected == self.actual
+            and self.unreadable is None
         )
+
+    @property
+    def not_applied(self) -> int:
+        """Committed records on the topic that the ledger does not hold yet (not compared)."""
+        return sum(c.not_applied for c in self.coverage)
 
     def add(self, expected: LedgerRows, actual: LedgerRows) -> None:
         add_totals(self.expected, expected)
@@ -97,7 +125,11 @@ async def verify(settings: Settings) -> VerifyReport:
     rows: it is one thread's rows, the fetch and spill buffers, and an entry per thread and per
     turn-less message (merge.Admission) and per dead letter. The offsets and the ledger are
     read in one REPEATABLE READ snapshot, held for the whole run (like pg_dump's), so verify
-    can run beside the consumers (the rows and offsets of a batch commit together)."""
+    can run beside the consumers (the rows and offsets of a batch commit together).
+
+    The topic is read on to its last stable offset: the records past the applied offsets are
+    counted per partition (`Coverage.not_applied`, records, not offsets: transaction markers
+    and aborted records take offsets too), not compared."""
     report = VerifyReport()
     partitions = await topic_partitions(settings, settings.topic, variable="LEDGER_TOPIC")
     async with (
@@ -114,12 +146,35 @@ async def verify(settings: Settings) -> VerifyReport:
         applied = await applied_offsets(
             conn, settings.group_id, settings.topic, [tp.partition for tp in partitions]
         )
+        stable = await consumer.end_offsets(partitions)  # read_committed: the LSOs
+        if not applied:
+            # Without any offsets and rows, no consumer applied anything yet (one may be
+            # starting): every record is counted as not applied. With them, the ledger was
+            # written under another group: a mistyped group would compare as all differences.
+            report.other_groups = await _groups_of(conn, settings.topic)
+            # Every ledger row hangs off a thread.
+            has_rows = await conn.fetchval("SELECT EXISTS (SELECT 1 FROM chat_threads)")
+            if report.other_groups or has_rows:
+                report.no_offsets = True
+                return report
+        for tp in partitions:
+            if applied.get(tp.partition, 0) > stable[tp]:
+                log.warning(  # e.g. the topic was recreated under the ledger
+                    "the ledger holds offsets past the end of the log: comparing up to its end",
+                    extra=fields(
+                        partition=tp.partition, applied=applied[tp.partition], log_end=stable[tp]
+                    ),
+                )
         skip = await _dead_lettered_positions(settings, consumer)
         admission = Admission(StoredState())
-        ends = {tp: applied.get(tp.partition, 0) for tp in partitions}
+        beyond = dict.fromkeys((tp.partition for tp in partitions), 0)
         spill: SortedSpill[Spilled] = SortedSpill(key=itemgetter(0, 1), size=_spilled_bytes)
         with spill:
-            async for record in read_range(consumer, ends):
+            # One pass to the end of the log: what lies past the applied offsets is only counted.
+            async for record in read_range(consumer, stable):
+                if record.offset >= applied.get(record.partition, 0):
+                    beyond[record.partition] += 1
+                    continue
                 report.records_read += 1
                 event = decode_ledger_event(
                     record.value,
@@ -141,7 +196,21 @@ async def verify(settings: Settings) -> VerifyReport:
                 await _compare(expected, ledger_by_thread(conn), report)
             except asyncpg.ProgramLimitExceededError as error:  # SQLSTATE 54000
                 report.unreadable = f"SQLSTATE {error.sqlstate}: {str(error).splitlines()[0]}"
+    report.coverage = [
+        Coverage(tp.partition, applied.get(tp.partition, 0), stable[tp], beyond[tp.partition])
+        for tp in partitions
+    ]
+    report.nothing_to_compare = not applied and not report.not_applied
     return report
+
+
+async def _groups_of(conn: asyncpg.Connection, topic: str, most: int = 5) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT DISTINCT group_id FROM consumer_offsets WHERE topic = $1 ORDER BY 1 LIMIT $2",
+        topic,
+        most,
+    )
+    return [row["group_id"] for row in rows]
 
 
 def _spilled_bytes(item: Spilled) -> int:

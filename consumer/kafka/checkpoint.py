@@ -28,7 +28,13 @@ from aiokafka.errors import KafkaError
 from consumer.errors import BatchAbandoned, FencedError
 from consumer.http.metrics import LedgerMetrics
 from consumer.ledger.batch import Record
-from consumer.ledger.offsets import OffsetMove, load_offsets, reset_offsets
+from consumer.ledger.offsets import (
+    OffsetMove,
+    clear_halts,
+    load_offsets,
+    record_halts,
+    reset_offsets,
+)
 from consumer.logs import fields
 from consumer.retry import Retrier
 from consumer.settings import Settings
@@ -36,6 +42,9 @@ from consumer.status import Outage, Readiness
 
 log = logging.getLogger(__name__)
 MIRROR_SECONDS = 2.0  # the offset mirror is best-effort: never longer than this
+# Recording a halt is one attempt, bounded: the partition stops whether or not it is recorded,
+# and a database that hangs must not hold the other partitions.
+HALT_RECORD_SECONDS = 5.0
 
 
 class Checkpoints:
@@ -80,7 +89,7 @@ class Checkpoints:
         Retried while the database is away; abandoned when they are revoked or on stop."""
         opening = sorted(self.opening)
         try:
-            stored = await self.load(opening)
+            stored = await self.load(opening, judge_afresh=True)
         except BatchAbandoned:
             return  # close() or stop() takes it from here
         tps = [self._tp(p) for p in opening]
@@ -123,12 +132,17 @@ class Checkpoints:
         for move in moves:
             self.positions[move.partition] = move.next_offset
 
-    async def load(self, partitions: list[int]) -> dict[int, int]:
+    async def load(self, partitions: list[int], *, judge_afresh: bool = False) -> dict[int, int]:
+        """The stored offsets; `judge_afresh` (on assignment): the recorded halts of these
+        partitions go too, unless this process still holds one stopped."""
+        group, topic = self.settings.group_id, self.settings.topic
+
         async def load() -> dict[int, int]:
             async with self.pool.acquire() as conn:
-                return await load_offsets(
-                    conn, self.settings.group_id, self.settings.topic, partitions
-                )
+                if judge_afresh:
+                    running = [p for p in partitions if p not in self.readiness.halted]
+                    await clear_halts(conn, group, topic, running)
+                return await load_offsets(conn, group, topic, partitions)
 
         return await self.retry(load)
 
@@ -206,11 +220,29 @@ class Checkpoints:
             )
             self.readiness.halted[partition] = reason
             self.metrics.halted_partitions.labels(str(partition)).set(1)
+        await self._record_halts(partitions, reason)
         owned = [tp for tp in map(self._tp, partitions) if tp in self.consumer.assignment()]
         self.consumer.pause(*owned)
         await self.seek(
             owned, {p: o for p in partitions if (o := self.positions.get(p)) is not None}
         )
+
+    async def _record_halts(self, partitions: Sequence[int], reason: str) -> None:
+        """Into partition_halts, for `token-ledger status`. Not retried: the halt holds in this
+        process whatever happens here, and the next owner judges the partition afresh."""
+        try:
+            async with asyncio.timeout(HALT_RECORD_SECONDS), self.pool.acquire() as conn:
+                await record_halts(
+                    conn, self.settings.group_id, self.settings.topic, partitions, reason
+                )
+        except Exception as error:  # noqa: BLE001 - any failure: said, and the halt still holds
+            log.warning(
+                "could not record the stopped partitions: `token-ledger status` will not show"
+                " them (/readyz does)",
+                extra=fields(
+                    partitions=sorted(partitions), error=f"{type(error).__name__}: {error}"
+                ),
+            )
 
     async def out_of_range(self, out_of_range: dict[TopicPartition, int]) -> None:
         """A stored offset outside the partition's log (topic recreated, retention passed,

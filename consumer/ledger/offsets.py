@@ -99,6 +99,40 @@ async def reset_offsets(
         raise FencedError([partition])
 
 
+# -- stopped partitions (partition_halts): what `token-ledger status` shows ------------------
+
+_HALT = """
+INSERT INTO partition_halts (group_id, topic, partition, reason, halted_at)
+SELECT $1, $2, v.partition, $4, now() FROM unnest($3::int[]) AS v(partition)
+ORDER BY v.partition
+ON CONFLICT (group_id, topic, partition) DO UPDATE SET reason = EXCLUDED.reason,
+  halted_at = CASE WHEN partition_halts.reason = EXCLUDED.reason
+                   THEN partition_halts.halted_at ELSE EXCLUDED.halted_at END
+"""
+
+
+async def record_halts(
+    conn: asyncpg.Connection, group_id: str, topic: str, partitions: Iterable[int], reason: str
+) -> None:
+    """Stopped partitions, and why (a partition stopped again for the same reason keeps the
+    time it first stopped)."""
+    await conn.execute(_HALT, group_id, topic, sorted(partitions), reason)
+
+
+async def clear_halts(
+    conn: asyncpg.Connection, group_id: str, topic: str, partitions: Iterable[int]
+) -> None:
+    """A new owner judges these partitions afresh: their recorded halts go (one recurs if its
+    cause lasts)."""
+    await conn.execute(
+        "DELETE FROM partition_halts"
+        " WHERE group_id = $1 AND topic = $2 AND partition = ANY($3::int[])",
+        group_id,
+        topic,
+        sorted(partitions),
+    )
+
+
 async def load_offsets(
     conn: asyncpg.Connection, group_id: str, topic: str, partitions: Iterable[int]
 ) -> dict[int, int]:

@@ -196,8 +196,9 @@ WHERE t.relnamespace = current_schema()::regnamespace AND t.relkind = 'r'
   AND t.relname = ANY($1::text[])
   AND NOT (has_table_privilege(t.oid, 'SELECT') AND has_table_privilege(t.oid, 'INSERT')
            AND has_table_privilege(t.oid, 'UPDATE')
-           -- the relay prunes published revisions
-           AND (t.relname <> 'billing_outbox' OR has_table_privilege(t.oid, 'DELETE')))
+           -- the relay prunes published revisions; a new owner clears a partition's halt
+           AND (t.relname NOT IN ('billing_outbox', 'partition_halts')
+                OR has_table_privilege(t.oid, 'DELETE')))
 UNION ALL
 SELECT s.relname FROM pg_class AS s
 JOIN pg_depend AS d ON d.classid = 'pg_class'::regclass AND d.objid = s.oid
@@ -215,8 +216,8 @@ async def check_consumer_privileges(conn: asyncpg.Connection, settings: Settings
         raise PermissionDeniedError(
             f"database {database_name(settings)}: the role may not read and write "
             f"{', '.join(missing)}: grant SELECT, INSERT, UPDATE on the ledger tables (and "
-            "DELETE on billing_outbox) and USAGE on their sequences (or use the role that "
-            "migrated them)"
+            "DELETE on billing_outbox and partition_halts) and USAGE on their sequences (or use "
+            "the role that migrated them)"
         )
 
 

@@ -113,6 +113,11 @@ async def test_a_dead_letter_the_topic_refuses_stops_only_its_partition(
     assert (await stack.stored_offsets()).get(0) in (None, 0)
     errors = [json.loads(line) for line in consumer.logs().splitlines() if '"error"' in line]
     assert any(line["msg"] == "partition stopped" for line in errors)
+    # Recorded with the ledger: `status` shows which partition stopped, and why.
+    shown = await asyncio.to_thread(stack.cli, "status", "--format", "json")
+    assert shown.returncode == 1, shown.stdout + shown.stderr
+    reasons = [p["halt_reason"] for p in json.loads(shown.stdout)["partitions"]]
+    assert reasons[1] is None and reasons[0].startswith("dead letter refused"), reasons
     code, seconds = consumer.terminate()
     assert code == 0 and seconds < 10
 

@@ -101,6 +101,7 @@ class Checkpoints:
         halted = self.readiness.halted
         self.consumer.resume(*[tp for tp in tps if tp.partition not in halted])
         log.info("partitions assigned", extra=fields(partitions=opening, stored_offsets=stored))
+        await self.mirror()  # Kafka's group view shows where the ledger stands from the start
 
     def close(self, revoked: Sequence[TopicPartition]) -> None:
         """Forget revoked partitions (the caller waited for the batch in flight)."""
@@ -191,6 +192,7 @@ class Checkpoints:
         for partition in moved:
             self.positions[partition] = stored.get(partition)
         await self.seek([self._tp(p) for p in moved], stored)
+        await self.mirror()  # Kafka's group view moves with them (e.g. back, after a replay)
 
     async def mirror(self) -> None:
         """Best-effort and bounded: without a group coordinator the commit would wait, and hold

@@ -47,11 +47,15 @@ async def test_the_offset_mirror_gives_up_instead_of_holding_the_ledger(
 
 
 class _Partitions:
-    """The Kafka edge of halting and opening: pause, seek, resume."""
+    """The Kafka edge of halting and opening: pause, seek, resume, the offset mirror."""
 
     def __init__(self, assigned: set[int]) -> None:
         self.assigned = {TopicPartition(TOPIC, p) for p in assigned}
         self.paused: set[TopicPartition] = set()
+        self.mirrored: list[dict[int, int]] = []
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.mirrored.append({tp.partition: offset for tp, offset in offsets.items()})
 
     def assignment(self) -> set[TopicPartition]:
         return self.assigned
@@ -112,6 +116,10 @@ async def test_a_halt_is_recorded_and_a_new_owner_clears_the_partitions_it_runs(
     assert offsets.halts == {1: "dead letter refused: too large"}
     assert TopicPartition(TOPIC, 1) in consumer.paused
     assert TopicPartition(TOPIC, 2) not in consumer.paused
+    # Kafka's group view shows where the ledger stands as soon as the partitions are opened.
+    assert consumer.mirrored[-1].keys() == set(checkpoints.positions) - {
+        p for p, o in checkpoints.positions.items() if o is None
+    }
 
 
 async def test_a_halt_the_database_cannot_record_is_said_and_still_holds(

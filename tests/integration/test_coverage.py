@@ -295,3 +295,40 @@ async def test_replay_beside_a_running_consumer_says_it_mirrors_them(
         return await stack.stored_offsets() == stored and await _kafka_offsets(stack) == stored
 
     await wait_for(applied_again, what="the range applied again", context=running.logs)
+
+
+async def test_kafkas_group_view_shows_the_stored_offsets_while_a_batch_is_blocked(
+    kafka_bootstrap: str, ledger_url: str, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    await _drained(stack)
+    stored = await stack.stored_offsets()
+    # Kafka's view gone astray (an earlier mirror lost, another tool): from outside the group.
+    run = await asyncio.to_thread(stack.cli, "replay", "--to-offset", "0")
+    assert run.returncode == 0, run.stderr
+    assert await _kafka_offsets(stack) == dict.fromkeys(stored, 0)
+    conn = await stack.connect()
+    try:
+        await conn.execute(
+            "UPDATE consumer_offsets SET next_offset = applied_until WHERE group_id = $1",
+            stack.group_id,
+        )  # the ledger where it was; only Kafka's view is wrong
+        locker = conn.transaction()
+        await locker.start()
+        await conn.execute("LOCK TABLE consumer_offsets IN EXCLUSIVE MODE")  # no batch commits
+        await _published_in_a_transaction(stack, seed=62)
+        blocked = ConsumerProcess(stack.env(), tmp_path / "blocked.log").start()
+        processes.append(blocked)
+
+        async def mirrored() -> bool:
+            return await _kafka_offsets(stack) == stored
+
+        await wait_for(
+            mirrored, what="the stored offsets mirrored on assignment", context=blocked.logs
+        )
+        assert await stack.stored_offsets() == stored  # nothing committed meanwhile
+        await locker.rollback()
+    finally:
+        await conn.close()
+    await wait_for(stack.caught_up, what="the blocked records", context=blocked.logs)
+    assert blocked.terminate()[0] == 0

@@ -3,7 +3,9 @@ their source topic again, once per source record (docs/operations.md#dead-letter
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -75,7 +77,8 @@ class Selection:
 
 
 def _millis(moment: datetime) -> int:
-    return int(moment.timestamp() * 1000)
+    # Up: a bound between two milliseconds lies after the earlier one (Kafka's resolution).
+    return math.ceil(moment.timestamp() * 1000)
 
 
 @dataclass(frozen=True)
@@ -89,53 +92,83 @@ async def list_dead_letters(
 ) -> Listed:
     """The selected dead letters in the topic's order (partition, offset); the first `limit`."""
     chosen = selection or Selection()
-    views: list[DeadLetterView] = []
-    matched = 0
     async with reader(settings) as consumer:
-        async for record in dead_letter_records(
-            settings, consumer, settings.dlq_topic, variable="LEDGER_DLQ_TOPIC"
-        ):
-            if chosen(record):
-                matched += 1
-                if limit is None or len(views) < limit:
-                    views.append(_view(record))
-    return Listed(views, matched)
+        views = [
+            _view(record)
+            async for record in dead_letter_records(
+                settings, consumer, settings.dlq_topic, variable="LEDGER_DLQ_TOPIC"
+            )
+            if chosen(record)
+        ]
+    # Fetches interleave partitions in no fixed order: the topic's order is sorted here.
+    views.sort(key=lambda view: (view.partition, view.offset))
+    return Listed(views if limit is None else views[:limit], len(views))
 
 
 @dataclass(frozen=True)
 class OnePerOrigin:
-    """Dead letters grouped by the source record they stand for (dead_letters.first_position):
-    the latest of each, with its origin; the copies it stands for; those naming no position."""
+    """Dead letters grouped by the source record they stand for: the latest of each, with its
+    origin; the copies it stands for; those naming no position."""
 
     latest: list[tuple[ConsumerRecord, dlq.SourcePosition]]
     copies: int
     unnamed: list[ConsumerRecord]
 
 
-def one_per_origin(records: Iterable[ConsumerRecord]) -> OnePerOrigin:
-    """The latest dead letter of each origin (by record timestamp, then topic position), in
-    the origins' order: replayed, they reach the source topic in the order they first had."""
-    latest: dict[dlq.SourcePosition, ConsumerRecord] = {}
-    unnamed: list[ConsumerRecord] = []
-    copies = 0
-    for record in records:
-        origin = dlq.first_position(record)
-        if origin is None:
-            unnamed.append(record)
-            continue
-        if (kept := latest.get(origin)) is not None:
-            copies += 1
-            if (kept.timestamp, kept.partition, kept.offset) > (
+# A source record: where it first stood, and its value's SHA-256. The value tells apart two
+# records that stood at one position (a recreated topic) and makes a header that names a
+# position (a producer may set any header) merge nothing but byte-identical copies.
+Origin = tuple[dlq.SourcePosition, bytes]
+
+
+class OriginGroups:
+    """The latest dead letter of each source record, kept while the topic is read: memory
+    grows with the source records, not with the copies that replays of still-bad ones add."""
+
+    def __init__(self) -> None:
+        self.latest: dict[Origin, tuple[ConsumerRecord, dlq.SourcePosition]] = {}
+        self.unnamed: list[ConsumerRecord] = []
+        self.copies = 0
+
+    def add(self, record: ConsumerRecord) -> None:
+        position = dlq.first_position(record)
+        if position is None:
+            self.unnamed.append(record)
+            return
+        origin = (position, hashlib.sha256(record.value or b"").digest())
+        if (kept := self.latest.get(origin)) is not None:
+            self.copies += 1
+            before = kept[0]
+            if (before.timestamp, before.partition, before.offset) > (
                 record.timestamp,
                 record.partition,
                 record.offset,
             ):
-                continue
-        latest[origin] = record
-    ordered = sorted(
-        latest.items(), key=lambda item: (item[0].topic, item[0].partition, item[0].offset)
-    )
-    return OnePerOrigin([(record, origin) for origin, record in ordered], copies, unnamed)
+                return
+        self.latest[origin] = (record, position)
+
+    def result(self) -> OnePerOrigin:
+        """In the origins' order: replayed, they reach the source topic in the order they
+        first had."""
+        ordered = sorted(
+            self.latest.items(),
+            key=lambda item: (
+                item[0][0].topic,
+                item[0][0].partition,
+                item[0][0].offset,
+                item[0][1],
+            ),
+        )
+        return OnePerOrigin([kept for _, kept in ordered], self.copies, self.unnamed)
+
+
+def one_per_origin(records: Iterable[ConsumerRecord]) -> OnePerOrigin:
+    """The latest dead letter of each source record (by record timestamp, then topic
+    position)."""
+    groups = OriginGroups()
+    for record in records:
+        groups.add(record)
+    return groups.result()
 
 
 @dataclass(frozen=True)
@@ -160,16 +193,14 @@ async def replay_dead_letters(
     replay replays once.
     """
     chosen = selection or Selection()
+    groups = OriginGroups()
     async with reader(settings) as consumer:
-        grouped = one_per_origin(
-            [
-                record
-                async for record in dead_letter_records(
-                    settings, consumer, settings.dlq_topic, variable="LEDGER_DLQ_TOPIC"
-                )
-                if chosen(record)
-            ]
-        )
+        async for record in dead_letter_records(
+            settings, consumer, settings.dlq_topic, variable="LEDGER_DLQ_TOPIC"
+        ):
+            if chosen(record):
+                groups.add(record)
+    grouped = groups.result()
     done = Replayed(
         replayed=[_view(record) for record, _ in grouped.latest],
         copies=grouped.copies,

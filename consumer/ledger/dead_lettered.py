@@ -45,7 +45,12 @@ async def record_dead_letters(
     before."""
     if not letters:
         return []
-    ordered = sorted(letters, key=lambda x: (x.record.topic, x.record.partition, x.record.offset))
+    # One row per position (ON CONFLICT refuses a second in one statement, SQLSTATE 21000):
+    # the first letter of a position stands for it.
+    by_position: dict[tuple[str, int, int], DeadLetter] = {}
+    for x in letters:
+        by_position.setdefault((x.record.topic, x.record.partition, x.record.offset), x)
+    ordered = [by_position[key] for key in sorted(by_position)]
     rows = await conn.fetch(
         _RECORD,
         group_id,
@@ -58,9 +63,9 @@ async def record_dead_letters(
     fresh = {(row["topic"], row["partition"], row["offset"]) for row in rows}
     new: list[DeadLetter] = []
     repeated: list[DeadLetter] = []
-    for x in letters:
+    for x in letters:  # in the given order
         key = (x.record.topic, x.record.partition, x.record.offset)
-        (new if key in fresh else repeated).append(x)
+        (new if key in fresh and by_position[key] is x else repeated).append(x)
     if repeated:
         # The first dead letter of each stands; a line for whoever debugs a replay, not an
         # alert's worth.

@@ -200,6 +200,8 @@ class Checkpoints:
         offsets = {
             self._tp(p): offset for p, offset in self.positions.items() if offset is not None
         }
+        if not offsets:  # nothing stored yet (aiokafka refuses an empty commit)
+            return
         try:
             async with asyncio.timeout(MIRROR_SECONDS):
                 await self.consumer.commit(offsets)

@@ -55,6 +55,8 @@ class _Partitions:
         self.mirrored: list[dict[int, int]] = []
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if not offsets:
+            raise ValueError(offsets)  # as aiokafka's commit_structure_validate does
         self.mirrored.append({tp.partition: offset for tp, offset in offsets.items()})
 
     def assignment(self) -> set[TopicPartition]:
@@ -120,6 +122,15 @@ async def test_a_halt_is_recorded_and_a_new_owner_clears_the_partitions_it_runs(
     assert consumer.mirrored[-1].keys() == set(checkpoints.positions) - {
         p for p, o in checkpoints.positions.items() if o is None
     }
+
+
+async def test_opening_partitions_with_nothing_stored_mirrors_nothing() -> None:
+    consumer = _Partitions({0, 1})
+    checkpoints = _checkpoints(consumer, FakeOffsets())
+    checkpoints.open([TopicPartition(TOPIC, p) for p in (0, 1)])
+    await checkpoints.open_pending()
+    assert checkpoints.positions == {0: None, 1: None}
+    assert consumer.mirrored == []
 
 
 async def test_a_halt_the_database_cannot_record_is_said_and_still_holds(

@@ -27,6 +27,8 @@ from consumer.api.queries import (
 from producer import jsonvalues
 from producer.events import MAX_INT64
 
+_GROUP = "(space|user|model|day|month)"
+_GROUPS = f"^ *{_GROUP} *(, *{_GROUP} *)*$"
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10_000
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
@@ -130,7 +132,7 @@ async def get_usage(
         Query(alias="to", description="up to this time, exclusive (RFC 3339, with a zone)"),
     ] = None,
     group_by: Annotated[
-        list[Annotated[str, Field(max_length=64)]] | None,
+        list[Annotated[str, Field(max_length=64, pattern=_GROUPS)]] | None,
         Query(
             max_length=5,
             description="groups, from space, user, model, day, month (UTC): comma-separated,"

@@ -77,8 +77,13 @@ BEGIN
         RETURN;
     END;
   END IF;
-  EXECUTE format('GRANT CONNECT ON DATABASE %I TO {API_ROLE}', current_database());
-  EXECUTE format('GRANT USAGE ON SCHEMA %I TO {API_ROLE}', current_schema());
+  -- PUBLIC has both by default; granted by name where this role may (the owner of the
+  -- database and schema), so that a REVOKE from PUBLIC leaves the API its access.
+  BEGIN
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO {API_ROLE}', current_database());
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO {API_ROLE}', current_schema());
+  EXCEPTION WHEN insufficient_privilege THEN NULL;
+  END;
   GRANT SELECT ON {reads} TO {API_ROLE};
 END
 $$;
@@ -94,8 +99,11 @@ DO $$
 BEGIN
   IF EXISTS (SELECT FROM pg_roles WHERE rolname = '{API_ROLE}') THEN
     REVOKE SELECT ON token_usage, alembic_version FROM {API_ROLE};
-    EXECUTE format('REVOKE USAGE ON SCHEMA %I FROM {API_ROLE}', current_schema());
-    EXECUTE format('REVOKE CONNECT ON DATABASE %I FROM {API_ROLE}', current_database());
+    BEGIN
+      EXECUTE format('REVOKE USAGE ON SCHEMA %I FROM {API_ROLE}', current_schema());
+      EXECUTE format('REVOKE CONNECT ON DATABASE %I FROM {API_ROLE}', current_database());
+    EXCEPTION WHEN insufficient_privilege THEN NULL;
+    END;
   END IF;
 END
 $$;

@@ -25,6 +25,7 @@ from tests.integration.api_harness import (
     SPACE_A,
     SPACE_B,
     ApiServer,
+    cli,
     cli_usage,
     create_key,
     fill,
@@ -230,3 +231,11 @@ async def test_a_slow_query_answers_503_at_its_statement_timeout(api: Api, tmp_p
         assert "LEDGER_API_DATABASE_URL is not set" in logs
         assert "role can write" in logs
     assert "role can write" not in api.server.logs()
+
+
+def test_serve_exits_0_on_sigterm_and_2_on_a_port_it_cannot_bind(api: Api, tmp_path: Path) -> None:
+    taken = cli(api.ledger_url, "serve", "--port", str(api.server.port))  # already listening
+    assert taken.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{api.server.port}" in taken.stderr
+    with serving({"LEDGER_DATABASE_URL": api.ledger_url}, tmp_path / "serve.log") as server:
+        assert server.stop() == 0

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     # relay beside a consumer (a sidecar, one host) does not take the consumer's port.
     relay_metrics_port: int = Field(9465, ge=0, le=65535)
     outbox_retention: timedelta = Field(timedelta(days=7), gt=timedelta(0))
+    # `token-ledger serve` (docs/operations.md#the-usage-api): its read-only role (unset: the
+    # ledger's URL, with a warning), and how long one request's query may run.
+    api_database_url: SecretStr | None = None
+    api_statement_timeout: float = Field(5.0, gt=0, le=600)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -91,9 +95,11 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("database_url")
+    @field_validator("database_url", "api_database_url")
     @classmethod
-    def _postgres_asyncpg_url(cls, value: SecretStr) -> SecretStr:
+    def _postgres_asyncpg_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
         try:
             url = make_url(value.get_secret_value())
         except ArgumentError:

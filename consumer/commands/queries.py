@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Set
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -259,11 +259,20 @@ class UsageFilter:
 
 
 async def usage_report(
-    conn: asyncpg.Connection, group_by: list[str], only: UsageFilter = UsageFilter()
+    conn: asyncpg.Connection,
+    group_by: list[str],
+    only: UsageFilter = UsageFilter(),
+    *,
+    after: Sequence[str] | None = None,
+    limit: int | None = None,
 ) -> list[dict[str, Any]]:
     """Token and cost sums of the ledger grouped by the chosen dimensions (UTC days), with the
     token kinds of the breakdowns; by model, each row is split by merge.attribution, so the
-    groups always sum to the ungrouped totals. An empty group_by: one row, the totals."""
+    groups always sum to the ungrouped totals. An empty group_by: one row, the totals.
+
+    Groups come in the order of their dimensions' values (as text). One page of them: `limit`
+    groups, and `after` (the dimensions' values of the previous page's last group) for the
+    next page, a keyset the usage API (consumer/api/) hands out as its cursor."""
     unknown = [d for d in group_by if d not in USAGE_DIMENSIONS]
     if unknown:
         raise ValueError(f"group by one or more of {', '.join(USAGE_DIMENSIONS)}: got {unknown}")
@@ -274,8 +283,8 @@ async def usage_report(
     # Quoted: a bare `user` in GROUP BY is PostgreSQL's CURRENT_USER, not the column alias.
     aliases = ", ".join(f'"{d}"' for d in group_by)
     dimensions = "".join(f'{USAGE_DIMENSIONS[d]} AS "{d}", ' for d in group_by)
-    grouped = f" GROUP BY {aliases} ORDER BY {aliases}" if group_by else ""
-    rows = await conn.fetch(
+    ordered = f" ORDER BY {aliases}" if group_by else ""
+    query = (
         f"SELECT {dimensions}{measures}, count(DISTINCT u.id) AS usage_rows"
         f" FROM {source} AS u"
         " WHERE ($1::timestamptz IS NULL OR u.source_at >= $1)"
@@ -283,13 +292,25 @@ async def usage_report(
         "   AND ($3::bigint IS NULL OR u.search_space_id = $3)"
         "   AND ($4::uuid IS NULL OR u.user_id = $4)"
         + ("   AND ($5::text IS NULL OR u.model = $5)" if by_model else "")
-        + grouped,
-        only.since,
-        only.until,
-        only.space,
-        only.user,
-        *([only.model] if by_model else []),
+        + (f" GROUP BY {aliases}" if group_by else "")
     )
+    args: list[Any] = [only.since, only.until, only.space, only.user]
+    args += [only.model] if by_model else []
+    if after is not None or limit is not None:
+        keyset = ""
+        if after is not None:
+            if len(after) != len(group_by):
+                raise ValueError(f"a page follows a group of {len(group_by)} value(s)")
+            # Every dimension is text and never null, so the row comparison is the ORDER BY's.
+            first = len(args) + 1
+            values = ", ".join(f"${first + i}::text" for i in range(len(after)))
+            keyset = f" WHERE ({aliases}) > ({values})"
+            args += after
+        args.append(limit)
+        query = f"SELECT * FROM ({query}) AS g{keyset}{ordered} LIMIT ${len(args)}"
+    else:
+        query += ordered
+    rows = await conn.fetch(query, *args)
     return [{k: _exact(v) if isinstance(v, Decimal) else v for k, v in row.items()} for row in rows]
 
 

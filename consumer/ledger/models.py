@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -155,6 +156,8 @@ token_usage = Table(
     Index("ix_token_usage_thread_id", "thread_id"),
     Index("ix_token_usage_search_space_id_created_at", "search_space_id", "created_at"),
     Index("ix_token_usage_user_id_created_at", "user_id", "created_at"),
+    # A space's usage over a period, by the report's time (the usage API: migrations 0007).
+    Index("ix_token_usage_search_space_id_source_at", "search_space_id", "source_at"),
 )
 
 # One row per usage revision, written by token_usage's triggers in the transaction that changed
@@ -227,3 +230,26 @@ partition_halts = Table(
     Column("halted_at", TIMESTAMP, nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("group_id", "topic", "partition"),
 )
+
+# A key of the usage API (`token-ledger api-key`, migrations/versions/0007): a digest of its
+# secret, never the secret; admin, or one search space (and perhaps one user of it).
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("lookup_id", Text, nullable=False),
+    Column("digest", LargeBinary, nullable=False),
+    Column("admin", Boolean, nullable=False, server_default=text("false")),
+    Column("search_space_id", BigInteger, nullable=True),
+    Column("user_id", Uuid, nullable=True),
+    Column("created_at", TIMESTAMP, nullable=False, server_default=func.now()),
+    Column("revoked_at", TIMESTAMP, nullable=True),
+    UniqueConstraint("lookup_id"),
+    CheckConstraint(
+        "admin = (search_space_id IS NULL) AND (user_id IS NULL OR search_space_id IS NOT NULL)",
+        name="one_scope",
+    ),
+)
+
+# Tables of the usage API, not of the ledger the consumer writes (schema.py's privilege check).
+API_TABLES = frozenset({"api_keys"})

@@ -50,7 +50,7 @@ from consumer.failures import (
 )
 from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.migrate import MIGRATIONS, upgrade
-from consumer.ledger.models import metadata
+from consumer.ledger.models import API_TABLES, metadata
 from consumer.logs import fields
 from consumer.retry import Backoff
 from consumer.settings import Settings
@@ -211,7 +211,7 @@ ORDER BY 1
 
 
 async def check_consumer_privileges(conn: asyncpg.Connection, settings: Settings) -> None:
-    tables = sorted(metadata.tables)
+    tables = sorted(set(metadata.tables) - API_TABLES)  # the consumer never touches the keys
     if missing := [row["relname"] for row in await conn.fetch(_MISSING_PRIVILEGES, tables)]:
         raise PermissionDeniedError(
             f"database {database_name(settings)}: the role may not read and write "

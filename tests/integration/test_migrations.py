@@ -23,6 +23,7 @@ LEDGER_TABLES = {
     "billing_outbox",
     "dead_lettered",
     "partition_halts",
+    "api_keys",
 }
 
 
@@ -77,3 +78,28 @@ async def test_partial_unique_indexes_have_the_specified_names_and_predicates(
     assert definitions["uq_chat_messages_content_event_id"].endswith(
         "(content_event_id) WHERE (turn_id IS NULL)"
     )
+
+
+async def test_the_api_role_may_read_what_serve_reads_and_nothing_else(ledger_url: str) -> None:
+    """Migration 0007's group role (docs/operations.md#the-usage-api): created once per
+    cluster, granted in every ledger database (this one is a copy of the session's template)."""
+    conn = await asyncpg.connect(asyncpg_dsn(ledger_url))
+    try:
+        rows = await conn.fetch(
+            "SELECT c.relname, p.privilege FROM pg_class AS c"
+            " CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE',"
+            "   'REFERENCES', 'TRIGGER']) AS p(privilege)"
+            " WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'S')"
+            "   AND has_table_privilege('token_ledger_api', c.oid, p.privilege)"
+        )
+        login = await conn.fetchval(
+            "SELECT rolcanlogin FROM pg_roles WHERE rolname = 'token_ledger_api'"
+        )
+    finally:
+        await conn.close()
+    assert login is False
+    assert {(r["relname"], r["privilege"]) for r in rows} == {
+        ("token_usage", "SELECT"),
+        ("api_keys", "SELECT"),
+        ("alembic_version", "SELECT"),
+    }

@@ -36,8 +36,9 @@ def compose() -> dict[str, Any]:
 def test_the_compose_file_is_valid_under_the_compose_specification() -> None:
     result = compose_check(COMPOSE)
     assert result.returncode == 0, result.stderr
-    assert "services: consumer, grafana, kafka, migrate, postgres, prometheus, simulate" in (
-        result.stdout
+    assert (
+        "services: api-role, consumer, grafana, kafka, migrate, postgres, prometheus, serve,"
+        " simulate" in result.stdout
     )
 
 
@@ -79,3 +80,18 @@ def test_the_ledger_database_and_the_broker_keep_their_data_in_named_volumes() -
     kafka = loaded["services"]["kafka"]["environment"]
     assert kafka["KAFKA_LOG_DIRS"] == "/var/lib/kafka/data"
     assert {"ledger-db", "kafka-data"} <= set(loaded["volumes"])
+
+
+def test_the_usage_api_reads_with_its_own_role_after_the_migrations() -> None:
+    """serve connects as a member of token_ledger_api (docs/operations.md#the-usage-api), made
+    once the migrations created that group role."""
+    services = compose()["services"]
+    serve = services["serve"]
+    assert serve["command"][0] == "serve"
+    api_url = serve["environment"]["LEDGER_API_DATABASE_URL"]
+    assert "//ledger_api:" in api_url
+    assert serve["environment"]["LEDGER_DATABASE_URL"] != api_url
+    role = services["api-role"]
+    assert "IN ROLE token_ledger_api" in role["command"][-1]
+    assert role["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert serve["depends_on"]["api-role"]["condition"] == "service_completed_successfully"

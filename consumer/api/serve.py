@@ -1,0 +1,129 @@
+"""`token-ledger serve`: check the database and its role, bind the port, run uvicorn.
+
+Started with LEDGER_API_DATABASE_URL, a login role in the group role `token_ledger_api` that
+migration 0007 creates (SELECT on what the API reads, nothing else); without it, with
+LEDGER_DATABASE_URL and a WARNING. Before serving it asks PostgreSQL what the role may do:
+reading its tables is required (exit 7 otherwise); being able to write any ledger table is
+logged as a WARNING and the API goes on (the fallback role can write, and every connection is
+read-only anyway: `default_transaction_read_only`, read-only transactions), so an operator
+sees the wider grant without an outage (docs/operations.md#the-usage-api).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import asyncpg
+import uvicorn
+
+from consumer.api.app import build_app
+from consumer.failures import ConfigurationError, PermissionDeniedError, database_name
+from consumer.ledger.database import asyncpg_dsn
+from consumer.ledger.models import metadata
+from consumer.ledger.schema import check_revision
+from consumer.settings import Settings
+
+log = logging.getLogger(__name__)
+READS = ("token_usage", "api_keys")
+MAX_CONNECTIONS = 8  # to PostgreSQL; requests beyond them wait (bounded) for one
+MAX_REQUESTS = 64  # in progress at once; uvicorn answers 503 beyond
+
+# has_table_privilege() with a list is true if ANY is held: one call per privilege.
+_WRITABLE = """
+SELECT relname FROM pg_class
+WHERE relnamespace = current_schema()::regnamespace AND relkind = 'r'
+  AND relname = ANY($1::text[])
+  AND (has_table_privilege(oid, 'INSERT') OR has_table_privilege(oid, 'UPDATE')
+       OR has_table_privilege(oid, 'DELETE') OR has_table_privilege(oid, 'TRUNCATE'))
+ORDER BY 1
+"""
+_UNREADABLE = """
+SELECT relname FROM pg_class
+WHERE relnamespace = current_schema()::regnamespace AND relkind = 'r'
+  AND relname = ANY($1::text[]) AND NOT has_table_privilege(oid, 'SELECT')
+ORDER BY 1
+"""
+
+
+def api_database_url(settings: Settings) -> str:
+    if settings.api_database_url is not None:
+        return settings.api_database_url.get_secret_value()
+    log.warning(
+        "LEDGER_API_DATABASE_URL is not set: the usage API uses LEDGER_DATABASE_URL, a role that"
+        " can write the ledger; give it a read-only role (docs/operations.md#the-usage-api)"
+    )
+    return settings.database_url.get_secret_value()
+
+
+async def check_role(conn: asyncpg.Connection, settings: Settings) -> list[str]:
+    """Raise unless the role reads what the API serves; the ledger tables it could write."""
+    if unreadable := [r["relname"] for r in await conn.fetch(_UNREADABLE, list(READS))]:
+        raise PermissionDeniedError(
+            f"database {database_name(settings)}: the usage API's role may not read"
+            f" {', '.join(unreadable)}: GRANT token_ledger_api TO the role of"
+            " LEDGER_API_DATABASE_URL"
+        )
+    writable = [r["relname"] for r in await conn.fetch(_WRITABLE, sorted(metadata.tables))]
+    if writable:
+        log.warning(
+            f"the usage API's database role can write {', '.join(writable)}: give"
+            " LEDGER_API_DATABASE_URL a role that is only a member of token_ledger_api"
+        )
+    return writable
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, or a ConfigurationError (exit 2) naming the address."""
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = info[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as error:
+        raise ConfigurationError(
+            f"serve: cannot listen on {host}:{port} ({error.strerror or error}): choose another"
+            " --host or --port"
+        ) from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(settings: Settings, host: str, port: int) -> None:
+    url = api_database_url(settings)
+    timeout_ms = round(settings.api_statement_timeout * 1000)
+    sock = bind(host, port)
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        asyncpg_dsn(url),
+        min_size=0,
+        max_size=MAX_CONNECTIONS,
+        timeout=5,
+        server_settings={
+            "application_name": "token-ledger-api",
+            # Even a role that could write gets read-only transactions from this process.
+            "default_transaction_read_only": "on",
+            # Every statement bounded, key look-ups included; usage queries set their own.
+            "statement_timeout": str(timeout_ms),
+        },
+    )
+    try:
+        async with pool.acquire() as conn:
+            await check_revision(conn, settings)
+            await check_role(conn, settings)
+        config = uvicorn.Config(
+            build_app(pool, timeout_ms=timeout_ms),
+            log_config=None,  # ours (consumer/logs.py)
+            access_log=False,  # paths and queries are the clients': metrics count requests
+            server_header=False,
+            limit_concurrency=MAX_REQUESTS,
+            timeout_keep_alive=5,
+            lifespan="off",
+        )
+        bound = sock.getsockname()
+        log.info(f"usage API listening on http://{bound[0]}:{bound[1]}")
+        await uvicorn.Server(config).serve(sockets=[sock])
+    finally:
+        sock.close()
+        await pool.close()

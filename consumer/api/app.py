@@ -20,8 +20,12 @@ from fastapi.responses import JSONResponse
 from consumer.api.metrics import RequestMetrics
 from consumer.api.queries import BadParameterError, NotFoundError
 from consumer.api.routes import router
+from consumer.logs import fields
 
 log = logging.getLogger(__name__)
+# Connection (08), credentials (28: a rotated password, a dropped role), resources (53: too
+# many connections, disk full), operator intervention (57), no such database (3D).
+UNAVAILABLE_CLASSES = frozenset({"08", "28", "53", "57", "3D"})
 TITLE = "token-ledger usage API"
 VERSION = "1"
 DEFAULT_TIMEOUT_MS = 5000
@@ -75,6 +79,16 @@ def build_app(pool: asyncpg.Pool | None = None, *, timeout_ms: int = DEFAULT_TIM
             headers={"Retry-After": "5"},
         )
 
+    async def _database_error(request: Request, error: Exception) -> JSONResponse:
+        # By SQLSTATE class: the database (or this role's access to it) is away for now, or
+        # the query failed for a reason of its own (logged: a bug to report).
+        assert isinstance(error, asyncpg.PostgresError)
+        if (error.sqlstate or "")[:2] in UNAVAILABLE_CLASSES:
+            return await _no_database(request, error)
+        log.error("a usage query failed", extra=fields(sqlstate=error.sqlstate), exc_info=error)
+        return JSONResponse({"detail": "the query failed: please report it"}, status_code=500)
+
+    app.add_exception_handler(asyncpg.PostgresError, _database_error)
     for unavailable in (
         OSError,  # TimeoutError (no connection free in time) included
         asyncpg.PostgresConnectionError,

@@ -79,6 +79,14 @@ def encode_cursor(group_by: tuple[str, ...], last: tuple[str, ...]) -> str:
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
+def _postgres_text(value: object) -> bool:
+    """Text PostgreSQL takes: no NUL; no lone surrogate (UnicodeEncodeError: no UTF-8)."""
+    if not isinstance(value, str) or "\x00" in value:
+        return False
+    value.encode()
+    return True
+
+
 def decode_cursor(cursor: str, group_by: tuple[str, ...]) -> tuple[str, ...]:
     """The keyset a cursor carries; it must come from a page of the same grouping."""
     try:
@@ -88,9 +96,9 @@ def decode_cursor(cursor: str, group_by: tuple[str, ...]) -> tuple[str, ...]:
             found["g"] == list(group_by)
             and isinstance(after, list)
             and len(after) == len(group_by)
-            and all(isinstance(v, str) and "\x00" not in v for v in after)
+            and all(map(_postgres_text, after))
         )
-    except (ValueError, TypeError, KeyError, binascii.Error):
+    except (ValueError, TypeError, KeyError, RecursionError, binascii.Error):
         ok = False
     if not ok or not group_by:
         raise BadParameterError(

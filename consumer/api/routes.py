@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from datetime import UTC, datetime
@@ -32,6 +33,9 @@ _GROUPS = f"^ *{_GROUP} *(, *{_GROUP} *)*$"
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10_000
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+
+# Beyond a statement's own timeout: a connection, a key look-up (client side).
+DATABASE_SECONDS = 5.0
 
 router = APIRouter()
 bearer = HTTPBearer(
@@ -98,7 +102,8 @@ async def key_scope(
     scope = None
     if credentials is not None:
         pool: asyncpg.Pool = request.app.state.pool
-        scope = await authenticate(pool, credentials.credentials)
+        async with asyncio.timeout(DATABASE_SECONDS):  # a database that froze: 503, not a hang
+            scope = await authenticate(pool, credentials.credentials)
     if scope is None:
         raise HTTPException(
             401, "missing, unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"}
@@ -174,10 +179,13 @@ async def get_usage(
         after=decode_cursor(cursor, groups) if cursor is not None else None,
     )
     pool: asyncpg.Pool = request.app.state.pool
-    async with pool.acquire() as conn:
-        rows, next_cursor = await usage_page(
-            conn, scope, query, timeout_ms=request.app.state.timeout_ms
-        )
+    # The statement timeout is the server's: a database that froze (or a partition) never
+    # answers it, so the client side bounds the whole exchange too (TimeoutError: 503).
+    async with asyncio.timeout(request.app.state.timeout_ms / 1000 + DATABASE_SECONDS):
+        async with pool.acquire() as conn:
+            rows, next_cursor = await usage_page(
+                conn, scope, query, timeout_ms=request.app.state.timeout_ms
+            )
     # jsonvalues: sums are exact (a token kind a legacy breakdown sent as a fraction too).
     body = jsonvalues.dumps({"rows": rows, "next_cursor": next_cursor})
     return Response(body, media_type="application/json")

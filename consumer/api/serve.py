@@ -11,6 +11,7 @@ sees the wider grant without an outage (docs/operations.md#the-usage-api).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 READS = ("token_usage", "api_keys")
 MAX_CONNECTIONS = 8  # to PostgreSQL; requests beyond them wait (bounded) for one
 MAX_REQUESTS = 64  # in progress at once; uvicorn answers 503 beyond
+POOL_CLOSE_SECONDS = 3.0
 
 # has_table_privilege() with a list is true if ANY is held: one call per privilege.
 _WRITABLE = """
@@ -100,6 +102,8 @@ async def serve(settings: Settings, host: str, port: int) -> None:
         min_size=0,
         max_size=MAX_CONNECTIONS,
         timeout=5,
+        # Client side, beyond the server's statement timeout: a frozen database is an error.
+        command_timeout=timeout_ms / 1000 + 2,
         server_settings={
             "application_name": "token-ledger-api",
             # Even a role that could write gets read-only transactions from this process.
@@ -119,6 +123,7 @@ async def serve(settings: Settings, host: str, port: int) -> None:
             server_header=False,
             limit_concurrency=MAX_REQUESTS,
             timeout_keep_alive=5,
+            timeout_graceful_shutdown=5,  # SIGTERM: requests in flight get this long
             lifespan="off",
         )
         bound = sock.getsockname()
@@ -126,4 +131,7 @@ async def serve(settings: Settings, host: str, port: int) -> None:
         await uvicorn.Server(config).serve(sockets=[sock])
     finally:
         sock.close()
-        await pool.close()
+        try:
+            await asyncio.wait_for(pool.close(), POOL_CLOSE_SECONDS)
+        except TimeoutError:  # a connection stuck on a database that does not answer
+            pool.terminate()

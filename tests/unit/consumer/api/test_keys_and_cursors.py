@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import base64
 import hmac
+import json
 
 import pytest
 from hypothesis import given
@@ -87,3 +89,20 @@ def test_the_api_database_url_is_checked_like_the_ledgers() -> None:
     assert "secret" not in repr(settings)
     with pytest.raises(SettingsError, match="LEDGER_API_STATEMENT_TIMEOUT"):
         load_settings(api_statement_timeout=0)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        json.dumps({"g": ["model"], "a": ["\ud800"]}),  # no UTF-8 for PostgreSQL
+        "[" * 5000,  # past Python's recursion limit
+        '{"g": ["model"], "a": ' + "[" * 3000 + "]" * 3000 + "}",
+    ],
+    ids=["lone-surrogate", "deep-array", "deep-in-a"],
+)
+def test_a_crafted_cursor_is_a_bad_parameter(text: str) -> None:
+    cursor = base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+    assert len(cursor) <= 8192
+    with pytest.raises(BadParameterError) as raised:
+        decode_cursor(cursor, ("model",))
+    assert raised.value.name == "cursor"

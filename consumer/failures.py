@@ -54,10 +54,9 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
     UnsupportedSaslMechanismError,
 )
-from sqlalchemy.engine import make_url
 
 from consumer.errors import LedgerError, TopicConfigError
-from consumer.settings import PREFIX, Settings, SettingsError, load_settings
+from consumer.settings import PREFIX, Settings, SettingsError, database_address, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +133,8 @@ def database_name(settings: Settings | None) -> str:
     """`user@host:port/database` of LEDGER_DATABASE_URL: enough to find it, no password."""
     if settings is None:
         return "the database"
-    url = make_url(settings.database_url.get_secret_value())
-    return f"{url.username or ''}@{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+    url = database_address(settings.database_url.get_secret_value())
+    return f"{url.user or ''}@{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
 
 
 def kafka_name(settings: Settings | None) -> str:

@@ -8,8 +8,12 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
-from consumer.settings import SettingsError, load_settings
+from consumer.settings import SettingsError, database_address, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -241,3 +245,35 @@ def test_help_shows_the_choices_and_what_each_option_does(
     assert "<list[str]>" not in result.stdout
     for text in shown:
         assert text in result.stdout
+
+
+@given(
+    st.from_regex(
+        r"[a-z+]{1,12}://([a-z%@:/\[\]0-9.]{0,12}@)?(\[[0-9a-f:]{1,10}\]|[a-z0-9.%-]{0,12})"
+        r"(:[0-9a-z]{0,6})?(/[a-z0-9%@:./_-]{0,12})?(\?[a-z=&]{0,8})?",
+        fullmatch=True,
+    )
+)
+def test_a_database_url_reads_as_sqlalchemy_reads_it(url: str) -> None:
+    # The consumer reads URLs without importing SQLAlchemy (each command's start-up); alembic
+    # still reads them with SQLAlchemy, so the two must agree on every part.
+    try:
+        expected = make_url(url)
+    except (ArgumentError, ValueError):
+        with pytest.raises(ValueError, match=r"not a database URL|port is not a number"):
+            database_address(url)
+        return
+    found = database_address(url)
+    assert (found.driver, found.user, found.host, found.port, found.database) == (
+        expected.drivername,
+        expected.username,
+        expected.host,
+        expected.port,
+        expected.database,
+    )
+
+
+@pytest.mark.parametrize("url", ["localhost/db", "postgresql+asyncpg//h/db", ""])
+def test_a_database_url_without_a_driver_is_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="not a database URL"):
+        database_address(url)

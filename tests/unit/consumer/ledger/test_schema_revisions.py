@@ -9,7 +9,8 @@ import pytest
 from alembic.script import ScriptDirectory
 
 from consumer.ledger.migrate import MIGRATIONS
-from consumer.ledger.schema import Revisions, SchemaState, code_revisions
+from consumer.ledger.models import API_TABLES, metadata
+from consumer.ledger.schema import CONSUMER_TABLES, Revisions, SchemaState, code_revisions
 
 
 def test_migrations_are_one_numbered_chain() -> None:
@@ -23,10 +24,15 @@ def test_migrations_are_one_numbered_chain() -> None:
         previous = revision.revision
 
 
-def test_the_code_knows_its_head() -> None:
-    revisions = code_revisions()
-    assert revisions.head == ScriptDirectory(str(MIGRATIONS)).get_current_head()
-    assert revisions.chain[0] == "0001"
+def test_the_code_knows_its_chain_as_alembic_reads_it() -> None:
+    script = ScriptDirectory(str(MIGRATIONS))
+    alembic_chain = tuple(reversed([revision.revision for revision in script.walk_revisions()]))
+    assert code_revisions().chain == alembic_chain
+    assert code_revisions().head == script.get_current_head()
+
+
+def test_the_consumer_tables_are_the_models_but_the_api_keys() -> None:
+    assert set(metadata.tables) - API_TABLES == CONSUMER_TABLES
 
 
 @pytest.mark.parametrize(

@@ -277,10 +277,12 @@ def attribution(
     shares: dict[str, dict[str, int]] = {}
     covered = dict.fromkeys(USAGE_MEASURES, 0)
     for model, entry in breakdown.items():
+        # A dict (what JSON gives) first: the Mapping check alone costs an ABC lookup.
+        is_mapping = isinstance(entry, dict | Mapping)
         share = {}
         for name in USAGE_MEASURES:
-            value = entry.get(name) if isinstance(entry, Mapping) else None
-            amount = value if isinstance(value, int) and not isinstance(value, bool) else 0
+            value = entry.get(name) if is_mapping else None
+            amount = value if type(value) is int else 0  # not a bool, a float or a Decimal
             share[name] = amount
             covered[name] += amount
         shares[model] = share

@@ -231,6 +231,15 @@ def message_keys(event: LedgerEvent) -> tuple[MessageKey, ...]:
     return (MessageKey(event.thread_id, event.role, event.turn_id, origin),)
 
 
+def turnless_key(event: LedgerEvent) -> MessageKey | None:
+    """The key of the turn-less message an event creates (keyed by its event_id), if any:
+    only a message.appended without a turn_id has one."""
+    if event.turn_id is not None or event.type != "message.appended":
+        return None
+    assert event.role is not None  # message.appended
+    return MessageKey(event.thread_id, event.role, None, event.event_id)
+
+
 def candidates(event: LedgerEvent) -> tuple[list[MessageRow], UsageRow | None]:
     """The message rows an event claims and the usage row it claims, before any merging: built
     from its payload, whose parts are what rows store."""

@@ -49,8 +49,8 @@ from consumer.ledger.claims import (
     UsageRow,
     candidates,
     content_beats,
-    message_keys,
     thread_candidate,
+    turnless_key,
     usage_beats,
     usage_totals,
 )
@@ -86,13 +86,13 @@ class Admission:
 
     def check(self, event: LedgerEvent) -> Rejection | None:
         """Why the event cannot be applied after what came before it; None binds its thread
-        and its turn-less keys (an exact copy binds the same again)."""
-        rejection = _rejection(event, self.spaces, self.origins)
+        and its turn-less key (an exact copy binds the same again)."""
+        turnless = turnless_key(event)
+        rejection = _rejection(event, turnless, self.spaces, self.origins)
         if rejection is None:
             self.spaces.setdefault(event.thread_id, event.search_space_id)
-            for key in message_keys(event):
-                if key.origin_event_id is not None:
-                    self.origins.setdefault(key.origin_event_id, key)
+            if turnless is not None:
+                self.origins.setdefault(event.event_id, turnless)
         return rejection
 
 
@@ -184,7 +184,10 @@ def _stored_copies(stored: StoredState) -> set[Copy]:
 
 
 def _rejection(
-    event: LedgerEvent, spaces: Mapping[int, int], origins: Mapping[uuid.UUID, MessageKey]
+    event: LedgerEvent,
+    turnless: MessageKey | None,
+    spaces: Mapping[int, int],
+    origins: Mapping[uuid.UUID, MessageKey],
 ) -> Rejection | None:
     """Why the event cannot be applied given what came before it, or None. A rejected event
     binds nothing, so it cannot change how later events are judged."""
@@ -194,14 +197,12 @@ def _rejection(
             reason=RejectReason.THREAD_SEARCH_SPACE_MISMATCH,
             detail=f"thread {event.thread_id} belongs to another search space",
         )
-    for key in message_keys(event):
-        if key.origin_event_id is None:
-            continue
-        holder = origins.get(key.origin_event_id)
-        if holder is not None and holder != key:
+    if turnless is not None:
+        holder = origins.get(event.event_id)
+        if holder is not None and holder != turnless:
             return Rejection(
                 reason=RejectReason.EVENT_ID_CONFLICT,
-                detail=f"event_id {key.origin_event_id} already keys a turn-less"
+                detail=f"event_id {event.event_id} already keys a turn-less"
                 f" {holder.role} message in thread {holder.thread_id}",
             )
     return None
@@ -255,8 +256,14 @@ def _thread_changes(row: ThreadRow, stored: ThreadRow | None) -> bool:
 
 
 def _usage_delta(row: UsageRow, stored: StoredMessage | None) -> list[UsageChange]:
-    previous = stored.usage_attribution() if stored else {}
     current = attribution(usage_totals(row), row.model_breakdown)
+    previous = stored.usage_attribution() if stored else {}
+    if not previous:  # a new usage row (most of them): the change is the whole row
+        return [
+            UsageChange(model, *(share[name] for name in USAGE_MEASURES))
+            for model, share in sorted(current.items())
+            if any(share.values())
+        ]
     changes = []
     for model in sorted(set(current) | set(previous)):
         new, old = current.get(model, {}), previous.get(model, {})

@@ -33,7 +33,17 @@ import httpx
 
 from bench.consumers import PYTHON, Consumer, Tree
 from bench.latency import percentile
-from bench.report import API, API_LOAD, INDEX, INDEXED, UNINDEXED, Results
+from bench.report import (
+    API,
+    API_LOAD,
+    INDEX,
+    INDEX_COST,
+    INDEXED,
+    LOST,
+    UNINDEXED,
+    Results,
+    rate_lost,
+)
 from bench.services import Databases, Services
 from consumer.ledger.database import asyncpg_dsn
 from devstack.processes import free_port
@@ -325,6 +335,20 @@ async def measure_api(
         await databases.drop(url)
 
 
+async def _index(url: str, *, keep: bool) -> None:
+    """Drop the index, or not, and check it: both sides connect once before their drain (the
+    first connection to a new database builds its catalog caches, ~10 ms here)."""
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        if not keep:
+            await conn.execute(f"DROP INDEX {INDEX}")
+        found = await conn.fetchval("SELECT count(*) FROM pg_indexes WHERE indexname = $1", INDEX)
+        if found != keep:
+            raise RuntimeError(f"{INDEX}: {found} where {int(keep)} was meant")
+    finally:
+        await conn.close()
+
+
 async def index_cost(
     databases: Databases,
     results: Results,
@@ -334,20 +358,19 @@ async def index_cost(
     records: int,
     runs: int,
 ) -> None:
-    """First drains with the index and without it, in alternating order run by run."""
+    """First drains with the index and without it, in alternating order run by run; each run's
+    pair gives the index's cost, the rate it loses (the two drains of a run see the same
+    machine: the pairs, not the medians of each side, take out what else runs on it)."""
     for run in range(runs):
+        rates: dict[bool, float] = {}
         for indexed in (True, False) if run % 2 == 0 else (False, True):
             url = await databases.fresh()
-            if not indexed:
-                conn = await asyncpg.connect(asyncpg_dsn(url))
-                try:
-                    await conn.execute(f"DROP INDEX {INDEX}")
-                finally:
-                    await conn.close()
+            await _index(url, keep=indexed)
             drain = await consumer(tree, url, topic).drain()
             await databases.drop(url)
             scenario = INDEXED if indexed else UNINDEXED
-            results.add(scenario, "events/s", records / drain.seconds, tree.name)
+            rates[indexed] = records / drain.seconds
+            results.add(scenario, "events/s", rates[indexed], tree.name)
             results.add(
                 scenario, "consumer CPU µs/event", drain.cpu_seconds / records * 1e6, tree.name
             )
@@ -355,3 +378,4 @@ async def index_cost(
                 scenario, "PostgreSQL µs/event", drain.pg_cpu_seconds / records * 1e6, tree.name
             )
             print(f"index cost run {run + 1}, {scenario}: {drain}", flush=True)
+        results.add(INDEX_COST, LOST, rate_lost(rates[True], rates[False]), tree.name)

@@ -3,15 +3,16 @@ the consumer.
 
 - Latency: a ledger of `rows` usage rows in `spaces` search spaces (each with its thread and
   its assistant message, as a turn.finalized writes them), loaded set-based into a database of
-  the benchmark's own PostgreSQL, not through Kafka: a million rows in a minute or two, where
-  the consumer would take hours on these cores. Then the real `token-ledger serve` of the
-  candidate tree, as a subprocess with a login role in `token_ledger_api` and a key from
-  `token-ledger api-key create`, and `requests` sequential GET /v1/usage of one space's month
-  by day by model, each for another space, timed from the client (the whole HTTP exchange, on
-  a kept-alive connection): p50 and p99 per run.
+  the benchmark's own PostgreSQL, not through Kafka: a million rows in under a minute, where
+  draining the ~2.7 million records that make as many would take minutes more at every run.
+  Then the real `token-ledger serve` of the candidate tree, as a subprocess with a login role
+  in `token_ledger_api` and a key from `token-ledger api-key create`, and `requests`
+  sequential GET /v1/usage of one space's month by day by model, each for another space,
+  timed from the client (the whole HTTP exchange, on a kept-alive connection): p50 and p99
+  per run (docs/development.md#the-usage-api).
 - The index's cost: first drains of the candidate into an empty ledger with
   `ix_token_usage_search_space_id_source_at` (migration 0007) and with it dropped, interleaved
-  run by run on the same backlog.
+  run by run on the same backlog; each run's pair gives the rate the index loses.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """`make bench`: the consumer end to end, against a baseline commit measured in the same run.
 
     .venv/bin/python -m bench [--runs 3] [--records 200000] [--full] [--baseline add7224]
+                              [--api-rows 1000000] [--api-spaces 1000] [--api-requests 200]
+                              [--api-only]
 
 Everything runs on a throw-away Kafka broker and PostgreSQL started for the benchmark
 (bench/services.py). The baseline and the candidate (HEAD unless given) are commits' trees,
@@ -10,9 +12,11 @@ the ratios, not the absolute figures. Each figure is the median of --runs with m
 
 A quick run: drains of the backlog (first, and again after `replay --to-offset 0`), the raw
 read, the COPY and naive bounds, produce -> commit latency for --runs of 15 s, 1-3 consumers
-(one run each). --full: the latency over one run of 60 s, and the candidate's peak RSS draining
-1,000,000 records, then verifying them. Writes the Markdown table to
-stdout and everything to bench/results/latest.json.
+(one run each), and the usage API (bench/api.py): p50/p99 of --api-requests GET /v1/usage per
+run against `serve` over a ledger of --api-rows usage rows, and the candidate's first drain with
+and without the API's index. --full: the latency over one run of 60 s, and the candidate's peak
+RSS draining 1,000,000 records, then verifying them. --api-only: the backlog and the usage API
+alone. Writes the Markdown table to stdout and everything to bench/results/latest.json.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.backlog import publish_backlog
+from bench.api import ApiPlan, index_cost, measure_api
+from bench.backlog import Backlog, publish_backlog
 from bench.ceilings import copy_ceiling, naive, raw_read
 from bench.consumers import Consumer, Tree
 from bench.latency import produce_to_commit
@@ -136,6 +141,10 @@ class Bench:
         )
         self.results.records = backlog.records
         print(f"backlog: {backlog.records} records on 6 partitions", flush=True)
+        if args.api_only:
+            await self.api(backlog)
+            self.results.seconds = time.monotonic() - started
+            return
         for _ in range(args.runs):
             self.results.add(
                 "raw aiokafka read",
@@ -189,9 +198,26 @@ class Bench:
             drain = await self.consumer(candidate, url, backlog.topic).drain(processes)
             await self.databases.drop(url)
             self.results.drain(candidate.name, f"{processes} consumer(s)", drain, backlog.records)
+        await self.api(backlog)
         if args.full:
             await self.million()
         self.results.seconds = time.monotonic() - started
+
+    async def api(self, backlog: Backlog) -> None:
+        """The usage API of the candidate (the baseline may predate it), and its index's cost
+        to the candidate's first drain."""
+        args, candidate = self.args, self.trees[-1]
+        plan = ApiPlan(args.api_rows, args.api_spaces, args.api_requests, args.runs)
+        await measure_api(self.services, self.databases, self.results, candidate, plan)
+        await index_cost(
+            self.databases,
+            self.results,
+            self.consumer,
+            candidate,
+            backlog.topic,
+            backlog.records,
+            args.runs,
+        )
 
     async def million(self) -> None:
         big = await publish_backlog(
@@ -224,6 +250,10 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="60 s latency, 1,000,000 records")
     parser.add_argument("--baseline", default="add7224", help="commit to compare against")
     parser.add_argument("--candidate", default="HEAD", help="commit to measure")
+    parser.add_argument("--api-rows", type=int, default=1_000_000, help="usage rows served")
+    parser.add_argument("--api-spaces", type=int, default=1_000, help="their search spaces")
+    parser.add_argument("--api-requests", type=int, default=200, help="requests timed per run")
+    parser.add_argument("--api-only", action="store_true", help="the usage API alone")
     args = parser.parse_args()
     trees = [export(args.baseline, "baseline"), export(args.candidate, "candidate")]
     with running_services() as services:
@@ -244,6 +274,7 @@ def _write(bench: Bench, args: argparse.Namespace, trees: list[Tree]) -> None:
         "candidate": trees[1].name,
         "machine": f"{platform.machine()}, {_cores()} cores",
         "ledger": results.ledger,
+        "api": results.api,
         "seconds": round(results.seconds),
         "complete": results.seconds > 0,  # set when every scenario ran
     }

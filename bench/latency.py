@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import math
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -32,9 +34,14 @@ class Latency:
     records: int
 
 
-def _percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+def percentile(values: Sequence[float], share: float) -> float:
+    """The nearest-rank percentile: the smallest value with at least `share` of the values at
+    or below it (p99 of 200 values: the 198th smallest; of 100, the 99th)."""
+    if not values or not 0 < share <= 1:
+        raise ValueError(f"a percentile in (0, 1] of some values, not {share} of {len(values)}")
+    # Rounded first: 0.99 * 100 is 99.00000000000001 in floating point, whose ceiling is 100.
+    rank = max(1, math.ceil(round(share * len(values), 9)))
+    return sorted(values)[rank - 1]
 
 
 async def produce_to_commit(consumer: Consumer, *, rate: int, seconds: float) -> Latency:
@@ -117,7 +124,7 @@ async def produce_to_commit(consumer: Consumer, *, rate: int, seconds: float) ->
         raise RuntimeError(f"{len(sent) - len(latencies)} records never committed")
     return Latency(
         p50_ms=statistics.median(latencies) * 1000,
-        p99_ms=_percentile(latencies, 0.99) * 1000,
+        p99_ms=percentile(latencies, 0.99) * 1000,
         max_ms=max(latencies) * 1000,
         records=len(latencies),
     )

@@ -17,6 +17,13 @@ LATENCY_RATE = 5_000  # events/s, steady
 LATENCY = f"produce→commit at {LATENCY_RATE:,} ev/s"
 POISON = "first drain, 30 % poison"
 MILLION = "1,000,000 records"
+API = "usage API: a space's month by day by model"
+API_LOAD = "usage API: loading its ledger"
+INDEX = "ix_token_usage_search_space_id_source_at"
+INDEXED = f"first drain, with {INDEX}"
+UNINDEXED = f"first drain, {INDEX} dropped"
+INDEX_COST = f"cost of {INDEX}, run by run"
+LOST = "first drain's rate lost, %"
 Key = tuple[str, str, str]  # (tree, scenario, measure)
 
 
@@ -25,6 +32,7 @@ class Results:
     samples: dict[Key, list[float]] = field(default_factory=lambda: defaultdict(list))
     records: int = 0
     ledger: dict[str, int] = field(default_factory=dict)
+    api: str = ""  # what the usage API was measured on, when it was
     seconds: float = 0.0
 
     def add(self, scenario: str, measure: str, value: float, tree: str = SHARED) -> None:
@@ -94,7 +102,7 @@ def _figure(scenario: str, measure: str) -> Callable[[Results, str, str], float 
     return lambda r, c, b: r.median(c, scenario, measure)
 
 
-# The per-event-cost issue's targets (docs/development.md#benchmarks).
+# The targets of the per-event-cost issue and of the usage API's (docs/development.md#benchmarks).
 TARGETS = (
     Target("first drain vs baseline", "≥ 2.5x", _speedup("first drain"), lambda v: v >= 2.5),
     Target("re-drain vs baseline", "≥ 4x", _speedup("re-drain"), lambda v: v >= 4),
@@ -143,12 +151,30 @@ TARGETS = (
         _figure(LATENCY, "p99 ms"),
         lambda v: v <= 250,
     ),
+    Target(
+        "usage API p99 ms, a space's month by day by model",
+        "≤ 100",
+        _figure(API, "p99 ms"),
+        lambda v: v <= 100,
+    ),
+    Target(
+        f"first drain's rate lost to {INDEX}, %",
+        "< 5",
+        _figure(INDEX_COST, LOST),
+        lambda v: v < 5,
+    ),
 )
+
+
+def rate_lost(with_index: float, without: float) -> float:
+    """What an index costs a drain, in % of the rate without it (negative: it went faster)."""
+    return (1 - with_index / without) * 100
 
 
 def table(results: Results, baseline: str, candidate: str) -> str:
     lines = [
         f"{results.records:,} simulated records, 6 partitions; median (min-max) of each figure",
+        *([f"usage API: {results.api}"] if results.api else []),
         "",
         f"| scenario | measure | {baseline} | {candidate} | candidate / baseline |",
         "|---|---|---|---|---|",

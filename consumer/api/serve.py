@@ -1,9 +1,10 @@
 """`token-ledger serve`: check the database and its role, bind the port, run uvicorn.
 
 Started with LEDGER_API_DATABASE_URL, a login role in the group role `token_ledger_api` that
-migration 0007 creates (SELECT on what the API reads, nothing else); without it, with
-LEDGER_DATABASE_URL and a WARNING. Before serving it asks PostgreSQL what the role may do:
-reading its tables is required (exit 7 otherwise); being able to write any ledger table is
+migration 0007 creates (SELECT on what the API reads, nothing else: of token_usage only the
+columns its queries name, since migration 0008); without it, with LEDGER_DATABASE_URL and a
+WARNING. Before serving it asks PostgreSQL what the role may do: reading its tables and
+columns is required (exit 7 otherwise, naming them); being able to write any ledger table is
 logged as a WARNING and the API goes on (the fallback role can write, and every connection is
 read-only anyway: `default_transaction_read_only`, read-only transactions), so an operator
 sees the wider grant without an outage (docs/operations.md#the-usage-api).
@@ -19,6 +20,7 @@ import asyncpg
 import uvicorn
 
 from consumer.api.app import build_app
+from consumer.commands.queries import REPORT_COLUMNS
 from consumer.failures import ConfigurationError, PermissionDeniedError, database_name
 from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.models import metadata
@@ -26,7 +28,10 @@ from consumer.ledger.schema import check_revision
 from consumer.settings import Settings
 
 log = logging.getLogger(__name__)
-READS = ("token_usage", "api_keys")
+READS = ("api_keys",)  # whole tables
+# Columns, where the role may read only some of a table: token_usage's call_details (whatever
+# a producer sent) is not among them.
+COLUMN_READS = {"token_usage": REPORT_COLUMNS}
 MAX_CONNECTIONS = 8  # to PostgreSQL; requests beyond them wait (bounded) for one
 MAX_REQUESTS = 64  # in progress at once; uvicorn answers 503 beyond
 POOL_CLOSE_SECONDS = 3.0
@@ -46,6 +51,18 @@ WHERE relnamespace = current_schema()::regnamespace AND relkind = 'r'
   AND relname = ANY($1::text[]) AND NOT has_table_privilege(oid, 'SELECT')
 ORDER BY 1
 """
+# A column that is missing counts as unreadable too: the answer is the same, a query fails.
+_UNREADABLE_COLUMNS = """
+SELECT r.relname || '.' || r.attname AS name
+FROM unnest($1::text[], $2::text[]) AS r(relname, attname)
+WHERE NOT EXISTS (
+  SELECT FROM pg_class AS c JOIN pg_attribute AS a ON a.attrelid = c.oid
+  WHERE c.relnamespace = current_schema()::regnamespace AND c.relname = r.relname
+    AND a.attname = r.attname AND NOT a.attisdropped
+    AND has_column_privilege(c.oid, a.attnum, 'SELECT')
+)
+ORDER BY 1
+"""
 
 
 def api_database_url(settings: Settings) -> str:
@@ -60,7 +77,13 @@ def api_database_url(settings: Settings) -> str:
 
 async def check_role(conn: asyncpg.Connection, settings: Settings) -> list[str]:
     """Raise unless the role reads what the API serves; the ledger tables it could write."""
-    if unreadable := [r["relname"] for r in await conn.fetch(_UNREADABLE, list(READS))]:
+    unreadable = [r["relname"] for r in await conn.fetch(_UNREADABLE, list(READS))]
+    pairs = [(table, column) for table, columns in COLUMN_READS.items() for column in columns]
+    unreadable += [
+        r["name"]
+        for r in await conn.fetch(_UNREADABLE_COLUMNS, [t for t, _ in pairs], [c for _, c in pairs])
+    ]
+    if unreadable:
         raise PermissionDeniedError(
             f"database {database_name(settings)}: the usage API's role may not read"
             f" {', '.join(unreadable)}: GRANT token_ledger_api TO the role of"

@@ -204,6 +204,16 @@ USAGE_DIMENSIONS = {
     "month": "to_char(u.source_at AT TIME ZONE 'UTC', 'YYYY-MM')",
 }
 REPORTED = (*USAGE_MEASURES, *TOKEN_KINDS)
+# Every column of token_usage the report reads, named (never `u.*`): the usage API's role may
+# read these and no other (migrations/versions/0008), call_details least of all.
+REPORT_COLUMNS = (
+    "id",
+    "user_id",
+    "search_space_id",
+    "source_at",
+    "model_breakdown",
+    *USAGE_MEASURES,
+)
 
 
 def _share(measure: str) -> str:
@@ -239,7 +249,8 @@ _BY_MODEL = f"""(
 
 # One row per usage row, with its token kinds summed over its breakdown.
 _BY_ROW = f"""(
-  SELECT u.*, {", ".join(f"k.{kind}" for kind in TOKEN_KINDS)}
+  SELECT {", ".join(f"u.{c}" for c in REPORT_COLUMNS if c != "model_breakdown")},
+         {", ".join(f"k.{kind}" for kind in TOKEN_KINDS)}
   FROM token_usage AS u CROSS JOIN LATERAL (
     SELECT {", ".join(f"coalesce(sum({_kind(k)}), 0) AS {k}" for k in TOKEN_KINDS)}
     FROM jsonb_each(u.model_breakdown) AS b

@@ -11,6 +11,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from consumer.commands.queries import REPORT_COLUMNS
 from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.migrate import downgrade, upgrade
 from consumer.ledger.models import metadata
@@ -80,11 +81,23 @@ async def test_partial_unique_indexes_have_the_specified_names_and_predicates(
     )
 
 
+async def _api_columns(conn: asyncpg.Connection) -> set[str]:
+    """The columns of token_usage the API's group role may read."""
+    rows = await conn.fetch(
+        "SELECT attname FROM pg_attribute"
+        " WHERE attrelid = 'token_usage'::regclass AND attnum > 0 AND NOT attisdropped"
+        "   AND has_column_privilege('token_ledger_api', attrelid, attnum, 'SELECT')"
+    )
+    return {r["attname"] for r in rows}
+
+
 async def test_the_api_role_may_read_what_serve_reads_and_nothing_else(ledger_url: str) -> None:
     """Migration 0007's group role (docs/operations.md#the-usage-api): created once per
-    cluster, granted in every ledger database (this one is a copy of the session's template)."""
+    cluster, granted in every ledger database (this one is a copy of the session's template);
+    of token_usage, only the columns the report reads (migration 0008)."""
     conn = await asyncpg.connect(asyncpg_dsn(ledger_url))
     try:
+        columns = await _api_columns(conn)
         rows = await conn.fetch(
             "SELECT c.relname, p.privilege FROM pg_class AS c"
             " CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE',"
@@ -99,7 +112,30 @@ async def test_the_api_role_may_read_what_serve_reads_and_nothing_else(ledger_ur
         await conn.close()
     assert login is False
     assert {(r["relname"], r["privilege"]) for r in rows} == {
-        ("token_usage", "SELECT"),
         ("api_keys", "SELECT"),
         ("alembic_version", "SELECT"),
     }
+    assert columns == set(REPORT_COLUMNS)
+    assert "call_details" not in columns
+
+
+async def test_0008_narrows_the_api_grant_and_its_downgrade_restores_it(
+    database_url: str,
+) -> None:
+    async def grant() -> tuple[bool, set[str]]:
+        conn = await asyncpg.connect(asyncpg_dsn(database_url))
+        try:
+            whole = await conn.fetchval(
+                "SELECT has_table_privilege('token_ledger_api', 'token_usage', 'SELECT')"
+            )
+            return whole, await _api_columns(conn)
+        finally:
+            await conn.close()
+
+    await asyncio.to_thread(upgrade, database_url)
+    assert await grant() == (False, set(REPORT_COLUMNS))
+    await asyncio.to_thread(downgrade, database_url, "0007")
+    whole, columns = await grant()
+    assert whole and "call_details" in columns  # 0007's grant: the whole table
+    await asyncio.to_thread(upgrade, database_url)
+    assert await grant() == (False, set(REPORT_COLUMNS))

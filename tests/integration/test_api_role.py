@@ -1,0 +1,106 @@
+"""The usage API's database role reads only the columns of token_usage its queries name
+(migration 0008): never `call_details`, the raw details a producer sent. Every route still
+answers under it, and `serve` refuses to start, naming the column, on a role missing one of
+them (docs/operations.md#the-usage-api)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from consumer.commands.queries import REPORT_COLUMNS
+from consumer.ledger.database import asyncpg_dsn
+from tests.integration.api_harness import ALICE, SPACE_A, cli
+from tests.integration.test_api_isolation import Tenants, tenants  # noqa: F401
+
+
+async def _as(url: str, query: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        return list(await conn.fetch(query))
+    finally:
+        await conn.close()
+
+
+async def test_the_api_role_cannot_read_call_details(tenants: Tenants) -> None:  # noqa: F811
+    for query in (
+        "SELECT call_details FROM token_usage",
+        "SELECT * FROM token_usage",
+        "SELECT id FROM token_usage WHERE call_details IS NOT NULL",
+    ):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
+            await _as(tenants.api_url, query)
+    # What the report reads, it reads.
+    rows = await _as(tenants.api_url, f"SELECT {', '.join(REPORT_COLUMNS)} FROM token_usage")
+    assert rows
+
+
+# Every grouping alone and all at once, every filter, and each kind of key: between them they
+# run every statement the API sends (the report by row and by model, the key's scope check).
+GROUPINGS = ["", "space", "user", "model", "day", "month", "space,user,model,day,month"]
+FILTERS: list[dict[str, Any]] = [
+    {},
+    {"space_id": SPACE_A},
+    {"user_id": str(ALICE)},
+    {"model": "gpt-4o"},
+    {"from": "2026-11-27T00:00:00Z", "to": "2026-12-01T00:00:00Z"},
+]
+
+
+async def test_every_route_answers_under_the_column_grant(
+    tenants: Tenants,  # noqa: F811
+) -> None:
+    role = tenants.api_url.split("://")[1].split(":")[0]
+    (grant,) = await _as(
+        tenants.ledger_url,
+        f"SELECT has_table_privilege('{role}', 'token_usage', 'SELECT') AS whole,"
+        f" has_column_privilege('{role}', 'token_usage', 'call_details', 'SELECT') AS details",
+    )
+    assert (grant["whole"], grant["details"]) == (False, False)  # serve runs as this role
+    await asyncio.to_thread(_every_route, tenants)
+
+
+def _every_route(tenants: Tenants) -> None:  # noqa: F811
+    for key in (tenants.admin, tenants.space_a, tenants.alice):
+        for group_by in GROUPINGS:
+            for params in FILTERS:
+                answer = tenants.get(key, **params, **({"group_by": group_by} if group_by else {}))
+                assert answer.status_code == 200, (group_by, params, answer.text)
+    paged = tenants.get(tenants.admin, group_by="model", limit=1).json()
+    assert tenants.get(tenants.admin, group_by="model", cursor=paged["next_cursor"]).is_success
+    for path in ("/healthz", "/metrics", "/openapi.json"):
+        assert httpx.get(f"{tenants.server.url}{path}").status_code == 200, path
+
+
+@pytest.fixture
+async def narrow_role(tenants: Tenants) -> AsyncIterator[str]:  # noqa: F811
+    """A login role outside token_ledger_api granted what serve reads but cost_micros."""
+    name, password = f"api_{uuid.uuid4().hex[:10]}", uuid.uuid4().hex
+    columns = ", ".join(c for c in REPORT_COLUMNS if c != "cost_micros")
+    admin = await asyncpg.connect(asyncpg_dsn(tenants.ledger_url))
+    try:
+        await admin.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
+        await admin.execute(f"GRANT SELECT ON api_keys, alembic_version TO {name}")
+        await admin.execute(f"GRANT SELECT ({columns}) ON token_usage TO {name}")
+        scheme, _, rest = tenants.ledger_url.partition("://")
+        yield f"{scheme}://{name}:{password}@{rest.partition('@')[2]}"
+    finally:
+        await admin.execute(f"REVOKE ALL ON api_keys, alembic_version, token_usage FROM {name}")
+        await admin.execute(f"DROP ROLE IF EXISTS {name}")
+        await admin.close()
+
+
+def test_serve_refuses_a_role_missing_a_column_and_names_it(
+    tenants: Tenants,  # noqa: F811
+    narrow_role: str,
+) -> None:
+    done = cli(tenants.ledger_url, "serve", "--port", "0", LEDGER_API_DATABASE_URL=narrow_role)
+    assert done.returncode == 7, done.stderr
+    assert "may not read token_usage.cost_micros:" in done.stderr
+    assert "GRANT token_ledger_api" in done.stderr

@@ -10,9 +10,11 @@ the consumer.
   sequential GET /v1/usage of one space's month by day by model, each for another space,
   timed from the client (the whole HTTP exchange, on a kept-alive connection): p50 and p99
   per run (docs/development.md#the-usage-api).
-- The index's cost: first drains of the candidate into an empty ledger with
-  `ix_token_usage_search_space_id_source_at` (migration 0007) and with it dropped, interleaved
-  run by run on the same backlog; each run's pair gives the rate the index loses.
+- The index's cost: first drains of the candidate into an empty ledger with its own indexes,
+  and with token_usage's space index as it was before the usage API (0007's
+  `ix_token_usage_search_space_id_source_at` dropped, the (search_space_id, created_at) index
+  that 0009 dropped for it restored), interleaved run by run on the same backlog; each run's
+  pair gives the rate the change costs.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from bench.report import (
     INDEX_COST,
     INDEXED,
     LOST,
+    REPLACED,
     UNINDEXED,
     Results,
     rate_lost,
@@ -337,15 +340,22 @@ async def measure_api(
 
 
 async def _index(url: str, *, keep: bool) -> None:
-    """Drop the index, or not, and check it: both sides connect once before their drain (the
-    first connection to a new database builds its catalog caches, ~10 ms here)."""
+    """The candidate's space index, or the one it replaced, and check it: both sides connect
+    once before their drain (the first connection to a new database builds its catalog caches,
+    ~10 ms here)."""
     conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         if not keep:
             await conn.execute(f"DROP INDEX {INDEX}")
-        found = await conn.fetchval("SELECT count(*) FROM pg_indexes WHERE indexname = $1", INDEX)
-        if found != keep:
-            raise RuntimeError(f"{INDEX}: {found} where {int(keep)} was meant")
+            await conn.execute(
+                f"CREATE INDEX {REPLACED} ON token_usage (search_space_id, created_at)"
+            )
+        for name, meant in ((INDEX, keep), (REPLACED, not keep)):
+            found = await conn.fetchval(
+                "SELECT count(*) FROM pg_indexes WHERE indexname = $1", name
+            )
+            if found != meant:
+                raise RuntimeError(f"{name}: {found} where {int(meant)} was meant")
     finally:
         await conn.close()
 

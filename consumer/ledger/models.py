@@ -154,7 +154,6 @@ token_usage = Table(
         postgresql_where=text("message_id IS NOT NULL"),
     ),
     Index("ix_token_usage_thread_id", "thread_id"),
-    Index("ix_token_usage_search_space_id_created_at", "search_space_id", "created_at"),
     Index("ix_token_usage_user_id_created_at", "user_id", "created_at"),
     # A space's usage over a period, by the report's time (the usage API: migrations 0007).
     Index("ix_token_usage_search_space_id_source_at", "search_space_id", "source_at"),

@@ -48,14 +48,17 @@ def database_address(url: str) -> DatabaseAddress:
     if match is None:
         raise ValueError("not a database URL (postgresql+asyncpg://user:pass@host/db)")
     port = match["port"]
-    if port is not None and not (port.isascii() and port.isdigit()):
-        raise ValueError("the database URL's port is not a number")
+    try:
+        # int() as SQLAlchemy reads it: "5432\n" from a secret file is 5432, "" an error.
+        number = None if port is None else int(port)
+    except ValueError:
+        raise ValueError("the database URL's port is not a number") from None
     user, database = match["user"], match["database"]
     return DatabaseAddress(
         driver=match["driver"],
         user=None if user is None else unquote(user),
         host=match["host"] or match["ipv6"],
-        port=int(port) if port else None,
+        port=number,
         database=None if database is None else unquote(database),
     )
 

@@ -282,7 +282,7 @@ def attribution(
         share = {}
         for name in USAGE_MEASURES:
             value = entry.get(name) if is_mapping else None
-            amount = value if type(value) is int else 0  # not a bool, a float or a Decimal
+            amount = value if isinstance(value, int) and not isinstance(value, bool) else 0
             share[name] = amount
             covered[name] += amount
         shares[model] = share

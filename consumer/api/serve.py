@@ -63,6 +63,15 @@ WHERE NOT EXISTS (
 )
 ORDER BY 1
 """
+# What the role may read of token_usage beyond the report's columns (call_details): a grant of
+# the whole table, made by hand or by following an older migration's instructions.
+_READABLE_BEYOND = """
+SELECT a.attname FROM pg_class AS c JOIN pg_attribute AS a ON a.attrelid = c.oid
+WHERE c.relnamespace = current_schema()::regnamespace AND c.relname = 'token_usage'
+  AND a.attnum > 0 AND NOT a.attisdropped AND NOT (a.attname = ANY($1::text[]))
+  AND has_column_privilege(c.oid, a.attnum, 'SELECT')
+ORDER BY 1
+"""
 
 
 def api_database_url(settings: Settings) -> str:
@@ -76,7 +85,8 @@ def api_database_url(settings: Settings) -> str:
 
 
 async def check_role(conn: asyncpg.Connection, settings: Settings) -> list[str]:
-    """Raise unless the role reads what the API serves; the ledger tables it could write."""
+    """Raise unless the role reads what the API serves; the ledger tables it could write (a
+    WARNING names them, and the columns of token_usage it could read beyond the report's)."""
     unreadable = [r["relname"] for r in await conn.fetch(_UNREADABLE, list(READS))]
     pairs = [(table, column) for table, columns in COLUMN_READS.items() for column in columns]
     unreadable += [
@@ -94,6 +104,14 @@ async def check_role(conn: asyncpg.Connection, settings: Settings) -> list[str]:
         log.warning(
             f"the usage API's database role can write {', '.join(writable)}: give"
             " LEDGER_API_DATABASE_URL a role that is only a member of token_ledger_api"
+        )
+    beyond = [r["attname"] for r in await conn.fetch(_READABLE_BEYOND, list(REPORT_COLUMNS))]
+    if beyond and not writable:  # a role that can write reads everything: warned above
+        columns = ", ".join(beyond)
+        log.warning(
+            f"the usage API's database role can read token_usage's {columns}, which it never"
+            " serves: revoke token_ledger_api's SELECT on token_usage and grant it the report's"
+            " columns (docs/operations.md#the-usage-api)"
         )
     return writable
 

@@ -36,6 +36,7 @@ import logging
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 import asyncpg
 
@@ -57,7 +58,11 @@ from consumer.status import Outage, Readiness
 
 log = logging.getLogger(__name__)
 _NUMBERED = re.compile(r"\d+")
-_FILE_REVISION = re.compile(r"(\d{4})_\w+\.py")
+# A migration file's `revision: str = "0009"` and `down_revision: str | None = "0008"` (or None).
+_REVISION = re.compile(r"^revision(?:: *str)? *= *[\"']([^\"']+)[\"']", re.MULTILINE)
+_DOWN_REVISION = re.compile(
+    r"^down_revision(?:: *[\w |\[\],]+)? *= *(None|[\"']([^\"']+)[\"'])", re.MULTILINE
+)
 # The tables of consumer/ledger/models.py that the consumer writes: all but the usage API's
 # keys. Named here, not read from the models, so that a command's start does not import
 # SQLAlchemy; tests/unit/consumer/ledger/test_schema_revisions.py holds the two equal.
@@ -112,12 +117,38 @@ class Revisions:
 
 @functools.cache
 def code_revisions() -> Revisions:
-    """Read once per process from the file names of migrations/versions (`NNNN_name.py`, one
-    numbered chain: tests/unit/consumer/ledger/test_schema_revisions.py holds them to alembic's
-    own reading). Not alembic's script directory: importing it costs every command ~0.3 s of
-    CPU at start."""
-    numbered = (_FILE_REVISION.fullmatch(path.name) for path in (MIGRATIONS / "versions").iterdir())
-    return Revisions(tuple(sorted(match[1] for match in numbered if match)))
+    """Read once per process from migrations/versions (files only: no database, no env.py)."""
+    return read_revisions(MIGRATIONS)
+
+
+def read_revisions(migrations: Path) -> Revisions:
+    """Each file's `revision` and `down_revision` lines, linked into the chain: alembic's own
+    script directory costs every command ~0.3 s of CPU at start, so it reads them only when a
+    file does not state them plainly or they do not make one chain
+    (tests/unit/consumer/ledger/test_schema_revisions.py holds the two readings equal)."""
+    after: dict[str | None, str] = {}
+    for path in (migrations / "versions").glob("*.py"):
+        if path.name.startswith(("_", ".")):  # __init__.py, an editor's lock file
+            continue
+        text = path.read_text(encoding="utf-8")
+        revision, down = _REVISION.search(text), _DOWN_REVISION.search(text)
+        if revision is None or down is None or down[2] in after:
+            return _alembic_revisions(migrations)  # not stated plainly, or a branch
+        after[down[2]] = revision[1]
+    chain: list[str] = []
+    while (following := after.get(chain[-1] if chain else None)) is not None:
+        chain.append(following)
+    if len(chain) != len(after):
+        return _alembic_revisions(migrations)  # links that do not make one chain from the first
+    return Revisions(tuple(chain))
+
+
+def _alembic_revisions(migrations: Path) -> Revisions:
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory(str(migrations))
+    newest_first = [revision.revision for revision in script.walk_revisions()]
+    return Revisions(tuple(reversed(newest_first)))
 
 
 async def database_revisions(conn: asyncpg.Connection) -> list[str]:

@@ -52,8 +52,10 @@ BEGIN
     GRANT SELECT ({columns}) ON token_usage TO {API_ROLE};
   ELSE
     RAISE WARNING 'token-ledger: there is no role {API_ROLE} (see the previous warning). '
-      'Once a superuser made it, in this database: GRANT SELECT ON api_keys, alembic_version '
-      'TO {API_ROLE}; GRANT SELECT ({columns}) ON token_usage TO {API_ROLE};';
+      'Once a superuser made it, in this database (in place of the previous warning''s grant: '
+      'not the whole of token_usage): GRANT SELECT ON api_keys, alembic_version TO {API_ROLE}; '
+      'REVOKE SELECT ON token_usage FROM {API_ROLE}; '
+      'GRANT SELECT ({columns}) ON token_usage TO {API_ROLE};';
   END IF;
 END
 $$;

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -16,7 +17,7 @@ import pytest
 
 from consumer.commands.queries import REPORT_COLUMNS
 from consumer.ledger.database import asyncpg_dsn
-from tests.integration.api_harness import ALICE, SPACE_A, cli
+from tests.integration.api_harness import ALICE, SPACE_A, cli, serving
 from tests.integration.test_api_isolation import Tenants, tenants  # noqa: F401
 
 
@@ -104,3 +105,31 @@ def test_serve_refuses_a_role_missing_a_column_and_names_it(
     assert done.returncode == 7, done.stderr
     assert "may not read token_usage.cost_micros:" in done.stderr
     assert "GRANT token_ledger_api" in done.stderr
+
+
+@pytest.fixture
+async def whole_table_role(tenants: Tenants) -> AsyncIterator[str]:  # noqa: F811
+    """A login role granted the whole of token_usage, as 0007's instructions once said."""
+    name, password = f"api_{uuid.uuid4().hex[:10]}", uuid.uuid4().hex
+    admin = await asyncpg.connect(asyncpg_dsn(tenants.ledger_url))
+    try:
+        await admin.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
+        await admin.execute(f"GRANT SELECT ON api_keys, alembic_version, token_usage TO {name}")
+        scheme, _, rest = tenants.ledger_url.partition("://")
+        yield f"{scheme}://{name}:{password}@{rest.partition('@')[2]}"
+    finally:
+        await admin.execute(f"REVOKE ALL ON api_keys, alembic_version, token_usage FROM {name}")
+        await admin.execute(f"DROP ROLE IF EXISTS {name}")
+        await admin.close()
+
+
+def test_serve_warns_of_a_role_that_can_read_call_details(
+    tenants: Tenants,  # noqa: F811
+    whole_table_role: str,
+    tmp_path: Path,
+) -> None:
+    env = {"LEDGER_DATABASE_URL": tenants.ledger_url, "LEDGER_API_DATABASE_URL": whole_table_role}
+    with serving(env, tmp_path / "serve.log") as server:
+        warnings = [line for line in server.logs().splitlines() if "call_details" in line]
+    assert len(warnings) == 1, server.logs()[-3000:]
+    assert "never serves" in warnings[0]

@@ -250,7 +250,9 @@ def test_help_shows_the_choices_and_what_each_option_does(
 @given(
     st.from_regex(
         r"[a-z+]{1,12}://([a-z%@:/\[\]0-9.]{0,12}@)?(\[[0-9a-f:]{1,10}\]|[a-z0-9.%-]{0,12})"
-        r"(:[0-9a-z]{0,6})?(/[a-z0-9%@:./_-]{0,12})?(\?[a-z=&]{0,8})?",
+        # Ports as int() reads them or not: signs, spaces, underscores, a secret file's
+        # newline, other scripts' digits.
+        r"(:[0-9a-z +_\n\-\u0663\uff15]{0,6})?(/[a-z0-9%@:./_-]{0,12})?(\?[a-z=&]{0,8})?",
         fullmatch=True,
     )
 )
@@ -271,6 +273,11 @@ def test_a_database_url_reads_as_sqlalchemy_reads_it(url: str) -> None:
         expected.port,
         expected.database,
     )
+
+
+def test_a_port_read_from_a_secret_file_keeps_working() -> None:
+    # A URL that ends at its port, from a file that ends in a newline.
+    assert database_address("postgresql+asyncpg://ledger:secret@db:5432\n").port == 5432
 
 
 @pytest.mark.parametrize("url", ["localhost/db", "postgresql+asyncpg//h/db", ""])

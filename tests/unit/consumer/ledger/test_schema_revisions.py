@@ -4,13 +4,21 @@ later revision recognisable without its file: ids are sequence numbers on one li
 from __future__ import annotations
 
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 from alembic.script import ScriptDirectory
 
 from consumer.ledger.migrate import MIGRATIONS
 from consumer.ledger.models import API_TABLES, metadata
-from consumer.ledger.schema import CONSUMER_TABLES, Revisions, SchemaState, code_revisions
+from consumer.ledger.schema import (
+    CONSUMER_TABLES,
+    Revisions,
+    SchemaState,
+    code_revisions,
+    read_revisions,
+)
 
 
 def test_migrations_are_one_numbered_chain() -> None:
@@ -29,6 +37,41 @@ def test_the_code_knows_its_chain_as_alembic_reads_it() -> None:
     alembic_chain = tuple(reversed([revision.revision for revision in script.walk_revisions()]))
     assert code_revisions().chain == alembic_chain
     assert code_revisions().head == script.get_current_head()
+
+
+NEXT = '''"""A migration as another tool may name it."""
+revision = "{revision}"
+down_revision = "0009"
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
+'''
+
+
+@pytest.mark.parametrize(
+    ("name", "revision"),
+    [
+        ("0010_next.py", "0010"),
+        ("0010-hotfix.py", "0010"),  # not shaped like ours: still a migration to alembic
+        ("ae1027a6acf_next.py", "ae1027a6acf"),  # `alembic revision`'s own naming
+        ("0010_next.py", "0010a"),  # the file's name is not its revision
+    ],
+)
+def test_any_migration_file_reads_as_alembic_reads_it(
+    tmp_path: Path, name: str, revision: str
+) -> None:
+    shutil.copytree(MIGRATIONS, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "versions" / name).write_text(NEXT.format(revision=revision))
+    (tmp_path / "versions" / ".#0011_lock.py").write_text("an editor's lock file")
+    script = ScriptDirectory(str(tmp_path))
+    alembic_chain = tuple(reversed([rev.revision for rev in script.walk_revisions()]))
+    assert read_revisions(tmp_path).chain == alembic_chain
+    assert alembic_chain[-1] == revision
 
 
 def test_the_consumer_tables_are_the_models_but_the_api_keys() -> None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 
 import asyncpg
 
-from consumer.billing.budget_rules import Budget, period_start
+from consumer.billing.budget_rules import Budget
 from consumer.ledger.schema import connect_checked
 from consumer.settings import Settings
 
@@ -137,10 +137,6 @@ def budget_of(row: Any) -> Budget:
         total_tokens_limit=row["total_tokens_limit"],
         thresholds=tuple(row["thresholds"]),
     )
-
-
-def current_period(budget: Budget, now: datetime) -> datetime:
-    return period_start(budget.period, now)
 
 
 async def run_set(settings: Settings, change: BudgetChange) -> int:

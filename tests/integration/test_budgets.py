@@ -16,7 +16,7 @@ from producer.budget_alerts import BudgetAlertEvent
 from producer.client import thread_key
 from producer.events import AnyEvent, encode_event
 from tests.factories import SPACE, T0, USER, appended, call, finalized, started
-from tests.integration.harness import ConsumerProcess, Stack, wait_for
+from tests.integration.harness import ConsumerProcess, Stack, said, wait_for
 
 CLOUDEVENTS = json.loads((Path(__file__).parents[1] / "cloudevents-1.0.schema.json").read_text())
 OURS = BudgetAlertEvent.model_json_schema(mode="validation")
@@ -251,3 +251,83 @@ async def test_two_consumers_writing_one_space_from_two_partitions_emit_one_reco
         ("0001-01-01", "cost_micros", t, 1, "crossed") for t in range(10, 101, 10)
     ]
     assert [e["data"]["spend"] >= e["data"]["threshold"] * 20 for e in events] == [True] * 10
+
+
+def refused(stack: Stack, *args: str) -> str:
+    """The one line `token-ledger ARGS` refuses with (exit 2)."""
+    run = stack.cli(*args)
+    assert run.returncode == 2, run.stdout + run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    return said(lines[0])
+
+
+async def test_budget_set_list_and_delete_and_a_changed_limit_judges_the_current_period_at_once(
+    kafka_bootstrap: str, ledger_url: str
+) -> None:
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    just_now = seconds_to(datetime.now(UTC)) - 60
+    await stack.publish(records_of(finalized(calls=[call(cost=12345)], seconds=just_now)))
+    consume_until_idle(stack)
+
+    space = str(SPACE)
+    assert "--cost-micros -5: a limit must be a positive integer" in refused(
+        stack, "budget", "set", "--space", space, "--period", "day", "--cost-micros", "-5"
+    )
+    assert "1001 % is not within 1 .. 1000 %" in refused(
+        stack, "budget", "set", "--space", space, "--period", "day", "--tokens", "9",
+        "--thresholds", "50,1001",
+    )  # fmt: skip
+    assert "search space 999 is unknown" in refused(
+        stack, "budget", "set", "--space", "999", "--period", "day", "--tokens", "9"
+    )
+    assert "give a limit" in refused(stack, "budget", "set", "--space", space, "--period", "day")
+
+    created = stack.cli(
+        "budget", "set", "--space", space, "--period", "total", "--cost-micros", "100000",
+        "--thresholds", "50,80",
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    budget_id = int(created.stdout)
+
+    def listed() -> dict[str, Any]:
+        run = stack.cli("budget", "list", "--space", space, "--format", "json")
+        assert run.returncode == 0, run.stderr
+        (row,) = [json.loads(line) for line in run.stdout.splitlines()]
+        return row
+
+    assert listed() == {
+        "id": budget_id,
+        "search_space_id": SPACE,
+        "user_id": None,
+        "period": "total",
+        "period_start": "0001-01-01T00:00:00Z",
+        "cost_micros_limit": 100000,
+        "total_tokens_limit": None,
+        "thresholds": [50, 80],
+        "cost_micros": 12345,
+        "total_tokens": 150,
+        "crossed": [],
+    }
+    # The same scope and period: the same budget, its limits replaced and judged at once.
+    lowered = stack.cli(
+        "budget", "set", "--space", space, "--period", "total", "--cost-micros", "15000"
+    )
+    assert int(lowered.stdout) == budget_id
+    assert listed()["crossed"] == ["cost_micros:50", "cost_micros:80"]
+    table = stack.cli("budget", "list")
+    assert table.returncode == 0 and "cost_micros:50, cost_micros:80" in table.stdout
+
+    consume_until_idle(stack)  # its relay publishes what the change wrote
+    events = await alerts(stack)
+    # Thresholds default to 50, 80, 100: 12345 of 15000 is 82 %.
+    assert sorted(summary(events)) == [
+        ("0001-01-01", "cost_micros", 50, 1, "crossed"),
+        ("0001-01-01", "cost_micros", 80, 1, "crossed"),
+    ]
+    assert {e["data"]["usage_revision"] for e in events} == {None}
+    assert {e["data"]["spend"] for e in events} == {12345}
+
+    assert stack.cli("budget", "delete", str(budget_id)).returncode == 0
+    assert f"no budget {budget_id}" in refused(stack, "budget", "delete", str(budget_id))
+    assert stack.cli("budget", "list", "--format", "json").stdout == ""

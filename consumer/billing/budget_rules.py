@@ -14,10 +14,10 @@ the two equal on generated traffic.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, TypeVar
 
 PERIODS = ("day", "month", "total")
 MEASURES = ("cost_micros", "total_tokens")
@@ -30,6 +30,7 @@ TOTAL_START = datetime(1, 1, 1, tzinfo=UTC)
 Period = Literal["day", "month", "total"]
 Kind = Literal["crossed", "withdrawn"]
 StateKey = tuple[str, int]  # (measure, threshold)
+Key = TypeVar("Key", bound=Hashable)  # a state's key: (measure, threshold), or with its period
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,11 @@ def transition(was: bool, now: bool) -> Kind | None:
     return "crossed" if now else "withdrawn"
 
 
-def alerts(before: Mapping[StateKey, bool], after: Mapping[StateKey, bool]) -> dict[StateKey, Kind]:
-    """The alerts of one evaluation: a key not judged before counts as not crossed."""
+def alerts(before: Mapping[Key, bool], after: Mapping[Key, bool]) -> dict[Key, Kind]:
+    """The alerts of a change of states: a key absent from either side is not crossed there."""
     emitted = {}
-    for key, now in after.items():
-        if (kind := transition(before.get(key, False), now)) is not None:
+    for key in {*before, *after}:
+        if (kind := transition(before.get(key, False), after.get(key, False))) is not None:
             emitted[key] = kind
     return emitted
 

@@ -88,10 +88,19 @@ class BudgetDriver:
         usage = await self.conn.fetch(
             "SELECT search_space_id, user_id, source_at, cost_micros, total_tokens FROM token_usage"
         )
-        rows = [tuple(row) for row in usage]
+        rows = [
+            (
+                r["search_space_id"],
+                r["user_id"],
+                r["source_at"],
+                r["cost_micros"],
+                r["total_tokens"],
+            )
+            for r in usage
+        ]
         state: State = {}
         for budget in BUDGETS:
-            for start, spends in spends_by_period(budget, rows).items():  # type: ignore[arg-type]
+            for start, spends in spends_by_period(budget, rows).items():
                 for (measure, threshold), now in judge(spends, budget.limits()).items():
                     state[budget.id, start, measure, threshold] = now
         return {key: crossed for key, crossed in state.items() if crossed}
@@ -100,18 +109,22 @@ class BudgetDriver:
         rows = await self.conn.fetch(
             "SELECT budget_id, period_start, measure, threshold FROM budget_states WHERE crossed"
         )
-        return {tuple(row): True for row in rows}  # type: ignore[misc]
+        return {
+            (r["budget_id"], r["period_start"], r["measure"], r["threshold"]): True for r in rows
+        }
 
-    async def alerts_since(self, seen: int) -> dict[tuple[str, int], Kind]:
+    async def alerts_since(self, seen: int) -> dict[tuple[int, datetime, str, int], Kind]:
         rows = await self.conn.fetch(
             "SELECT budget_id, period_start, measure, threshold, crossed FROM budget_alert_outbox"
             " WHERE id > $1",
             seen,
         )
-        keys = [(r["budget_id"], r["period_start"], r["measure"], r["threshold"]) for r in rows]
+        keys: list[tuple[int, datetime, str, int]] = [
+            (r["budget_id"], r["period_start"], r["measure"], r["threshold"]) for r in rows
+        ]
         assert len(set(keys)) == len(keys), "two alerts of one state in one batch"
         return {
-            key: "crossed" if row["crossed"] else "withdrawn"  # type: ignore[misc]
+            key: "crossed" if row["crossed"] else "withdrawn"
             for key, row in zip(keys, rows, strict=True)
         }
 

@@ -294,6 +294,7 @@ async def test_budget_set_list_and_delete_and_a_changed_limit_judges_the_current
         run = stack.cli("budget", "list", "--space", space, "--format", "json")
         assert run.returncode == 0, run.stderr
         (row,) = [json.loads(line) for line in run.stdout.splitlines()]
+        assert isinstance(row, dict)
         return row
 
     assert listed() == {

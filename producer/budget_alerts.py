@@ -56,6 +56,6 @@ class BudgetAlertEvent(BaseModel):
     source: Literal["token-ledger"]
     type: Literal["ledger.budget.threshold_crossed", "ledger.budget.threshold_withdrawn"]
     subject: str = Field(description="search_space_id: the tenant")
-    time: datetime = Field(description="when the ledger committed the change")
+    time: datetime = Field(description="when the ledger wrote the change (its transaction's time)")
     datacontenttype: Literal["application/json"]
     data: BudgetAlert

@@ -123,7 +123,7 @@ async def consume(settings: Settings, *, until_idle: bool = False) -> Unfinished
                 if stopping
                 else Unfinished(
                     dict(pipeline.readiness.halted),
-                    {} if relay is None else dict(relay.refused.values()),
+                    {} if relay is None else relay.held(),
                 )
             )
     except asyncio.CancelledError:
@@ -177,16 +177,22 @@ async def start_relay(
                 partitions=BILLING_PARTITIONS,
                 config={MAX_MESSAGE_BYTES: str(record_bytes)},  # a revision of the largest event
             )
+            await ensure_or_create(
+                settings,
+                settings.budget_topic,
+                "LEDGER_BUDGET_TOPIC",
+                partitions=BILLING_PARTITIONS,
+            )
         except TopicMissingError as missing:
             # The relay's outage, retried (its outage lines name only the error's type), not
             # the ledger's stop: which topic and variable is said once.
             if not missing_said:
                 missing_said.append(True)
-                log.warning(str(missing), extra=fields(topic=settings.billing_topic))
+                log.warning(str(missing))
             raise UnknownTopicOrPartitionError(str(missing)) from None
 
     producer = await BillingProducer(
-        settings.kafka_bootstrap, settings.billing_topic, **security
+        settings.kafka_bootstrap, settings.billing_topic, settings.budget_topic, **security
     ).__aenter__()
     stack.push_async_callback(_bounded(producer.close, "billing producer"))
     return Relay(

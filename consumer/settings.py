@@ -110,6 +110,8 @@ class Settings(BaseSettings):
     # published ones are kept.
     billing_topic: str = Field("billing.token-usage", min_length=1, max_length=249)
     relay: bool = True
+    # Budget alerts (docs/contract.md#budgets-and-spend-alerts), published by the same relay.
+    budget_topic: str = Field("billing.budget-alerts", min_length=1, max_length=249)
     relay_batch: int = Field(500, ge=1, le=10_000)  # revisions per publish-and-mark transaction
     # `token-ledger relay`'s /metrics, /healthz and /readyz: not LEDGER_METRICS_PORT, so that a
     # relay beside a consumer (a sidecar, one host) does not take the consumer's port.

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from producer.billing import BillingEvent
+from producer.budget_alerts import BudgetAlertEvent
 from producer.client import DEFAULT_TOPIC
 from producer.events import EVENT_TYPES, LegacyAppendV0, RejectReason
 
@@ -24,6 +25,13 @@ SCHEMA_DIR = Path(__file__).parent / "schema"
 DLQ_TOPIC = f"{DEFAULT_TOPIC}.dlq"
 BILLING_TOPIC = "billing.token-usage"
 BILLING_SCHEMA = f"{BILLING_TOPIC}.v1.json"
+BUDGET_TOPIC = "billing.budget-alerts"
+BUDGET_SCHEMA = f"{BUDGET_TOPIC}.v1.json"
+CLOUDEVENTS_HEADERS = {
+    "type": "object",
+    "required": ["content-type"],
+    "properties": {"content-type": {"const": "application/cloudevents+json"}},
+}
 
 
 def _schema(model: type[BaseModel], name: str) -> dict[str, Any]:
@@ -47,7 +55,7 @@ def _asyncapi(schema_files: list[str]) -> dict[str, Any]:
             "payload": {"$ref": f"./{name}"},
         }
         for name in schema_files
-        if name != BILLING_SCHEMA
+        if name not in (BILLING_SCHEMA, BUDGET_SCHEMA)
     }
     header = {"type": "string"}
     return {
@@ -78,6 +86,15 @@ def _asyncapi(schema_files: list[str]) -> dict[str, Any]:
                 "record; dedupe by id. Key: thread_id as decimal UTF-8.",
                 "messages": {"usageRevision": {"$ref": "#/components/messages/usageRevision"}},
             },
+            "budgetAlerts": {
+                "address": BUDGET_TOPIC,
+                "description": "One record per change of a budget threshold's state: crossed"
+                " when the committed spend of a (budget, period) reaches it, withdrawn when a"
+                " correction takes it back under (CloudEvents 1.0, structured JSON). At-least-once:"
+                " a duplicate is the identical record; dedupe by id. Key: search_space_id as"
+                " decimal UTF-8.",
+                "messages": {"budgetAlert": {"$ref": "#/components/messages/budgetAlert"}},
+            },
             "deadLetters": {
                 "address": DLQ_TOPIC,
                 "description": "Records the ledger could not apply: original key and value, "
@@ -95,6 +112,10 @@ def _asyncapi(schema_files: list[str]) -> dict[str, Any]:
                 "action": "send",
                 "channel": {"$ref": "#/channels/billingUsage"},
             },
+            "publishBudgetAlerts": {
+                "action": "send",
+                "channel": {"$ref": "#/channels/budgetAlerts"},
+            },
             "publishDeadLetters": {
                 "action": "send",
                 "channel": {"$ref": "#/channels/deadLetters"},
@@ -107,12 +128,14 @@ def _asyncapi(schema_files: list[str]) -> dict[str, Any]:
                     "name": "usageRevision",
                     "contentType": "application/cloudevents+json",
                     # The CloudEvents Kafka binding's structured mode says so in this header.
-                    "headers": {
-                        "type": "object",
-                        "required": ["content-type"],
-                        "properties": {"content-type": {"const": "application/cloudevents+json"}},
-                    },
+                    "headers": CLOUDEVENTS_HEADERS,
                     "payload": {"$ref": f"./{BILLING_SCHEMA}"},
+                },
+                "budgetAlert": {
+                    "name": "budgetAlert",
+                    "contentType": "application/cloudevents+json",
+                    "headers": CLOUDEVENTS_HEADERS,
+                    "payload": {"$ref": f"./{BUDGET_SCHEMA}"},
                 },
                 "deadLetter": {
                     "name": "deadLetter",
@@ -148,6 +171,9 @@ def render() -> dict[str, str]:
     files[legacy] = json.dumps(_schema(LegacyAppendV0, "message.appended.v0"), indent=2) + "\n"
     files[BILLING_SCHEMA] = (
         json.dumps(_schema(BillingEvent, BILLING_SCHEMA.removesuffix(".json")), indent=2) + "\n"
+    )
+    files[BUDGET_SCHEMA] = (
+        json.dumps(_schema(BudgetAlertEvent, BUDGET_SCHEMA.removesuffix(".json")), indent=2) + "\n"
     )
     files["asyncapi.json"] = json.dumps(_asyncapi(sorted(files)), indent=2) + "\n"
     return files

@@ -29,6 +29,8 @@ from datetime import timedelta
 import asyncpg
 from aiokafka.errors import KafkaError
 
+from consumer.billing.alert_relay import AlertRelay
+from consumer.billing.alert_relay import prune as prune_alerts
 from consumer.billing.records import HEADERS, OUTBOX_COLUMNS, billing_event, encode
 from consumer.errors import PoisonError, classify_database_error
 from consumer.http.metrics import LedgerMetrics
@@ -78,7 +80,13 @@ _COUNT_PENDING = (
 
 
 class BillingProducer(ProducerResource):
-    def __init__(self, bootstrap_servers: str, topic: str, **kafka_options: object) -> None:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topic: str,
+        alert_topic: str = "billing.budget-alerts",
+        **kafka_options: object,
+    ) -> None:
         # Like the dead-letter producer: compressed, and no client-side size limit below the
         # broker's (which judges the compressed batch).
         super().__init__(
@@ -90,6 +98,15 @@ class BillingProducer(ProducerResource):
             **kafka_options,
         )
         self.topic = topic
+        self.alert_topic = alert_topic
+
+    async def publish_alerts(
+        self, records: list[tuple[bytes, bytes]]
+    ) -> list[BaseException | None]:
+        """Budget alerts, as `publish` sends revisions (structured-mode CloudEvents)."""
+        return await self.send_all(
+            self.alert_topic, [(key, value, list(HEADERS)) for key, value in records]
+        )
 
     async def publish(self, records: list[tuple[bytes, bytes]]) -> list[BaseException | None]:
         """Send all, then wait for every acknowledgement; per record, None (acked) or why not.
@@ -127,6 +144,7 @@ class Relay:
         self._last_prune = 0.0
         self._last_count = 0.0
         self._outage = Outage("billing relay")
+        self.alerts = AlertRelay(producer.publish_alerts, batch)
 
     async def publish_pending(self) -> int | None:
         """One pass; the number of revisions published, or None when another relay holds the
@@ -135,35 +153,42 @@ class Relay:
         async with self.pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RELAY_LOCK):
                 return None
-            try:
-                async with conn.transaction():  # a savepoint: see _readable
-                    rows = _oldest_each(
-                        await conn.fetch(_PENDING, self.batch, sorted(self.refused))
-                    )
-            except asyncpg.PostgresError as failure:
-                # Only what a row's data causes (a value too large to print): a privilege, a
-                # table or a column missing would fail every row alike, and is retried.
-                if not isinstance(classify_database_error(failure), PoisonError):
-                    raise
-                rows = await self._readable(conn)
-            if not rows:
-                return 0
-            built = self._build(rows)
-            rows = [row for row, _ in built]
-            results = await self.producer.publish([record for _, record in built])
-            acked = []
-            for row, error in zip(rows, results, strict=True):
-                if error is None:
-                    acked.append(row["id"])
-                elif isinstance(error, REFUSALS):
-                    self._refuse(row, error)
-                else:  # retriable: the whole pass again (what was acked is sent again)
-                    raise error
-            await conn.execute(
-                "UPDATE billing_outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
-                acked,
-            )
-        self.published += len(acked)
+            revisions = await self._publish_revisions(conn)
+            alerts = await self.alerts.publish_pending(conn)
+        self.published += revisions
+        for kind, measure, threshold in alerts.published:
+            self.metrics.budget_alerts.labels(kind, measure, str(threshold)).inc()
+        self._held_changed()
+        return revisions + len(alerts.published)
+
+    async def _publish_revisions(self, conn: asyncpg.Connection) -> int:
+        """The usage revisions' share of a pass (steps 2 to 4), in its transaction."""
+        try:
+            async with conn.transaction():  # a savepoint: see _readable
+                rows = _oldest_each(await conn.fetch(_PENDING, self.batch, sorted(self.refused)))
+        except asyncpg.PostgresError as failure:
+            # Only what a row's data causes (a value too large to print): a privilege, a
+            # table or a column missing would fail every row alike, and is retried.
+            if not isinstance(classify_database_error(failure), PoisonError):
+                raise
+            rows = await self._readable(conn)
+        if not rows:
+            return 0
+        built = self._build(rows)
+        rows = [row for row, _ in built]
+        results = await self.producer.publish([record for _, record in built])
+        acked = []
+        for row, error in zip(rows, results, strict=True):
+            if error is None:
+                acked.append(row["id"])
+            elif isinstance(error, REFUSALS):
+                self._refuse(row, error)
+            else:  # retriable: the whole pass again (what was acked is sent again)
+                raise error
+        await conn.execute(
+            "UPDATE billing_outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
+            acked,
+        )
         return len(acked)
 
     async def _readable(self, conn: asyncpg.Connection) -> list[asyncpg.Record]:
@@ -207,21 +232,31 @@ class Relay:
         event_id = f"{row['usage_id']}:{row['revision']}"
         reason = f"{what}: {type(error).__name__}"
         self.refused[int(str(row["usage_id"]))] = (event_id, reason)
-        self.metrics.billing_refused.set(len(self.refused))
-        if self.readiness is not None:
-            self.readiness.billing_held = dict(self.refused.values())
+        self._held_changed()
         log.error(
             "billing revision held back: it and its message's later revisions wait",
             extra=fields(id=event_id, error=reason),
         )
 
+    def held(self) -> dict[str, str]:
+        """Record id -> why, for every revision and budget alert held back."""
+        return {**dict(self.refused.values()), **dict(self.alerts.refused.values())}
+
+    def _held_changed(self) -> None:
+        self.metrics.billing_refused.set(len(self.refused) + len(self.alerts.refused))
+        if self.readiness is not None:
+            self.readiness.billing_held = self.held()
+
     async def pending(self) -> tuple[int, int]:
-        """(pending, publishable): what waits, and what of it is not held by a refusal."""
+        """(pending, publishable) revisions and alerts: what waits, and what of it is not held
+        by a refusal."""
         self._last_count = time.monotonic()
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(_COUNT_PENDING, sorted(self.refused))
+            alerts, publishable_alerts = await self.alerts.pending(conn)
         self.metrics.outbox_pending.set(row["pending"])
-        return row["pending"], row["publishable"]
+        self.metrics.budget_alerts_pending.set(alerts)
+        return row["pending"] + alerts, row["publishable"] + publishable_alerts
 
     async def _count_pending(self) -> None:
         """The pending gauge after a failed pass: what waits still shows while the relay cannot
@@ -237,7 +272,8 @@ class Relay:
                 "DELETE FROM billing_outbox WHERE published_at < now() - $1::interval",
                 self.retention,
             )
-        return int(status.rpartition(" ")[2])
+            alerts = await prune_alerts(conn, self.retention)
+        return int(status.rpartition(" ")[2]) + alerts
 
     async def _prune_when_due(self) -> None:
         every = min(PRUNE_SECONDS, self.retention.total_seconds())

@@ -12,10 +12,10 @@ from consumer.cli.app import app
 
 # isort: off
 # Imported for their commands, in the order --help lists them.
-from consumer.cli import running, inspecting, dead_letters, api
+from consumer.cli import running, inspecting, dead_letters, budgets, api
 # isort: on
 
-__all__ = ["api", "app", "dead_letters", "inspecting", "main", "running"]
+__all__ = ["api", "app", "budgets", "dead_letters", "inspecting", "main", "running"]
 
 
 def main() -> None:

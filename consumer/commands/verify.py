@@ -12,6 +12,7 @@ from operator import itemgetter
 import asyncpg
 from aiokafka import AIOKafkaConsumer
 
+from consumer.commands.budget_check import check_budgets
 from consumer.commands.queries import applied_offsets, ledger_by_thread
 from consumer.commands.reading import (
     database,
@@ -96,7 +97,9 @@ class VerifyReport:
     def add(self, expected: LedgerRows, actual: LedgerRows) -> None:
         add_totals(self.expected, expected)
         add_totals(self.actual, actual)
-        found = compare(expected, actual)
+        self.add_differences(compare(expected, actual))
+
+    def add_differences(self, found: list[Difference]) -> None:
         self.difference_count += len(found)
         self.differences.extend(found[: MAX_DIFFERENCES - len(self.differences)])
 
@@ -196,6 +199,8 @@ async def verify(settings: Settings) -> VerifyReport:
                 await _compare(expected, ledger_by_thread(conn), report)
             except asyncpg.ProgramLimitExceededError as error:  # SQLSTATE 54000
                 report.unreadable = f"SQLSTATE {error.sqlstate}: {str(error).splitlines()[0]}"
+            # The budgets' states against the same snapshot of the ledger's rows.
+            report.add_differences(await check_budgets(conn))
     report.coverage = [
         Coverage(tp.partition, applied.get(tp.partition, 0), stable[tp], beyond[tp.partition])
         for tp in partitions

@@ -1,7 +1,8 @@
 """Every Prometheus object of the consumer, named `token_ledger_<what>_<unit>[_total]`.
 
-Labels never carry user, thread or message ids: only event type, outcome, reason, model,
-token kind, partition, SQLSTATE and HTTP rejection reason, all of bounded cardinality.
+Labels never carry user, thread, message, tenant or budget ids: only event type, outcome, reason,
+model, token kind, partition, SQLSTATE, HTTP rejection reason, and a budget alert's kind, measure
+and threshold, all of bounded cardinality.
 
 Token and cost counters move once per usage that became authoritative: by the new row's sums,
 or, when it supersedes a stored one, by the difference, per model as `merge.attribution`
@@ -106,6 +107,19 @@ class LedgerMetrics:
             "token_ledger_billing_refused",
             "Usage revisions the billing topic refused for good (too large, not authorised);"
             " each holds its message's later revisions until the relay restarts.",
+            registry=r,
+        )
+        self.budget_alerts_pending = Gauge(
+            "token_ledger_budget_alerts_pending",
+            "Budget alerts in budget_alert_outbox not yet published to the budget topic.",
+            registry=r,
+        )
+        # By threshold, never by tenant: thresholds are a handful of percents per deployment.
+        self.budget_alerts = Counter(
+            "token_ledger_budget_alerts",
+            "Budget alerts published: threshold crossings and withdrawals, by measure and"
+            " threshold (percent).",
+            ["kind", "measure", "threshold"],
             registry=r,
         )
         self.tokens = Counter(

@@ -30,7 +30,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 from producer.events import USAGE_MEASURES
 
@@ -247,6 +247,100 @@ api_keys = Table(
     CheckConstraint(
         "admin = (search_space_id IS NULL) AND (user_id IS NULL OR search_space_id IS NOT NULL)",
         name="one_scope",
+    ),
+)
+
+# A budget (`token-ledger budget`, migrations/versions/0008): one per scope and period.
+budgets = Table(
+    "budgets",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("search_space_id", BigInteger, nullable=False),
+    Column("user_id", Uuid, nullable=True),
+    Column("period", Text, nullable=False),
+    Column("cost_micros_limit", BigInteger, nullable=True),
+    Column("total_tokens_limit", BigInteger, nullable=True),
+    Column("thresholds", ARRAY(SmallInteger), nullable=False, server_default=text("'{50,80,100}'")),
+    Column("created_at", TIMESTAMP, nullable=False, server_default=func.now()),
+    Column("updated_at", TIMESTAMP, nullable=False, server_default=func.now()),
+    CheckConstraint("period IN ('day', 'month', 'total')", name="period"),
+    CheckConstraint(
+        "cost_micros_limit IS NOT NULL OR total_tokens_limit IS NOT NULL", name="a_limit"
+    ),
+    CheckConstraint("cost_micros_limit > 0 AND total_tokens_limit > 0", name="limits"),
+    CheckConstraint(
+        "cardinality(thresholds) BETWEEN 1 AND 20 AND 1 <= ALL(thresholds)"
+        " AND 1000 >= ALL(thresholds) AND array_position(thresholds, NULL) IS NULL",
+        name="thresholds",
+    ),
+    Index(
+        "uq_budgets_search_space_id_period",
+        "search_space_id",
+        "period",
+        unique=True,
+        postgresql_where=text("user_id IS NULL"),
+    ),
+    Index(
+        "uq_budgets_search_space_id_user_id_period",
+        "search_space_id",
+        "user_id",
+        "period",
+        unique=True,
+        postgresql_where=text("user_id IS NOT NULL"),
+    ),
+)
+
+# Whether a (budget, period, measure, threshold) has crossed, written by budget_evaluate in the
+# transaction that changed the period's usage or the budget.
+budget_states = Table(
+    "budget_states",
+    metadata,
+    Column("budget_id", BigInteger, ForeignKey("budgets.id", ondelete="CASCADE"), nullable=False),
+    Column("period_start", TIMESTAMP, nullable=False),
+    Column("measure", Text, nullable=False),
+    Column("threshold", SmallInteger, nullable=False),
+    Column("limit_value", BigInteger, nullable=True),
+    Column("crossed", Boolean, nullable=False),
+    Column("sequence", Integer, nullable=False),
+    Column("spend", BigInteger, nullable=False),
+    Column("updated_at", TIMESTAMP, nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("budget_id", "period_start", "measure", "threshold"),
+    CheckConstraint("crossed = (sequence % 2 = 1)", name="parity"),
+)
+
+# One row per change of a budget state; the relay publishes the pending ones.
+budget_alert_outbox = Table(
+    "budget_alert_outbox",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("budget_id", BigInteger, nullable=False),
+    Column("search_space_id", BigInteger, nullable=False),
+    Column("user_id", Uuid, nullable=True),
+    Column("period", Text, nullable=False),
+    Column("period_start", TIMESTAMP, nullable=False),
+    Column("measure", Text, nullable=False),
+    Column("threshold", SmallInteger, nullable=False),
+    Column("sequence", Integer, nullable=False),
+    Column("crossed", Boolean, nullable=False),
+    Column("spend", BigInteger, nullable=False),
+    Column("limit_value", BigInteger, nullable=True),
+    Column("usage_id", BigInteger, nullable=True),
+    Column("usage_revision", Integer, nullable=True),
+    Column("created_at", TIMESTAMP, nullable=False, server_default=func.now()),
+    Column("published_at", TIMESTAMP, nullable=True),
+    UniqueConstraint(
+        "budget_id",
+        "period_start",
+        "measure",
+        "threshold",
+        "sequence",
+        name="uq_budget_alert_outbox_state_sequence",
+    ),
+    Index("ix_budget_alert_outbox_pending", "id", postgresql_where=text("published_at IS NULL")),
+    Index(
+        "ix_budget_alert_outbox_published_at",
+        "published_at",
+        postgresql_where=text("published_at IS NOT NULL"),
     ),
 )
 

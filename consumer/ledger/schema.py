@@ -69,6 +69,9 @@ _DOWN_REVISION = re.compile(
 CONSUMER_TABLES = frozenset(
     {
         "billing_outbox",
+        "budget_alert_outbox",
+        "budget_states",
+        "budgets",
         "chat_messages",
         "chat_threads",
         "consumer_offsets",
@@ -242,7 +245,7 @@ WHERE t.relnamespace = current_schema()::regnamespace AND t.relkind = 'r'
   AND NOT (has_table_privilege(t.oid, 'SELECT') AND has_table_privilege(t.oid, 'INSERT')
            AND has_table_privilege(t.oid, 'UPDATE')
            -- the relay prunes published revisions; a new owner clears a partition's halt
-           AND (t.relname NOT IN ('billing_outbox', 'partition_halts')
+           AND (t.relname NOT IN ('billing_outbox', 'budget_alert_outbox', 'partition_halts')
                 OR has_table_privilege(t.oid, 'DELETE')))
 UNION ALL
 SELECT s.relname FROM pg_class AS s
@@ -261,7 +264,7 @@ async def check_consumer_privileges(conn: asyncpg.Connection, settings: Settings
         raise PermissionDeniedError(
             f"database {database_name(settings)}: the role may not read and write "
             f"{', '.join(missing)}: grant SELECT, INSERT, UPDATE on the ledger tables (and "
-            "DELETE on billing_outbox and partition_halts) and USAGE on their sequences (or use "
+            "DELETE on billing_outbox, budget_alert_outbox and partition_halts) and USAGE on their sequences (or use "
             "the role that migrated them)"
         )
 

@@ -77,6 +77,7 @@ class Stack:
             "LEDGER_TOPIC": self.topic,
             "LEDGER_DLQ_TOPIC": self.dlq_topic,
             "LEDGER_BILLING_TOPIC": self.billing_topic,
+            "LEDGER_BUDGET_TOPIC": self.budget_topic,
             "LEDGER_GROUP_ID": self.group_id,
             "LEDGER_METRICS_HOST": "127.0.0.1",  # tests are never reachable from outside
             "LEDGER_METRICS_PORT": str(free_port()),
@@ -212,14 +213,24 @@ class Stack:
     def billing_topic(self) -> str:
         return f"{self.topic}.billing"
 
-    async def billing_records(self) -> list[Any]:
-        """Every record of the billing topic, partition by partition, in offset order."""
+    @property
+    def budget_topic(self) -> str:
+        return f"{self.topic}.budget-alerts"
+
+    async def budget_alerts(self) -> list[Any]:
+        """Every record of the budget alert topic, partition by partition, in offset order."""
+        return await self.billing_records(self.budget_topic)
+
+    async def billing_records(self, topic: str | None = None) -> list[Any]:
+        """Every record of the billing topic (or `topic`, another the relay writes),
+        partition by partition, in offset order."""
+        topic = topic or self.billing_topic
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
         await consumer.start()
         try:
-            if self.billing_topic not in await consumer.topics():
+            if topic not in await consumer.topics():
                 return []  # no relay ever ran
-            partitions = [TopicPartition(self.billing_topic, p) for p in range(BILLING_PARTITIONS)]
+            partitions = [TopicPartition(topic, p) for p in range(BILLING_PARTITIONS)]
             ends = await consumer.end_offsets(partitions)
             wanted = {tp: end for tp, end in ends.items() if end > 0}
             consumer.assign(list(wanted))

@@ -405,12 +405,13 @@ async def test_consume_says_which_topics_it_created(kafka_bootstrap: str, ledger
         ("warning", stack.topic, "LEDGER_TOPIC"),
         ("warning", stack.dlq_topic, "LEDGER_DLQ_TOPIC"),
     }
-    # The relay beside it creates the billing topic on its first pass (which a consumer that
-    # is caught up at once may not wait for).
+    # The relay beside it creates the billing and budget alert topics on its first pass (which
+    # a consumer that is caught up at once may not wait for).
     assert said_created <= {
         ("warning", stack.topic, "LEDGER_TOPIC"),
         ("warning", stack.dlq_topic, "LEDGER_DLQ_TOPIC"),
         ("warning", stack.billing_topic, "LEDGER_BILLING_TOPIC"),
+        ("warning", stack.budget_topic, "LEDGER_BUDGET_TOPIC"),
     }
     # Already there: the next start creates nothing, and says nothing about it.
     again = await asyncio.to_thread(stack.cli, "consume", "--until-idle")

@@ -25,6 +25,9 @@ LEDGER_TABLES = {
     "dead_lettered",
     "partition_halts",
     "api_keys",
+    "budgets",
+    "budget_states",
+    "budget_alert_outbox",
 }
 
 

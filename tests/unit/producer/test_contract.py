@@ -57,13 +57,18 @@ def test_asyncapi_describes_every_topic_and_references_every_schema() -> None:
     document = json.loads((contract.SCHEMA_DIR / "asyncapi.json").read_text())
     assert document["asyncapi"].startswith("3.")
     addresses = {channel["address"] for channel in document["channels"].values()}
-    assert addresses == {"chat.turn-events", "chat.turn-events.dlq", "billing.token-usage"}
+    assert addresses == {
+        "chat.turn-events",
+        "chat.turn-events.dlq",
+        "billing.token-usage",
+        "billing.budget-alerts",
+    }
     refs = {
         message["payload"]["$ref"].removeprefix("./")
         for message in document["components"]["messages"].values()
         if "$ref" in message.get("payload", {})
     }
-    assert refs == {*SCHEMA_OF.values(), contract.BILLING_SCHEMA}
+    assert refs == {*SCHEMA_OF.values(), contract.BILLING_SCHEMA, contract.BUDGET_SCHEMA}
     for ref in refs:
         assert (contract.SCHEMA_DIR / ref).exists()
     headers = document["components"]["messages"]["deadLetter"]["headers"]["properties"]

@@ -1,0 +1,167 @@
+"""`token-ledger budget set|list|delete` (docs/operations.md#budgets): budgets as rows, and the
+evaluation of the current period when one changes.
+
+The evaluation is `budget_evaluate` (migrations/versions/0008_budgets.py), the function the
+usage triggers call inside every batch transaction: `set` runs it for the budget's current
+period with the new limits, in the transaction that stores them, so the alerts a change causes
+are written (and later relayed) exactly like those a batch causes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any
+
+import asyncpg
+
+from consumer.billing.budget_rules import Budget
+from consumer.ledger.schema import connect_checked
+from consumer.settings import Settings
+
+
+class BudgetRefusedError(ValueError):
+    """A budget the command will not store; str() is the one line to print."""
+
+
+_KNOWN_SPACE = """
+SELECT EXISTS (SELECT FROM token_usage WHERE search_space_id = $1)
+    OR EXISTS (SELECT FROM chat_threads WHERE search_space_id = $1)
+"""
+# The conflict targets repeat the partial unique indexes' predicates.
+_UPSERT = """
+INSERT INTO budgets AS b (search_space_id, user_id, period, cost_micros_limit,
+                          total_tokens_limit, thresholds)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT {target} DO UPDATE SET
+  cost_micros_limit = EXCLUDED.cost_micros_limit,
+  total_tokens_limit = EXCLUDED.total_tokens_limit,
+  thresholds = EXCLUDED.thresholds,
+  updated_at = now()
+RETURNING id
+"""
+_SPACE_TARGET = "(search_space_id, period) WHERE user_id IS NULL"
+_USER_TARGET = "(search_space_id, user_id, period) WHERE user_id IS NOT NULL"
+_EVALUATE = (
+    "SELECT budget_evaluate(ARRAY[$1::bigint], ARRAY[budget_period_start($2, now())],"
+    " ARRAY[NULL::bigint], ARRAY[NULL::integer], true)"
+)
+# Each budget with its current period's spend (the same sum budget_evaluate makes) and the
+# thresholds crossed in it.
+_LIST = """
+SELECT b.*, p.start AS period_start, s.cost_micros, s.total_tokens,
+  (SELECT coalesce(array_agg(st.measure || ':' || st.threshold ORDER BY st.measure, st.threshold),
+                   '{}')
+   FROM budget_states AS st
+   WHERE st.budget_id = b.id AND st.period_start = p.start AND st.crossed) AS crossed
+FROM budgets AS b
+CROSS JOIN LATERAL (SELECT budget_period_start(b.period, now()) AS start) AS p
+CROSS JOIN LATERAL (
+  SELECT coalesce(sum(u.cost_micros), 0)::bigint AS cost_micros,
+         coalesce(sum(u.total_tokens), 0)::bigint AS total_tokens
+  FROM token_usage AS u
+  WHERE u.search_space_id = b.search_space_id
+    AND u.source_at >= p.start AND u.source_at < budget_period_end(b.period, p.start)
+    AND (b.user_id IS NULL OR u.user_id = b.user_id)
+) AS s
+WHERE $1::bigint IS NULL OR b.search_space_id = $1
+ORDER BY b.id
+"""
+
+
+@dataclass(frozen=True)
+class BudgetChange:
+    search_space_id: int
+    user_id: uuid.UUID | None
+    period: str
+    cost_micros: int | None
+    tokens: int | None
+    thresholds: tuple[int, ...]
+
+
+async def set_budget(conn: asyncpg.Connection, change: BudgetChange) -> int:
+    """Create or update the budget of the change's scope and period and judge its current
+    period at once; its id. Run inside the caller's transaction."""
+    if not await conn.fetchval(_KNOWN_SPACE, change.search_space_id):
+        raise BudgetRefusedError(
+            f"budget set: search space {change.search_space_id} is unknown: the ledger holds"
+            " no thread of it (check --space)"
+        )
+    target = _SPACE_TARGET if change.user_id is None else _USER_TARGET
+    budget_id: int = await conn.fetchval(
+        _UPSERT.format(target=target),
+        change.search_space_id,
+        change.user_id,
+        change.period,
+        change.cost_micros,
+        change.tokens,
+        list(change.thresholds),
+    )
+    await conn.execute(_EVALUATE, budget_id, change.period)
+    return budget_id
+
+
+async def list_budgets(conn: asyncpg.Connection, space: int | None) -> list[dict[str, Any]]:
+    """Every budget (of one space), its limits, its current period's spend and crossings."""
+    return [
+        {
+            "id": row["id"],
+            "search_space_id": row["search_space_id"],
+            "user_id": None if row["user_id"] is None else str(row["user_id"]),
+            "period": row["period"],
+            "period_start": row["period_start"].astimezone(UTC).isoformat().replace("+00:00", "Z"),
+            "cost_micros_limit": row["cost_micros_limit"],
+            "total_tokens_limit": row["total_tokens_limit"],
+            "thresholds": list(row["thresholds"]),
+            "cost_micros": row["cost_micros"],
+            "total_tokens": row["total_tokens"],
+            "crossed": list(row["crossed"]),
+        }
+        for row in await conn.fetch(_LIST, space)
+    ]
+
+
+async def read_budgets(conn: asyncpg.Connection) -> list[Budget]:
+    rows = await conn.fetch("SELECT * FROM budgets ORDER BY id")
+    return [budget_of(row) for row in rows]
+
+
+def budget_of(row: Any) -> Budget:
+    return Budget(
+        id=row["id"],
+        search_space_id=row["search_space_id"],
+        user_id=row["user_id"],
+        period=row["period"],
+        cost_micros_limit=row["cost_micros_limit"],
+        total_tokens_limit=row["total_tokens_limit"],
+        thresholds=tuple(row["thresholds"]),
+    )
+
+
+async def run_set(settings: Settings, change: BudgetChange) -> int:
+    conn = await connect_checked(settings)
+    try:
+        async with conn.transaction():
+            return await set_budget(conn, change)
+    finally:
+        await conn.close()
+
+
+async def run_list(settings: Settings, space: int | None) -> list[dict[str, Any]]:
+    conn = await connect_checked(settings)
+    try:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            return await list_budgets(conn, space)
+    finally:
+        await conn.close()
+
+
+async def run_delete(settings: Settings, budget_id: int) -> bool:
+    """Whether the budget existed. Its alerts already written are still relayed."""
+    conn = await connect_checked(settings)
+    try:
+        status: str = await conn.execute("DELETE FROM budgets WHERE id = $1", budget_id)
+    finally:
+        await conn.close()
+    return status.endswith(" 1")

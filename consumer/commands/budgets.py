@@ -1,7 +1,7 @@
 """`token-ledger budget set|list|delete` (docs/operations.md#budgets): budgets as rows, and the
 evaluation of the current period when one changes.
 
-The evaluation is `budget_evaluate` (migrations/versions/0008_budgets.py), the function the
+The evaluation is `budget_evaluate` (migrations/versions/0010_budgets.py), the function the
 usage triggers call inside every batch transaction: `set` runs it for the budget's current
 period with the new limits, in the transaction that stores them, so the alerts a change causes
 are written (and later relayed) exactly like those a batch causes.

@@ -250,7 +250,7 @@ api_keys = Table(
     ),
 )
 
-# A budget (`token-ledger budget`, migrations/versions/0008): one per scope and period.
+# A budget (`token-ledger budget`, migrations/versions/0010): one per scope and period.
 budgets = Table(
     "budgets",
     metadata,

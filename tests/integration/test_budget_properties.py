@@ -1,5 +1,5 @@
 """Against the real database: for any delivery order, duplication and batching of generated
-traffic with budgets, the budget states `budget_evaluate` (migrations/versions/0008_budgets.py)
+traffic with budgets, the budget states `budget_evaluate` (migrations/versions/0010_budgets.py)
 keeps equal the budget rules (consumer/billing/budget_rules.py) applied to the ledger's rows
 after every batch, and each batch's alerts are exactly the changes of that state.
 

@@ -20,8 +20,8 @@ period is summed again) are right by construction. `token-ledger budget set` run
 function for the budget's current period, with the new limits. consumer/billing/budget_rules.py
 holds the same rules in Python, for verify and the tests.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-12-07 04:00:00
 """
 
@@ -31,8 +31,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0008"
-down_revision: str | None = "0007"
+revision: str = "0010"
+down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

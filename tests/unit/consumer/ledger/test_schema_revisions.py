@@ -41,7 +41,7 @@ def test_the_code_knows_its_chain_as_alembic_reads_it() -> None:
 
 NEXT = '''"""A migration as another tool may name it."""
 revision = "{revision}"
-down_revision = "0009"
+down_revision = "{down}"
 
 
 def upgrade() -> None:
@@ -56,18 +56,19 @@ def downgrade() -> None:
 @pytest.mark.parametrize(
     ("name", "revision"),
     [
-        ("0010_next.py", "0010"),
-        ("0010-hotfix.py", "0010"),  # not shaped like ours: still a migration to alembic
+        ("9998_next.py", "9998"),
+        ("9998-hotfix.py", "9998"),  # not shaped like ours: still a migration to alembic
         ("ae1027a6acf_next.py", "ae1027a6acf"),  # `alembic revision`'s own naming
-        ("0010_next.py", "0010a"),  # the file's name is not its revision
+        ("9998_next.py", "9998a"),  # the file's name is not its revision
     ],
 )
 def test_any_migration_file_reads_as_alembic_reads_it(
     tmp_path: Path, name: str, revision: str
 ) -> None:
     shutil.copytree(MIGRATIONS, tmp_path, dirs_exist_ok=True)
-    (tmp_path / "versions" / name).write_text(NEXT.format(revision=revision))
-    (tmp_path / "versions" / ".#0011_lock.py").write_text("an editor's lock file")
+    down = code_revisions().head
+    (tmp_path / "versions" / name).write_text(NEXT.format(revision=revision, down=down))
+    (tmp_path / "versions" / ".#9999_lock.py").write_text("an editor's lock file")
     script = ScriptDirectory(str(tmp_path))
     alembic_chain = tuple(reversed([rev.revision for rev in script.walk_revisions()]))
     assert read_revisions(tmp_path).chain == alembic_chain

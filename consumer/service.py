@@ -166,30 +166,25 @@ async def start_relay(
     here: billing that cannot reach its topic must not keep the ledger from starting."""
     security = settings.kafka_security()
 
-    missing_said: list[bool] = []
+    missing_said: set[str] = set()
 
-    async def billing_topic() -> None:
-        try:
-            await ensure_or_create(
-                settings,
-                settings.billing_topic,
-                "LEDGER_BILLING_TOPIC",
-                partitions=BILLING_PARTITIONS,
-                config={MAX_MESSAGE_BYTES: str(record_bytes)},  # a revision of the largest event
-            )
-            await ensure_or_create(
-                settings,
-                settings.budget_topic,
-                "LEDGER_BUDGET_TOPIC",
-                partitions=BILLING_PARTITIONS,
-            )
-        except TopicMissingError as missing:
-            # The relay's outage, retried (its outage lines name only the error's type), not
-            # the ledger's stop: which topic and variable is said once.
-            if not missing_said:
-                missing_said.append(True)
-                log.warning(str(missing))
-            raise UnknownTopicOrPartitionError(str(missing)) from None
+    def ensure(
+        topic: str, variable: str, config: dict[str, str] | None = None
+    ) -> Callable[[], Awaitable[None]]:
+        async def ensured() -> None:
+            try:
+                await ensure_or_create(
+                    settings, topic, variable, partitions=BILLING_PARTITIONS, config=config
+                )
+            except TopicMissingError as missing:
+                # The relay's outage, retried (its outage lines name only the error's type),
+                # not the ledger's stop: which topic and variable is said once.
+                if variable not in missing_said:
+                    missing_said.add(variable)
+                    log.warning(str(missing))
+                raise UnknownTopicOrPartitionError(str(missing)) from None
+
+        return ensured
 
     producer = await BillingProducer(
         settings.kafka_bootstrap, settings.billing_topic, settings.budget_topic, **security
@@ -201,7 +196,13 @@ async def start_relay(
         metrics,
         retention=settings.outbox_retention,
         batch=settings.relay_batch,
-        prepare=billing_topic,
+        # A revision of the largest event must fit.
+        prepare=ensure(
+            settings.billing_topic,
+            "LEDGER_BILLING_TOPIC",
+            config={MAX_MESSAGE_BYTES: str(record_bytes)},
+        ),
+        prepare_alerts=ensure(settings.budget_topic, "LEDGER_BUDGET_TOPIC"),
         readiness=readiness,
     )
 

@@ -47,8 +47,13 @@ class AlertPass:
 class AlertRelay:
     publish: Publish
     batch: int
+    # The budget topic ensured, once, when there is a first alert to send: a ledger without
+    # budgets never needs the topic, and one that cannot have it yet holds back its alerts
+    # only (the pass fails after the revisions' own transaction committed).
+    prepare: Callable[[], Awaitable[None]] | None = None
     # budget id -> (alert id, why): refused for good; that budget's alerts wait for a restart.
     refused: dict[int, tuple[str, str]] = field(default_factory=dict)
+    _prepared: bool = False
 
     async def publish_pending(self, conn: asyncpg.Connection) -> AlertPass:
         """One pass inside the caller's transaction (which holds the relay lock)."""
@@ -56,6 +61,9 @@ class AlertRelay:
         rows = _oldest_each(await conn.fetch(_PENDING, self.batch, sorted(self.refused)))
         if not rows:
             return done
+        if not self._prepared and self.prepare is not None:
+            await self.prepare()
+        self._prepared = True
         events = [budget_alert_event(row) for row in rows]
         results = await self.publish(
             [(alert_key(row), encode(event)) for row, event in zip(rows, events, strict=True)]

@@ -127,6 +127,7 @@ class Relay:
         retention: timedelta,
         batch: int = 500,
         prepare: Callable[[], Awaitable[None]] | None = None,
+        prepare_alerts: Callable[[], Awaitable[None]] | None = None,
         readiness: Readiness | None = None,
     ) -> None:
         self.pool = pool
@@ -135,6 +136,7 @@ class Relay:
         self.retention = retention
         self.batch = batch
         self.prepare = prepare  # e.g. the billing topic ensured: retried like any pass
+        # (the budget topic: ensured by the alerts' share, see AlertRelay)
         self.readiness = readiness  # where held-back revisions are reported (/readyz)
         self.published = 0
         # usage id -> (revision id, why): refused for good by the broker, or a revision that
@@ -144,18 +146,24 @@ class Relay:
         self._last_prune = 0.0
         self._last_count = 0.0
         self._outage = Outage("billing relay")
-        self.alerts = AlertRelay(producer.publish_alerts, batch)
+        self.alerts = AlertRelay(producer.publish_alerts, batch, prepare=prepare_alerts)
 
     async def publish_pending(self) -> int | None:
-        """One pass; the number of revisions published, or None when another relay holds the
-        lock. A revision the broker refuses for good, or that cannot be read or built, is logged
-        and set aside; any other failure raises (the pass rolls back and is tried again)."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RELAY_LOCK):
-                return None
-            revisions = await self._publish_revisions(conn)
-            alerts = await self.alerts.publish_pending(conn)
-        self.published += revisions
+        """One pass; the number of revisions and alerts published, or None when another relay
+        holds the lock. A revision the broker refuses for good, or that cannot be read or built,
+        is logged and set aside; any other failure raises (the pass rolls back and is tried
+        again). Revisions and budget alerts commit apart: a budget topic that is missing or
+        down holds back the alerts, never the billing revisions before them."""
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RELAY_LOCK):
+                    return None
+                revisions = await self._publish_revisions(conn)
+            self.published += revisions
+            async with conn.transaction():
+                if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", RELAY_LOCK):
+                    return revisions
+                alerts = await self.alerts.publish_pending(conn)
         for kind, measure, threshold in alerts.published:
             self.metrics.budget_alerts.labels(kind, measure, str(threshold)).inc()
         self._held_changed()

@@ -12,8 +12,9 @@ from typing import Any
 
 import jsonschema
 
+from consumer.billing.relay import BILLING_PARTITIONS
 from producer.budget_alerts import BudgetAlertEvent
-from producer.client import thread_key
+from producer.client import ensure_topic, thread_key
 from producer.events import AnyEvent, encode_event
 from tests.factories import SPACE, T0, USER, appended, call, finalized, started
 from tests.integration.harness import ConsumerProcess, Stack, said, wait_for
@@ -333,3 +334,46 @@ async def test_budget_set_list_and_delete_and_a_changed_limit_judges_the_current
     assert stack.cli("budget", "delete", str(budget_id)).returncode == 0
     assert f"no budget {budget_id}" in refused(stack, "budget", "delete", str(budget_id))
     assert stack.cli("budget", "list", "--format", "json").stdout == ""
+
+
+async def test_a_budget_topic_that_may_not_be_created_holds_back_alerts_not_billing(
+    kafka_bootstrap: str, ledger_url: str, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    await stack.create_topic()
+    config = {"max.message.bytes": "2000000"}  # sized for the source's largest record
+    await ensure_topic(stack.bootstrap, stack.dlq_topic, partitions=1, config=config)
+    # Every topic but the budget one.
+    await ensure_topic(
+        stack.bootstrap, stack.billing_topic, partitions=BILLING_PARTITIONS, config=config
+    )
+    await add_budget(stack, "month", 10, "50")
+    await stack.publish(records_of(finalized(thread_id=1, turn_id="1:1", calls=[call(cost=8)])))
+    consumer = ConsumerProcess(
+        stack.env(LEDGER_CREATE_TOPICS="false"), tmp_path / "consumer.log"
+    ).start()
+    processes.append(consumer)
+
+    async def billed() -> bool:
+        return len(await stack.billing_records()) == 1
+
+    await wait_for(billed, within=60, what="the revision billed", context=consumer.logs)
+
+    async def budget_topic_named() -> bool:
+        return any(
+            stack.budget_topic in line and "LEDGER_BUDGET_TOPIC" in line
+            for line in consumer.logs().splitlines()
+        )
+
+    await wait_for(budget_topic_named, within=60, what="the budget topic named")
+    conn = await stack.connect()
+    try:
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM budget_alert_outbox WHERE published_at IS NULL"
+            )
+            == 1
+        )
+    finally:
+        await conn.close()
+    assert consumer.terminate()[0] == 0

@@ -6,6 +6,9 @@ UV := .tools/bin/uv
 VENV := .venv
 RUN := $(VENV)/bin
 SEED ?= 1
+# pytest-xdist workers for `make test`, one test file each at a time (--dist loadfile keeps a
+# file's module fixtures in one worker); each worker starts its own Kafka broker and PostgreSQL.
+TEST_WORKERS ?= 2
 
 .PHONY: setup system-packages test-packages deploy-tools jars services services-down status lint typecheck test demo bench clean chaos
 
@@ -57,7 +60,7 @@ typecheck: $(VENV)/.synced
 
 test: test-packages setup deploy-tools lint typecheck  ## lint, types, then every unit and integration test (starts its own services)
 	$(RUN)/python -m compileall -q -j 0 consumer producer devstack tests  # see --compile-bytecode
-	$(RUN)/pytest
+	$(RUN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 demo: services  ## everything on this machine: consumer + simulated traffic, checked against the simulator
 	$(RUN)/python -m devstack.demo

@@ -46,7 +46,7 @@ def budget_alert_event(row: Mapping[str, Any]) -> dict[str, Any]:
             "measure": row["measure"],
             "threshold": row["threshold"],
             "sequence": row["sequence"],
-            "spend": row["spend"],
+            "spend": int(row["spend"]),  # numeric: exact, whatever its size
             "limit": row["limit_value"],
             "usage_revision": None
             if row["usage_id"] is None

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, TypeVar
 
+from producer.events import MAX_INT64
+
 PERIODS = ("day", "month", "total")
 MEASURES = ("cost_micros", "total_tokens")
 DEFAULT_THRESHOLDS = (50, 80, 100)
@@ -131,8 +133,10 @@ def check_limits(cost_micros: int | None, tokens: int | None) -> None:
     if cost_micros is None and tokens is None:
         raise ValueError("give a limit: --cost-micros N and/or --tokens N")
     for option, value in (("--cost-micros", cost_micros), ("--tokens", tokens)):
-        if value is not None and value <= 0:
-            raise ValueError(f"{option} {value}: a limit must be a positive integer")
+        if value is not None and not 0 < value <= MAX_INT64:
+            raise ValueError(
+                f"{option} {value}: a limit is a positive integer of at most {MAX_INT64}"
+            )
 
 
 def spends_by_period(

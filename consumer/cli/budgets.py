@@ -13,6 +13,7 @@ from consumer.billing.budget_rules import DEFAULT_THRESHOLDS, check_limits, pars
 from consumer.cli.app import app, settings_or_exit
 from consumer.commands.tables import ScreenFormat, print_rows
 from consumer.failures import ExitCode, fatal_line
+from producer.events import MAX_INT64
 
 budget_app = typer.Typer(
     help="Set, list and delete budgets of a search space.", no_args_is_help=True
@@ -66,8 +67,8 @@ def set_budget(
 ) -> None:
     """Create or update the budget of a scope and period (the limits given replace the old
     ones), judge its current period at once, and print its id."""
-    if space < 1:
-        raise _refuse(f"budget set: --space {space}: a search space id is 1 or more")
+    if not 1 <= space <= MAX_INT64:
+        raise _refuse(f"budget set: --space {space}: a search space id is 1 .. {MAX_INT64}")
     try:
         check_limits(cost_micros, tokens)
         percents = parse_thresholds(thresholds)
@@ -94,6 +95,8 @@ def list_budgets(
 ) -> None:
     """Every budget: limits, thresholds, its current period's spend and the thresholds crossed
     in it (as measure:percent)."""
+    if space is not None and not 1 <= space <= MAX_INT64:
+        raise _refuse(f"budget list: --space {space}: a search space id is 1 .. {MAX_INT64}")
     settings = settings_or_exit()
     from consumer.commands.budgets import run_list
 
@@ -116,6 +119,8 @@ def list_budgets(
 @budget_app.command("delete")
 def delete_budget(budget_id: Annotated[int, typer.Argument(help="the budget's id")]) -> None:
     """Delete a budget and its states (alerts already written are still published)."""
+    if not 1 <= budget_id <= MAX_INT64:
+        raise _refuse(f"budget delete: {budget_id}: a budget id is 1 .. {MAX_INT64}")
     settings = settings_or_exit()
     from consumer.commands.budgets import run_delete
 

@@ -26,8 +26,8 @@ WITH periods AS (
 SELECT p.budget_id, p.period_start, s.cost_micros, s.total_tokens
 FROM periods AS p JOIN budgets AS b ON b.id = p.budget_id
 CROSS JOIN LATERAL (
-  SELECT coalesce(sum(u.cost_micros), 0)::bigint AS cost_micros,
-         coalesce(sum(u.total_tokens), 0)::bigint AS total_tokens
+  SELECT coalesce(sum(u.cost_micros), 0) AS cost_micros,
+         coalesce(sum(u.total_tokens), 0) AS total_tokens
   FROM token_usage AS u
   WHERE u.search_space_id = b.search_space_id
     AND u.source_at >= p.period_start
@@ -62,7 +62,8 @@ async def check_budgets(conn: asyncpg.Connection) -> list[Difference]:
             else budgets[budget_id].limits()
         )
         expected = judge(
-            {"cost_micros": row["cost_micros"], "total_tokens": row["total_tokens"]}, limits
+            {"cost_micros": int(row["cost_micros"]), "total_tokens": int(row["total_tokens"])},
+            limits,
         )
         for (measure, threshold), want in sorted(expected.items()):
             state = states.get((measure, threshold))

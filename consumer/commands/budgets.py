@@ -43,10 +43,23 @@ RETURNING id
 """
 _SPACE_TARGET = "(search_space_id, period) WHERE user_id IS NULL"
 _USER_TARGET = "(search_space_id, user_id, period) WHERE user_id IS NOT NULL"
-_EVALUATE = (
-    "SELECT budget_evaluate(ARRAY[$1::bigint], ARRAY[budget_period_start($2, now())],"
-    " ARRAY[NULL::bigint], ARRAY[NULL::integer], true)"
-)
+# The space's lock, exclusive: batches take it shared for the spaces whose usage they write
+# (consumer/ledger/store.py), so a batch in flight commits before the budget is judged, and one
+# that starts after sees the budget.
+_LOCK_SPACE = "SELECT pg_advisory_xact_lock(-$1::bigint)"
+# The periods a change judges again: the current one, and any later one already judged (usage
+# may run up to LEDGER_MAX_FUTURE_SKEW ahead of the clock). In SQL, not through the client:
+# `total`'s year-1 start does not survive a round trip through Python's datetime.
+_EVALUATE = """
+SELECT budget_evaluate(array_agg($1::bigint), array_agg(p.start), array_agg(NULL::bigint),
+                       array_agg(NULL::integer), true)
+FROM (
+  SELECT budget_period_start($2, now()) AS start
+  UNION
+  SELECT period_start FROM budget_states
+  WHERE budget_id = $1 AND period_start > budget_period_start($2, now())
+) AS p
+"""
 # Each budget with its current period's spend (the same sum budget_evaluate makes) and the
 # thresholds crossed in it.
 _LIST = """
@@ -58,8 +71,8 @@ SELECT b.*, p.start AS period_start, s.cost_micros, s.total_tokens,
 FROM budgets AS b
 CROSS JOIN LATERAL (SELECT budget_period_start(b.period, now()) AS start) AS p
 CROSS JOIN LATERAL (
-  SELECT coalesce(sum(u.cost_micros), 0)::bigint AS cost_micros,
-         coalesce(sum(u.total_tokens), 0)::bigint AS total_tokens
+  SELECT coalesce(sum(u.cost_micros), 0) AS cost_micros,
+         coalesce(sum(u.total_tokens), 0) AS total_tokens
   FROM token_usage AS u
   WHERE u.search_space_id = b.search_space_id
     AND u.source_at >= p.start AND u.source_at < budget_period_end(b.period, p.start)
@@ -82,12 +95,14 @@ class BudgetChange:
 
 async def set_budget(conn: asyncpg.Connection, change: BudgetChange) -> int:
     """Create or update the budget of the change's scope and period and judge its current
-    period at once; its id. Run inside the caller's transaction."""
+    period (and any later one already judged) at once; its id. Run inside the caller's
+    transaction."""
     if not await conn.fetchval(_KNOWN_SPACE, change.search_space_id):
         raise BudgetRefusedError(
             f"budget set: search space {change.search_space_id} is unknown: the ledger holds"
             " no thread of it (check --space)"
         )
+    await conn.execute(_LOCK_SPACE, change.search_space_id)
     target = _SPACE_TARGET if change.user_id is None else _USER_TARGET
     budget_id: int = await conn.fetchval(
         _UPSERT.format(target=target),
@@ -114,8 +129,9 @@ async def list_budgets(conn: asyncpg.Connection, space: int | None) -> list[dict
             "cost_micros_limit": row["cost_micros_limit"],
             "total_tokens_limit": row["total_tokens_limit"],
             "thresholds": list(row["thresholds"]),
-            "cost_micros": row["cost_micros"],
-            "total_tokens": row["total_tokens"],
+            # Exact: a period's sum is numeric (it may pass 2^63 - 1).
+            "cost_micros": int(row["cost_micros"]),
+            "total_tokens": int(row["total_tokens"]),
             "crossed": list(row["crossed"]),
         }
         for row in await conn.fetch(_LIST, space)

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    Numeric,
     PrimaryKeyConstraint,
     SmallInteger,
     String,
@@ -302,7 +303,7 @@ budget_states = Table(
     Column("limit_value", BigInteger, nullable=True),
     Column("crossed", Boolean, nullable=False),
     Column("sequence", Integer, nullable=False),
-    Column("spend", BigInteger, nullable=False),
+    Column("spend", Numeric, nullable=False),  # a period's sum may pass 2^63 - 1
     Column("updated_at", TIMESTAMP, nullable=False, server_default=func.now()),
     PrimaryKeyConstraint("budget_id", "period_start", "measure", "threshold"),
     CheckConstraint("crossed = (sequence % 2 = 1)", name="parity"),
@@ -322,7 +323,7 @@ budget_alert_outbox = Table(
     Column("threshold", SmallInteger, nullable=False),
     Column("sequence", Integer, nullable=False),
     Column("crossed", Boolean, nullable=False),
-    Column("spend", BigInteger, nullable=False),
+    Column("spend", Numeric, nullable=False),  # a period's sum may pass 2^63 - 1
     Column("limit_value", BigInteger, nullable=True),
     Column("usage_id", BigInteger, nullable=True),
     Column("usage_revision", Integer, nullable=True),

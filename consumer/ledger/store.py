@@ -1,10 +1,10 @@
 """The batch's writes: guarded upserts, set-based (UNNEST over arrays), so a batch costs the
 same handful of round trips whatever its size:
 
-    write_plan  <= 6 statements  threads, turn messages, turn-less messages (+ a check that no
+    write_plan  <= 7 statements  threads, turn messages, turn-less messages (+ a check that no
                                  other writer keyed another message by the same event_id), the
-                                 budgets of the usage's spaces locked, token usage; keys sorted
-                                 to avoid deadlocks
+                                 usage's spaces and their budgets locked, token usage; keys
+                                 sorted to avoid deadlocks
 
 Every upsert repeats its partial index predicate in the conflict target and carries a guard
 (`DO UPDATE ... WHERE new claim beats stored claim`) so stored rows only move forward under the
@@ -193,12 +193,18 @@ SELECT count(*) FILTER (WHERE message_id IS NULL) AS orphans FROM joined
 """
 
 
-# The budgets of the spaces whose usage the batch writes, locked in id order before the usage
-# upsert: its statement triggers (migrations/versions/0010_budgets.py) lock the budgets it
-# touches in two rounds (AFTER UPDATE, then AFTER INSERT), and two members taking theirs in
-# opposite rounds would deadlock. A usage row never changes space (its thread's binds it), so
-# these are every budget the upsert can touch, taken in one round. Nothing while no budget
-# exists.
+# Before the usage upsert, for the spaces whose usage the batch writes: a shared lock per space
+# (`budget set` takes it exclusively, so a budget created meanwhile is judged with this batch's
+# usage, by whichever commits second), then their budgets in id order (the upsert's statement
+# triggers, migrations/versions/0010_budgets.py, lock the budgets they touch in two rounds,
+# AFTER UPDATE then AFTER INSERT, and two members taking theirs in opposite rounds would
+# deadlock). A usage row never changes space (its thread's binds it), so these are every budget
+# the upsert can touch, taken in one round. The space locks are keyed by the negated id: one
+# bigint key space with the relay's (a positive constant), apart from the threads' two-int one.
+_LOCK_SPACES = """
+SELECT count(pg_advisory_xact_lock_shared(-s))
+FROM (SELECT s FROM unnest($1::bigint[]) AS s ORDER BY s) AS k
+"""
 _LOCK_BUDGETS = """
 SELECT count(*) FROM (
   SELECT FROM budgets WHERE search_space_id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
@@ -262,7 +268,9 @@ async def write_plan(conn: asyncpg.Connection, plan: BatchPlan) -> None:
         raise ConcurrentWriteError("another writer keyed a turn-less message by the same event_id")
     if plan.usage:
         u = plan.usage
-        await conn.fetchval(_LOCK_BUDGETS, sorted({r.search_space_id for r in u}))
+        spaces = sorted({r.search_space_id for r in u})
+        await conn.fetchval(_LOCK_SPACES, spaces)
+        await conn.fetchval(_LOCK_BUDGETS, spaces)
         orphans = await conn.fetchval(
             _UPSERT_USAGE,
             [r.key.thread_id for r in u],

@@ -71,7 +71,8 @@ LANGUAGE sql STABLE AS $$
     FROM budgets AS b
     CROSS JOIN LATERAL (VALUES ('cost_micros', b.cost_micros_limit),
                                ('total_tokens', b.total_tokens_limit)) AS m(measure, limit_value)
-    CROSS JOIN LATERAL unnest(b.thresholds) AS t(threshold)
+    -- DISTINCT: a threshold written twice (by hand) is one threshold.
+    CROSS JOIN LATERAL (SELECT DISTINCT unnest(b.thresholds)) AS t(threshold)
     WHERE b.id = budget AND m.limit_value IS NOT NULL
   ), stored AS (
     SELECT s.measure, s.threshold, s.limit_value FROM budget_states AS s
@@ -102,8 +103,9 @@ BEGIN
     SELECT t.*, b.search_space_id, b.user_id, b.period, s.cost_micros, s.total_tokens
     FROM touched AS t JOIN budgets AS b ON b.id = t.budget_id
     CROSS JOIN LATERAL (
-      SELECT coalesce(sum(u.cost_micros), 0)::bigint AS cost_micros,
-             coalesce(sum(u.total_tokens), 0)::bigint AS total_tokens
+      -- numeric, as sum() gives it: a period's spend may pass 2^63 - 1, though no row does.
+      SELECT coalesce(sum(u.cost_micros), 0) AS cost_micros,
+             coalesce(sum(u.total_tokens), 0) AS total_tokens
       FROM token_usage AS u
       WHERE u.search_space_id = b.search_space_id
         AND u.source_at >= t.start AND u.source_at < budget_period_end(b.period, t.start)
@@ -259,7 +261,7 @@ def upgrade() -> None:
         sa.Column("limit_value", sa.BigInteger(), nullable=True),
         sa.Column("crossed", sa.Boolean(), nullable=False),
         sa.Column("sequence", sa.Integer(), nullable=False),
-        sa.Column("spend", sa.BigInteger(), nullable=False),
+        sa.Column("spend", sa.Numeric(), nullable=False),
         sa.Column("updated_at", timestamp, nullable=False, server_default=sa.func.now()),
         sa.PrimaryKeyConstraint(
             "budget_id", "period_start", "measure", "threshold", name=op.f("pk_budget_states")
@@ -285,7 +287,7 @@ def upgrade() -> None:
         sa.Column("threshold", sa.SmallInteger(), nullable=False),
         sa.Column("sequence", sa.Integer(), nullable=False),
         sa.Column("crossed", sa.Boolean(), nullable=False),
-        sa.Column("spend", sa.BigInteger(), nullable=False),
+        sa.Column("spend", sa.Numeric(), nullable=False),
         sa.Column("limit_value", sa.BigInteger(), nullable=True),
         # The usage revision that caused it (null: a change of the budget).
         sa.Column("usage_id", sa.BigInteger(), nullable=True),

@@ -273,8 +273,11 @@ async def test_budget_set_list_and_delete_and_a_changed_limit_judges_the_current
     consume_until_idle(stack)
 
     space = str(SPACE)
-    assert "--cost-micros -5: a limit must be a positive integer" in refused(
-        stack, "budget", "set", "--space", space, "--period", "day", "--cost-micros", "-5"
+    assert (
+        "--cost-micros -5: a limit is a positive integer of at most 9223372036854775807"
+        in refused(
+            stack, "budget", "set", "--space", space, "--period", "day", "--cost-micros", "-5"
+        )
     )
     assert "1001 % is not within 1 .. 1000 %" in refused(
         stack, "budget", "set", "--space", space, "--period", "day", "--tokens", "9",

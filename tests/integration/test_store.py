@@ -177,8 +177,8 @@ async def test_a_batch_costs_a_constant_number_of_statements(ledger: asyncpg.Con
     await _count_statements(ledger, small)  # asyncpg introspects array types once per connection
     counts = {len(batch): await _count_statements(ledger, batch) for batch in (small, large)}
     # offsets, thread locks, 2 state reads, threads, turn and turn-less messages, the event_id
-    # check, the budgets' locks, usage
-    assert counts[10] == counts[5000] == 10, counts
+    # check, the spaces' and the budgets' locks, usage
+    assert counts[10] == counts[5000] == 11, counts
     assert await ledger.fetchval("SELECT count(*) FROM token_usage") == 2000
 
 

@@ -98,7 +98,7 @@ def test_a_budget_needs_a_positive_limit() -> None:
     check_limits(None, 5)
     with pytest.raises(ValueError, match="give a limit"):
         check_limits(None, None)
-    with pytest.raises(ValueError, match="--cost-micros -5: a limit must be a positive"):
+    with pytest.raises(ValueError, match="--cost-micros -5: a limit is a positive"):
         check_limits(-5, 10)
 
 

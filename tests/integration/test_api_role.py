@@ -99,6 +99,13 @@ def _every_route(tenants: Tenants) -> None:  # noqa: F811
                 assert answer.status_code == 200, (group_by, params, answer.text)
     paged = tenants.get(tenants.admin, group_by="model", limit=1).json()
     assert tenants.get(tenants.admin, group_by="model", cursor=paged["next_cursor"]).is_success
+    for key in (tenants.admin, tenants.space_a, tenants.alice):
+        listed = tenants.get(key, "/v1/budgets", space_id=SPACE_A, limit=1)
+        assert listed.status_code == 200, listed.text
+        cursor = listed.json()["next_cursor"]
+        assert tenants.get(key, "/v1/budgets", cursor=cursor).status_code == 200
+        budget_id = listed.json()["rows"][0]["id"]
+        assert tenants.get(key, f"/v1/budgets/{budget_id}").status_code == 200
     for path in ("/healthz", "/metrics", "/openapi.json"):
         assert httpx.get(f"{tenants.server.url}{path}").status_code == 200, path
 

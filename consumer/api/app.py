@@ -17,6 +17,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from consumer.api import budgets
 from consumer.api.metrics import RequestMetrics
 from consumer.api.queries import BadParameterError, NotFoundError
 from consumer.api.routes import router
@@ -43,6 +44,7 @@ def build_app(pool: asyncpg.Pool | None = None, *, timeout_ms: int = DEFAULT_TIM
     app.state.pool = pool
     app.state.timeout_ms = timeout_ms
     app.include_router(router)
+    app.include_router(budgets.router)
     app.add_middleware(RequestMetrics)
 
     @app.exception_handler(BadParameterError)

@@ -128,18 +128,23 @@ async def _scoped(conn: asyncpg.Connection, scope: KeyScope, query: UsageQuery) 
     return UsageFilter(query.since, query.until, space, user, query.model)
 
 
+async def bound_transaction(conn: asyncpg.Connection, timeout_ms: int) -> None:
+    """Per request, for the current transaction only: its statement timeout, and a custom plan
+    per query, so that optional filters (`$3 IS NULL OR …`) fold away and the indexes of the
+    filters given are used."""
+    await conn.execute(
+        "SELECT set_config('statement_timeout', $1, true),"
+        " set_config('plan_cache_mode', 'force_custom_plan', true)",
+        f"{timeout_ms}ms",
+    )
+
+
 async def usage_page(
     conn: asyncpg.Connection, scope: KeyScope, query: UsageQuery, *, timeout_ms: int
 ) -> tuple[list[dict[str, Any]], str | None]:
     """One page of rows (group columns, then the measures) and the next page's cursor."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        # Per request, for this transaction only. A custom plan per query: the report's
-        # optional filters (`$3 IS NULL OR …`) fold away, so the space's index is used.
-        await conn.execute(
-            "SELECT set_config('statement_timeout', $1, true),"
-            " set_config('plan_cache_mode', 'force_custom_plan', true)",
-            f"{timeout_ms}ms",
-        )
+        await bound_transaction(conn, timeout_ms)
         only = await _scoped(conn, scope, query)
         dimensions = list(query.group_by)
         if not dimensions:

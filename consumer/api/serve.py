@@ -2,10 +2,11 @@
 
 Started with LEDGER_API_DATABASE_URL, a login role in the group role `token_ledger_api` that
 migration 0007 creates (SELECT on what the API reads, nothing else: of token_usage only the
-columns its queries name, since migration 0008); without it, with LEDGER_DATABASE_URL and a
-WARNING. Before serving it asks PostgreSQL what the role may do: reading its tables and
-columns is required (exit 7 otherwise, naming them); being able to write any ledger table is
-logged as a WARNING and the API goes on (the fallback role can write, and every connection is
+columns its queries name, since migration 0008; of budgets and budget_states, those of the
+budget routes, since 0011); without it, with LEDGER_DATABASE_URL and a WARNING. Before
+serving it asks PostgreSQL what the role may do: reading its tables and columns is required
+(exit 7 otherwise, naming them); being able to write any ledger table is logged as a WARNING
+and the API goes on (the fallback role can write, and every connection is
 read-only anyway: `default_transaction_read_only`, read-only transactions), so an operator
 sees the wider grant without an outage (docs/operations.md#the-usage-api).
 """
@@ -20,6 +21,7 @@ import asyncpg
 import uvicorn
 
 from consumer.api.app import build_app
+from consumer.commands.budgets import BUDGET_COLUMNS
 from consumer.commands.queries import REPORT_COLUMNS
 from consumer.failures import ConfigurationError, PermissionDeniedError, database_name
 from consumer.ledger.database import asyncpg_dsn
@@ -30,8 +32,8 @@ from consumer.settings import Settings
 log = logging.getLogger(__name__)
 READS = ("api_keys",)  # whole tables
 # Columns, where the role may read only some of a table: token_usage's call_details (whatever
-# a producer sent) is not among them.
-COLUMN_READS = {"token_usage": REPORT_COLUMNS}
+# a producer sent) is not among them, nor what of the budget tables the routes never answer.
+COLUMN_READS = {"token_usage": REPORT_COLUMNS, **BUDGET_COLUMNS}
 MAX_CONNECTIONS = 8  # to PostgreSQL; requests beyond them wait (bounded) for one
 MAX_REQUESTS = 64  # in progress at once; uvicorn answers 503 beyond
 POOL_CLOSE_SECONDS = 3.0

@@ -60,10 +60,27 @@ FROM (
   WHERE budget_id = $1 AND period_start > budget_period_start($2, now())
 ) AS p
 """
+# What the listing reads of the budget tables, by name (never `b.*`): the usage API runs the
+# same query under a role granted these columns alone (migration 0011, serve's check_role).
+BUDGET_COLUMNS = {
+    "budgets": (
+        "id",
+        "search_space_id",
+        "user_id",
+        "period",
+        "cost_micros_limit",
+        "total_tokens_limit",
+        "thresholds",
+    ),
+    "budget_states": ("budget_id", "period_start", "measure", "threshold", "crossed"),
+}
 # Each budget with its current period's spend (the same sum budget_evaluate makes) and the
-# thresholds crossed in it.
+# thresholds crossed in it: a period not judged yet has no states, so none crossed. The
+# filters are the usage API's too (a space; a user's key: space-wide budgets and its own; one
+# id; keyset paging by id), so `budget list` and the API answer from one statement.
 _LIST = """
-SELECT b.*, p.start AS period_start, s.cost_micros, s.total_tokens,
+SELECT b.id, b.search_space_id, b.user_id, b.period, b.cost_micros_limit, b.total_tokens_limit,
+  b.thresholds, p.start AS period_start, s.cost_micros, s.total_tokens,
   (SELECT coalesce(array_agg(st.measure || ':' || st.threshold ORDER BY st.measure, st.threshold),
                    '{}')
    FROM budget_states AS st
@@ -78,8 +95,12 @@ CROSS JOIN LATERAL (
     AND u.source_at >= p.start AND u.source_at < budget_period_end(b.period, p.start)
     AND (b.user_id IS NULL OR u.user_id = b.user_id)
 ) AS s
-WHERE $1::bigint IS NULL OR b.search_space_id = $1
+WHERE ($1::bigint IS NULL OR b.search_space_id = $1)
+  AND ($2::uuid IS NULL OR b.user_id IS NULL OR b.user_id = $2)
+  AND ($3::bigint IS NULL OR b.id = $3)
+  AND ($4::bigint IS NULL OR b.id > $4)
 ORDER BY b.id
+LIMIT $5
 """
 
 
@@ -117,8 +138,18 @@ async def set_budget(conn: asyncpg.Connection, change: BudgetChange) -> int:
     return budget_id
 
 
-async def list_budgets(conn: asyncpg.Connection, space: int | None) -> list[dict[str, Any]]:
-    """Every budget (of one space), its limits, its current period's spend and crossings."""
+async def list_budgets(
+    conn: asyncpg.Connection,
+    space: int | None,
+    *,
+    visible_to: uuid.UUID | None = None,
+    budget_id: int | None = None,
+    after: int | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Every budget (of one space), its limits, its current period's spend and crossings, in
+    id order. `visible_to`: only space-wide budgets and that user's; `budget_id`: that one;
+    `after`, `limit`: a page of ids above `after`."""
     return [
         {
             "id": row["id"],
@@ -134,7 +165,7 @@ async def list_budgets(conn: asyncpg.Connection, space: int | None) -> list[dict
             "total_tokens": int(row["total_tokens"]),
             "crossed": list(row["crossed"]),
         }
-        for row in await conn.fetch(_LIST, space)
+        for row in await conn.fetch(_LIST, space, visible_to, budget_id, after, limit)
     ]
 
 

@@ -71,6 +71,44 @@ def ledger_events_of_two_spaces() -> list[AnyEvent]:
     ]  # fmt: skip
 
 
+async def set_budgets(ledger_url: str) -> dict[str, int]:
+    """Budgets over the two spaces (their ids by name), set as `token-ledger budget set` sets
+    them (current period judged at once), and one inserted without being judged. The `total`
+    ones do not depend on today's date: A's cost 2,770 of 4,000 (50 % crossed), Bob's 12 of
+    20 tokens (50 %), B's cost 100,002 of 50,000 (every threshold); Alice's is never judged,
+    so none is crossed although her usage is over its limit."""
+    from consumer.commands.budgets import BudgetChange, set_budget
+
+    changes = {
+        "a_total": BudgetChange(SPACE_A, None, "total", 4000, None, (50, 80, 100)),
+        "a_month": BudgetChange(SPACE_A, None, "month", None, 1000, (50, 80, 100)),
+        "alice_day": BudgetChange(SPACE_A, ALICE, "day", 10, None, (100,)),
+        "bob_total": BudgetChange(SPACE_A, BOB, "total", None, 20, (50, 100)),
+        "b_month": BudgetChange(SPACE_B, None, "month", 100_000, 1000, (50, 80, 100)),
+        "b_total": BudgetChange(SPACE_B, None, "total", 50_000, None, (50, 80, 100)),
+    }
+    conn = await asyncpg.connect(asyncpg_dsn(ledger_url))
+    try:
+        async with conn.transaction():
+            ids = {name: await set_budget(conn, change) for name, change in changes.items()}
+            ids["alice_unjudged"] = await conn.fetchval(
+                "INSERT INTO budgets (search_space_id, user_id, period, total_tokens_limit)"
+                " VALUES ($1, $2, 'total', 1) RETURNING id",
+                SPACE_A,
+                ALICE,
+            )
+    finally:
+        await conn.close()
+    return ids
+
+
+def cli_budgets(ledger_url: str, *args: str) -> list[dict[str, Any]]:
+    """`token-ledger budget list --format json ARGS` as rows."""
+    done = cli(ledger_url, "budget", "list", "--format", "json", *args)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
 async def fill(ledger_url: str) -> None:
     conn = await asyncpg.connect(asyncpg_dsn(ledger_url))
     try:

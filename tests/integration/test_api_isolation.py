@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 import httpx
@@ -42,6 +43,7 @@ from tests.integration.api_harness import (
     fill,
     login_role,
     serving,
+    set_budgets,
 )
 
 
@@ -53,6 +55,7 @@ class Tenants:
     admin: str = field(repr=False)
     space_a: str = field(repr=False)
     alice: str = field(repr=False)  # space A, user Alice only
+    budgets: dict[str, int] = field(default_factory=dict)  # api_harness.set_budgets
 
     def get(self, key: str | None, path: str = "/v1/usage", **params: Any) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
@@ -65,6 +68,7 @@ async def tenants(
 ) -> AsyncIterator[Tenants]:
     async for ledger_url in _fresh_database(postgres_url, template=ledger_template):
         await fill(ledger_url)
+        budgets = await set_budgets(ledger_url)
         async with login_role(ledger_url) as api_url:
             env = {"LEDGER_DATABASE_URL": ledger_url, "LEDGER_API_DATABASE_URL": api_url}
             with serving(env, tmp_path_factory.mktemp("api") / "serve.log") as server:
@@ -75,6 +79,7 @@ async def tenants(
                     admin=create_key(ledger_url, "--admin"),
                     space_a=create_key(ledger_url, "--space", str(SPACE_A)),
                     alice=create_key(ledger_url, "--space", str(SPACE_A), "--user", str(ALICE)),
+                    budgets=budgets,
                 )
 
 
@@ -121,6 +126,27 @@ def test_what_a_space_key_sees_never_includes_b(tenants: Tenants) -> None:
     assert nothing["usage_rows"] == 0 and nothing["cost_micros"] == 0
 
 
+def test_a_space_key_never_gets_another_space_s_budgets(tenants: Tenants) -> None:
+    b_ids = [tenants.budgets["b_month"], tenants.budgets["b_total"]]
+    for key in (tenants.space_a, tenants.alice):
+        for path in (*(f"/v1/budgets/{i}" for i in b_ids), "/v1/budgets/999999"):
+            answer = tenants.get(key, path)
+            assert (answer.status_code, answer.json()) == (404, {"detail": "not found"}), path
+        answer = tenants.get(key, "/v1/budgets", space_id=SPACE_B)
+        assert (answer.status_code, answer.json()) == (404, {"detail": "not found"})
+        listed = tenants.get(key, "/v1/budgets", limit=1000)
+        assert listed.status_code == 200
+        _no_data_of_b(listed)
+        assert not {row["id"] for row in listed.json()["rows"]} & set(b_ids)
+    # A user's key: the space-wide budgets and its own, never another user's.
+    assert (
+        tenants.get(tenants.alice, f"/v1/budgets/{tenants.budgets['bob_total']}").status_code == 404
+    )
+    # The admin key sees B's (so the 404s above are the scope, not missing budgets).
+    for budget_id in b_ids:
+        assert tenants.get(tenants.admin, f"/v1/budgets/{budget_id}").status_code == 200
+
+
 def test_missing_malformed_unknown_and_revoked_keys_get_401(tenants: Tenants) -> None:
     made = cli(tenants.ledger_url, "api-key", "create", "--space", str(SPACE_B))
     key = made.stdout.splitlines()[-1]
@@ -164,6 +190,26 @@ def test_injection_attempts_in_typed_parameters_get_422_naming_them(
         answer = tenants.get(tenants.space_a, **{parameter: attempt})
         assert answer.status_code == 422, (attempt, answer.text)
         assert {tuple(e["loc"][:2]) for e in answer.json()["detail"]} == {("query", parameter)}
+
+
+@pytest.mark.parametrize("parameter", ["space_id", "limit", "cursor"])
+def test_injection_attempts_in_budget_parameters_get_422_naming_them(
+    tenants: Tenants, parameter: str
+) -> None:
+    for attempt in INJECTIONS:
+        answer = tenants.get(tenants.space_a, "/v1/budgets", **{parameter: attempt})
+        assert answer.status_code == 422, (attempt, answer.text)
+        assert {tuple(e["loc"][:2]) for e in answer.json()["detail"]} == {("query", parameter)}
+
+
+def test_injection_attempts_as_a_budget_id_get_422_naming_it(tenants: Tenants) -> None:
+    for attempt in INJECTIONS:
+        answer = tenants.get(tenants.space_a, f"/v1/budgets/{quote(attempt, safe='')}")
+        if "/" in attempt:  # the path has more segments: no route, and nothing read
+            assert answer.status_code == 404, (attempt, answer.text)
+            continue
+        assert answer.status_code == 422, (attempt, answer.text)
+        assert {tuple(e["loc"]) for e in answer.json()["detail"]} == {("path", "id")}
 
 
 async def test_injection_attempts_in_the_model_find_nothing_and_change_nothing(
@@ -280,12 +326,19 @@ def test_every_answer_matches_the_document_and_none_is_a_5xx(tenants: Tenants) -
     for result in document.get_all_operations():
         assert isinstance(result, Ok), result  # an operation the document cannot describe
         operations.append(result.ok())
-    assert {op.path for op in operations} == {"/v1/usage", "/healthz", "/metrics"}
+    assert {op.path for op in operations} == {
+        "/v1/usage",
+        "/v1/budgets",
+        "/v1/budgets/{id}",
+        "/healthz",
+        "/metrics",
+    }
+    examples = {"/v1/usage": 60, "/v1/budgets": 30, "/v1/budgets/{id}": 30}
     for operation in operations:
 
         @given(case=operation.as_strategy())
         @settings(
-            max_examples=60 if operation.path == "/v1/usage" else 5,
+            max_examples=examples.get(operation.path, 5),
             deadline=None,
             derandomize=True,
             database=None,

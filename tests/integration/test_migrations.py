@@ -11,6 +11,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from consumer.commands.budgets import BUDGET_COLUMNS
 from consumer.commands.queries import REPORT_COLUMNS
 from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.migrate import downgrade, upgrade
@@ -84,12 +85,13 @@ async def test_partial_unique_indexes_have_the_specified_names_and_predicates(
     )
 
 
-async def _api_columns(conn: asyncpg.Connection) -> set[str]:
-    """The columns of token_usage the API's group role may read."""
+async def _api_columns(conn: asyncpg.Connection, table: str = "token_usage") -> set[str]:
+    """The columns of `table` the API's group role may read."""
     rows = await conn.fetch(
         "SELECT attname FROM pg_attribute"
-        " WHERE attrelid = 'token_usage'::regclass AND attnum > 0 AND NOT attisdropped"
-        "   AND has_column_privilege('token_ledger_api', attrelid, attnum, 'SELECT')"
+        " WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped"
+        "   AND has_column_privilege('token_ledger_api', attrelid, attnum, 'SELECT')",
+        table,
     )
     return {r["attname"] for r in rows}
 
@@ -97,10 +99,15 @@ async def _api_columns(conn: asyncpg.Connection) -> set[str]:
 async def test_the_api_role_may_read_what_serve_reads_and_nothing_else(ledger_url: str) -> None:
     """Migration 0007's group role (docs/operations.md#the-usage-api): created once per
     cluster, granted in every ledger database (this one is a copy of the session's template);
-    of token_usage, only the columns the report reads (migration 0008)."""
+    of token_usage, only the columns the report reads (migration 0008); of the budget tables,
+    only those the budget routes read (0011), and nothing of the alert outbox."""
     conn = await asyncpg.connect(asyncpg_dsn(ledger_url))
     try:
         columns = await _api_columns(conn)
+        budget_columns = {
+            table: await _api_columns(conn, table)
+            for table in ("budgets", "budget_states", "budget_alert_outbox")
+        }
         rows = await conn.fetch(
             "SELECT c.relname, p.privilege FROM pg_class AS c"
             " CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE',"
@@ -120,6 +127,11 @@ async def test_the_api_role_may_read_what_serve_reads_and_nothing_else(ledger_ur
     }
     assert columns == set(REPORT_COLUMNS)
     assert "call_details" not in columns
+    assert budget_columns == {
+        "budgets": set(BUDGET_COLUMNS["budgets"]),
+        "budget_states": set(BUDGET_COLUMNS["budget_states"]),
+        "budget_alert_outbox": set(),
+    }
 
 
 async def test_0008_narrows_the_api_grant_and_its_downgrade_restores_it(
@@ -142,3 +154,22 @@ async def test_0008_narrows_the_api_grant_and_its_downgrade_restores_it(
     assert whole and "call_details" in columns  # 0007's grant: the whole table
     await asyncio.to_thread(upgrade, database_url)
     assert await grant() == (False, set(REPORT_COLUMNS))
+
+
+async def test_0011_grants_the_budget_columns_and_its_downgrade_revokes_them(
+    database_url: str,
+) -> None:
+    async def grant() -> dict[str, set[str]]:
+        conn = await asyncpg.connect(asyncpg_dsn(database_url))
+        try:
+            return {table: await _api_columns(conn, table) for table in BUDGET_COLUMNS}
+        finally:
+            await conn.close()
+
+    granted = {table: set(columns) for table, columns in BUDGET_COLUMNS.items()}
+    await asyncio.to_thread(upgrade, database_url)
+    assert await grant() == granted
+    await asyncio.to_thread(downgrade, database_url, "0010")
+    assert await grant() == {table: set() for table in BUDGET_COLUMNS}
+    await asyncio.to_thread(upgrade, database_url)
+    assert await grant() == granted

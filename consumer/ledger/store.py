@@ -193,22 +193,28 @@ SELECT count(*) FILTER (WHERE message_id IS NULL) AS orphans FROM joined
 """
 
 
-# Before the usage upsert, for the spaces whose usage the batch writes: a shared lock per space
-# (`budget set` takes it exclusively, so a budget created meanwhile is judged with this batch's
-# usage, by whichever commits second), then their budgets in id order (the upsert's statement
-# triggers, migrations/versions/0010_budgets.py, lock the budgets they touch in two rounds,
-# AFTER UPDATE then AFTER INSERT, and two members taking theirs in opposite rounds would
-# deadlock). A usage row never changes space (its thread's binds it), so these are every budget
-# the upsert can touch, taken in one round. The space locks are keyed by the negated id: one
-# bigint key space with the relay's (a positive constant), apart from the threads' two-int one.
+# Before the usage upsert: a shared lock per space whose usage the batch writes (`budget set`
+# takes it exclusively, so a budget created meanwhile is judged with this batch's usage, by
+# whichever commits second), then, in id order, the budgets its usage rows fall under (their
+# space's, and their users'). The upsert's statement triggers (migrations/versions/
+# 0010_budgets.py) lock the budgets they touch in two rounds, AFTER UPDATE then AFTER INSERT;
+# taken here in one round first, two members never take them in opposite rounds. (A row that
+# a supersession moves from another user also touches that user's budget, locked by the
+# trigger: a deadlock there, rare, is broken by PostgreSQL and the batch retried.) The space
+# locks are keyed by the negated id: the bigint key space, apart from the relay's positive
+# constant and the threads' two-int keys.
 _LOCK_SPACES = """
 SELECT count(pg_advisory_xact_lock_shared(-s))
 FROM (SELECT s FROM unnest($1::bigint[]) AS s ORDER BY s) AS k
 """
 _LOCK_BUDGETS = """
 SELECT count(*) FROM (
-  SELECT FROM budgets WHERE search_space_id = ANY($1::bigint[]) ORDER BY id FOR UPDATE
-) AS b
+  SELECT FROM budgets AS b
+  WHERE EXISTS (
+    SELECT FROM unnest($1::bigint[], $2::uuid[]) AS k(space, user_id)
+    WHERE b.search_space_id = k.space AND (b.user_id IS NULL OR b.user_id = k.user_id))
+  ORDER BY b.id FOR UPDATE
+) AS l
 """
 
 
@@ -268,9 +274,9 @@ async def write_plan(conn: asyncpg.Connection, plan: BatchPlan) -> None:
         raise ConcurrentWriteError("another writer keyed a turn-less message by the same event_id")
     if plan.usage:
         u = plan.usage
-        spaces = sorted({r.search_space_id for r in u})
-        await conn.fetchval(_LOCK_SPACES, spaces)
-        await conn.fetchval(_LOCK_BUDGETS, spaces)
+        await conn.fetchval(_LOCK_SPACES, sorted({r.search_space_id for r in u}))
+        scopes = sorted({(r.search_space_id, r.user_id) for r in u}, key=str)
+        await conn.fetchval(_LOCK_BUDGETS, [s for s, _ in scopes], [user for _, user in scopes])
         orphans = await conn.fetchval(
             _UPSERT_USAGE,
             [r.key.thread_id for r in u],

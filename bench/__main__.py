@@ -33,6 +33,7 @@ from typing import Any
 
 from bench.api import ApiPlan, index_cost, measure_api
 from bench.backlog import Backlog, publish_backlog
+from bench.budgets import budgets_cost
 from bench.ceilings import copy_ceiling, naive, raw_read
 from bench.consumers import Consumer, Tree
 from bench.latency import produce_to_commit
@@ -145,6 +146,10 @@ class Bench:
             await self.api(backlog)
             self.results.seconds = time.monotonic() - started
             return
+        if args.budgets_only:
+            await self.budgets(backlog)
+            self.results.seconds = time.monotonic() - started
+            return
         for _ in range(args.runs):
             self.results.add(
                 "raw aiokafka read",
@@ -199,6 +204,7 @@ class Bench:
             await self.databases.drop(url)
             self.results.drain(candidate.name, f"{processes} consumer(s)", drain, backlog.records)
         await self.api(backlog)
+        await self.budgets(backlog)
         if args.full:
             await self.million()
         self.results.seconds = time.monotonic() - started
@@ -217,6 +223,19 @@ class Bench:
             backlog.topic,
             backlog.records,
             args.runs,
+        )
+
+    async def budgets(self, backlog: Backlog) -> None:
+        """What 10,000 budgets cost the candidate's first drain (the baseline predates them)."""
+        await budgets_cost(
+            self.databases,
+            self.results,
+            self.consumer,
+            self.trees[-1],
+            backlog.topic,
+            backlog.sample,
+            backlog.records,
+            self.args.runs,
         )
 
     async def million(self) -> None:
@@ -254,6 +273,9 @@ def main() -> None:
     parser.add_argument("--api-spaces", type=int, default=1_000, help="their search spaces")
     parser.add_argument("--api-requests", type=int, default=200, help="requests timed per run")
     parser.add_argument("--api-only", action="store_true", help="the usage API alone")
+    parser.add_argument(
+        "--budgets-only", action="store_true", help="what 10,000 budgets cost the consumer alone"
+    )
     args = parser.parse_args()
     trees = [export(args.baseline, "baseline"), export(args.candidate, "candidate")]
     with running_services() as services:

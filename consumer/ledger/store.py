@@ -209,11 +209,13 @@ FROM (SELECT s FROM unnest($1::bigint[]) AS s ORDER BY s) AS k
 """
 _LOCK_BUDGETS = """
 SELECT count(*) FROM (
-  SELECT FROM budgets AS b
-  WHERE EXISTS (
-    SELECT FROM unnest($1::bigint[], $2::uuid[]) AS k(space, user_id)
-    WHERE b.search_space_id = k.space AND (b.user_id IS NULL OR b.user_id = k.user_id))
-  ORDER BY b.id FOR UPDATE
+  SELECT FROM budgets WHERE id IN (
+    -- Two probes of the partial unique indexes (an OR of both could use neither).
+    SELECT id FROM budgets WHERE user_id IS NULL AND search_space_id = ANY($1::bigint[])
+    UNION
+    SELECT b.id FROM unnest($1::bigint[], $2::uuid[]) AS k(space, user_id)
+    JOIN budgets AS b ON b.search_space_id = k.space AND b.user_id = k.user_id)
+  ORDER BY id FOR UPDATE
 ) AS l
 """
 

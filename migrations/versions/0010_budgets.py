@@ -162,8 +162,12 @@ BEGIN
   SELECT array_agg(b.id), array_agg(budget_period_start(b.period, n.source_at)),
          array_agg(n.id), array_agg(n.revision)
   INTO ids, starts, usage_ids, revisions
-  FROM new_rows AS n JOIN budgets AS b ON b.search_space_id = n.search_space_id
-    AND (b.user_id IS NULL OR b.user_id = n.user_id);
+  FROM new_rows AS n CROSS JOIN LATERAL (
+    -- Two probes of the partial unique indexes (an OR of both could use neither).
+    SELECT id, period FROM budgets WHERE search_space_id = n.search_space_id AND user_id IS NULL
+    UNION ALL
+    SELECT id, period FROM budgets WHERE search_space_id = n.search_space_id
+      AND user_id = n.user_id) AS b;
   IF ids IS NOT NULL THEN
     PERFORM budget_evaluate(ids, starts, usage_ids, revisions, false);
   END IF;
@@ -186,8 +190,11 @@ BEGIN
   SELECT array_agg(b.id), array_agg(budget_period_start(b.period, c.source_at)),
          array_agg(c.id), array_agg(c.revision)
   INTO ids, starts, usage_ids, revisions
-  FROM changed AS c JOIN budgets AS b ON b.search_space_id = c.search_space_id
-    AND (b.user_id IS NULL OR b.user_id = c.user_id);
+  FROM changed AS c CROSS JOIN LATERAL (
+    SELECT id, period FROM budgets WHERE search_space_id = c.search_space_id AND user_id IS NULL
+    UNION ALL
+    SELECT id, period FROM budgets WHERE search_space_id = c.search_space_id
+      AND user_id = c.user_id) AS b;
   IF ids IS NOT NULL THEN
     PERFORM budget_evaluate(ids, starts, usage_ids, revisions, false);
   END IF;

@@ -114,13 +114,16 @@ app.kubernetes.io/component: {{ .component }}
     sizeLimit: {{ .Values.tmpSizeLimit }}
 {{- end }}
 
+{{/* Liveness on /healthz and readiness on `ready` (default /readyz), on the port named `port`
+(default metrics): the usage API has only /healthz, on its own port. */}}
 {{- define "token-ledger.probes" -}}
+{{- $port := .port | default "metrics" }}
 livenessProbe:
-  httpGet: {path: /healthz, port: metrics}
-  {{- toYaml .Values.probes.liveness | nindent 2 }}
+  httpGet: {path: /healthz, port: {{ $port }}}
+  {{- toYaml .root.Values.probes.liveness | nindent 2 }}
 readinessProbe:
-  httpGet: {path: /readyz, port: metrics}
-  {{- toYaml .Values.probes.readiness | nindent 2 }}
+  httpGet: {path: {{ .ready | default "/readyz" }}, port: {{ $port }}}
+  {{- toYaml .root.Values.probes.readiness | nindent 2 }}
 {{- end }}
 
 {{- define "token-ledger.scrapeAnnotations" -}}

@@ -127,6 +127,9 @@ def test_the_defaults_run_the_consumer_with_the_relay_inside_and_migrate_as_a_ho
     ]
     consumer = one(docs, "Deployment", "ledger-token-ledger-consumer")
     assert consumer["spec"]["replicas"] == 2
+    # api.enabled is off by default: no `serve`, no Service or PDB of its own.
+    assert not [d for d in docs if d["metadata"]["name"].endswith("-api")]
+    assert [container(d)["args"][0] for d in docs if d["kind"] == "Deployment"] == ["consume"]
     assert container(consumer)["args"] == ["consume"]
     assert "LEDGER_RELAY" not in env(consumer)  # the relay runs inside consume
     job = one(docs, "Job", "ledger-token-ledger-migrate")
@@ -166,14 +169,16 @@ def test_every_workload_is_probed_locked_down_and_sized(values: str) -> None:
         assert {"name": "tmp", "mountPath": "/tmp"} in box["volumeMounts"]
         if workload["kind"] == "Job":
             continue
-        (port,) = box["ports"]
-        assert port["name"] == "metrics"
-        assert box["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
-        assert box["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
-        expected = {
-            "consume": configmap["LEDGER_METRICS_PORT"],
-            "relay": configmap["LEDGER_RELAY_METRICS_PORT"],
+        # The usage API serves /healthz and /metrics on its own port (`serve --port`).
+        name, ready, expected = {
+            "consume": ("metrics", "/readyz", configmap["LEDGER_METRICS_PORT"]),
+            "relay": ("metrics", "/readyz", configmap["LEDGER_RELAY_METRICS_PORT"]),
+            "serve": ("http", "/healthz", box["args"][-1]),
         }[box["args"][0]]
+        (port,) = box["ports"]
+        assert port["name"] == name
+        assert box["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": name}
+        assert box["readinessProbe"]["httpGet"] == {"path": ready, "port": name}
         assert str(port["containerPort"]) == expected
         annotations = workload["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true"
@@ -191,7 +196,11 @@ def test_secrets_come_from_existing_secrets_and_every_variable_is_a_setting(valu
     for workload in (d for d in docs if d["kind"] in ("Deployment", "Job")):
         variables = env(workload)
         assert set(variables) <= known
-        assert "secretKeyRef" in variables["LEDGER_DATABASE_URL"]
+        if container(workload)["args"][0] == "serve":  # its own role, never the ledger's
+            assert "LEDGER_DATABASE_URL" not in variables
+            assert "secretKeyRef" in variables["LEDGER_API_DATABASE_URL"]
+        else:
+            assert "secretKeyRef" in variables["LEDGER_DATABASE_URL"]
 
 
 def test_every_optional_feature_renders_as_documented() -> None:
@@ -231,18 +240,56 @@ def test_every_optional_feature_renders_as_documented() -> None:
         "password",
         "ca",
     }
-    # A ServiceMonitor over the metrics Services of both workloads.
+    # A ServiceMonitor over the metrics Services of both workloads (the usage API's below).
     monitor = one(docs, "ServiceMonitor", "ledger-token-ledger")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
-    services = [d for d in docs if d["kind"] == "Service"]
+    services = [
+        d for d in docs if d["kind"] == "Service" and not d["metadata"]["name"].endswith("-api")
+    ]
     assert len(services) == 2
     for service in services:
         labels = service["metadata"]["labels"]
         assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
         assert service["spec"]["ports"][0]["name"] == "metrics"
         assert service["spec"]["publishNotReadyAddresses"] is True  # unready ones are scraped
+
+
+def test_the_usage_api_renders_as_documented() -> None:
+    docs = manifests("all-features")
+    api = one(docs, "Deployment", "ledger-token-ledger-api")
+    assert api["spec"]["replicas"] == 3
+    assert container(api)["args"] == ["serve", "--host", "0.0.0.0", "--port", "8081"]
+    assert (
+        container(api)["image"]
+        == container(one(docs, "Deployment", "ledger-token-ledger-consumer"))["image"]
+    )
+    variables = env(api)
+    assert variables["LEDGER_API_DATABASE_URL"] == {
+        "secretKeyRef": {"name": "ledger-api-database", "key": "LEDGER_API_DATABASE_URL"}
+    }
+    assert variables["LEDGER_API_STATEMENT_TIMEOUT"] == "10"
+    annotations = api["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["example.com/team"] == "billing"
+    # Its clients reach the ready pods through a ClusterIP Service on api.port.
+    service = one(docs, "Service", "ledger-token-ledger-api")
+    selector = api["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["selector"] == selector
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8081, "targetPort": "http", "protocol": "TCP"}
+    ]
+    assert "publishNotReadyAddresses" not in service["spec"]
+    # Its /metrics is scraped on that port, and a drain leaves the other replicas serving.
+    monitor = one(docs, "ServiceMonitor", "ledger-token-ledger")
+    assert {"port": "http", "path": "/metrics", "interval": "30s"} in monitor["spec"]["endpoints"]
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    pdb = one(docs, "PodDisruptionBudget", "ledger-token-ledger-api")
+    assert pdb["spec"]["selector"] == {"matchLabels": selector}
+    assert pdb["spec"]["maxUnavailable"] == 1
 
 
 @pytest.mark.parametrize(
@@ -264,6 +311,8 @@ def test_every_optional_feature_renders_as_documented() -> None:
             ("--set", "keda.enabled=true", "--set", "keda.minReplicas=0"),
             "nothing would publish usage revisions at zero",
         ),
+        (("--set", "api.enabled=true"), "api.databaseUrlSecret.name must name the existing"),
+        (("--set-json", "api.statementTimeout=0"), "/api/statementTimeout"),
         # Helm reads numbers as floats: 33554432 would reach the process as 3.3554432e+07.
         (("--set-json", 'config={"LEDGER_MAX_BATCH_BYTES":33554432}'), "want string"),
     ],
@@ -275,6 +324,8 @@ def test_every_optional_feature_renders_as_documented() -> None:
         "sasl-without-mechanism",
         "mechanism-without-sasl",
         "keda-to-zero-with-the-relay-inside",
+        "api-without-its-secret",
+        "api-statement-timeout-zero",
         "config-number",
     ],
 )

@@ -86,6 +86,14 @@ def api_database_url(settings: Settings) -> str:
     return settings.database_url.get_secret_value()
 
 
+def named_for_the_api(settings: Settings) -> Settings:
+    """The settings as the API's messages should name its database: LEDGER_API_DATABASE_URL's
+    (a deployment may give serve no LEDGER_DATABASE_URL at all)."""
+    if settings.api_database_url is None:
+        return settings
+    return settings.model_copy(update={"database_url": settings.api_database_url})
+
+
 async def check_role(conn: asyncpg.Connection, settings: Settings) -> list[str]:
     """Raise unless the role reads what the API serves; the ledger tables it could write (a
     WARNING names them, and the columns of token_usage it could read beyond the report's)."""
@@ -157,8 +165,9 @@ async def serve(settings: Settings, host: str, port: int) -> None:
     )
     try:
         async with pool.acquire() as conn:
-            await check_revision(conn, settings)
-            await check_role(conn, settings)
+            named = named_for_the_api(settings)
+            await check_revision(conn, named)
+            await check_role(conn, named)
         config = uvicorn.Config(
             build_app(pool, timeout_ms=timeout_ms),
             log_config=None,  # ours (consumer/logs.py)

@@ -11,7 +11,7 @@ import typer
 
 from consumer.cli.app import app, settings_or_exit
 from consumer.commands.tables import ScreenFormat, print_rows
-from consumer.failures import ExitCode, fatal_line
+from consumer.failures import ExitCode, fatal_line, report
 from consumer.logs import configure_logging
 
 keys_app = typer.Typer(help="Create, list and revoke keys of the usage API.", no_args_is_help=True)
@@ -29,9 +29,13 @@ def serve(
     the role of LEDGER_API_DATABASE_URL; exit 0 on SIGTERM/SIGINT."""
     settings = settings_or_exit()
     configure_logging(settings.log_format, settings.log_level)
+    from consumer.api.serve import named_for_the_api
     from consumer.api.serve import serve as run_api
 
-    asyncio.run(run_api(settings, host, port))
+    try:
+        asyncio.run(run_api(settings, host, port))
+    except Exception as error:  # noqa: BLE001 - reported as run_cli would, naming the API's database
+        raise typer.Exit(report(error, named_for_the_api(settings))) from None
 
 
 @keys_app.command("create")

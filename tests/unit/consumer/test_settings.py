@@ -173,6 +173,14 @@ def test_an_empty_variable_means_not_set(monkeypatch: pytest.MonkeyPatch) -> Non
         (["simulate"], {"LEDGER_MAX_BATCH": "lots"}, 2, "LEDGER_MAX_BATCH"),
         # A database nobody listens on: the fatal line after the command's own log lines.
         (["usage"], {"LEDGER_DATABASE_URL": "postgresql+asyncpg://u:p@127.0.0.1:9/db"}, 11, ":9/"),
+        # serve names the API's database, whatever LEDGER_DATABASE_URL says (a chart gives it
+        # none).
+        (
+            ["serve", "--port", "0"],
+            {"LEDGER_API_DATABASE_URL": "postgresql+asyncpg://api:p@127.0.0.1:9/apidb"},
+            11,
+            "api@127.0.0.1:9/apidb",
+        ),
     ],
 )
 def test_every_stderr_line_is_json_under_the_json_log_format(

@@ -4,9 +4,10 @@ limits and its current UTC period's spend and crossed thresholds, answered by th
 answers (docs/operations.md#the-usage-api).
 
 Scoping, as for /v1/usage: an admin key reads every budget (or one space's, with `space_id`).
-A space key reads its space's budgets; a key of one user, its space's space-wide budgets and
-its own user's. A `space_id` or a budget id outside the key's scope is NotFound, the same
-answer as an id that does not exist, so the answer never tells the two apart.
+A space key reads its space's budgets; a key of one user, its own user's budgets only (a
+space-wide budget's spend is every user's: with the user's own usage it would tell the other
+users' apart). A `space_id` or a budget id outside the key's scope is NotFound, the same answer
+as an id that does not exist, so the answer never tells the two apart.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def decode_cursor(cursor: str) -> int:
 
 
 def _scope(scope: KeyScope, space_id: int | None) -> tuple[int | None, uuid.UUID | None]:
-    """(the space to read, the user whose budgets beside the space-wide ones it may see)."""
+    """(the space to read, the user whose budgets alone it may see)."""
     if scope.admin:
         return space_id, None
     if space_id is not None and space_id != scope.space_id:

@@ -76,7 +76,7 @@ BUDGET_COLUMNS = {
 }
 # Each budget with its current period's spend (the same sum budget_evaluate makes) and the
 # thresholds crossed in it: a period not judged yet has no states, so none crossed. The
-# filters are the usage API's too (a space; a user's key: space-wide budgets and its own; one
+# filters are the usage API's too (a space; a user's key: its own user's budgets; one
 # id; keyset paging by id), so `budget list` and the API answer from one statement.
 _LIST = """
 SELECT b.id, b.search_space_id, b.user_id, b.period, b.cost_micros_limit, b.total_tokens_limit,
@@ -96,7 +96,7 @@ CROSS JOIN LATERAL (
     AND (b.user_id IS NULL OR u.user_id = b.user_id)
 ) AS s
 WHERE ($1::bigint IS NULL OR b.search_space_id = $1)
-  AND ($2::uuid IS NULL OR b.user_id IS NULL OR b.user_id = $2)
+  AND ($2::uuid IS NULL OR b.user_id = $2)
   AND ($3::bigint IS NULL OR b.id = $3)
   AND ($4::bigint IS NULL OR b.id > $4)
 ORDER BY b.id
@@ -148,7 +148,7 @@ async def list_budgets(
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
     """Every budget (of one space), its limits, its current period's spend and crossings, in
-    id order. `visible_to`: only space-wide budgets and that user's; `budget_id`: that one;
+    id order. `visible_to`: only that user's budgets (a space-wide one's spend is every user's); `budget_id`: that one;
     `after`, `limit`: a page of ids above `after`."""
     return [
         {

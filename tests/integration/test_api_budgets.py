@@ -80,10 +80,15 @@ def test_each_key_lists_the_budgets_of_its_scope(tenants: Tenants) -> None:  # n
     of_a = [expected(row) for row in cli_budgets(tenants.ledger_url, "--space", str(SPACE_A))]
     assert every(tenants, tenants.space_a) == of_a
     assert every(tenants, tenants.space_a, space_id=SPACE_A) == of_a
-    # A user's key: the space-wide budgets and its own user's, never Bob's.
-    alices = [row for row in of_a if row["user_id"] in (None, str(ALICE))]
+    # A user's key: its own user's budgets alone, never Bob's, nor the space-wide ones (whose
+    # spend, beside its own usage, would tell the other users' apart).
+    alices = [row for row in of_a if row["user_id"] == str(ALICE)]
+    assert alices
     assert every(tenants, tenants.alice) == alices
     assert tenants.budgets["bob_total"] not in {row["id"] for row in alices}
+    for row in of_a:
+        if row["user_id"] is None:
+            assert tenants.get(tenants.alice, f"/v1/budgets/{row['id']}").status_code == 404
     for row in alices:
         assert tenants.get(tenants.alice, f"/v1/budgets/{row['id']}").json() == row
 

@@ -270,6 +270,11 @@ def test_the_usage_api_renders_as_documented() -> None:
         "secretKeyRef": {"name": "ledger-api-database", "key": "LEDGER_API_DATABASE_URL"}
     }
     assert variables["LEDGER_API_STATEMENT_TIMEOUT"] == "10"
+    # No Kafka setting: these values' SASL mechanism without its secret's username would stop
+    # serve at start (it reads no Kafka setting at all).
+    assert "envFrom" not in container(api)
+    assert not [name for name in variables if name.startswith("LEDGER_KAFKA_")]
+    assert variables["LEDGER_LOG_FORMAT"] == "json"  # the log's settings from `config` do
     annotations = api["spec"]["template"]["metadata"]["annotations"]
     assert annotations["example.com/team"] == "billing"
     # Its clients reach the ready pods through a ClusterIP Service on api.port.

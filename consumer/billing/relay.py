@@ -84,7 +84,7 @@ class BillingProducer(ProducerResource):
         self,
         bootstrap_servers: str,
         topic: str,
-        alert_topic: str = "billing.budget-alerts",
+        alert_topic: str,
         **kafka_options: object,
     ) -> None:
         # Like the dead-letter producer: compressed, and no client-side size limit below the

@@ -1,5 +1,6 @@
-"""`verify`'s budget check: every budget's stored state against the state the budget rules
-(consumer/billing/budget_rules.py) compute from the ledger rows (docs/operations.md#budgets).
+"""`verify`'s budget check: every budget's stored spend against its rows' sums, and every
+stored state against the state the budget rules (consumer/billing/budget_rules.py) compute from
+the ledger rows (docs/operations.md#budgets).
 
 Judged: every period that has stored states (against the limits stored with them: a period
 keeps the limits it was first judged under), and every budget's current period (against the
@@ -35,6 +36,33 @@ CROSS JOIN LATERAL (
     AND (b.user_id IS NULL OR u.user_id = b.user_id)
 ) AS s
 """
+# Each stored period spend that differs from its rows' sums (a period without rows: 0). The
+# spend is kept by the usage triggers (migrations/versions/0012); this sums it again.
+_SPEND_DIFFERENCES = """
+WITH summed AS (
+  SELECT b.id AS budget_id, budget_period_start(b.period, u.source_at) AS period_start,
+         sum(u.cost_micros) AS cost_micros, sum(u.total_tokens) AS total_tokens
+  FROM budgets AS b JOIN token_usage AS u ON u.search_space_id = b.search_space_id
+  WHERE b.user_id IS NULL
+  GROUP BY 1, 2
+  UNION ALL
+  SELECT b.id, budget_period_start(b.period, u.source_at), sum(u.cost_micros),
+         sum(u.total_tokens)
+  FROM budgets AS b JOIN token_usage AS u
+    ON u.search_space_id = b.search_space_id AND u.user_id = b.user_id
+  GROUP BY 1, 2
+)
+SELECT coalesce(s.budget_id, r.budget_id) AS budget_id,
+       coalesce(s.period_start, r.period_start) AS period_start,
+       coalesce(s.cost_micros, 0) AS stored_cost_micros,
+       coalesce(s.total_tokens, 0) AS stored_total_tokens,
+       coalesce(r.cost_micros, 0) AS cost_micros, coalesce(r.total_tokens, 0) AS total_tokens
+FROM budget_spend AS s
+FULL JOIN summed AS r ON r.budget_id = s.budget_id AND r.period_start = s.period_start
+WHERE coalesce(s.cost_micros, 0) <> coalesce(r.cost_micros, 0)
+   OR coalesce(s.total_tokens, 0) <> coalesce(r.total_tokens, 0)
+ORDER BY 1, 2
+"""
 _STATES = (
     "SELECT budget_id, period_start, measure, threshold, limit_value, crossed, sequence"
     " FROM budget_states"
@@ -46,13 +74,23 @@ def _key(budget_id: int, start: datetime, measure: str, threshold: int) -> str:
 
 
 async def check_budgets(conn: asyncpg.Connection) -> list[Difference]:
-    """Every stored budget state that differs from the ledger's, described."""
+    """Every stored budget spend and state that differs from the ledger's, described."""
     budgets = {budget.id: budget for budget in await read_budgets(conn)}
+    found = [
+        Difference(
+            "budget_spend",
+            f"budget {row['budget_id']} period {row['period_start'].astimezone(UTC).date()}",
+            f"stored {row['stored_cost_micros']} cost_micros and {row['stored_total_tokens']}"
+            f" total_tokens, the ledger's rows sum to {row['cost_micros']} and"
+            f" {row['total_tokens']} (`token-ledger budget set` with the budget's own values"
+            " sums them again)",
+        )
+        for row in await conn.fetch(_SPEND_DIFFERENCES)
+    ]
     stored: dict[tuple[int, datetime], dict[StateKey, asyncpg.Record]] = {}
     for row in await conn.fetch(_STATES):
         period = (row["budget_id"], row["period_start"])
         stored.setdefault(period, {})[row["measure"], row["threshold"]] = row
-    found = []
     for row in await conn.fetch(_SPENDS):
         budget_id, start = row["budget_id"], row["period_start"]
         states = stored.get((budget_id, start), {})

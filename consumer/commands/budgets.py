@@ -1,10 +1,11 @@
 """`token-ledger budget set|list|delete` (docs/operations.md#budgets): budgets as rows, and the
 evaluation of the current period when one changes.
 
-The evaluation is `budget_evaluate` (migrations/versions/0010_budgets.py), the function the
-usage triggers call inside every batch transaction: `set` runs it for the budget's current
-period with the new limits, in the transaction that stores them, so the alerts a change causes
-are written (and later relayed) exactly like those a batch causes.
+The evaluation is `budget_evaluate` (migrations/versions/0012_budget_spend.py), the function the
+usage triggers call inside every batch transaction: `set` sums the budget's spend from the rows
+again, then runs it for the budget's current period with the new limits, in the transaction that
+stores them, so the alerts a change causes are written (and later relayed) exactly like those a
+batch causes.
 """
 
 from __future__ import annotations
@@ -52,13 +53,34 @@ _LOCK_SPACE = "SELECT pg_advisory_xact_lock(-$1::bigint)"
 # `total`'s year-1 start does not survive a round trip through Python's datetime.
 _EVALUATE = """
 SELECT budget_evaluate(array_agg($1::bigint), array_agg(p.start), array_agg(NULL::bigint),
-                       array_agg(NULL::integer), true)
+                       array_agg(NULL::integer), array_agg(NULL::numeric),
+                       array_agg(NULL::numeric), true)
 FROM (
   SELECT budget_period_start($2, now()) AS start
   UNION
   SELECT period_start FROM budget_states
   WHERE budget_id = $1 AND period_start > budget_period_start($2, now())
 ) AS p
+"""
+# The budget's spend of every period summed from its scope's rows again (the triggers keep it
+# from then on: migrations/versions/0012): a new budget's history, and the repair for a spend
+# that `verify` found different from the rows. Under the space's lock, so no batch writes the
+# space meanwhile.
+_SUM_AGAIN = """
+WITH summed AS (
+  SELECT budget_period_start($2, u.source_at) AS start, sum(u.cost_micros) AS cost_micros,
+         sum(u.total_tokens) AS total_tokens
+  FROM token_usage AS u
+  WHERE u.search_space_id = $3 AND {user_filter}
+  GROUP BY 1
+), emptied AS (
+  UPDATE budget_spend AS s SET cost_micros = 0, total_tokens = 0
+  WHERE s.budget_id = $1 AND NOT EXISTS (SELECT FROM summed WHERE summed.start = s.period_start)
+)
+INSERT INTO budget_spend AS s (budget_id, period_start, cost_micros, total_tokens)
+SELECT $1, start, cost_micros, total_tokens FROM summed ORDER BY start
+ON CONFLICT (budget_id, period_start) DO UPDATE SET
+  cost_micros = EXCLUDED.cost_micros, total_tokens = EXCLUDED.total_tokens
 """
 # What the listing reads of the budget tables, by name (never `b.*`): the usage API runs the
 # same query under a role granted these columns alone (migration 0011, serve's check_role).
@@ -133,6 +155,16 @@ async def set_budget(conn: asyncpg.Connection, change: BudgetChange) -> int:
         change.cost_micros,
         change.tokens,
         list(change.thresholds),
+    )
+    user_filter, user = (
+        ("TRUE", ()) if change.user_id is None else ("u.user_id = $4", (change.user_id,))
+    )
+    await conn.execute(
+        _SUM_AGAIN.format(user_filter=user_filter),
+        budget_id,
+        change.period,
+        change.search_space_id,
+        *user,
     )
     await conn.execute(_EVALUATE, budget_id, change.period)
     return budget_id

@@ -309,6 +309,18 @@ budget_states = Table(
     CheckConstraint("crossed = (sequence % 2 = 1)", name="parity"),
 )
 
+# Each budget period's spend: the sums of its scope's usage rows in that period, kept by the
+# statement that changes the rows (migrations/versions/0012).
+budget_spend = Table(
+    "budget_spend",
+    metadata,
+    Column("budget_id", BigInteger, ForeignKey("budgets.id", ondelete="CASCADE"), nullable=False),
+    Column("period_start", TIMESTAMP, nullable=False),
+    Column("cost_micros", Numeric, nullable=False),  # a period's sum may pass 2^63 - 1
+    Column("total_tokens", Numeric, nullable=False),
+    PrimaryKeyConstraint("budget_id", "period_start"),
+)
+
 # One row per change of a budget state; the relay publishes the pending ones.
 budget_alert_outbox = Table(
     "budget_alert_outbox",

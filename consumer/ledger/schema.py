@@ -70,6 +70,7 @@ CONSUMER_TABLES = frozenset(
     {
         "billing_outbox",
         "budget_alert_outbox",
+        "budget_spend",
         "budget_states",
         "budgets",
         "chat_messages",

@@ -28,6 +28,7 @@ LEDGER_TABLES = {
     "api_keys",
     "budgets",
     "budget_states",
+    "budget_spend",
     "budget_alert_outbox",
 }
 

@@ -1,7 +1,8 @@
 """Against the real database: for any delivery order, duplication and batching of generated
-traffic with budgets, the budget states `budget_evaluate` (migrations/versions/0010_budgets.py)
-keeps equal the budget rules (consumer/billing/budget_rules.py) applied to the ledger's rows
-after every batch, and each batch's alerts are exactly the changes of that state.
+traffic with budgets, the budget states `budget_evaluate` (migrations/versions/0012) keeps
+equal the budget rules (consumer/billing/budget_rules.py) applied to the ledger's rows after
+every batch, each batch's alerts are exactly the changes of that state, and each period's
+stored spend is its rows' sum.
 
 So the last alert per (budget, period, measure, threshold) is the state of the final ledger,
 its sequence numbers run 1, 2, 3, … and no two consecutive alerts of one are the same kind."""
@@ -26,7 +27,7 @@ from tests.factories import ledger_events
 from tests.strategies import across_periods, batch_splits, delivered
 
 TABLES = (
-    "budget_alert_outbox, budget_states, budgets, billing_outbox, token_usage, chat_messages,"
+    "budget_alert_outbox, budget_spend, budget_states, budgets, billing_outbox, token_usage, chat_messages,"
     " chat_threads"
 )
 # Spaces 1 and 2 are threads 1 and 2 (tests/strategies.py); user 1 is one of the drawn users.
@@ -72,6 +73,7 @@ class BudgetDriver:
                 await apply_events(self.conn, ledger_events(batch))
             after = await self.computed()
             assert await self.stored() == after
+            assert await self.stored_spends() == await self.summed_spends()
             assert await self.alerts_since(seen) == alerts(before, after)
             before = after
         await self._check_sequences(before)
@@ -83,12 +85,11 @@ class BudgetDriver:
             )
         assert await self.conn.fetchval("SELECT count(*) FROM budget_alert_outbox") == count
 
-    async def computed(self) -> State:
-        """The rules applied to the ledger's rows (every period of usage the budgets cover)."""
+    async def usage(self) -> list[tuple[int, uuid.UUID | None, datetime, int, int]]:
         usage = await self.conn.fetch(
             "SELECT search_space_id, user_id, source_at, cost_micros, total_tokens FROM token_usage"
         )
-        rows = [
+        return [
             (
                 r["search_space_id"],
                 r["user_id"],
@@ -98,6 +99,35 @@ class BudgetDriver:
             )
             for r in usage
         ]
+
+    async def summed_spends(self) -> dict[tuple[int, datetime], dict[str, int]]:
+        """Each budget period's spend summed from the ledger's rows, here, not in SQL (but
+        not the periods whose rows sum to 0: budget_spend need not hold them)."""
+        rows = await self.usage()
+        return {
+            (budget.id, start): spends
+            for budget in BUDGETS
+            for start, spends in spends_by_period(budget, rows).items()
+            if any(spends.values())
+        }
+
+    async def stored_spends(self) -> dict[tuple[int, datetime], dict[str, int]]:
+        """budget_spend, without its periods of 0 (say, whose rows moved away)."""
+        rows = await self.conn.fetch(
+            "SELECT budget_id, period_start, cost_micros, total_tokens FROM budget_spend"
+            " WHERE cost_micros <> 0 OR total_tokens <> 0"
+        )
+        return {
+            (r["budget_id"], r["period_start"]): {
+                "cost_micros": int(r["cost_micros"]),
+                "total_tokens": int(r["total_tokens"]),
+            }
+            for r in rows
+        }
+
+    async def computed(self) -> State:
+        """The rules applied to the ledger's rows (every period of usage the budgets cover)."""
+        rows = await self.usage()
         state: State = {}
         for budget in BUDGETS:
             for start, spends in spends_by_period(budget, rows).items():

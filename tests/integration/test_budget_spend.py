@@ -50,7 +50,7 @@ async def test_0012_sums_the_existing_rows_into_budget_spend_and_its_downgrade_g
         space_budget, user_budget = [
             await conn.fetchval(
                 "INSERT INTO budgets (search_space_id, user_id, period, cost_micros_limit,"
-                " thresholds) VALUES ($1, $2, $3, 1000, '{50}') RETURNING id",
+                " thresholds) VALUES ($1, $2, $3, 1000, '{100}') RETURNING id",
                 SPACE,
                 user,
                 period,
@@ -67,7 +67,7 @@ async def test_0012_sums_the_existing_rows_into_budget_spend_and_its_downgrade_g
 
         await asyncio.to_thread(downgrade, database_url, "0011")
         assert not await conn.fetchval("SELECT to_regclass('budget_spend') IS NOT NULL")
-        await apply(conn, today(4, 200))  # 0010's evaluation, summing the rows
+        await apply(conn, today(4, 200))  # 1000 of 1000: 0010's evaluation, summing the rows
         crossed = await conn.fetch(
             "SELECT budget_id, spend FROM budget_states WHERE crossed ORDER BY budget_id"
         )

@@ -2,14 +2,16 @@
 stored state against the state the budget rules (consumer/billing/budget_rules.py) compute from
 the ledger rows (docs/operations.md#budgets).
 
-Judged: every period that has stored states (against the limits stored with them: a period
-keeps the limits it was first judged under), and every budget's current period (against the
-budget's limits, when it has no stored state yet). Run inside verify's snapshot, so the usage
+Judged: every period judged before (against the limits stored with it in budget_periods: a
+period keeps the limits it was first judged under), and every budget's current period (against
+the budget's limits, when it was not judged yet). A state is stored from its first crossing on:
+a missing one was never crossed. Run inside verify's snapshot, so the usage
 and the states are the ones one set of committed batches left.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import asyncpg
@@ -18,13 +20,19 @@ from consumer.billing.budget_rules import StateKey, judge
 from consumer.commands.budgets import read_budgets
 from consumer.ledger.rebuild import Difference
 
+# Every judged period (with the limits it is judged under) and every budget's current period,
+# with its rows' sums.
 _SPENDS = """
 WITH periods AS (
-  SELECT DISTINCT budget_id, period_start FROM budget_states
-  UNION
-  SELECT id, budget_period_start(period, now()) FROM budgets
+  SELECT budget_id, period_start, cost_micros_limit, total_tokens_limit, thresholds
+  FROM budget_periods WHERE thresholds IS NOT NULL
+  UNION ALL
+  SELECT b.id, p.start, NULL, NULL, NULL
+  FROM budgets AS b CROSS JOIN LATERAL (SELECT budget_period_start(b.period, now()) AS start) AS p
+  WHERE NOT EXISTS (SELECT FROM budget_periods AS j WHERE j.budget_id = b.id
+                    AND j.period_start = p.start AND j.thresholds IS NOT NULL)
 )
-SELECT p.budget_id, p.period_start, s.cost_micros, s.total_tokens
+SELECT p.*, s.cost_micros, s.total_tokens
 FROM periods AS p JOIN budgets AS b ON b.id = p.budget_id
 CROSS JOIN LATERAL (
   SELECT coalesce(sum(u.cost_micros), 0) AS cost_micros,
@@ -57,7 +65,7 @@ SELECT coalesce(s.budget_id, r.budget_id) AS budget_id,
        coalesce(s.cost_micros, 0) AS stored_cost_micros,
        coalesce(s.total_tokens, 0) AS stored_total_tokens,
        coalesce(r.cost_micros, 0) AS cost_micros, coalesce(r.total_tokens, 0) AS total_tokens
-FROM budget_spend AS s
+FROM budget_periods AS s
 FULL JOIN summed AS r ON r.budget_id = s.budget_id AND r.period_start = s.period_start
 WHERE coalesce(s.cost_micros, 0) <> coalesce(r.cost_micros, 0)
    OR coalesce(s.total_tokens, 0) <> coalesce(r.total_tokens, 0)
@@ -78,7 +86,7 @@ async def check_budgets(conn: asyncpg.Connection) -> list[Difference]:
     budgets = {budget.id: budget for budget in await read_budgets(conn)}
     found = [
         Difference(
-            "budget_spend",
+            "budget_periods",
             f"budget {row['budget_id']} period {row['period_start'].astimezone(UTC).date()}",
             f"stored {row['stored_cost_micros']} cost_micros and {row['stored_total_tokens']}"
             f" total_tokens, the ledger's rows sum to {row['cost_micros']} and"
@@ -94,11 +102,17 @@ async def check_budgets(conn: asyncpg.Connection) -> list[Difference]:
     for row in await conn.fetch(_SPENDS):
         budget_id, start = row["budget_id"], row["period_start"]
         states = stored.get((budget_id, start), {})
-        limits = (
-            {key: state["limit_value"] for key, state in states.items()}
-            if states
-            else budgets[budget_id].limits()
-        )
+        budget = budgets[budget_id]
+        if row["thresholds"] is not None:  # judged: under the limits stored with it
+            budget = replace(
+                budget,
+                cost_micros_limit=row["cost_micros_limit"],
+                total_tokens_limit=row["total_tokens_limit"],
+                thresholds=tuple(row["thresholds"]),
+            )
+        # A stored state the limits no longer have is judged against none: withdrawn.
+        limits: dict[StateKey, int | None] = dict.fromkeys(states)
+        limits.update(budget.limits())
         expected = judge(
             {"cost_micros": int(row["cost_micros"]), "total_tokens": int(row["total_tokens"])},
             limits,

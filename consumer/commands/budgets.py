@@ -1,7 +1,7 @@
 """`token-ledger budget set|list|delete` (docs/operations.md#budgets): budgets as rows, and the
 evaluation of the current period when one changes.
 
-The evaluation is `budget_evaluate` (migrations/versions/0012_budget_spend.py), the function the
+The evaluation is `budget_evaluate` (migrations/versions/0012_budget_periods.py), the function the
 usage triggers call inside every batch transaction: `set` sums the budget's spend from the rows
 again, then runs it for the budget's current period with the new limits, in the transaction that
 stores them, so the alerts a change causes are written (and later relayed) exactly like those a
@@ -58,13 +58,13 @@ SELECT budget_evaluate(array_agg($1::bigint), array_agg(p.start), array_agg(NULL
 FROM (
   SELECT budget_period_start($2, now()) AS start
   UNION
-  SELECT period_start FROM budget_states
-  WHERE budget_id = $1 AND period_start > budget_period_start($2, now())
+  SELECT period_start FROM budget_periods
+  WHERE budget_id = $1 AND period_start > budget_period_start($2, now()) AND thresholds IS NOT NULL
 ) AS p
 """
 # The budget's spend of every period summed from its scope's rows again (the triggers keep it
 # from then on: migrations/versions/0012): a new budget's history, and the repair for a spend
-# that `verify` found different from the rows. Under the space's lock, so no batch writes the
+# that `verify` found different from the rows. The limits a period is judged under stay. Under the space's lock, so no batch writes the
 # space meanwhile.
 _SUM_AGAIN = """
 WITH summed AS (
@@ -74,10 +74,10 @@ WITH summed AS (
   WHERE u.search_space_id = $3 AND {user_filter}
   GROUP BY 1
 ), emptied AS (
-  UPDATE budget_spend AS s SET cost_micros = 0, total_tokens = 0
+  UPDATE budget_periods AS s SET cost_micros = 0, total_tokens = 0
   WHERE s.budget_id = $1 AND NOT EXISTS (SELECT FROM summed WHERE summed.start = s.period_start)
 )
-INSERT INTO budget_spend AS s (budget_id, period_start, cost_micros, total_tokens)
+INSERT INTO budget_periods AS s (budget_id, period_start, cost_micros, total_tokens)
 SELECT $1, start, cost_micros, total_tokens FROM summed ORDER BY start
 ON CONFLICT (budget_id, period_start) DO UPDATE SET
   cost_micros = EXCLUDED.cost_micros, total_tokens = EXCLUDED.total_tokens

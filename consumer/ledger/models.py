@@ -291,8 +291,9 @@ budgets = Table(
     ),
 )
 
-# Whether a (budget, period, measure, threshold) has crossed, written by budget_evaluate in the
-# transaction that changed the period's usage or the budget.
+# Whether a (budget, period, measure, threshold) has crossed, from its first crossing on (none:
+# never crossed), written by budget_evaluate in the transaction that changed the period's usage
+# or the budget.
 budget_states = Table(
     "budget_states",
     metadata,
@@ -309,15 +310,19 @@ budget_states = Table(
     CheckConstraint("crossed = (sequence % 2 = 1)", name="parity"),
 )
 
-# Each budget period's spend: the sums of its scope's usage rows in that period, kept by the
-# statement that changes the rows (migrations/versions/0012).
-budget_spend = Table(
-    "budget_spend",
+# Each budget period's spend (the sums of its scope's usage rows in that period, kept by the
+# statement that changes the rows) and the limits it is judged under, set when it is first
+# judged (migrations/versions/0012).
+budget_periods = Table(
+    "budget_periods",
     metadata,
     Column("budget_id", BigInteger, ForeignKey("budgets.id", ondelete="CASCADE"), nullable=False),
     Column("period_start", TIMESTAMP, nullable=False),
     Column("cost_micros", Numeric, nullable=False),  # a period's sum may pass 2^63 - 1
     Column("total_tokens", Numeric, nullable=False),
+    Column("cost_micros_limit", BigInteger, nullable=True),
+    Column("total_tokens_limit", BigInteger, nullable=True),
+    Column("thresholds", ARRAY(SmallInteger), nullable=True),
     PrimaryKeyConstraint("budget_id", "period_start"),
 )
 

@@ -70,7 +70,7 @@ CONSUMER_TABLES = frozenset(
     {
         "billing_outbox",
         "budget_alert_outbox",
-        "budget_spend",
+        "budget_periods",
         "budget_states",
         "budgets",
         "chat_messages",

@@ -27,7 +27,7 @@ from tests.factories import ledger_events
 from tests.strategies import across_periods, batch_splits, delivered
 
 TABLES = (
-    "budget_alert_outbox, budget_spend, budget_states, budgets, billing_outbox, token_usage, chat_messages,"
+    "budget_alert_outbox, budget_periods, budget_states, budgets, billing_outbox, token_usage, chat_messages,"
     " chat_threads"
 )
 # Spaces 1 and 2 are threads 1 and 2 (tests/strategies.py); user 1 is one of the drawn users.
@@ -102,7 +102,7 @@ class BudgetDriver:
 
     async def summed_spends(self) -> dict[tuple[int, datetime], dict[str, int]]:
         """Each budget period's spend summed from the ledger's rows, here, not in SQL (but
-        not the periods whose rows sum to 0: budget_spend need not hold them)."""
+        not the periods whose rows sum to 0: budget_periods need not hold them)."""
         rows = await self.usage()
         return {
             (budget.id, start): spends
@@ -112,9 +112,9 @@ class BudgetDriver:
         }
 
     async def stored_spends(self) -> dict[tuple[int, datetime], dict[str, int]]:
-        """budget_spend, without its periods of 0 (say, whose rows moved away)."""
+        """budget_periods, without its periods of 0 (say, whose rows moved away)."""
         rows = await self.conn.fetch(
-            "SELECT budget_id, period_start, cost_micros, total_tokens FROM budget_spend"
+            "SELECT budget_id, period_start, cost_micros, total_tokens FROM budget_periods"
             " WHERE cost_micros <> 0 OR total_tokens <> 0"
         )
         return {

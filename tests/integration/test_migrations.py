@@ -28,7 +28,7 @@ LEDGER_TABLES = {
     "api_keys",
     "budgets",
     "budget_states",
-    "budget_spend",
+    "budget_periods",
     "budget_alert_outbox",
 }
 

@@ -1,4 +1,4 @@
-"""Each budget period's stored spend (budget_spend, migrations/versions/0012) against the real
+"""Each budget period's stored spend (budget_periods, migrations/versions/0012) against the real
 PostgreSQL: the migration sums the existing rows into it and its downgrade gives back 0010's
 evaluation; verify finds a stored spend that differs from the rows, and `budget set` sums it
 again (docs/operations.md#budgets)."""
@@ -35,13 +35,13 @@ async def apply(conn: asyncpg.Connection, *events: AnyEvent) -> None:
 async def spends(conn: asyncpg.Connection) -> dict[int, int]:
     """Each budget's stored cost spend of its current period."""
     rows = await conn.fetch(
-        "SELECT s.budget_id, s.cost_micros FROM budget_spend AS s JOIN budgets AS b"
+        "SELECT s.budget_id, s.cost_micros FROM budget_periods AS s JOIN budgets AS b"
         " ON b.id = s.budget_id WHERE s.period_start = budget_period_start(b.period, now())"
     )
     return {row["budget_id"]: int(row["cost_micros"]) for row in rows}
 
 
-async def test_0012_sums_the_existing_rows_into_budget_spend_and_its_downgrade_gives_back_0010(
+async def test_0012_sums_the_existing_rows_into_budget_periods_and_its_downgrade_gives_back_0010(
     database_url: str,
 ) -> None:
     await asyncio.to_thread(upgrade, database_url, "0011")
@@ -66,7 +66,7 @@ async def test_0012_sums_the_existing_rows_into_budget_spend_and_its_downgrade_g
         assert await spends(conn) == {space_budget: 800, user_budget: 800}
 
         await asyncio.to_thread(downgrade, database_url, "0011")
-        assert not await conn.fetchval("SELECT to_regclass('budget_spend') IS NOT NULL")
+        assert not await conn.fetchval("SELECT to_regclass('budget_periods') IS NOT NULL")
         await apply(conn, today(4, 200))  # 1000 of 1000: 0010's evaluation, summing the rows
         crossed = await conn.fetch(
             "SELECT budget_id, spend FROM budget_states WHERE crossed ORDER BY budget_id"
@@ -89,11 +89,11 @@ async def test_verify_finds_a_spend_the_rows_do_not_sum_to_and_budget_set_sums_i
     assert await spends(ledger) == {budget_id: 400}
     # What no statement of the ledger does: a spend moved without its rows. The next batch
     # judges on it: 650 of 1000 crosses 50 %, though the rows sum to 450.
-    await ledger.execute("UPDATE budget_spend SET cost_micros = cost_micros + 200")
+    await ledger.execute("UPDATE budget_periods SET cost_micros = cost_micros + 200")
     await apply(ledger, today(3, 50))
 
     spend, state = await check_budgets(ledger)
-    assert (spend.table, state.table) == ("budget_spend", "budget_states")
+    assert (spend.table, state.table) == ("budget_periods", "budget_states")
     assert "stored 650 cost_micros" in spend.problem and "sum to 450" in spend.problem
     assert "stored crossed" in state.problem
 

@@ -1,20 +1,30 @@
-"""Each budget period's spend, kept by the statement that changes its usage rows.
+"""Each budget period's spend and limits in one row, kept by the statement that changes its usage.
 
 0010 summed every touched period's usage rows again in each batch: a space's `total` budget
-read the space's whole ledger per batch, so a drain's cost grew with the square of its length
-(docs/development.md#budgets). Here `budget_spend` holds, per (budget, period start), the sum of
-the cost_micros and total_tokens of the usage rows in that budget's scope and period. It is
-derived from the rows, in the statement that changes them: the usage triggers pass each
-statement's row changes (its NEW rows added, its OLD rows taken away, from the transition
-tables) to `budget_evaluate`, which adds them up per (budget, period) under the budget's row
-lock and then judges the thresholds on the sums. So it moves exactly when the rows move:
-a redelivery or replay changes no row and no sum, and a supersession or late correction moves
-its old amount out and its new one in, in one statement. `verify` sums every period from the
-rows again and reports any difference; `token-ledger budget set` sums its budget's periods
-from the rows again (a new budget's history; the repair for a difference).
+read the space's whole ledger per batch, so a drain's cost grew with the square of its length;
+and it wrote six `budget_states` rows for every period the first time it was judged, to keep
+the limits the period is judged under (docs/development.md#budgets).
 
-The evaluation is set-based too: one statement finds the limits of every touched (budget,
-period) (0010 called `budget_limits` per pair) and writes only the states that change.
+`budget_periods` holds, per (budget, period start):
+- the spend: the sums of cost_micros and total_tokens of the usage rows in that budget's scope
+  and period. It is derived from the rows in the statement that changes them: the usage
+  triggers pass the statement's row changes (its NEW rows added, its OLD rows taken away, from
+  the transition tables) to `budget_evaluate`, which adds them up per (budget, period) under the
+  budget's row lock. So it moves exactly when the rows move: a redelivery or replay changes no
+  row and no sum; a supersession or late correction moves its old amount out and its new one
+  in, in one statement. `verify` sums every period from the rows again and reports any
+  difference; `token-ledger budget set` sums its budget's periods again (a new budget's
+  history; the repair for a difference).
+- the limits and thresholds the period is judged under, set the first time it is judged (null
+  before), replaced when the budget changes.
+
+`budget_states` now holds a (budget, period, measure, threshold) from its first crossing on: a
+missing state is one never crossed (sequence 0). The evaluation is one set-based statement
+that reaches every row it reads by an index probe from a touched (budget, period), and writes
+only the states that change.
+
+The functions run with `jit = off`: the planner's estimates for them pass jit_above_cost, and
+compiling each statement (20-80 ms, measured) cost far more than running it (a few ms).
 
 Revision ID: 0012
 Revises: 0011
@@ -28,6 +38,7 @@ from types import ModuleType
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 revision: str = "0012"
 down_revision: str | None = "0011"
@@ -35,9 +46,6 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 # Literal SQL: a migration is frozen history and must not follow later code.
-# `SET jit = off` on each function: the planner's estimates for these statements pass
-# jit_above_cost, and compiling them (20-80 ms a statement, measured) cost far more than running
-# them (a few ms): JIT is for long analytical queries, not a trigger in every batch.
 EVALUATE = """
 CREATE FUNCTION budget_evaluate(budget_ids bigint[], starts timestamptz[], usage_ids bigint[],
                                 revisions integer[], costs numeric[], tokens numeric[],
@@ -47,19 +55,31 @@ BEGIN
   -- One statement that locks, then statements that read: under READ COMMITTED each takes a
   -- new snapshot, so a member that waited here sees what the member before it committed.
   PERFORM FROM budgets WHERE id = ANY(budget_ids) ORDER BY id FOR UPDATE;
-  -- The statement's row changes, per (budget, period); a budget deleted meanwhile is not seen.
-  INSERT INTO budget_spend AS s (budget_id, period_start, cost_micros, total_tokens)
-  SELECT c.budget_id, c.start, sum(c.cost), sum(c.tokens)
+  -- Each touched period: the statement's row changes added to its spend; the budget's limits
+  -- and (distinct) thresholds, the first time it is judged or when the budget changed. A
+  -- budget deleted meanwhile is not seen.
+  INSERT INTO budget_periods AS p (budget_id, period_start, cost_micros, total_tokens,
+                                   cost_micros_limit, total_tokens_limit, thresholds)
+  SELECT c.budget_id, c.start, coalesce(sum(c.cost), 0), coalesce(sum(c.tokens), 0),
+         b.cost_micros_limit, b.total_tokens_limit,
+         (SELECT array_agg(DISTINCT th ORDER BY th) FROM unnest(b.thresholds) AS th)
   FROM unnest(budget_ids, starts, costs, tokens) AS c(budget_id, start, cost, tokens)
-  WHERE c.cost IS NOT NULL AND EXISTS (SELECT FROM budgets AS b WHERE b.id = c.budget_id)
-  GROUP BY c.budget_id, c.start
-  HAVING sum(c.cost) <> 0 OR sum(c.tokens) <> 0
+  JOIN budgets AS b ON b.id = c.budget_id
+  GROUP BY c.budget_id, c.start, b.id
   ORDER BY c.budget_id, c.start
   ON CONFLICT (budget_id, period_start) DO UPDATE SET
-    cost_micros = s.cost_micros + EXCLUDED.cost_micros,
-    total_tokens = s.total_tokens + EXCLUDED.total_tokens;
-  -- Every join below is an index probe from a touched (budget, period): the planner cannot know
-  -- how many pairs the arrays hold, and a join of two of these sets would be a nested loop of
+    cost_micros = p.cost_micros + EXCLUDED.cost_micros,
+    total_tokens = p.total_tokens + EXCLUDED.total_tokens,
+    cost_micros_limit = CASE WHEN reconfigure OR p.thresholds IS NULL
+                             THEN EXCLUDED.cost_micros_limit ELSE p.cost_micros_limit END,
+    total_tokens_limit = CASE WHEN reconfigure OR p.thresholds IS NULL
+                              THEN EXCLUDED.total_tokens_limit ELSE p.total_tokens_limit END,
+    thresholds = CASE WHEN reconfigure OR p.thresholds IS NULL
+                      THEN EXCLUDED.thresholds ELSE p.thresholds END
+  WHERE EXCLUDED.cost_micros <> 0 OR EXCLUDED.total_tokens <> 0 OR reconfigure
+     OR p.thresholds IS NULL;
+  -- Every join below is an index probe from a touched (budget, period): the planner cannot
+  -- know how many pairs the arrays hold, and a join of two such sets became a nested loop of
   -- one over the other (measured: 1.3 s for 700 pairs).
   WITH touched AS (
     SELECT DISTINCT ON (t.budget_id, t.start) t.*
@@ -67,45 +87,37 @@ BEGIN
     ORDER BY t.budget_id, t.start, t.usage_id DESC NULLS LAST, t.revision DESC
   ), changed AS (
     SELECT t.budget_id, t.start, t.usage_id, t.revision, b.search_space_id, b.user_id, b.period,
-      l.measure, l.threshold, l.limit_value, v.spend, j.crossed, st.sequence AS sequence_before,
-      CASE WHEN st.sequence IS NULL THEN j.crossed::integer
-           ELSE st.sequence + (j.crossed <> st.crossed)::integer END AS sequence
+      l.measure, l.threshold, l.limit_value, l.spend, j.crossed,
+      st.sequence AS sequence_before,
+      coalesce(st.sequence, 0) + (j.crossed <> coalesce(st.crossed, false))::integer AS sequence
     FROM touched AS t
     JOIN budgets AS b ON b.id = t.budget_id
-    LEFT JOIN budget_spend AS sp ON sp.budget_id = t.budget_id AND sp.period_start = t.start
-    -- What each (measure, threshold) is judged against: a period keeps the limits it was first
-    -- judged under; a change of the budget (`reconfigure`) judges it with the budget's, and a
-    -- (measure, threshold) it no longer has against no limit, which withdraws it.
+    JOIN budget_periods AS p ON p.budget_id = t.budget_id AND p.period_start = t.start
+    -- Each (measure, threshold) the period is judged under, and each stored state it no
+    -- longer has (after a change of the budget), judged against no limit: withdrawn.
     CROSS JOIN LATERAL (
-      SELECT s.measure, s.threshold, s.limit_value FROM budget_states AS s
-      WHERE s.budget_id = t.budget_id AND s.period_start = t.start AND NOT reconfigure
-      UNION ALL
-      SELECT m.measure, th.threshold, m.limit_value
-      FROM (VALUES ('cost_micros', b.cost_micros_limit),
-                   ('total_tokens', b.total_tokens_limit)) AS m(measure, limit_value)
-      -- DISTINCT: a threshold written twice (by hand) is one threshold.
-      CROSS JOIN (SELECT DISTINCT unnest(b.thresholds)) AS th(threshold)
+      SELECT m.measure, th.threshold, m.limit_value, m.spend
+      FROM (VALUES ('cost_micros', p.cost_micros_limit, p.cost_micros),
+                   ('total_tokens', p.total_tokens_limit, p.total_tokens))
+             AS m(measure, limit_value, spend)
+      CROSS JOIN unnest(p.thresholds) AS th(threshold)
       WHERE m.limit_value IS NOT NULL
-        AND (reconfigure OR NOT EXISTS (SELECT FROM budget_states AS s
-                                        WHERE s.budget_id = t.budget_id AND s.period_start = t.start))
       UNION ALL
-      SELECT s.measure, s.threshold, NULL FROM budget_states AS s
-      WHERE reconfigure AND s.budget_id = t.budget_id AND s.period_start = t.start
-        AND NOT (s.threshold = ANY(b.thresholds) AND CASE s.measure
-              WHEN 'cost_micros' THEN b.cost_micros_limit ELSE b.total_tokens_limit END IS NOT NULL)
+      SELECT s.measure, s.threshold, NULL,
+             CASE s.measure WHEN 'cost_micros' THEN p.cost_micros ELSE p.total_tokens END
+      FROM budget_states AS s
+      WHERE s.budget_id = t.budget_id AND s.period_start = t.start
+        AND NOT (s.threshold = ANY(p.thresholds) AND CASE s.measure
+              WHEN 'cost_micros' THEN p.cost_micros_limit ELSE p.total_tokens_limit END IS NOT NULL)
     ) AS l
     CROSS JOIN LATERAL (
-      SELECT CASE l.measure WHEN 'cost_micros' THEN coalesce(sp.cost_micros, 0)
-                            ELSE coalesce(sp.total_tokens, 0) END AS spend
-    ) AS v
-    CROSS JOIN LATERAL (
-      SELECT l.limit_value IS NOT NULL AND v.spend * 100 >= l.limit_value::numeric * l.threshold
+      SELECT l.limit_value IS NOT NULL AND l.spend * 100 >= l.limit_value::numeric * l.threshold
                AS crossed
     ) AS j
     LEFT JOIN budget_states AS st ON st.budget_id = t.budget_id AND st.period_start = t.start
                                  AND st.measure = l.measure AND st.threshold = l.threshold
-    -- Only the states that are new or change: the rest stay as they are.
-    WHERE st.budget_id IS NULL OR st.crossed <> j.crossed
+    -- Only the states that change: a state is stored from its first crossing on.
+    WHERE (st.budget_id IS NULL AND j.crossed) OR st.crossed <> j.crossed
        OR st.limit_value IS DISTINCT FROM l.limit_value
   ), written AS (
     -- Under the budget's lock nothing else writes its states, so `changed` knows each new
@@ -192,13 +204,45 @@ BEGIN
   RETURN NULL;
 END $$
 """
-# Every existing budget's periods, summed from the rows.
+# Every existing budget's periods: their rows' sums, and the limits their states were judged
+# under (the period's states, written for every (measure, threshold) when it was first judged,
+# all carry its limits but those withdrawn by a change of the budget).
 BACKFILL = """
-INSERT INTO budget_spend (budget_id, period_start, cost_micros, total_tokens)
-SELECT b.id, budget_period_start(b.period, u.source_at), sum(u.cost_micros), sum(u.total_tokens)
-FROM budgets AS b JOIN token_usage AS u ON u.search_space_id = b.search_space_id
-  AND (b.user_id IS NULL OR u.user_id = b.user_id)
-GROUP BY 1, 2
+INSERT INTO budget_periods (budget_id, period_start, cost_micros, total_tokens,
+                            cost_micros_limit, total_tokens_limit, thresholds)
+SELECT coalesce(u.budget_id, s.budget_id), coalesce(u.start, s.start),
+       coalesce(u.cost_micros, 0), coalesce(u.total_tokens, 0),
+       s.cost_micros_limit, s.total_tokens_limit, s.thresholds
+FROM (
+  SELECT b.id AS budget_id, budget_period_start(b.period, u.source_at) AS start,
+         sum(u.cost_micros) AS cost_micros, sum(u.total_tokens) AS total_tokens
+  FROM budgets AS b JOIN token_usage AS u ON u.search_space_id = b.search_space_id
+    AND (b.user_id IS NULL OR u.user_id = b.user_id)
+  GROUP BY 1, 2
+) AS u
+FULL JOIN (
+  SELECT budget_id, period_start AS start,
+         max(limit_value) FILTER (WHERE measure = 'cost_micros') AS cost_micros_limit,
+         max(limit_value) FILTER (WHERE measure = 'total_tokens') AS total_tokens_limit,
+         coalesce(array_agg(DISTINCT threshold ORDER BY threshold)
+                    FILTER (WHERE limit_value IS NOT NULL), '{}') AS thresholds
+  FROM budget_states GROUP BY 1, 2
+) AS s ON s.budget_id = u.budget_id AND s.start = u.start
+"""
+# A state is stored from its first crossing on.
+NEVER_CROSSED = "DELETE FROM budget_states WHERE sequence = 0"
+# Back to 0010's form: every (measure, threshold) of a judged period has a state.
+UNCROSSED_STATES = """
+INSERT INTO budget_states (budget_id, period_start, measure, threshold, limit_value, crossed,
+                           sequence, spend)
+SELECT p.budget_id, p.period_start, m.measure, th.threshold, m.limit_value, false, 0, m.spend
+FROM budget_periods AS p
+CROSS JOIN LATERAL (VALUES ('cost_micros', p.cost_micros_limit, p.cost_micros),
+                           ('total_tokens', p.total_tokens_limit, p.total_tokens))
+  AS m(measure, limit_value, spend)
+CROSS JOIN unnest(p.thresholds) AS th(threshold)
+WHERE m.limit_value IS NOT NULL
+ON CONFLICT (budget_id, period_start, measure, threshold) DO NOTHING
 """
 OLD_EVALUATE = "budget_evaluate(bigint[], timestamptz[], bigint[], integer[], boolean)"
 NEW_EVALUATE = (
@@ -219,21 +263,26 @@ def _revision_0010() -> ModuleType:
 
 def upgrade() -> None:
     op.create_table(
-        "budget_spend",
+        "budget_periods",
         sa.Column("budget_id", sa.BigInteger(), nullable=False),
         sa.Column("period_start", sa.DateTime(timezone=True), nullable=False),
         # numeric, as sum() gives it: a period's spend may pass 2^63 - 1, though no row does.
         sa.Column("cost_micros", sa.Numeric(), nullable=False),
         sa.Column("total_tokens", sa.Numeric(), nullable=False),
-        sa.PrimaryKeyConstraint("budget_id", "period_start", name=op.f("pk_budget_spend")),
+        # What the period is judged under; null until it is first judged.
+        sa.Column("cost_micros_limit", sa.BigInteger(), nullable=True),
+        sa.Column("total_tokens_limit", sa.BigInteger(), nullable=True),
+        sa.Column("thresholds", postgresql.ARRAY(sa.SmallInteger()), nullable=True),
+        sa.PrimaryKeyConstraint("budget_id", "period_start", name=op.f("pk_budget_periods")),
         sa.ForeignKeyConstraint(
             ["budget_id"],
             ["budgets.id"],
-            name=op.f("fk_budget_spend_budget_id_budgets"),
+            name=op.f("fk_budget_periods_budget_id_budgets"),
             ondelete="CASCADE",
         ),
     )
     op.execute(BACKFILL)
+    op.execute(NEVER_CROSSED)
     op.execute(f"DROP FUNCTION {OLD_EVALUATE}")
     op.execute("DROP FUNCTION budget_limits(bigint, timestamptz, boolean)")
     for statement in (EVALUATE, USAGE_CREATED, USAGE_REVISED):
@@ -247,4 +296,5 @@ def downgrade() -> None:
         op.execute(statement)
     for statement in (before.USAGE_CREATED, before.USAGE_REVISED):
         op.execute(statement.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1))
-    op.drop_table("budget_spend")
+    op.execute(UNCROSSED_STATES)
+    op.drop_table("budget_periods")

@@ -117,8 +117,8 @@ BEGIN
     LEFT JOIN budget_states AS st ON st.budget_id = t.budget_id AND st.period_start = t.start
                                  AND st.measure = l.measure AND st.threshold = l.threshold
     -- Only the states that change: a state is stored from its first crossing on.
-    WHERE (st.budget_id IS NULL AND j.crossed) OR st.crossed <> j.crossed
-       OR st.limit_value IS DISTINCT FROM l.limit_value
+    WHERE CASE WHEN st.budget_id IS NULL THEN j.crossed
+               ELSE st.crossed <> j.crossed OR st.limit_value IS DISTINCT FROM l.limit_value END
   ), written AS (
     -- Under the budget's lock nothing else writes its states, so `changed` knows each new
     -- sequence.

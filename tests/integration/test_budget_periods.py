@@ -87,6 +87,9 @@ async def test_verify_finds_a_spend_the_rows_do_not_sum_to_and_budget_set_sums_i
         budget_id = await set_budget(ledger, change)
     await apply(ledger, today(2, 100))
     assert await spends(ledger) == {budget_id: 400}
+    # Judged, not crossed: the period's limits are stored with its spend, and no state yet.
+    assert await ledger.fetchval("SELECT count(*) FROM budget_states") == 0
+    assert await ledger.fetchval("SELECT thresholds FROM budget_periods") == [50]
     # What no statement of the ledger does: a spend moved without its rows. The next batch
     # judges on it: 650 of 1000 crosses 50 %, though the rows sum to 450.
     await ledger.execute("UPDATE budget_periods SET cost_micros = cost_micros + 200")

@@ -60,12 +60,15 @@ BEGIN
   -- budget deleted meanwhile is not seen.
   INSERT INTO budget_periods AS p (budget_id, period_start, cost_micros, total_tokens,
                                    cost_micros_limit, total_tokens_limit, thresholds)
-  SELECT c.budget_id, c.start, coalesce(sum(c.cost), 0), coalesce(sum(c.tokens), 0),
-         b.cost_micros_limit, b.total_tokens_limit,
+  SELECT c.budget_id, c.start, c.cost, c.tokens, b.cost_micros_limit, b.total_tokens_limit,
          (SELECT array_agg(DISTINCT th ORDER BY th) FROM unnest(b.thresholds) AS th)
-  FROM unnest(budget_ids, starts, costs, tokens) AS c(budget_id, start, cost, tokens)
+  FROM (
+    SELECT c.budget_id, c.start, coalesce(sum(c.cost), 0) AS cost,
+           coalesce(sum(c.tokens), 0) AS tokens
+    FROM unnest(budget_ids, starts, costs, tokens) AS c(budget_id, start, cost, tokens)
+    GROUP BY c.budget_id, c.start
+  ) AS c
   JOIN budgets AS b ON b.id = c.budget_id
-  GROUP BY c.budget_id, c.start, b.id
   ORDER BY c.budget_id, c.start
   ON CONFLICT (budget_id, period_start) DO UPDATE SET
     cost_micros = p.cost_micros + EXCLUDED.cost_micros,
@@ -155,16 +158,27 @@ DECLARE ids bigint[]; starts timestamptz[]; usage_ids bigint[]; revisions intege
         costs numeric[]; tokens numeric[];
 BEGIN
   IF NOT EXISTS (SELECT FROM budgets) THEN RETURN NULL; END IF;
-  SELECT array_agg(b.id), array_agg(budget_period_start(b.period, n.source_at)),
-         array_agg(n.id), array_agg(n.revision), array_agg(n.cost_micros::numeric),
-         array_agg(n.total_tokens::numeric)
+  WITH touched AS (
+    SELECT b.id AS budget_id, budget_period_start(b.period, n.source_at) AS start,
+           n.id AS usage_id, n.revision, n.cost_micros::numeric AS cost,
+           n.total_tokens::numeric AS tokens
+    FROM new_rows AS n CROSS JOIN LATERAL (
+      -- Two probes of the partial unique indexes (an OR of both could use neither).
+      SELECT id, period FROM budgets WHERE search_space_id = n.search_space_id AND user_id IS NULL
+      UNION ALL
+      SELECT id, period FROM budgets WHERE search_space_id = n.search_space_id
+        AND user_id = n.user_id) AS b
+  )
+  SELECT array_agg(budget_id), array_agg(start), array_agg(usage_id), array_agg(revision),
+         array_agg(cost), array_agg(tokens)
   INTO ids, starts, usage_ids, revisions, costs, tokens
-  FROM new_rows AS n CROSS JOIN LATERAL (
-    -- Two probes of the partial unique indexes (an OR of both could use neither).
-    SELECT id, period FROM budgets WHERE search_space_id = n.search_space_id AND user_id IS NULL
-    UNION ALL
-    SELECT id, period FROM budgets WHERE search_space_id = n.search_space_id
-      AND user_id = n.user_id) AS b;
+  FROM (
+    -- One entry per (budget, period): its amounts summed, the latest revision that touched it.
+    SELECT DISTINCT ON (budget_id, start) budget_id, start, usage_id, revision,
+           sum(cost) OVER per_period AS cost, sum(tokens) OVER per_period AS tokens
+    FROM touched WINDOW per_period AS (PARTITION BY budget_id, start)
+    ORDER BY budget_id, start, usage_id DESC, revision DESC
+  ) AS p;
   IF ids IS NOT NULL THEN
     PERFORM budget_evaluate(ids, starts, usage_ids, revisions, costs, tokens, false);
   END IF;
@@ -189,15 +203,24 @@ BEGIN
            CASE WHEN n.revision = o.revision + 2 THEN o.revision + 1 ELSE n.revision END,
            -o.cost_micros::numeric, -o.total_tokens::numeric
     FROM new_rows AS n JOIN old_rows AS o ON o.id = n.id WHERE n.revision <> o.revision
+  ), touched AS (
+    SELECT b.id AS budget_id, budget_period_start(b.period, c.source_at) AS start,
+           c.id AS usage_id, c.revision, c.cost, c.tokens
+    FROM changed AS c CROSS JOIN LATERAL (
+      SELECT id, period FROM budgets WHERE search_space_id = c.search_space_id AND user_id IS NULL
+      UNION ALL
+      SELECT id, period FROM budgets WHERE search_space_id = c.search_space_id
+        AND user_id = c.user_id) AS b
   )
-  SELECT array_agg(b.id), array_agg(budget_period_start(b.period, c.source_at)),
-         array_agg(c.id), array_agg(c.revision), array_agg(c.cost), array_agg(c.tokens)
+  SELECT array_agg(budget_id), array_agg(start), array_agg(usage_id), array_agg(revision),
+         array_agg(cost), array_agg(tokens)
   INTO ids, starts, usage_ids, revisions, costs, tokens
-  FROM changed AS c CROSS JOIN LATERAL (
-    SELECT id, period FROM budgets WHERE search_space_id = c.search_space_id AND user_id IS NULL
-    UNION ALL
-    SELECT id, period FROM budgets WHERE search_space_id = c.search_space_id
-      AND user_id = c.user_id) AS b;
+  FROM (
+    SELECT DISTINCT ON (budget_id, start) budget_id, start, usage_id, revision,
+           sum(cost) OVER per_period AS cost, sum(tokens) OVER per_period AS tokens
+    FROM touched WINDOW per_period AS (PARTITION BY budget_id, start)
+    ORDER BY budget_id, start, usage_id DESC, revision DESC
+  ) AS p;
   IF ids IS NOT NULL THEN
     PERFORM budget_evaluate(ids, starts, usage_ids, revisions, costs, tokens, false);
   END IF;

@@ -160,8 +160,8 @@ BEGIN
   IF NOT EXISTS (SELECT FROM budgets) THEN RETURN NULL; END IF;
   WITH touched AS (
     SELECT b.id AS budget_id, budget_period_start(b.period, n.source_at) AS start,
-           n.id AS usage_id, n.revision, n.cost_micros::numeric AS cost,
-           n.total_tokens::numeric AS tokens
+           n.id AS usage_id, n.revision, n.cost_micros::numeric AS cost_micros,
+           n.total_tokens::numeric AS total_tokens
     FROM new_rows AS n CROSS JOIN LATERAL (
       -- Two probes of the partial unique indexes (an OR of both could use neither).
       SELECT id, period FROM budgets WHERE search_space_id = n.search_space_id AND user_id IS NULL
@@ -170,12 +170,13 @@ BEGIN
         AND user_id = n.user_id) AS b
   )
   SELECT array_agg(budget_id), array_agg(start), array_agg(usage_id), array_agg(revision),
-         array_agg(cost), array_agg(tokens)
+         array_agg(cost_micros), array_agg(total_tokens)
   INTO ids, starts, usage_ids, revisions, costs, tokens
   FROM (
     -- One entry per (budget, period): its amounts summed, the latest revision that touched it.
     SELECT DISTINCT ON (budget_id, start) budget_id, start, usage_id, revision,
-           sum(cost) OVER per_period AS cost, sum(tokens) OVER per_period AS tokens
+           sum(cost_micros) OVER per_period AS cost_micros,
+           sum(total_tokens) OVER per_period AS total_tokens
     FROM touched WINDOW per_period AS (PARTITION BY budget_id, start)
     ORDER BY budget_id, start, usage_id DESC, revision DESC
   ) AS p;
@@ -196,7 +197,7 @@ BEGIN
   -- revision (migrations/versions/0003), so an unrevised row adds and takes nothing.
   WITH changed AS (
     SELECT n.search_space_id, n.user_id, n.source_at, n.id, n.revision,
-           n.cost_micros::numeric AS cost, n.total_tokens::numeric AS tokens
+           n.cost_micros::numeric AS cost_micros, n.total_tokens::numeric AS total_tokens
     FROM new_rows AS n JOIN old_rows AS o ON o.id = n.id WHERE n.revision <> o.revision
     UNION ALL
     SELECT o.search_space_id, o.user_id, o.source_at, o.id,
@@ -205,7 +206,7 @@ BEGIN
     FROM new_rows AS n JOIN old_rows AS o ON o.id = n.id WHERE n.revision <> o.revision
   ), touched AS (
     SELECT b.id AS budget_id, budget_period_start(b.period, c.source_at) AS start,
-           c.id AS usage_id, c.revision, c.cost, c.tokens
+           c.id AS usage_id, c.revision, c.cost_micros, c.total_tokens
     FROM changed AS c CROSS JOIN LATERAL (
       SELECT id, period FROM budgets WHERE search_space_id = c.search_space_id AND user_id IS NULL
       UNION ALL
@@ -213,11 +214,12 @@ BEGIN
         AND user_id = c.user_id) AS b
   )
   SELECT array_agg(budget_id), array_agg(start), array_agg(usage_id), array_agg(revision),
-         array_agg(cost), array_agg(tokens)
+         array_agg(cost_micros), array_agg(total_tokens)
   INTO ids, starts, usage_ids, revisions, costs, tokens
   FROM (
     SELECT DISTINCT ON (budget_id, start) budget_id, start, usage_id, revision,
-           sum(cost) OVER per_period AS cost, sum(tokens) OVER per_period AS tokens
+           sum(cost_micros) OVER per_period AS cost_micros,
+           sum(total_tokens) OVER per_period AS total_tokens
     FROM touched WINDOW per_period AS (PARTITION BY budget_id, start)
     ORDER BY budget_id, start, usage_id DESC, revision DESC
   ) AS p;

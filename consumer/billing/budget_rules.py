@@ -6,7 +6,7 @@ threshold) is crossed when the period's spend is at least threshold % of the lim
 of that state is one alert, numbered: sequence 1 is the first crossing, 2 its withdrawal, 3 the
 next crossing (odd: crossed).
 
-migrations/versions/0010_budgets.py executes these rules inside the batch transaction
+migrations/versions/0012_budget_periods.py executes these rules inside the batch transaction
 (`budget_evaluate`); `verify` and the tests judge with this module, and a property test holds
 the two equal on generated traffic.
 """

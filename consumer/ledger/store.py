@@ -196,8 +196,8 @@ SELECT count(*) FILTER (WHERE message_id IS NULL) AS orphans FROM joined
 # Before the usage upsert: a shared lock per space whose usage the batch writes (`budget set`
 # takes it exclusively, so a budget created meanwhile is judged with this batch's usage, by
 # whichever commits second), then, in id order, the budgets its usage rows fall under (their
-# space's, and their users'). The upsert's statement triggers (migrations/versions/
-# 0010_budgets.py) lock the budgets they touch in two rounds, AFTER UPDATE then AFTER INSERT;
+# space's, and their users'). The upsert's statement triggers (migrations/versions/0010 and
+# 0012) lock the budgets they touch in two rounds, AFTER UPDATE then AFTER INSERT;
 # taken here in one round first, two members never take them in opposite rounds. (A row that
 # a supersession moves from another user also touches that user's budget, locked by the
 # trigger: a deadlock there, rare, is broken by PostgreSQL and the batch retried.) The space

@@ -1,0 +1,210 @@
+"""Review of migration 0012 (budget_periods, a spend kept from the usage triggers' deltas): each
+test is a defect found, failing at the change's head. docs/contract.md#budgets-and-spend-alerts.
+
+1. One usage upsert fires AFTER UPDATE then AFTER INSERT: 0012 judges the period after the
+   UPDATE's deltas alone, a spend never committed (0010 summed the rows, already final).
+2. A batch of an old consumer that commits while 0012 migrates never reaches budget_periods.
+3. `budget set`, verify's repair, sums past periods again but judges only the current one.
+4. A usage row deleted (by hand, or by a thread delete cascading) stays in the kept spend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from consumer.commands.budget_check import check_budgets
+from consumer.commands.budgets import BudgetChange, set_budget
+from consumer.ledger.batch import apply_events
+from consumer.ledger.database import asyncpg_dsn
+from consumer.ledger.migrate import upgrade
+from producer.events import AnyEvent
+from tests.factories import SPACE, T0, appended, call, finalized, ledger_events, started
+
+# Well inside today (UTC), whenever the tests run: the budgets' current day.
+_CLOCK = datetime.now(UTC)
+_MIDNIGHT = _CLOCK.replace(hour=0, minute=0, second=0, microsecond=0)
+NOW = _MIDNIGHT + (_CLOCK - _MIDNIGHT) / 2
+
+
+def seconds_to(moment: datetime) -> float:
+    return (moment - T0).total_seconds()
+
+
+def today(thread_id: int, cost: int) -> AnyEvent:
+    return finalized(
+        thread_id=thread_id,
+        turn_id=f"{thread_id}:1",
+        calls=[call(cost=cost)],
+        seconds=seconds_to(NOW),
+    )
+
+
+async def apply(conn: asyncpg.Connection, *events: AnyEvent) -> None:
+    async with conn.transaction():
+        await apply_events(conn, ledger_events(list(events)))
+
+
+async def budget(conn: asyncpg.Connection, change: BudgetChange) -> int:
+    async with conn.transaction():
+        return await set_budget(conn, change)
+
+
+async def outbox(conn: asyncpg.Connection) -> list[tuple[str, int, int, bool, int]]:
+    """(measure, threshold, sequence, crossed, spend) of every alert written, in order."""
+    rows = await conn.fetch(
+        "SELECT measure, threshold, sequence, crossed, spend FROM budget_alert_outbox ORDER BY id"
+    )
+    return [
+        (r["measure"], r["threshold"], r["sequence"], r["crossed"], int(r["spend"])) for r in rows
+    ]
+
+
+# 1 -------------------------------------------------------------------------------------------
+
+
+async def test_a_batch_that_corrects_one_usage_and_adds_another_writes_no_alert_if_the_state_holds(
+    ledger: asyncpg.Connection,
+) -> None:
+    # 850 of 1000 crosses 80 %. One batch (one usage upsert) then supersedes the legacy 850 by
+    # the finalize's 500 (an UPDATE) and adds a new turn of 400 (an INSERT): the day ends at
+    # 900, still crossed. The rules: no change of state, no record. 0012 writes a withdrawal
+    # at 500 (AFTER UPDATE) and a second crossing at 900 (AFTER INSERT).
+    await apply(
+        ledger, started(seconds=seconds_to(NOW)), appended(cost=850, seconds=seconds_to(NOW))
+    )
+    await budget(ledger, BudgetChange(SPACE, None, "day", 1000, None, (80,)))
+    assert await outbox(ledger) == [("cost_micros", 80, 1, True, 850)]
+
+    await apply(
+        ledger,
+        finalized(calls=[call(cost=500)], seconds=seconds_to(NOW) + 1),
+        finalized(turn_id="4242:2", calls=[call(cost=400)], seconds=seconds_to(NOW) + 2),
+    )
+    assert await ledger.fetchval("SELECT sum(cost_micros) FROM token_usage") == 900
+    assert await check_budgets(ledger) == []  # the final state is right ...
+    assert await outbox(ledger) == [("cost_micros", 80, 1, True, 850)]  # ... the records are not
+
+
+async def test_a_crossing_records_the_committed_spend_not_the_spend_between_two_triggers(
+    ledger: asyncpg.Connection,
+) -> None:
+    # 700 of 1000; one batch corrects the 700 to 850 (UPDATE) and adds 100 (INSERT). The
+    # committed spend is 950; the record (and budget_states.spend) says 850, which no
+    # transaction committed (contract: `spend` is the period's committed spend).
+    await apply(
+        ledger, started(seconds=seconds_to(NOW)), appended(cost=700, seconds=seconds_to(NOW))
+    )
+    await budget(ledger, BudgetChange(SPACE, None, "day", 1000, None, (80,)))
+    await apply(
+        ledger,
+        finalized(calls=[call(cost=850)], seconds=seconds_to(NOW) + 1),
+        finalized(turn_id="4242:2", calls=[call(cost=100)], seconds=seconds_to(NOW) + 2),
+    )
+    assert await outbox(ledger) == [("cost_micros", 80, 1, True, 950)]
+
+
+# 2 -------------------------------------------------------------------------------------------
+
+
+async def test_a_batch_an_old_consumer_commits_while_0012_migrates_is_counted_in_budget_periods(
+    database_url: str,
+) -> None:
+    # docs/operations.md: the migrate Job runs "while the old consumers keep running". 0012's
+    # BACKFILL sums the rows in its snapshot; a batch in flight holds its budget's row lock
+    # (store.py _LOCK_BUDGETS, 0010's FOR UPDATE), so BACKFILL's foreign-key check waits for
+    # it, then inserts the sum without it. The batch ran 0010's triggers: its usage never
+    # reaches budget_periods, kept from deltas from then on.
+    await asyncio.to_thread(upgrade, database_url, "0011")
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    old_member = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await conn.execute(
+            "INSERT INTO budgets (search_space_id, period, cost_micros_limit, thresholds)"
+            " VALUES ($1, 'day', 1000, '{100}')",
+            SPACE,
+        )
+        await apply(conn, today(1, 300))
+        batch = old_member.transaction()  # the old member's batch, in flight
+        await batch.start()
+        await apply_events(old_member, ledger_events([today(2, 400)]))
+        migrating = asyncio.create_task(asyncio.to_thread(upgrade, database_url))
+        for _ in range(200):
+            if await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE '%INSERT INTO budget_periods%'"
+            ):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the migration never reached its BACKFILL")
+        await batch.commit()
+        await migrating
+
+        assert await conn.fetchval("SELECT sum(cost_micros) FROM token_usage") == 700
+        assert await check_budgets(conn) == []  # stored 300, the rows sum to 700
+        # Money: 300 more bring the rows to 1000 of 1000; the 100 % crossing is never written.
+        await apply(conn, today(3, 300))
+        assert await outbox(conn) == [("cost_micros", 100, 1, True, 1000)]
+    finally:
+        await old_member.close()
+        await conn.close()
+
+
+# 3 -------------------------------------------------------------------------------------------
+
+
+async def test_budget_set_as_the_repair_judges_the_past_periods_whose_spend_it_sums_again(
+    ledger: asyncpg.Connection,
+) -> None:
+    # verify's remedy for a stored spend that differs from the rows is `budget set` with the
+    # budget's own values (budget_check.py). It sums every period again but judges only the
+    # current one (and later judged ones): a past period keeps the states judged on the wrong
+    # spend, verify keeps reporting it, and its crossing is never written.
+    yesterday = NOW - timedelta(days=1)
+    await apply(ledger, started(seconds=seconds_to(NOW)))
+    change = BudgetChange(SPACE, None, "day", 1000, None, (50,))
+    await budget(ledger, change)
+    await apply(
+        ledger,
+        finalized(
+            thread_id=1, turn_id="1:1", calls=[call(cost=300)], seconds=seconds_to(yesterday)
+        ),
+    )  # yesterday judged: 300 of 1000
+    # A batch whose usage never reached budget_periods, as defect 2 (or 4) leaves it: the rows
+    # say 600, the kept spend 300, the state not crossed.
+    await ledger.execute("ALTER TABLE token_usage DISABLE TRIGGER budgets_usage_created")
+    await apply(
+        ledger,
+        finalized(
+            thread_id=2, turn_id="2:1", calls=[call(cost=300)], seconds=seconds_to(yesterday)
+        ),
+    )
+    await ledger.execute("ALTER TABLE token_usage ENABLE TRIGGER budgets_usage_created")
+    assert {d.table for d in await check_budgets(ledger)} == {"budget_periods", "budget_states"}
+
+    await budget(ledger, change)  # the documented repair
+    assert await check_budgets(ledger) == []  # budget_states: stored not crossed, 600 of 1000
+    assert await outbox(ledger) == [("cost_micros", 50, 1, True, 600)]
+
+
+# 4 -------------------------------------------------------------------------------------------
+
+
+async def test_a_usage_row_deleted_by_hand_leaves_no_phantom_spend_for_the_next_batch(
+    ledger: asyncpg.Connection,
+) -> None:
+    # docs/design.md counts "a manual fix" among the statements that change usage. 0010 summed
+    # the rows again at the next batch; 0012 keeps the spend from UPDATE/INSERT deltas with no
+    # DELETE (nor TRUNCATE) trigger, so a deleted row (by hand, or by a chat_threads or
+    # chat_messages delete cascading) stays in the period's spend for good.
+    await apply(ledger, started(seconds=seconds_to(NOW)))
+    await budget(ledger, BudgetChange(SPACE, None, "day", 1000, None, (100,)))
+    await apply(ledger, today(1, 600))
+    await ledger.execute("DELETE FROM token_usage WHERE thread_id = 1")  # the manual fix
+    await apply(ledger, today(2, 500))  # the rows: 500 of 1000
+
+    assert await outbox(ledger) == []  # 0012: a crossing at 1100, a spend no rows add up to
+    assert await check_budgets(ledger) == []

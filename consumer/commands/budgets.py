@@ -48,19 +48,24 @@ _USER_TARGET = "(search_space_id, user_id, period) WHERE user_id IS NOT NULL"
 # (consumer/ledger/store.py), so a batch in flight commits before the budget is judged, and one
 # that starts after sees the budget.
 _LOCK_SPACE = "SELECT pg_advisory_xact_lock(-$1::bigint)"
-# The periods a change judges again: the current one, and any later one already judged (usage
-# may run up to LEDGER_MAX_FUTURE_SKEW ahead of the clock). In SQL, not through the client:
-# `total`'s year-1 start does not survive a round trip through Python's datetime.
+# The periods a change judges: the current one, and any later one with usage (it may run up to
+# LEDGER_MAX_FUTURE_SKEW ahead of the clock), with the new limits (`reconfigure`); every earlier
+# one judged before, with the limits it keeps, on the spend `_SUM_AGAIN` found (the repair of a
+# spend verify found different). In SQL, not through the client: `total`'s year-1 start does not
+# survive a round trip through Python's datetime.
 _EVALUATE = """
 SELECT budget_evaluate(array_agg($1::bigint), array_agg(p.start), array_agg(NULL::bigint),
                        array_agg(NULL::integer), array_agg(NULL::numeric),
-                       array_agg(NULL::numeric), true)
+                       array_agg(NULL::numeric), $3)
 FROM (
-  SELECT budget_period_start($2, now()) AS start
+  SELECT budget_period_start($2, now()) AS start WHERE $3
   UNION
   SELECT period_start FROM budget_periods
-  WHERE budget_id = $1 AND period_start > budget_period_start($2, now()) AND thresholds IS NOT NULL
+  WHERE budget_id = $1 AND CASE WHEN $3 THEN period_start > budget_period_start($2, now())
+                                ELSE period_start < budget_period_start($2, now())
+                                     AND thresholds IS NOT NULL END
 ) AS p
+HAVING count(*) > 0
 """
 # The budget's spend of every period summed from its scope's rows again (the triggers keep it
 # from then on: migrations/versions/0012): a new budget's history, and the repair for a spend
@@ -166,7 +171,8 @@ async def set_budget(conn: asyncpg.Connection, change: BudgetChange) -> int:
         change.search_space_id,
         *user,
     )
-    await conn.execute(_EVALUATE, budget_id, change.period)
+    await conn.execute(_EVALUATE, budget_id, change.period, False)
+    await conn.execute(_EVALUATE, budget_id, change.period, True)
     return budget_id
 
 

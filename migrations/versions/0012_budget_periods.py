@@ -23,8 +23,17 @@ missing state is one never crossed (sequence 0). The evaluation is one set-based
 that reaches every row it reads by an index probe from a touched (budget, period), and writes
 only the states that change.
 
+Every statement that changes usage moves the sums: INSERT and UPDATE (their transition tables),
+DELETE (its old rows: by hand, or with a thread or message) and TRUNCATE (every period to 0).
+An INSERT … ON CONFLICT DO UPDATE is judged once, after both of its statement triggers.
+
 The functions run with `jit = off`: the planner's estimates for them pass jit_above_cost, and
 compiling each statement (20-80 ms, measured) cost far more than running it (a few ms).
+
+Upgrading: the migration holds writes to token_usage (a SHARE lock) while it sums the rows, so
+consumers still on 0010 wait for it rather than write usage no sum would hold. `token-ledger
+budget set` of an earlier release fails once 0012 is in (the function it calls changed):
+upgrade the command with the migration. The consumer and `serve` are not concerned.
 
 Revision ID: 0012
 Revises: 0011
@@ -46,18 +55,16 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 # Literal SQL: a migration is frozen history and must not follow later code.
-EVALUATE = """
-CREATE FUNCTION budget_evaluate(budget_ids bigint[], starts timestamptz[], usage_ids bigint[],
-                                revisions integer[], costs numeric[], tokens numeric[],
-                                reconfigure boolean) RETURNS void
+# Each touched period: the statement's row changes added to its spend (under the budget's row
+# lock); the budget's limits and (distinct) thresholds, the first time it is touched or when the
+# budget changed. A budget deleted meanwhile is not seen.
+ADD = """
+CREATE FUNCTION budget_add(budget_ids bigint[], starts timestamptz[], costs numeric[],
+                           tokens numeric[], reconfigure boolean) RETURNS void
 LANGUAGE plpgsql SET jit = off AS $$
 BEGIN
-  -- One statement that locks, then statements that read: under READ COMMITTED each takes a
-  -- new snapshot, so a member that waited here sees what the member before it committed.
+  -- The touched budgets locked in id order: two members writing one space take turns here.
   PERFORM FROM budgets WHERE id = ANY(budget_ids) ORDER BY id FOR UPDATE;
-  -- Each touched period: the statement's row changes added to its spend; the budget's limits
-  -- and (distinct) thresholds, the first time it is judged or when the budget changed. A
-  -- budget deleted meanwhile is not seen.
   INSERT INTO budget_periods AS p (budget_id, period_start, cost_micros, total_tokens,
                                    cost_micros_limit, total_tokens_limit, thresholds)
   SELECT c.budget_id, c.start, c.cost, c.tokens, b.cost_micros_limit, b.total_tokens_limit,
@@ -81,6 +88,18 @@ BEGIN
                       THEN EXCLUDED.thresholds ELSE p.thresholds END
   WHERE EXCLUDED.cost_micros <> 0 OR EXCLUDED.total_tokens <> 0 OR reconfigure
      OR p.thresholds IS NULL;
+END $$
+"""
+# budget_add, then the judgement of every touched (measure, threshold).
+EVALUATE = """
+CREATE FUNCTION budget_evaluate(budget_ids bigint[], starts timestamptz[], usage_ids bigint[],
+                                revisions integer[], costs numeric[], tokens numeric[],
+                                reconfigure boolean) RETURNS void
+LANGUAGE plpgsql SET jit = off AS $$
+BEGIN
+  -- One statement that locks and adds, then one that reads: under READ COMMITTED it takes a
+  -- new snapshot, so a member that waited for the lock judges what the one before committed.
+  PERFORM budget_add(budget_ids, starts, costs, tokens, reconfigure);
   -- Every join below is an index probe from a touched (budget, period): the planner cannot
   -- know how many pairs the arrays hold, and a join of two such sets became a nested loop of
   -- one over the other (measured: 1.3 s for 700 pairs).
@@ -146,52 +165,90 @@ BEGIN
   ORDER BY c.budget_id, c.start, c.measure, c.threshold;
 END $$
 """
-# The (budget, period) pairs a statement's usage rows touch, with the revision that touched
-# them and the amounts they add: a created row's; an updated row's new amounts to its new
-# period and its old amounts taken from its old one (the same period unless the row moved:
-# another user or time, which migrations/versions/0005 gives two revisions, the reversal
-# causing the old period's change). Nothing at all while no budget exists.
-USAGE_CREATED = """
-CREATE OR REPLACE FUNCTION budgets_usage_created() RETURNS trigger LANGUAGE plpgsql
-SET jit = off AS $$
-DECLARE ids bigint[]; starts timestamptz[]; usage_ids bigint[]; revisions integer[];
-        costs numeric[]; tokens numeric[];
-BEGIN
-  IF NOT EXISTS (SELECT FROM budgets) THEN RETURN NULL; END IF;
-  WITH touched AS (
-    SELECT b.id AS budget_id, budget_period_start(b.period, n.source_at) AS start,
-           n.id AS usage_id, n.revision, n.cost_micros::numeric AS cost_micros,
-           n.total_tokens::numeric AS total_tokens
-    FROM new_rows AS n CROSS JOIN LATERAL (
-      -- Two probes of the partial unique indexes (an OR of both could use neither).
-      SELECT id, period FROM budgets WHERE search_space_id = n.search_space_id AND user_id IS NULL
-      UNION ALL
-      SELECT id, period FROM budgets WHERE search_space_id = n.search_space_id
-        AND user_id = n.user_id) AS b
-  )
+# The (budget, period) pairs a statement's usage rows touch, one entry each: the amounts the
+# statement adds to it (a created row's; an updated row's new amounts to its new period and its
+# old amounts taken from its old one, the same period unless the row moved: another user or
+# time, which migrations/versions/0005 gives two revisions, the reversal causing the old
+# period's change; a deleted row's taken away) and the latest revision that touched it.
+PAIRS = """
   SELECT array_agg(budget_id), array_agg(start), array_agg(usage_id), array_agg(revision),
          array_agg(cost_micros), array_agg(total_tokens)
   INTO ids, starts, usage_ids, revisions, costs, tokens
   FROM (
-    -- One entry per (budget, period): its amounts summed, the latest revision that touched it.
     SELECT DISTINCT ON (budget_id, start) budget_id, start, usage_id, revision,
            sum(cost_micros) OVER per_period AS cost_micros,
            sum(total_tokens) OVER per_period AS total_tokens
-    FROM touched WINDOW per_period AS (PARTITION BY budget_id, start)
+    FROM (
+      SELECT b.id AS budget_id, budget_period_start(b.period, c.source_at) AS start,
+             c.id AS usage_id, c.revision, c.cost_micros, c.total_tokens
+      FROM changed AS c CROSS JOIN LATERAL (
+        -- Two probes of the partial unique indexes (an OR of both could use neither).
+        SELECT id, period FROM budgets
+        WHERE search_space_id = c.search_space_id AND user_id IS NULL
+        UNION ALL
+        SELECT id, period FROM budgets
+        WHERE search_space_id = c.search_space_id AND user_id = c.user_id) AS b
+    ) AS touched
+    WINDOW per_period AS (PARTITION BY budget_id, start)
     ORDER BY budget_id, start, usage_id DESC, revision DESC
   ) AS p;
+"""
+DECLARE_PAIRS = """
+DECLARE ids bigint[]; starts timestamptz[]; usage_ids bigint[]; revisions integer[];
+        costs numeric[]; tokens numeric[];
+"""
+# An INSERT … ON CONFLICT DO UPDATE fires its AFTER UPDATE statement trigger, then its AFTER
+# INSERT one. Judged after the first, a period would be judged on a spend the statement never
+# leaves (its corrections without its new rows: a withdrawal and a second crossing where the
+# state holds). So a statement that inserts says so before it starts (a setting local to the
+# transaction, undone with it); its UPDATE trigger adds its amounts and leaves the periods to
+# the INSERT trigger, which judges them with its own, on what the whole statement left.
+USAGE_INSERTING = """
+CREATE FUNCTION budgets_usage_inserting() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM set_config('token_ledger.budgets_inserting', 'on', true);
+  RETURN NULL;
+END $$
+"""
+USAGE_CREATED = (
+    """
+CREATE OR REPLACE FUNCTION budgets_usage_created() RETURNS trigger LANGUAGE plpgsql
+SET jit = off AS $$"""
+    + DECLARE_PAIRS
+    + """        pending jsonb;
+BEGIN
+  pending := nullif(current_setting('token_ledger.budgets_pending', true), '')::jsonb;
+  PERFORM set_config('token_ledger.budgets_inserting', '', true),
+          set_config('token_ledger.budgets_pending', '', true);
+  IF NOT EXISTS (SELECT FROM budgets) THEN RETURN NULL; END IF;
+  WITH changed AS (
+    SELECT n.search_space_id, n.user_id, n.source_at, n.id, n.revision,
+           n.cost_micros::numeric AS cost_micros, n.total_tokens::numeric AS total_tokens
+    FROM new_rows AS n
+  )"""
+    + PAIRS
+    + """  IF pending IS NOT NULL THEN  -- the periods this statement's UPDATE trigger added to
+    SELECT coalesce(ids, '{}') || array_agg(p.budget_id),
+           coalesce(starts, '{}') || array_agg(p.start AT TIME ZONE 'UTC'),
+           coalesce(usage_ids, '{}') || array_agg(p.usage_id),
+           coalesce(revisions, '{}') || array_agg(p.revision)
+    INTO ids, starts, usage_ids, revisions
+    FROM jsonb_to_recordset(pending)
+      AS p(budget_id bigint, start timestamp, usage_id bigint, revision integer);
+  END IF;
   IF ids IS NOT NULL THEN
     PERFORM budget_evaluate(ids, starts, usage_ids, revisions, costs, tokens, false);
   END IF;
   RETURN NULL;
 END $$
 """
-USAGE_REVISED = """
+)
+USAGE_REVISED = (
+    """
 CREATE OR REPLACE FUNCTION budgets_usage_revised() RETURNS trigger LANGUAGE plpgsql
-SET jit = off AS $$
-DECLARE ids bigint[]; starts timestamptz[]; usage_ids bigint[]; revisions integer[];
-        costs numeric[]; tokens numeric[];
-BEGIN
+SET jit = off AS $$"""
+    + DECLARE_PAIRS
+    + """BEGIN
   IF NOT EXISTS (SELECT FROM budgets) THEN RETURN NULL; END IF;
   -- The billed values and the winning claim (its user and time) change only with the
   -- revision (migrations/versions/0003), so an unrevised row adds and takes nothing.
@@ -204,31 +261,67 @@ BEGIN
            CASE WHEN n.revision = o.revision + 2 THEN o.revision + 1 ELSE n.revision END,
            -o.cost_micros::numeric, -o.total_tokens::numeric
     FROM new_rows AS n JOIN old_rows AS o ON o.id = n.id WHERE n.revision <> o.revision
-  ), touched AS (
-    SELECT b.id AS budget_id, budget_period_start(b.period, c.source_at) AS start,
-           c.id AS usage_id, c.revision, c.cost_micros, c.total_tokens
-    FROM changed AS c CROSS JOIN LATERAL (
-      SELECT id, period FROM budgets WHERE search_space_id = c.search_space_id AND user_id IS NULL
-      UNION ALL
-      SELECT id, period FROM budgets WHERE search_space_id = c.search_space_id
-        AND user_id = c.user_id) AS b
-  )
-  SELECT array_agg(budget_id), array_agg(start), array_agg(usage_id), array_agg(revision),
-         array_agg(cost_micros), array_agg(total_tokens)
-  INTO ids, starts, usage_ids, revisions, costs, tokens
-  FROM (
-    SELECT DISTINCT ON (budget_id, start) budget_id, start, usage_id, revision,
-           sum(cost_micros) OVER per_period AS cost_micros,
-           sum(total_tokens) OVER per_period AS total_tokens
-    FROM touched WINDOW per_period AS (PARTITION BY budget_id, start)
-    ORDER BY budget_id, start, usage_id DESC, revision DESC
-  ) AS p;
-  IF ids IS NOT NULL THEN
+  )"""
+    + PAIRS
+    + """  IF ids IS NULL THEN RETURN NULL; END IF;
+  IF current_setting('token_ledger.budgets_inserting', true) = 'on' THEN
+    PERFORM budget_add(ids, starts, costs, tokens, false);
+    PERFORM set_config('token_ledger.budgets_pending', (
+      SELECT coalesce(nullif(current_setting('token_ledger.budgets_pending', true), '')::jsonb,
+                      '[]') || jsonb_agg(jsonb_build_object(
+               'budget_id', p.budget_id, 'start', p.start AT TIME ZONE 'UTC',
+               'usage_id', p.usage_id, 'revision', p.revision))
+      FROM unnest(ids, starts, usage_ids, revisions) AS p(budget_id, start, usage_id, revision)
+    )::text, true);
+  ELSE
     PERFORM budget_evaluate(ids, starts, usage_ids, revisions, costs, tokens, false);
   END IF;
   RETURN NULL;
 END $$
 """
+)
+# A deleted row (by hand, or with its thread or message) takes its amounts away.
+USAGE_DELETED = (
+    """
+CREATE FUNCTION budgets_usage_deleted() RETURNS trigger LANGUAGE plpgsql SET jit = off AS $$"""
+    + DECLARE_PAIRS
+    + """BEGIN
+  IF NOT EXISTS (SELECT FROM budgets) THEN RETURN NULL; END IF;
+  WITH changed AS (
+    SELECT o.search_space_id, o.user_id, o.source_at, o.id, o.revision,
+           -o.cost_micros::numeric AS cost_micros, -o.total_tokens::numeric AS total_tokens
+    FROM old_rows AS o
+  )"""
+    + PAIRS
+    + """  IF ids IS NOT NULL THEN
+    PERFORM budget_evaluate(ids, starts, usage_ids, revisions, costs, tokens, false);
+  END IF;
+  RETURN NULL;
+END $$
+"""
+)
+# TRUNCATE has no transition table: every period's spend is 0, every judged period judged.
+USAGE_TRUNCATED = """
+CREATE FUNCTION budgets_usage_truncated() RETURNS trigger LANGUAGE plpgsql SET jit = off AS $$
+BEGIN
+  UPDATE budget_periods SET cost_micros = 0, total_tokens = 0
+  WHERE cost_micros <> 0 OR total_tokens <> 0;
+  PERFORM budget_evaluate(array_agg(budget_id), array_agg(period_start), array_agg(NULL::bigint),
+                          array_agg(NULL::integer), array_agg(NULL::numeric),
+                          array_agg(NULL::numeric), false)
+  FROM budget_periods WHERE thresholds IS NOT NULL HAVING count(*) > 0;
+  RETURN NULL;
+END $$
+"""
+TRIGGERS = (
+    "CREATE TRIGGER budgets_usage_inserting BEFORE INSERT ON token_usage"
+    " FOR EACH STATEMENT EXECUTE FUNCTION budgets_usage_inserting()",
+    "CREATE TRIGGER budgets_usage_deleted AFTER DELETE ON token_usage"
+    " REFERENCING OLD TABLE AS old_rows"
+    " FOR EACH STATEMENT EXECUTE FUNCTION budgets_usage_deleted()",
+    "CREATE TRIGGER budgets_usage_truncated AFTER TRUNCATE ON token_usage"
+    " FOR EACH STATEMENT EXECUTE FUNCTION budgets_usage_truncated()",
+)
 # Every existing budget's periods: their rows' sums, and the limits their states were judged
 # under (the period's states, written for every (measure, threshold) when it was first judged,
 # all carry its limits but those withdrawn by a change of the budget).
@@ -306,17 +399,38 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
     )
+    # Batches of consumers still on 0010 commit before the sums are read, and none starts
+    # until the new triggers are in: a batch between the two would be in no sum.
+    op.execute("LOCK TABLE token_usage, budget_states IN SHARE MODE")
     op.execute(BACKFILL)
     op.execute(NEVER_CROSSED)
     op.execute(f"DROP FUNCTION {OLD_EVALUATE}")
     op.execute("DROP FUNCTION budget_limits(bigint, timestamptz, boolean)")
-    for statement in (EVALUATE, USAGE_CREATED, USAGE_REVISED):
+    for statement in (
+        ADD,
+        EVALUATE,
+        USAGE_INSERTING,
+        USAGE_CREATED,
+        USAGE_REVISED,
+        USAGE_DELETED,
+        USAGE_TRUNCATED,
+        *TRIGGERS,
+    ):
         op.execute(statement)
 
 
 def downgrade() -> None:
     before = _revision_0010()
-    op.execute(f"DROP FUNCTION {NEW_EVALUATE}")
+    for trigger in ("budgets_usage_truncated", "budgets_usage_deleted", "budgets_usage_inserting"):
+        op.execute(f"DROP TRIGGER {trigger} ON token_usage")
+    for function in (
+        "budgets_usage_truncated()",
+        "budgets_usage_deleted()",
+        "budgets_usage_inserting()",
+        NEW_EVALUATE,
+        "budget_add(bigint[], timestamptz[], numeric[], numeric[], boolean)",
+    ):
+        op.execute(f"DROP FUNCTION {function}")
     for statement in (before.LIMITS, before.EVALUATE):
         op.execute(statement)
     for statement in (before.USAGE_CREATED, before.USAGE_REVISED):

@@ -1,11 +1,12 @@
-"""Review of migration 0012 (budget_periods, a spend kept from the usage triggers' deltas): each
-test is a defect found, failing at the change's head. docs/contract.md#budgets-and-spend-alerts.
+"""Where a kept spend (budget_periods, migrations/versions/0012) could part from the rows it
+sums, against the real PostgreSQL (docs/design.md#budgets):
 
-1. One usage upsert fires AFTER UPDATE then AFTER INSERT: 0012 judges the period after the
-   UPDATE's deltas alone, a spend never committed (0010 summed the rows, already final).
-2. A batch of an old consumer that commits while 0012 migrates never reaches budget_periods.
-3. `budget set`, verify's repair, sums past periods again but judges only the current one.
-4. A usage row deleted (by hand, or by a thread delete cascading) stays in the kept spend.
+1. One usage upsert fires AFTER UPDATE, then AFTER INSERT: its periods are judged once, on what
+   the whole statement left, not between the two (a withdrawal and a second crossing where the
+   state holds).
+2. A batch of a consumer still on 0010 that commits while 0012 migrates is in the sums.
+3. `budget set`, the repair verify names, judges the past periods whose spend it sums again.
+4. A usage row deleted (by hand, or with its thread) or truncated takes its amounts away.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.migrate import upgrade
 from producer.events import AnyEvent
 from tests.factories import SPACE, T0, appended, call, finalized, ledger_events, started
+from tests.integration.harness import wait_for
 
 # Well inside today (UTC), whenever the tests run: the budgets' current day.
 _CLOCK = datetime.now(UTC)
@@ -131,15 +133,17 @@ async def test_a_batch_an_old_consumer_commits_while_0012_migrates_is_counted_in
         await batch.start()
         await apply_events(old_member, ledger_events([today(2, 400)]))
         migrating = asyncio.create_task(asyncio.to_thread(upgrade, database_url))
-        for _ in range(200):
-            if await conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                " AND query LIKE '%INSERT INTO budget_periods%'"
-            ):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the migration never reached its BACKFILL")
+
+        async def migration_waits() -> bool:
+            # Before the fix, BACKFILL's foreign-key check; with it, the migration's LOCK TABLE.
+            return bool(
+                await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND (query LIKE '%INSERT INTO budget_periods%' OR query LIKE 'LOCK TABLE%')"
+                )
+            )
+
+        await wait_for(migration_waits, within=30, what="the migration waiting for the batch")
         await batch.commit()
         await migrating
 
@@ -207,4 +211,19 @@ async def test_a_usage_row_deleted_by_hand_leaves_no_phantom_spend_for_the_next_
     await apply(ledger, today(2, 500))  # the rows: 500 of 1000
 
     assert await outbox(ledger) == []  # 0012: a crossing at 1100, a spend no rows add up to
+    assert await check_budgets(ledger) == []
+
+
+async def test_a_truncated_usage_table_leaves_every_period_at_0_and_withdraws_its_crossings(
+    ledger: asyncpg.Connection,
+) -> None:
+    await apply(ledger, started(seconds=seconds_to(NOW)))
+    await budget(ledger, BudgetChange(SPACE, None, "day", 1000, None, (50,)))
+    await apply(ledger, today(1, 600))
+    await ledger.execute("TRUNCATE token_usage CASCADE")
+    assert await ledger.fetchval("SELECT sum(cost_micros) FROM budget_periods") == 0
+    assert await outbox(ledger) == [
+        ("cost_micros", 50, 1, True, 600),
+        ("cost_micros", 50, 2, False, 0),
+    ]
     assert await check_budgets(ledger) == []

@@ -1,0 +1,241 @@
+"""Review of 1232a13 (the fixes to 0012's kept budget spend): failing tests for what they leave.
+
+1. A batch is judged once per usage statement, not once per transaction: when the consumer
+   isolates a poison record (apply_isolating, savepoints) the batch's usage is written by
+   several statements in one transaction, and a period is judged on spends no transaction
+   committed (a withdrawal and a second crossing where the state holds).
+2. A statement that fires the DELETE trigger as well as the INSERT one (MERGE … WHEN MATCHED
+   THEN DELETE WHEN NOT MATCHED THEN INSERT: "a manual fix") is judged in the middle: the
+   DELETE trigger ignores the BEFORE INSERT mark.
+3. Migration 0012 deadlocks with a 0010 batch that holds its budget row lock (store.py
+   _LOCK_BUDGETS) and waits for token_usage behind the migration's SHARE lock: BACKFILL's
+   foreign-key check on budget_periods waits for that budget row. The migration is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import asyncpg
+from aiokafka.structs import ConsumerRecord
+
+from consumer.commands.budget_check import check_budgets
+from consumer.commands.budgets import BudgetChange, set_budget
+from consumer.ledger.batch import Applied, apply_events, apply_isolating
+from consumer.ledger.database import asyncpg_dsn
+from consumer.ledger.migrate import upgrade
+from producer.events import AnyEvent
+from tests.chaos.poison import REFUSED_MARKER, REFUSING_CONSTRAINT
+from tests.factories import SPACE, T0, USER, appended, call, finalized, ledger_events, started
+from tests.integration.harness import wait_for
+
+_CLOCK = datetime.now(UTC)
+_MIDNIGHT = _CLOCK.replace(hour=0, minute=0, second=0, microsecond=0)
+NOW = _MIDNIGHT + (_CLOCK - _MIDNIGHT) / 2
+OTHER_SPACE = SPACE + 1
+
+
+def seconds_to(moment: datetime) -> float:
+    return (moment - T0).total_seconds()
+
+
+async def apply(conn: asyncpg.Connection, *events: AnyEvent) -> None:
+    async with conn.transaction():
+        await apply_events(conn, ledger_events(list(events)))
+
+
+async def budget(conn: asyncpg.Connection, change: BudgetChange) -> int:
+    async with conn.transaction():
+        return await set_budget(conn, change)
+
+
+async def outbox(conn: asyncpg.Connection) -> list[tuple[str, int, int, bool, int]]:
+    rows = await conn.fetch(
+        "SELECT measure, threshold, sequence, crossed, spend FROM budget_alert_outbox ORDER BY id"
+    )
+    return [
+        (r["measure"], r["threshold"], r["sequence"], r["crossed"], int(r["spend"])) for r in rows
+    ]
+
+
+def _record(offset: int) -> ConsumerRecord:
+    return ConsumerRecord("chat.turn-events", 0, offset, 0, 0, b"1", b"{}", None, 1, 2, [])
+
+
+# 1 -------------------------------------------------------------------------------------------
+
+
+async def test_a_batch_split_around_a_poison_record_writes_no_alert_if_the_state_holds(
+    ledger: asyncpg.Connection,
+) -> None:
+    # 850 of 1000 crosses 80 %. One batch (one transaction, commit_batch's step 2b) corrects
+    # the legacy 850 to 500 and adds a new turn of 400: the day ends at 900, still crossed,
+    # so the rules give no alert for the batch (the earlier review's defect 1). Here the batch
+    # also holds a record the database refuses (SQLSTATE 23514, as the chaos corpus makes
+    # one): apply_isolating splits it, the correction and the new turn are written by two
+    # usage statements in one transaction, and each is judged on its own: a withdrawal at a
+    # spend of 500 that no transaction committed, then a second crossing at 900.
+    await ledger.execute(REFUSING_CONSTRAINT)
+    await apply(
+        ledger, started(seconds=seconds_to(NOW)), appended(cost=850, seconds=seconds_to(NOW))
+    )
+    await budget(ledger, BudgetChange(SPACE, None, "day", 1000, None, (80,)))
+    assert await outbox(ledger) == [("cost_micros", 80, 1, True, 850)]
+
+    events = ledger_events(
+        [
+            finalized(calls=[call(cost=500)], seconds=seconds_to(NOW) + 1),
+            started(
+                thread_id=99, turn_id="99:1", query=REFUSED_MARKER, seconds=seconds_to(NOW) + 2
+            ),
+            finalized(turn_id="4242:2", calls=[call(cost=400)], seconds=seconds_to(NOW) + 3),
+        ]
+    )
+    applied = Applied()
+    async with ledger.transaction():
+        await apply_isolating(
+            ledger, [(event, _record(i)) for i, event in enumerate(events)], applied
+        )
+    assert len(applied.letters) == 1  # the refused record, alone
+
+    assert await ledger.fetchval("SELECT sum(cost_micros) FROM token_usage") == 900
+    assert await check_budgets(ledger) == []  # the final state is right ...
+    assert await outbox(ledger) == [("cost_micros", 80, 1, True, 850)]  # ... the records not
+
+
+# 2 -------------------------------------------------------------------------------------------
+
+
+async def test_a_merge_that_deletes_and_inserts_usage_is_judged_once(
+    ledger: asyncpg.Connection,
+) -> None:
+    # 500 + 350 = 850 of 1000 crosses 80 %. One MERGE (a manual fix: replace thread 2's usage
+    # row by thread 3's of 300) leaves 800: still crossed, no change of state. PostgreSQL fires
+    # its AFTER DELETE statement trigger before its AFTER INSERT one; budgets_usage_deleted
+    # judges at once (it never looks at the BEFORE INSERT mark): a withdrawal at 500 and a
+    # second crossing at 800.
+    await apply(
+        ledger,
+        finalized(thread_id=1, turn_id="1:1", calls=[call(cost=500)], seconds=seconds_to(NOW)),
+        finalized(thread_id=2, turn_id="2:1", calls=[call(cost=350)], seconds=seconds_to(NOW)),
+        started(thread_id=3, turn_id="3:1", seconds=seconds_to(NOW)),
+    )
+    await budget(ledger, BudgetChange(SPACE, None, "day", 1000, None, (80,)))
+    assert await outbox(ledger) == [("cost_micros", 80, 1, True, 850)]
+    await ledger.execute(
+        """
+        MERGE INTO token_usage AS u
+        USING (SELECT t.id AS thread_id, m.id AS message_id
+               FROM chat_threads AS t JOIN chat_messages AS m ON m.thread_id = t.id
+               WHERE (t.id = 2 AND m.role = 'assistant') OR (t.id = 3 AND m.role = 'user')) AS s
+        ON u.thread_id = s.thread_id
+        WHEN MATCHED THEN DELETE
+        WHEN NOT MATCHED THEN INSERT (thread_id, message_id, prompt_tokens, completion_tokens,
+          total_tokens, cost_micros, model_breakdown, call_details, search_space_id, user_id,
+          source, source_rank, source_at, source_event_id, created_at, updated_at)
+        VALUES (s.thread_id, s.message_id, 0, 0, 0, 300, '{}', '[]', $1, $2,
+          'turn.finalized', 2, $3, gen_random_uuid(), now(), now())
+        """,
+        SPACE,
+        USER,
+        NOW,
+    )
+    assert await ledger.fetchval("SELECT sum(cost_micros) FROM token_usage") == 800
+    assert await check_budgets(ledger) == []
+    assert await outbox(ledger) == [("cost_micros", 80, 1, True, 850)]
+
+
+# 3 -------------------------------------------------------------------------------------------
+
+
+async def test_0012_does_not_deadlock_with_a_0010_batch_queued_behind_it(
+    database_url: str,
+) -> None:
+    # docs/operations.md: old consumers "write on (their batches wait while 0012 sums the usage
+    # rows)". The earlier review's scenario, with one more member: batch A is in flight (it
+    # wrote usage), so 0012's LOCK TABLE … SHARE queues behind it. Batch B of another member
+    # starts meanwhile, in another space: write_plan locks its budget row (store.py
+    # _LOCK_BUDGETS, FOR UPDATE, not blocked), then its usage upsert queues behind the
+    # migration's SHARE request (a 1,000-record batch A, or a BACKFILL of a big ledger, keeps
+    # B waiting past deadlock_timeout). A
+    # commits; 0012 sums, and BACKFILL's foreign-key check on budget_periods waits for B's
+    # budget row (FOR KEY SHARE against FOR UPDATE) while B waits for 0012: a deadlock.
+    # PostgreSQL checks a wait once, deadlock_timeout (1 s) after it starts: B, waiting since
+    # before A committed, found no cycle then; the migration, which closes it, is aborted.
+    await asyncio.to_thread(upgrade, database_url, "0011")
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    member_a = await asyncpg.connect(asyncpg_dsn(database_url))
+    member_b = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        await conn.execute(
+            "INSERT INTO budgets (search_space_id, period, cost_micros_limit, thresholds)"
+            " VALUES ($1, 'day', 1000, '{100}'), ($2, 'day', 1000, '{100}')",
+            SPACE,
+            OTHER_SPACE,
+        )
+        await apply(
+            conn,
+            finalized(thread_id=1, turn_id="1:1", calls=[call(cost=300)], seconds=0),
+            finalized(
+                thread_id=3, turn_id="3:1", calls=[call(cost=300)], seconds=0, space=OTHER_SPACE
+            ),
+        )
+        batch_a = member_a.transaction()
+        await batch_a.start()
+        await apply_events(
+            member_a,
+            ledger_events(
+                [finalized(thread_id=2, turn_id="2:1", calls=[call(cost=400)], seconds=0)]
+            ),
+        )
+        migrating = asyncio.create_task(asyncio.to_thread(upgrade, database_url))
+
+        async def waiting(query_like: str) -> bool:
+            return bool(
+                await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE $1",
+                    query_like,
+                )
+            )
+
+        await wait_for(lambda: waiting("LOCK TABLE%"), within=30, what="0012 queued behind A")
+
+        async def batch_b() -> None:
+            async with member_b.transaction():
+                await apply_events(
+                    member_b,
+                    ledger_events(
+                        [
+                            finalized(
+                                thread_id=3,
+                                turn_id="3:2",
+                                calls=[call(cost=300)],
+                                seconds=0,
+                                space=OTHER_SPACE,
+                            )
+                        ]
+                    ),
+                )
+
+        b = asyncio.create_task(batch_b())
+
+        async def b_queued() -> bool:
+            return bool(
+                await conn.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                    " AND relation = 'token_usage'::regclass AND mode = 'RowExclusiveLock'"
+                )
+            )
+
+        await wait_for(b_queued, within=30, what="B's usage upsert queued behind 0012")
+        await asyncio.sleep(1.5)  # A's batch runs on past B's deadlock check (1 s)
+        await batch_a.commit()
+        outcomes = await asyncio.gather(migrating, b, return_exceptions=True)
+        # A batch aborted by a deadlock is retried; the migration must go through.
+        assert not isinstance(outcomes[0], BaseException), outcomes[0]
+    finally:
+        await member_a.close()
+        await member_b.close()
+        await conn.close()

@@ -3,10 +3,12 @@
 1. A batch is judged once per usage statement, not once per transaction: when the consumer
    isolates a poison record (apply_isolating, savepoints) the batch's usage is written by
    several statements in one transaction, and a period is judged on spends no transaction
-   committed (a withdrawal and a second crossing where the state holds).
+   committed (a 100 % crossing, then its withdrawal, where the committed spend never got
+   there).
 2. A statement that fires the DELETE trigger as well as the INSERT one (MERGE … WHEN MATCHED
    THEN DELETE WHEN NOT MATCHED THEN INSERT: "a manual fix") is judged in the middle: the
-   DELETE trigger ignores the BEFORE INSERT mark.
+   DELETE trigger ignores the BEFORE INSERT mark (and a MERGE that updates and deletes has no
+   mark at all).
 3. Migration 0012 deadlocks with a 0010 batch that holds its budget row lock (store.py
    _LOCK_BUDGETS) and waits for token_usage behind the migration's SHARE lock: BACKFILL's
    foreign-key check on budget_periods waits for that budget row. The migration is aborted.
@@ -66,30 +68,31 @@ def _record(offset: int) -> ConsumerRecord:
 # 1 -------------------------------------------------------------------------------------------
 
 
-async def test_a_batch_split_around_a_poison_record_writes_no_alert_if_the_state_holds(
+async def test_a_batch_split_around_a_poison_record_writes_no_crossing_it_never_committed(
     ledger: asyncpg.Connection,
 ) -> None:
-    # 850 of 1000 crosses 80 %. One batch (one transaction, commit_batch's step 2b) corrects
-    # the legacy 850 to 500 and adds a new turn of 400: the day ends at 900, still crossed,
-    # so the rules give no alert for the batch (the earlier review's defect 1). Here the batch
-    # also holds a record the database refuses (SQLSTATE 23514, as the chaos corpus makes
-    # one): apply_isolating splits it, the correction and the new turn are written by two
-    # usage statements in one transaction, and each is judged on its own: a withdrawal at a
-    # spend of 500 that no transaction committed, then a second crossing at 900.
+    # 700 of 1000: 100 % not crossed. One batch (one transaction, commit_batch's step 2b) adds
+    # a new turn of 300 and corrects the legacy 700 to 400: the day ends at 700, never at
+    # 1000, so the rules give no alert. Here the batch also holds a record the database
+    # refuses (SQLSTATE 23514, as the chaos corpus makes one): apply_isolating splits it, the
+    # new turn and the correction are written by two usage statements in one transaction,
+    # and each is judged on its own: "100 % crossed" at a spend of 1000 that no transaction
+    # committed, then its withdrawal at 700. (Either order: a correction down first and a new
+    # turn after writes a withdrawal and a second crossing where the state holds.)
     await ledger.execute(REFUSING_CONSTRAINT)
     await apply(
-        ledger, started(seconds=seconds_to(NOW)), appended(cost=850, seconds=seconds_to(NOW))
+        ledger, started(seconds=seconds_to(NOW)), appended(cost=700, seconds=seconds_to(NOW))
     )
-    await budget(ledger, BudgetChange(SPACE, None, "day", 1000, None, (80,)))
-    assert await outbox(ledger) == [("cost_micros", 80, 1, True, 850)]
+    await budget(ledger, BudgetChange(SPACE, None, "day", 1000, None, (100,)))
+    assert await outbox(ledger) == []
 
     events = ledger_events(
         [
-            finalized(calls=[call(cost=500)], seconds=seconds_to(NOW) + 1),
+            finalized(turn_id="4242:2", calls=[call(cost=300)], seconds=seconds_to(NOW) + 1),
             started(
                 thread_id=99, turn_id="99:1", query=REFUSED_MARKER, seconds=seconds_to(NOW) + 2
             ),
-            finalized(turn_id="4242:2", calls=[call(cost=400)], seconds=seconds_to(NOW) + 3),
+            finalized(calls=[call(cost=400)], seconds=seconds_to(NOW) + 3),
         ]
     )
     applied = Applied()
@@ -99,9 +102,9 @@ async def test_a_batch_split_around_a_poison_record_writes_no_alert_if_the_state
         )
     assert len(applied.letters) == 1  # the refused record, alone
 
-    assert await ledger.fetchval("SELECT sum(cost_micros) FROM token_usage") == 900
+    assert await ledger.fetchval("SELECT sum(cost_micros) FROM token_usage") == 700
     assert await check_budgets(ledger) == []  # the final state is right ...
-    assert await outbox(ledger) == [("cost_micros", 80, 1, True, 850)]  # ... the records not
+    assert await outbox(ledger) == []  # ... but 100 % crossed at 1000, withdrawn at 700
 
 
 # 2 -------------------------------------------------------------------------------------------

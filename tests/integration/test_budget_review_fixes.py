@@ -12,6 +12,8 @@
 3. Migration 0012 deadlocks with a 0010 batch that holds its budget row lock (store.py
    _LOCK_BUDGETS) and waits for token_usage behind the migration's SHARE lock: BACKFILL's
    foreign-key check on budget_periods waits for that budget row. The migration is aborted.
+4. A manual DELETE of usage (the trigger 1232a13 adds) racing `budget set` of a new budget
+   leaves the deleted rows in the new budget's spend: no bypass needed for a difference.
 """
 
 from __future__ import annotations
@@ -242,3 +244,32 @@ async def test_0012_does_not_deadlock_with_a_0010_batch_queued_behind_it(
         await member_a.close()
         await member_b.close()
         await conn.close()
+
+
+# 4 -------------------------------------------------------------------------------------------
+
+
+async def test_a_usage_delete_while_budget_set_creates_the_budget_leaves_no_phantom_spend(
+    ledger: asyncpg.Connection, ledger_url: str
+) -> None:
+    # docs/design.md: "Only a write that bypasses the triggers … could make them differ." A
+    # manual DELETE (its trigger is 1232a13's) takes no space lock, unlike a batch
+    # (store.py _LOCK_SPACES), so it runs while `budget set` creates a budget: its trigger
+    # does not see the uncommitted budget (no delta), and `budget set` summed the rows before
+    # the delete. The new budget keeps 600 the rows no longer hold, crossed 50 % on it, and
+    # every later batch of the day is judged on top of it: 100 % comes at 400 of real spend.
+    await apply(ledger, started(seconds=seconds_to(NOW)))
+    await apply(
+        ledger,
+        finalized(thread_id=1, turn_id="1:1", calls=[call(cost=600)], seconds=seconds_to(NOW)),
+    )
+    operator = await asyncpg.connect(asyncpg_dsn(ledger_url))
+    try:
+        async with ledger.transaction():
+            await set_budget(ledger, BudgetChange(SPACE, None, "day", 1000, None, (50,)))
+            await operator.execute("DELETE FROM chat_threads WHERE id = 1")  # not blocked
+    finally:
+        await operator.close()
+    assert await ledger.fetchval("SELECT coalesce(sum(cost_micros), 0) FROM token_usage") == 0
+    assert await check_budgets(ledger) == []  # stored 600, the rows sum to 0
+    assert await outbox(ledger) == []  # 50 % crossed at 600

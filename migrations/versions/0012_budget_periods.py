@@ -25,7 +25,8 @@ only the states that change.
 
 Every statement that changes usage moves the sums: INSERT and UPDATE (their transition tables),
 DELETE (its old rows: by hand, or with a thread or message) and TRUNCATE (every period to 0).
-An INSERT … ON CONFLICT DO UPDATE is judged once, after both of its statement triggers.
+Each statement adds its amounts at once; the periods a transaction moved are judged once, at
+its COMMIT, on what it leaves (a deferred constraint trigger).
 
 The functions run with `jit = off`: the planner's estimates for them pass jit_above_cost, and
 compiling each statement (20-80 ms, measured) cost far more than running it (a few ms).
@@ -90,16 +91,12 @@ BEGIN
      OR p.thresholds IS NULL;
 END $$
 """
-# budget_add, then the judgement of every touched (measure, threshold).
-EVALUATE = """
-CREATE FUNCTION budget_evaluate(budget_ids bigint[], starts timestamptz[], usage_ids bigint[],
-                                revisions integer[], costs numeric[], tokens numeric[],
-                                reconfigure boolean) RETURNS void
+# The judgement of every touched (measure, threshold), on the spend budget_add kept.
+JUDGE = """
+CREATE FUNCTION budget_judge(budget_ids bigint[], starts timestamptz[], usage_ids bigint[],
+                             revisions integer[]) RETURNS void
 LANGUAGE plpgsql SET jit = off AS $$
 BEGIN
-  -- One statement that locks and adds, then one that reads: under READ COMMITTED it takes a
-  -- new snapshot, so a member that waited for the lock judges what the one before committed.
-  PERFORM budget_add(budget_ids, starts, costs, tokens, reconfigure);
   -- Every join below is an index probe from a touched (budget, period): the planner cannot
   -- know how many pairs the arrays hold, and a join of two such sets became a nested loop of
   -- one over the other (measured: 1.3 s for 700 pairs).
@@ -165,6 +162,19 @@ BEGIN
   ORDER BY c.budget_id, c.start, c.measure, c.threshold;
 END $$
 """
+# budget_add, then budget_judge: what `budget set` runs.
+EVALUATE = """
+CREATE FUNCTION budget_evaluate(budget_ids bigint[], starts timestamptz[], usage_ids bigint[],
+                                revisions integer[], costs numeric[], tokens numeric[],
+                                reconfigure boolean) RETURNS void
+LANGUAGE plpgsql SET jit = off AS $$
+BEGIN
+  -- One statement that locks and adds, then one that reads: under READ COMMITTED it takes a
+  -- new snapshot, so a member that waited for the lock judges what the one before committed.
+  PERFORM budget_add(budget_ids, starts, costs, tokens, reconfigure);
+  PERFORM budget_judge(budget_ids, starts, usage_ids, revisions);
+END $$
+"""
 # The (budget, period) pairs a statement's usage rows touch, one entry each: the amounts the
 # statement adds to it (a created row's; an updated row's new amounts to its new period and its
 # old amounts taken from its old one, the same period unless the row moved: another user or
@@ -197,75 +207,20 @@ DECLARE_PAIRS = """
 DECLARE ids bigint[]; starts timestamptz[]; usage_ids bigint[]; revisions integer[];
         costs numeric[]; tokens numeric[];
 """
-# An INSERT … ON CONFLICT DO UPDATE fires its AFTER UPDATE statement trigger, then its AFTER
-# INSERT one. Judged after the first, a period would be judged on a spend the statement never
-# leaves (its corrections without its new rows: a withdrawal and a second crossing where the
-# state holds). So a statement that inserts says so before it starts (a setting local to the
-# transaction, undone with it); its UPDATE trigger adds its amounts and leaves the periods to
-# the INSERT trigger, which judges them with its own, on what the whole statement left.
-USAGE_INSERTING = """
-CREATE FUNCTION budgets_usage_inserting() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  PERFORM set_config('token_ledger.budgets_inserting', 'on', true);
-  RETURN NULL;
-END $$
-"""
-USAGE_CREATED = (
-    """
-CREATE OR REPLACE FUNCTION budgets_usage_created() RETURNS trigger LANGUAGE plpgsql
-SET jit = off AS $$"""
-    + DECLARE_PAIRS
-    + """        pending jsonb;
-BEGIN
-  pending := nullif(current_setting('token_ledger.budgets_pending', true), '')::jsonb;
-  PERFORM set_config('token_ledger.budgets_inserting', '', true),
-          set_config('token_ledger.budgets_pending', '', true);
-  IF NOT EXISTS (SELECT FROM budgets) THEN RETURN NULL; END IF;
-  WITH changed AS (
-    SELECT n.search_space_id, n.user_id, n.source_at, n.id, n.revision,
-           n.cost_micros::numeric AS cost_micros, n.total_tokens::numeric AS total_tokens
-    FROM new_rows AS n
-  )"""
-    + PAIRS
-    + """  IF pending IS NOT NULL THEN  -- the periods this statement's UPDATE trigger added to
-    SELECT coalesce(ids, '{}') || array_agg(p.budget_id),
-           coalesce(starts, '{}') || array_agg(p.start AT TIME ZONE 'UTC'),
-           coalesce(usage_ids, '{}') || array_agg(p.usage_id),
-           coalesce(revisions, '{}') || array_agg(p.revision)
-    INTO ids, starts, usage_ids, revisions
-    FROM jsonb_to_recordset(pending)
-      AS p(budget_id bigint, start timestamp, usage_id bigint, revision integer);
-  END IF;
-  IF ids IS NOT NULL THEN
-    PERFORM budget_evaluate(ids, starts, usage_ids, revisions, costs, tokens, false);
-  END IF;
-  RETURN NULL;
-END $$
-"""
-)
-USAGE_REVISED = (
-    """
-CREATE OR REPLACE FUNCTION budgets_usage_revised() RETURNS trigger LANGUAGE plpgsql
-SET jit = off AS $$"""
-    + DECLARE_PAIRS
-    + """BEGIN
-  IF NOT EXISTS (SELECT FROM budgets) THEN RETURN NULL; END IF;
-  -- The billed values and the winning claim (its user and time) change only with the
-  -- revision (migrations/versions/0003), so an unrevised row adds and takes nothing.
-  WITH changed AS (
-    SELECT n.search_space_id, n.user_id, n.source_at, n.id, n.revision,
-           n.cost_micros::numeric AS cost_micros, n.total_tokens::numeric AS total_tokens
-    FROM new_rows AS n JOIN old_rows AS o ON o.id = n.id WHERE n.revision <> o.revision
-    UNION ALL
-    SELECT o.search_space_id, o.user_id, o.source_at, o.id,
-           CASE WHEN n.revision = o.revision + 2 THEN o.revision + 1 ELSE n.revision END,
-           -o.cost_micros::numeric, -o.total_tokens::numeric
-    FROM new_rows AS n JOIN old_rows AS o ON o.id = n.id WHERE n.revision <> o.revision
-  )"""
-    + PAIRS
-    + """  IF ids IS NULL THEN RETURN NULL; END IF;
-  IF current_setting('token_ledger.budgets_inserting', true) = 'on' THEN
-    PERFORM budget_add(ids, starts, costs, tokens, false);
+# Each usage statement adds its amounts at once (its transition tables exist only then), but its
+# periods are judged at COMMIT, on what the whole transaction leaves. Judged after each
+# statement, a period could be judged on a spend no transaction commits: an INSERT … ON
+# CONFLICT DO UPDATE fires its AFTER UPDATE trigger before its AFTER INSERT one, a MERGE its
+# DELETE trigger before its INSERT one, and a batch split around a poison record writes its
+# usage in several statements (a withdrawal and a second crossing where the state holds, or a
+# crossing never reached). So a statement appends its periods to a list local to the
+# transaction (a setting, undone with the statement or savepoint that rolls back), and a
+# deferred constraint trigger on budget_periods judges the list once.
+#
+# Before anything, the statement takes its spaces' shared locks, which `budget set` takes
+# exclusively: a budget created meanwhile is summed from the rows by whichever commits first and
+# moved by the other (the consumer's batches take them already: consumer/ledger/store.py).
+PENDING = """
     PERFORM set_config('token_ledger.budgets_pending', (
       SELECT coalesce(nullif(current_setting('token_ledger.budgets_pending', true), '')::jsonb,
                       '[]') || jsonb_agg(jsonb_build_object(
@@ -273,54 +228,111 @@ SET jit = off AS $$"""
                'usage_id', p.usage_id, 'revision', p.revision))
       FROM unnest(ids, starts, usage_ids, revisions) AS p(budget_id, start, usage_id, revision)
     )::text, true);
-  ELSE
-    PERFORM budget_evaluate(ids, starts, usage_ids, revisions, costs, tokens, false);
-  END IF;
+"""
+
+
+def _usage_trigger(name: str, rows: str, changed: str) -> str:
+    """The statement trigger function `name`: the spaces of `rows` locked, the amounts of the
+    `changed` rows (a CTE's body) added, their periods left to be judged at COMMIT."""
+    return (
+        f"""
+CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql SET jit = off AS $$"""
+        + DECLARE_PAIRS
+        + f"""BEGIN
+  PERFORM pg_advisory_xact_lock_shared(-k.space)
+  FROM (SELECT DISTINCT search_space_id AS space FROM {rows} ORDER BY 1) AS k;
+  IF NOT EXISTS (SELECT FROM budgets) THEN RETURN NULL; END IF;
+  WITH changed AS ({changed}
+  )"""
+        + PAIRS
+        + """  IF ids IS NOT NULL THEN
+    PERFORM budget_add(ids, starts, costs, tokens, false);"""
+        + PENDING
+        + """  END IF;
   RETURN NULL;
 END $$
 """
-)
-# A deleted row (by hand, or with its thread or message) takes its amounts away.
-USAGE_DELETED = (
+    )
+
+
+USAGE_CREATED = _usage_trigger(
+    "budgets_usage_created",
+    "new_rows",
     """
-CREATE FUNCTION budgets_usage_deleted() RETURNS trigger LANGUAGE plpgsql SET jit = off AS $$"""
-    + DECLARE_PAIRS
-    + """BEGIN
-  IF NOT EXISTS (SELECT FROM budgets) THEN RETURN NULL; END IF;
-  WITH changed AS (
+    SELECT n.search_space_id, n.user_id, n.source_at, n.id, n.revision,
+           n.cost_micros::numeric AS cost_micros, n.total_tokens::numeric AS total_tokens
+    FROM new_rows AS n""",
+)
+# The billed values and the winning claim (its user and time) change only with the revision
+# (migrations/versions/0003), so an unrevised row adds and takes nothing.
+USAGE_REVISED = _usage_trigger(
+    "budgets_usage_revised",
+    "new_rows",
+    """
+    SELECT n.search_space_id, n.user_id, n.source_at, n.id, n.revision,
+           n.cost_micros::numeric AS cost_micros, n.total_tokens::numeric AS total_tokens
+    FROM new_rows AS n JOIN old_rows AS o ON o.id = n.id WHERE n.revision <> o.revision
+    UNION ALL
+    SELECT o.search_space_id, o.user_id, o.source_at, o.id,
+           CASE WHEN n.revision = o.revision + 2 THEN o.revision + 1 ELSE n.revision END,
+           -o.cost_micros::numeric, -o.total_tokens::numeric
+    FROM new_rows AS n JOIN old_rows AS o ON o.id = n.id WHERE n.revision <> o.revision""",
+)
+# A deleted row (by hand, or with its thread or message) takes its amounts away; the alert names
+# its last revision.
+USAGE_DELETED = _usage_trigger(
+    "budgets_usage_deleted",
+    "old_rows",
+    """
     SELECT o.search_space_id, o.user_id, o.source_at, o.id, o.revision,
            -o.cost_micros::numeric AS cost_micros, -o.total_tokens::numeric AS total_tokens
-    FROM old_rows AS o
-  )"""
-    + PAIRS
-    + """  IF ids IS NOT NULL THEN
-    PERFORM budget_evaluate(ids, starts, usage_ids, revisions, costs, tokens, false);
-  END IF;
+    FROM old_rows AS o""",
+)
+# TRUNCATE has no transition table: every period's spend is 0, every judged period judged.
+USAGE_TRUNCATED = (
+    """
+CREATE FUNCTION budgets_usage_truncated() RETURNS trigger LANGUAGE plpgsql SET jit = off AS $$"""
+    + DECLARE_PAIRS
+    + """BEGIN
+  UPDATE budget_periods SET cost_micros = 0, total_tokens = 0
+  WHERE cost_micros <> 0 OR total_tokens <> 0;
+  SELECT array_agg(budget_id), array_agg(period_start), array_agg(NULL::bigint),
+         array_agg(NULL::integer)
+  INTO ids, starts, usage_ids, revisions
+  FROM budget_periods WHERE thresholds IS NOT NULL;
+  IF ids IS NOT NULL THEN
+    PERFORM FROM budgets WHERE id = ANY(ids) ORDER BY id FOR UPDATE;"""
+    + PENDING
+    + """  END IF;
   RETURN NULL;
 END $$
 """
 )
-# TRUNCATE has no transition table: every period's spend is 0, every judged period judged.
-USAGE_TRUNCATED = """
-CREATE FUNCTION budgets_usage_truncated() RETURNS trigger LANGUAGE plpgsql SET jit = off AS $$
+JUDGE_PENDING = """
+CREATE FUNCTION budgets_judge_pending() RETURNS trigger LANGUAGE plpgsql SET jit = off AS $$
+DECLARE pending jsonb;
 BEGIN
-  UPDATE budget_periods SET cost_micros = 0, total_tokens = 0
-  WHERE cost_micros <> 0 OR total_tokens <> 0;
-  PERFORM budget_evaluate(array_agg(budget_id), array_agg(period_start), array_agg(NULL::bigint),
-                          array_agg(NULL::integer), array_agg(NULL::numeric),
-                          array_agg(NULL::numeric), false)
-  FROM budget_periods WHERE thresholds IS NOT NULL HAVING count(*) > 0;
+  -- Once per transaction: the first of its deferred events takes the whole list.
+  pending := nullif(current_setting('token_ledger.budgets_pending', true), '')::jsonb;
+  IF pending IS NULL THEN RETURN NULL; END IF;
+  PERFORM set_config('token_ledger.budgets_pending', '', true);
+  PERFORM budget_judge(array_agg(p.budget_id), array_agg(p.start AT TIME ZONE 'UTC'),
+                       array_agg(p.usage_id), array_agg(p.revision))
+  FROM jsonb_to_recordset(pending)
+    AS p(budget_id bigint, start timestamp, usage_id bigint, revision integer);
   RETURN NULL;
 END $$
 """
 TRIGGERS = (
-    "CREATE TRIGGER budgets_usage_inserting BEFORE INSERT ON token_usage"
-    " FOR EACH STATEMENT EXECUTE FUNCTION budgets_usage_inserting()",
     "CREATE TRIGGER budgets_usage_deleted AFTER DELETE ON token_usage"
     " REFERENCING OLD TABLE AS old_rows"
     " FOR EACH STATEMENT EXECUTE FUNCTION budgets_usage_deleted()",
     "CREATE TRIGGER budgets_usage_truncated AFTER TRUNCATE ON token_usage"
     " FOR EACH STATEMENT EXECUTE FUNCTION budgets_usage_truncated()",
+    # Every period a statement moves has its row changed: its events fire at COMMIT.
+    "CREATE CONSTRAINT TRIGGER budget_periods_judged AFTER INSERT OR UPDATE ON budget_periods"
+    " DEFERRABLE INITIALLY DEFERRED"
+    " FOR EACH ROW EXECUTE FUNCTION budgets_judge_pending()",
 )
 # Every existing budget's periods: their rows' sums, and the limits their states were judged
 # under (the period's states, written for every (measure, threshold) when it was first judged,
@@ -400,7 +412,10 @@ def upgrade() -> None:
         ),
     )
     # Batches of consumers still on 0010 commit before the sums are read, and none starts
-    # until the new triggers are in: a batch between the two would be in no sum.
+    # until the new triggers are in: a batch between the two would be in no sum. The budgets
+    # first, as a batch takes them (consumer/ledger/store.py: its budget rows, then its usage):
+    # the other order deadlocks with a batch that holds its budget rows and waits for usage.
+    op.execute("LOCK TABLE budgets IN EXCLUSIVE MODE")
     op.execute("LOCK TABLE token_usage, budget_states IN SHARE MODE")
     op.execute(BACKFILL)
     op.execute(NEVER_CROSSED)
@@ -408,12 +423,13 @@ def upgrade() -> None:
     op.execute("DROP FUNCTION budget_limits(bigint, timestamptz, boolean)")
     for statement in (
         ADD,
+        JUDGE,
         EVALUATE,
-        USAGE_INSERTING,
         USAGE_CREATED,
         USAGE_REVISED,
         USAGE_DELETED,
         USAGE_TRUNCATED,
+        JUDGE_PENDING,
         *TRIGGERS,
     ):
         op.execute(statement)
@@ -421,13 +437,15 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     before = _revision_0010()
-    for trigger in ("budgets_usage_truncated", "budgets_usage_deleted", "budgets_usage_inserting"):
+    op.execute("DROP TRIGGER budget_periods_judged ON budget_periods")
+    for trigger in ("budgets_usage_truncated", "budgets_usage_deleted"):
         op.execute(f"DROP TRIGGER {trigger} ON token_usage")
     for function in (
+        "budgets_judge_pending()",
         "budgets_usage_truncated()",
         "budgets_usage_deleted()",
-        "budgets_usage_inserting()",
         NEW_EVALUATE,
+        "budget_judge(bigint[], timestamptz[], bigint[], integer[])",
         "budget_add(bigint[], timestamptz[], numeric[], numeric[], boolean)",
     ):
         op.execute(f"DROP FUNCTION {function}")

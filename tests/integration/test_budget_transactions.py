@@ -1,19 +1,13 @@
-"""Review of 1232a13 (the fixes to 0012's kept budget spend): failing tests for what they leave.
+"""Budgets judged once per transaction, on what it commits, against the real PostgreSQL
+(migrations/versions/0012, docs/design.md#budgets):
 
-1. A batch is judged once per usage statement, not once per transaction: when the consumer
-   isolates a poison record (apply_isolating, savepoints) the batch's usage is written by
-   several statements in one transaction, and a period is judged on spends no transaction
-   committed (a 100 % crossing, then its withdrawal, where the committed spend never got
-   there).
-2. A statement that fires the DELETE trigger as well as the INSERT one (MERGE … WHEN MATCHED
-   THEN DELETE WHEN NOT MATCHED THEN INSERT: "a manual fix") is judged in the middle: the
-   DELETE trigger ignores the BEFORE INSERT mark (and a MERGE that updates and deletes has no
-   mark at all).
-3. Migration 0012 deadlocks with a 0010 batch that holds its budget row lock (store.py
-   _LOCK_BUDGETS) and waits for token_usage behind the migration's SHARE lock: BACKFILL's
-   foreign-key check on budget_periods waits for that budget row. The migration is aborted.
-4. A manual DELETE of usage (the trigger 1232a13 adds) racing `budget set` of a new budget
-   leaves the deleted rows in the new budget's spend: no bypass needed for a difference.
+1. A batch split around a poison record (apply_isolating, savepoints) writes its usage in
+   several statements: no crossing on a spend between them.
+2. A MERGE that deletes and inserts usage (a manual fix) is judged once.
+3. Migration 0012 does not deadlock with a 0010 batch that holds its budget rows and waits
+   behind it.
+4. A manual DELETE of usage racing `budget set` of a new budget waits for it, then takes its
+   amounts away: no phantom spend.
 """
 
 from __future__ import annotations
@@ -227,14 +221,15 @@ async def test_0012_does_not_deadlock_with_a_0010_batch_queued_behind_it(
         b = asyncio.create_task(batch_b())
 
         async def b_queued() -> bool:
+            # Behind 0012's lock: its usage upsert before the fix, its budget rows with it.
             return bool(
                 await conn.fetchval(
-                    "SELECT count(*) FROM pg_locks WHERE NOT granted"
-                    " AND relation = 'token_usage'::regclass AND mode = 'RowExclusiveLock'"
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid = $1",
+                    member_b.get_server_pid(),
                 )
             )
 
-        await wait_for(b_queued, within=30, what="B's usage upsert queued behind 0012")
+        await wait_for(b_queued, within=30, what="B queued behind 0012")
         await asyncio.sleep(1.5)  # A's batch runs on past B's deadlock check (1 s)
         await batch_a.commit()
         outcomes = await asyncio.gather(migrating, b, return_exceptions=True)
@@ -265,11 +260,30 @@ async def test_a_usage_delete_while_budget_set_creates_the_budget_leaves_no_phan
     )
     operator = await asyncpg.connect(asyncpg_dsn(ledger_url))
     try:
-        async with ledger.transaction():
-            await set_budget(ledger, BudgetChange(SPACE, None, "day", 1000, None, (50,)))
-            await operator.execute("DELETE FROM chat_threads WHERE id = 1")  # not blocked
+        setting = ledger.transaction()
+        await setting.start()
+        await set_budget(ledger, BudgetChange(SPACE, None, "day", 1000, None, (50,)))
+        deleting = asyncio.create_task(operator.execute("DELETE FROM chat_threads WHERE id = 1"))
+
+        async def delete_waits() -> bool:
+            # Before the fix it never waits: it commits at once, before `budget set`.
+            return deleting.done() or bool(
+                await ledger.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid = $1",
+                    operator.get_server_pid(),
+                )
+            )
+
+        await wait_for(delete_waits, within=30, what="the DELETE waiting or done")
+        await setting.commit()
+        await deleting
     finally:
         await operator.close()
     assert await ledger.fetchval("SELECT coalesce(sum(cost_micros), 0) FROM token_usage") == 0
     assert await check_budgets(ledger) == []  # stored 600, the rows sum to 0
-    assert await outbox(ledger) == []  # 50 % crossed at 600
+    # `budget set` committed first, on 600 of committed usage; the delete, which waited for
+    # it, took the 600 away.
+    assert await outbox(ledger) == [
+        ("cost_micros", 50, 1, True, 600),
+        ("cost_micros", 50, 2, False, 0),
+    ]

@@ -7,7 +7,7 @@ of that state is one alert, numbered: sequence 1 is the first crossing, 2 its wi
 next crossing (odd: crossed).
 
 migrations/versions/0012_budget_periods.py executes these rules inside the batch transaction
-(`budget_evaluate`); `verify` and the tests judge with this module, and a property test holds
+(`budget_judge`); `verify` and the tests judge with this module, and a property test holds
 the two equal on generated traffic.
 """
 

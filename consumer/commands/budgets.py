@@ -1,11 +1,11 @@
 """`token-ledger budget set|list|delete` (docs/operations.md#budgets): budgets as rows, and the
 evaluation of the current period when one changes.
 
-The evaluation is `budget_evaluate` (migrations/versions/0012_budget_periods.py), the function the
-usage triggers call inside every batch transaction: `set` sums the budget's spend from the rows
-again, then runs it for the budget's current period with the new limits, in the transaction that
-stores them, so the alerts a change causes are written (and later relayed) exactly like those a
-batch causes.
+The evaluation is `budget_evaluate` (migrations/versions/0012_budget_periods.py): the
+judgement every batch transaction makes at its COMMIT, with the budget's limits. `set` sums the
+budget's spend from the rows again, then judges its periods, in the transaction that stores it,
+so the alerts a change causes are written (and later relayed) exactly like those a batch
+causes.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ HAVING count(*) > 0
 """
 # The budget's spend of every period summed from its scope's rows again (the triggers keep it
 # from then on: migrations/versions/0012): a new budget's history, and the repair for a spend
-# that `verify` found different from the rows. The limits a period is judged under stay. Under the space's lock, so no batch writes the
-# space meanwhile.
+# that `verify` found different from the rows. The limits a period is judged under stay. Under
+# the space's lock, so no usage of the space is written meanwhile.
 _SUM_AGAIN = """
 WITH summed AS (
   SELECT budget_period_start($2, u.source_at) AS start, sum(u.cost_micros) AS cost_micros,

@@ -292,8 +292,8 @@ budgets = Table(
 )
 
 # Whether a (budget, period, measure, threshold) has crossed, from its first crossing on (none:
-# never crossed), written by budget_evaluate in the transaction that changed the period's usage
-# or the budget.
+# never crossed), written by budget_judge in the transaction that changed the period's usage or
+# the budget (migrations/versions/0012).
 budget_states = Table(
     "budget_states",
     metadata,

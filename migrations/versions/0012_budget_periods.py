@@ -9,7 +9,7 @@ the limits the period is judged under (docs/development.md#budgets).
 - the spend: the sums of cost_micros and total_tokens of the usage rows in that budget's scope
   and period. It is derived from the rows in the statement that changes them: the usage
   triggers pass the statement's row changes (its NEW rows added, its OLD rows taken away, from
-  the transition tables) to `budget_evaluate`, which adds them up per (budget, period) under the
+  the transition tables) to `budget_add`, which adds them up per (budget, period) under the
   budget's row lock. So it moves exactly when the rows move: a redelivery or replay changes no
   row and no sum; a supersession or late correction moves its old amount out and its new one
   in, in one statement. `verify` sums every period from the rows again and reports any
@@ -31,7 +31,7 @@ its COMMIT, on what it leaves (a deferred constraint trigger).
 The functions run with `jit = off`: the planner's estimates for them pass jit_above_cost, and
 compiling each statement (20-80 ms, measured) cost far more than running it (a few ms).
 
-Upgrading: the migration holds writes to token_usage (a SHARE lock) while it sums the rows, so
+Upgrading: the migration holds writes to budgets and token_usage while it sums the rows, so
 consumers still on 0010 wait for it rather than write usage no sum would hold. `token-ledger
 budget set` of an earlier release fails once 0012 is in (the function it calls changed):
 upgrade the command with the migration. The consumer and `serve` are not concerned.

@@ -38,7 +38,9 @@ class BudgetAlert(BaseModel):
     )
     usage_revision: str | None = Field(
         description="the billing record id ({usage row id}:{revision}) of the usage revision"
-        " that caused it; null when a change of the budget did"
+        " that caused it (of a transaction's revisions in the period, the one of the highest"
+        " usage row id; of a deleted usage row, its last); null when a change of the budget or"
+        " a truncation of the ledger's usage did"
     )
 
 

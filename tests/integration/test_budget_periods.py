@@ -6,7 +6,7 @@ again (docs/operations.md#budgets)."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -18,7 +18,10 @@ from consumer.ledger.migrate import downgrade, upgrade
 from producer.events import AnyEvent
 from tests.factories import SPACE, T0, USER, call, finalized, ledger_events
 
-NOW = datetime.now(UTC) - timedelta(minutes=1)
+# Well inside today (UTC), whenever the tests run: the budgets' current day.
+_CLOCK = datetime.now(UTC)
+_MIDNIGHT = _CLOCK.replace(hour=0, minute=0, second=0, microsecond=0)
+NOW = _MIDNIGHT + (_CLOCK - _MIDNIGHT) / 2
 
 
 def today(thread_id: int, cost: int) -> AnyEvent:

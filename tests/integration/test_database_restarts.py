@@ -139,7 +139,15 @@ async def test_restarts_fast_and_immediate_mid_drain_lose_and_duplicate_nothing(
     stack = Stack.fresh(kafka_bootstrap, own_postgres.url)
     total, expect = await _backlog(
         stack,
-        TrafficConfig(threads=2000, turns_per_thread=4, seed=18, poison_rate=0, start=START),
+        # Large enough that the last quarter outlasts the last pause (0.6 s) at the drain rate
+        # of a fast machine: 500-record batches once drained 2,000 threads' last quarter in it.
+        TrafficConfig(
+            threads=2000 if max_batch <= 50 else 5000,
+            turns_per_thread=4,
+            seed=18,
+            poison_rate=0,
+            start=START,
+        ),
     )
     consumer = ConsumerProcess(
         stack.env(

@@ -19,10 +19,10 @@ import pytest
 
 from consumer.commands.budget_check import check_budgets
 from consumer.commands.budgets import BudgetChange, list_budgets, set_budget
-from consumer.ledger.batch import apply_events
 from consumer.ledger.database import asyncpg_dsn
-from producer.events import MAX_INT64, AnyEvent
-from tests.factories import SPACE, T0, call, finalized, ledger_events, started
+from producer.events import MAX_INT64
+from tests.factories import SPACE, call, finalized, started
+from tests.integration.budget_harness import apply, seconds_to
 from tests.integration.harness import wait_for
 
 REPO = Path(__file__).parents[2]
@@ -37,15 +37,6 @@ def waiting_on_a_space_lock(conn: asyncpg.Connection) -> Callable[[], Awaitable[
         )
 
     return waiting
-
-
-def seconds_to(moment: datetime) -> float:
-    return (moment - T0).total_seconds()
-
-
-async def apply(conn: asyncpg.Connection, *events: AnyEvent) -> None:
-    async with conn.transaction():
-        await apply_events(conn, ledger_events(list(events)))
 
 
 async def test_a_period_whose_spend_passes_int64_neither_rejects_usage_nor_stops_the_commands(

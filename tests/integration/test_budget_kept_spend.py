@@ -12,57 +12,18 @@ sums, against the real PostgreSQL (docs/design.md#budgets):
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import asyncpg
 
 from consumer.commands.budget_check import check_budgets
-from consumer.commands.budgets import BudgetChange, set_budget
+from consumer.commands.budgets import BudgetChange
 from consumer.ledger.batch import apply_events
 from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.migrate import upgrade
-from producer.events import AnyEvent
-from tests.factories import SPACE, T0, appended, call, finalized, ledger_events, started
+from tests.factories import SPACE, appended, call, finalized, ledger_events, started
+from tests.integration.budget_harness import NOW, apply, budget, outbox, seconds_to, today
 from tests.integration.harness import wait_for
-
-# Well inside today (UTC), whenever the tests run: the budgets' current day.
-_CLOCK = datetime.now(UTC)
-_MIDNIGHT = _CLOCK.replace(hour=0, minute=0, second=0, microsecond=0)
-NOW = _MIDNIGHT + (_CLOCK - _MIDNIGHT) / 2
-
-
-def seconds_to(moment: datetime) -> float:
-    return (moment - T0).total_seconds()
-
-
-def today(thread_id: int, cost: int) -> AnyEvent:
-    return finalized(
-        thread_id=thread_id,
-        turn_id=f"{thread_id}:1",
-        calls=[call(cost=cost)],
-        seconds=seconds_to(NOW),
-    )
-
-
-async def apply(conn: asyncpg.Connection, *events: AnyEvent) -> None:
-    async with conn.transaction():
-        await apply_events(conn, ledger_events(list(events)))
-
-
-async def budget(conn: asyncpg.Connection, change: BudgetChange) -> int:
-    async with conn.transaction():
-        return await set_budget(conn, change)
-
-
-async def outbox(conn: asyncpg.Connection) -> list[tuple[str, int, int, bool, int]]:
-    """(measure, threshold, sequence, crossed, spend) of every alert written, in order."""
-    rows = await conn.fetch(
-        "SELECT measure, threshold, sequence, crossed, spend FROM budget_alert_outbox ORDER BY id"
-    )
-    return [
-        (r["measure"], r["threshold"], r["sequence"], r["crossed"], int(r["spend"])) for r in rows
-    ]
-
 
 # 1 -------------------------------------------------------------------------------------------
 
@@ -72,8 +33,8 @@ async def test_a_batch_that_corrects_one_usage_and_adds_another_writes_no_alert_
 ) -> None:
     # 850 of 1000 crosses 80 %. One batch (one usage upsert) then supersedes the legacy 850 by
     # the finalize's 500 (an UPDATE) and adds a new turn of 400 (an INSERT): the day ends at
-    # 900, still crossed. The rules: no change of state, no record. 0012 writes a withdrawal
-    # at 500 (AFTER UPDATE) and a second crossing at 900 (AFTER INSERT).
+    # 900, still crossed, so no record. Judged after the upsert's AFTER UPDATE trigger, it
+    # would write a withdrawal at 500, then a second crossing at 900.
     await apply(
         ledger, started(seconds=seconds_to(NOW)), appended(cost=850, seconds=seconds_to(NOW))
     )
@@ -94,8 +55,8 @@ async def test_a_crossing_records_the_committed_spend_not_the_spend_between_two_
     ledger: asyncpg.Connection,
 ) -> None:
     # 700 of 1000; one batch corrects the 700 to 850 (UPDATE) and adds 100 (INSERT). The
-    # committed spend is 950; the record (and budget_states.spend) says 850, which no
-    # transaction committed (contract: `spend` is the period's committed spend).
+    # committed spend is 950, and the record must say so (contract: `spend` is the period's
+    # committed spend), not the 850 between the upsert's two triggers.
     await apply(
         ledger, started(seconds=seconds_to(NOW)), appended(cost=700, seconds=seconds_to(NOW))
     )
@@ -114,11 +75,10 @@ async def test_a_crossing_records_the_committed_spend_not_the_spend_between_two_
 async def test_a_batch_an_old_consumer_commits_while_0012_migrates_is_counted_in_budget_periods(
     database_url: str,
 ) -> None:
-    # docs/operations.md: the migrate Job runs "while the old consumers keep running". 0012's
-    # BACKFILL sums the rows in its snapshot; a batch in flight holds its budget's row lock
-    # (store.py _LOCK_BUDGETS, 0010's FOR UPDATE), so BACKFILL's foreign-key check waits for
-    # it, then inserts the sum without it. The batch ran 0010's triggers: its usage never
-    # reaches budget_periods, kept from deltas from then on.
+    # docs/operations.md: the migrate Job runs "while the old consumers keep running". A
+    # batch of a 0010 consumer in flight when 0012 sums the rows runs 0010's triggers: unless
+    # the migration waits for it, its usage is in no sum (the spend is kept from deltas from
+    # then on).
     await asyncio.to_thread(upgrade, database_url, "0011")
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     old_member = await asyncpg.connect(asyncpg_dsn(database_url))
@@ -164,9 +124,8 @@ async def test_budget_set_as_the_repair_judges_the_past_periods_whose_spend_it_s
     ledger: asyncpg.Connection,
 ) -> None:
     # verify's remedy for a stored spend that differs from the rows is `budget set` with the
-    # budget's own values (budget_check.py). It sums every period again but judges only the
-    # current one (and later judged ones): a past period keeps the states judged on the wrong
-    # spend, verify keeps reporting it, and its crossing is never written.
+    # budget's own values (budget_check.py). It must judge the past periods it sums again,
+    # not only the current one: else a past period keeps states judged on the wrong spend.
     yesterday = NOW - timedelta(days=1)
     await apply(ledger, started(seconds=seconds_to(NOW)))
     change = BudgetChange(SPACE, None, "day", 1000, None, (50,))
@@ -177,8 +136,8 @@ async def test_budget_set_as_the_repair_judges_the_past_periods_whose_spend_it_s
             thread_id=1, turn_id="1:1", calls=[call(cost=300)], seconds=seconds_to(yesterday)
         ),
     )  # yesterday judged: 300 of 1000
-    # A batch whose usage never reached budget_periods, as defect 2 (or 4) leaves it: the rows
-    # say 600, the kept spend 300, the state not crossed.
+    # A batch whose usage never reached budget_periods (a write that bypassed the triggers):
+    # the rows say 600, the kept spend 300, the state not crossed.
     await ledger.execute("ALTER TABLE token_usage DISABLE TRIGGER budgets_usage_created")
     await apply(
         ledger,
@@ -200,10 +159,9 @@ async def test_budget_set_as_the_repair_judges_the_past_periods_whose_spend_it_s
 async def test_a_usage_row_deleted_by_hand_leaves_no_phantom_spend_for_the_next_batch(
     ledger: asyncpg.Connection,
 ) -> None:
-    # docs/design.md counts "a manual fix" among the statements that change usage. 0010 summed
-    # the rows again at the next batch; 0012 keeps the spend from UPDATE/INSERT deltas with no
-    # DELETE (nor TRUNCATE) trigger, so a deleted row (by hand, or by a chat_threads or
-    # chat_messages delete cascading) stays in the period's spend for good.
+    # docs/design.md counts "a manual fix" among the statements that change usage: a deleted
+    # row (by hand, or by a chat_threads or chat_messages delete cascading) must leave the
+    # period's kept spend.
     await apply(ledger, started(seconds=seconds_to(NOW)))
     await budget(ledger, BudgetChange(SPACE, None, "day", 1000, None, (100,)))
     await apply(ledger, today(1, 600))

@@ -6,33 +6,15 @@ again (docs/operations.md#budgets)."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 
 import asyncpg
 
 from consumer.commands.budget_check import check_budgets
 from consumer.commands.budgets import BudgetChange, set_budget
-from consumer.ledger.batch import apply_events
 from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.migrate import downgrade, upgrade
-from producer.events import AnyEvent
-from tests.factories import SPACE, T0, USER, call, finalized, ledger_events
-
-# Well inside today (UTC), whenever the tests run: the budgets' current day.
-_CLOCK = datetime.now(UTC)
-_MIDNIGHT = _CLOCK.replace(hour=0, minute=0, second=0, microsecond=0)
-NOW = _MIDNIGHT + (_CLOCK - _MIDNIGHT) / 2
-
-
-def today(thread_id: int, cost: int) -> AnyEvent:
-    turn = f"{thread_id}:1"
-    seconds = (NOW - T0).total_seconds()
-    return finalized(thread_id=thread_id, turn_id=turn, calls=[call(cost=cost)], seconds=seconds)
-
-
-async def apply(conn: asyncpg.Connection, *events: AnyEvent) -> None:
-    async with conn.transaction():
-        await apply_events(conn, ledger_events(list(events)))
+from tests.factories import SPACE, USER
+from tests.integration.budget_harness import apply, today
 
 
 async def spends(conn: asyncpg.Connection) -> dict[int, int]:

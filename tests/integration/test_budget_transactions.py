@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 
 import asyncpg
 from aiokafka.structs import ConsumerRecord
@@ -23,38 +22,12 @@ from consumer.commands.budgets import BudgetChange, set_budget
 from consumer.ledger.batch import Applied, apply_events, apply_isolating
 from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.migrate import upgrade
-from producer.events import AnyEvent
 from tests.chaos.poison import REFUSED_MARKER, REFUSING_CONSTRAINT
-from tests.factories import SPACE, T0, USER, appended, call, finalized, ledger_events, started
+from tests.factories import SPACE, USER, appended, call, finalized, ledger_events, started
+from tests.integration.budget_harness import NOW, apply, budget, outbox, seconds_to
 from tests.integration.harness import wait_for
 
-_CLOCK = datetime.now(UTC)
-_MIDNIGHT = _CLOCK.replace(hour=0, minute=0, second=0, microsecond=0)
-NOW = _MIDNIGHT + (_CLOCK - _MIDNIGHT) / 2
 OTHER_SPACE = SPACE + 1
-
-
-def seconds_to(moment: datetime) -> float:
-    return (moment - T0).total_seconds()
-
-
-async def apply(conn: asyncpg.Connection, *events: AnyEvent) -> None:
-    async with conn.transaction():
-        await apply_events(conn, ledger_events(list(events)))
-
-
-async def budget(conn: asyncpg.Connection, change: BudgetChange) -> int:
-    async with conn.transaction():
-        return await set_budget(conn, change)
-
-
-async def outbox(conn: asyncpg.Connection) -> list[tuple[str, int, int, bool, int]]:
-    rows = await conn.fetch(
-        "SELECT measure, threshold, sequence, crossed, spend FROM budget_alert_outbox ORDER BY id"
-    )
-    return [
-        (r["measure"], r["threshold"], r["sequence"], r["crossed"], int(r["spend"])) for r in rows
-    ]
 
 
 def _record(offset: int) -> ConsumerRecord:
@@ -69,12 +42,10 @@ async def test_a_batch_split_around_a_poison_record_writes_no_crossing_it_never_
 ) -> None:
     # 700 of 1000: 100 % not crossed. One batch (one transaction, commit_batch's step 2b) adds
     # a new turn of 300 and corrects the legacy 700 to 400: the day ends at 700, never at
-    # 1000, so the rules give no alert. Here the batch also holds a record the database
-    # refuses (SQLSTATE 23514, as the chaos corpus makes one): apply_isolating splits it, the
-    # new turn and the correction are written by two usage statements in one transaction,
-    # and each is judged on its own: "100 % crossed" at a spend of 1000 that no transaction
-    # committed, then its withdrawal at 700. (Either order: a correction down first and a new
-    # turn after writes a withdrawal and a second crossing where the state holds.)
+    # 1000, so the rules give no alert. The batch also holds a record the database refuses
+    # (SQLSTATE 23514, as the chaos corpus makes one): apply_isolating splits it, and the new
+    # turn and the correction are written by two usage statements in one transaction. Judged
+    # per statement, the period would cross 100 % at 1000, then withdraw at 700.
     await ledger.execute(REFUSING_CONSTRAINT)
     await apply(
         ledger, started(seconds=seconds_to(NOW)), appended(cost=700, seconds=seconds_to(NOW))
@@ -111,9 +82,8 @@ async def test_a_merge_that_deletes_and_inserts_usage_is_judged_once(
 ) -> None:
     # 500 + 350 = 850 of 1000 crosses 80 %. One MERGE (a manual fix: replace thread 2's usage
     # row by thread 3's of 300) leaves 800: still crossed, no change of state. PostgreSQL fires
-    # its AFTER DELETE statement trigger before its AFTER INSERT one; budgets_usage_deleted
-    # judges at once (it never looks at the BEFORE INSERT mark): a withdrawal at 500 and a
-    # second crossing at 800.
+    # its AFTER DELETE statement trigger before its AFTER INSERT one: judged in between, it
+    # would write a withdrawal at 500 and a second crossing at 800.
     await apply(
         ledger,
         finalized(thread_id=1, turn_id="1:1", calls=[call(cost=500)], seconds=seconds_to(NOW)),
@@ -152,16 +122,12 @@ async def test_0012_does_not_deadlock_with_a_0010_batch_queued_behind_it(
     database_url: str,
 ) -> None:
     # docs/operations.md: old consumers "write on (their batches wait while 0012 sums the usage
-    # rows)". The earlier review's scenario, with one more member: batch A is in flight (it
-    # wrote usage), so 0012's LOCK TABLE … SHARE queues behind it. Batch B of another member
-    # starts meanwhile, in another space: write_plan locks its budget row (store.py
-    # _LOCK_BUDGETS, FOR UPDATE, not blocked), then its usage upsert queues behind the
-    # migration's SHARE request (a 1,000-record batch A, or a BACKFILL of a big ledger, keeps
-    # B waiting past deadlock_timeout). A
-    # commits; 0012 sums, and BACKFILL's foreign-key check on budget_periods waits for B's
-    # budget row (FOR KEY SHARE against FOR UPDATE) while B waits for 0012: a deadlock.
-    # PostgreSQL checks a wait once, deadlock_timeout (1 s) after it starts: B, waiting since
-    # before A committed, found no cycle then; the migration, which closes it, is aborted.
+    # rows)". Batch A is in flight, so 0012 waits for it. Batch B of another member starts
+    # meanwhile, in another space, and locks its budget row (store.py _LOCK_BUDGETS, FOR
+    # UPDATE) before its usage upsert. Had 0012 locked token_usage first, B would queue behind
+    # it while 0012's BACKFILL (its foreign-key check on budget_periods) waited for B's budget
+    # row: a deadlock, which PostgreSQL breaks by aborting the migration (B checked its wait
+    # once, deadlock_timeout after it began, while A still held: no cycle then).
     await asyncio.to_thread(upgrade, database_url, "0011")
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     member_a = await asyncpg.connect(asyncpg_dsn(database_url))
@@ -247,12 +213,10 @@ async def test_0012_does_not_deadlock_with_a_0010_batch_queued_behind_it(
 async def test_a_usage_delete_while_budget_set_creates_the_budget_leaves_no_phantom_spend(
     ledger: asyncpg.Connection, ledger_url: str
 ) -> None:
-    # docs/design.md: "Only a write that bypasses the triggers … could make them differ." A
-    # manual DELETE (its trigger is 1232a13's) takes no space lock, unlike a batch
-    # (store.py _LOCK_SPACES), so it runs while `budget set` creates a budget: its trigger
-    # does not see the uncommitted budget (no delta), and `budget set` summed the rows before
-    # the delete. The new budget keeps 600 the rows no longer hold, crossed 50 % on it, and
-    # every later batch of the day is judged on top of it: 100 % comes at 400 of real spend.
+    # A manual DELETE of usage while `budget set` creates a budget: `budget set` sums the
+    # rows the DELETE has not committed yet. Unless the DELETE's trigger waits for the
+    # space's lock (as a batch does: store.py _LOCK_SPACES), it does not see the uncommitted
+    # budget and takes nothing from its sums: the new budget keeps 600 the rows no longer hold.
     await apply(ledger, started(seconds=seconds_to(NOW)))
     await apply(
         ledger,
@@ -266,7 +230,7 @@ async def test_a_usage_delete_while_budget_set_creates_the_budget_leaves_no_phan
         deleting = asyncio.create_task(operator.execute("DELETE FROM chat_threads WHERE id = 1"))
 
         async def delete_waits() -> bool:
-            # Before the fix it never waits: it commits at once, before `budget set`.
+            # Without the lock in its trigger it never waits: it commits before `budget set`.
             return deleting.done() or bool(
                 await ledger.fetchval(
                     "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid = $1",

@@ -231,24 +231,26 @@ PENDING = """
 """
 
 
-def _usage_trigger(name: str, rows: str, changed: str) -> str:
-    """The statement trigger function `name`: the spaces of `rows` locked, the amounts of the
-    `changed` rows (a CTE's body) added, their periods left to be judged at COMMIT."""
+def _usage_trigger(name: str, spaces: str, changed: str) -> str:
+    """The statement trigger function `name`: the `spaces` (a query) locked, the amounts of the
+    `changed` rows (a CTE's body) added, their periods left to be judged at COMMIT. Listed
+    before they are added: under SET CONSTRAINTS … IMMEDIATE the judgement runs at the end of
+    budget_add's statement, and must find them."""
     return (
         f"""
 CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql SET jit = off AS $$"""
         + DECLARE_PAIRS
         + f"""BEGIN
   PERFORM pg_advisory_xact_lock_shared(-k.space)
-  FROM (SELECT DISTINCT search_space_id AS space FROM {rows} ORDER BY 1) AS k;
+  FROM (SELECT DISTINCT s.search_space_id AS space FROM ({spaces}) AS s ORDER BY 1) AS k;
   IF NOT EXISTS (SELECT FROM budgets) THEN RETURN NULL; END IF;
   WITH changed AS ({changed}
   )"""
         + PAIRS
-        + """  IF ids IS NOT NULL THEN
-    PERFORM budget_add(ids, starts, costs, tokens, false);"""
+        + """  IF ids IS NOT NULL THEN"""
         + PENDING
-        + """  END IF;
+        + """    PERFORM budget_add(ids, starts, costs, tokens, false);
+  END IF;
   RETURN NULL;
 END $$
 """
@@ -257,7 +259,7 @@ END $$
 
 USAGE_CREATED = _usage_trigger(
     "budgets_usage_created",
-    "new_rows",
+    "SELECT search_space_id FROM new_rows",
     """
     SELECT n.search_space_id, n.user_id, n.source_at, n.id, n.revision,
            n.cost_micros::numeric AS cost_micros, n.total_tokens::numeric AS total_tokens
@@ -267,7 +269,8 @@ USAGE_CREATED = _usage_trigger(
 # (migrations/versions/0003), so an unrevised row adds and takes nothing.
 USAGE_REVISED = _usage_trigger(
     "budgets_usage_revised",
-    "new_rows",
+    # The old rows' spaces too: a manual fix may move a row to another space (0005).
+    "SELECT search_space_id FROM new_rows UNION ALL SELECT search_space_id FROM old_rows",
     """
     SELECT n.search_space_id, n.user_id, n.source_at, n.id, n.revision,
            n.cost_micros::numeric AS cost_micros, n.total_tokens::numeric AS total_tokens
@@ -282,7 +285,7 @@ USAGE_REVISED = _usage_trigger(
 # its last revision.
 USAGE_DELETED = _usage_trigger(
     "budgets_usage_deleted",
-    "old_rows",
+    "SELECT search_space_id FROM old_rows",
     """
     SELECT o.search_space_id, o.user_id, o.source_at, o.id, o.revision,
            -o.cost_micros::numeric AS cost_micros, -o.total_tokens::numeric AS total_tokens
@@ -294,8 +297,6 @@ USAGE_TRUNCATED = (
 CREATE FUNCTION budgets_usage_truncated() RETURNS trigger LANGUAGE plpgsql SET jit = off AS $$"""
     + DECLARE_PAIRS
     + """BEGIN
-  UPDATE budget_periods SET cost_micros = 0, total_tokens = 0
-  WHERE cost_micros <> 0 OR total_tokens <> 0;
   SELECT array_agg(budget_id), array_agg(period_start), array_agg(NULL::bigint),
          array_agg(NULL::integer)
   INTO ids, starts, usage_ids, revisions
@@ -304,6 +305,8 @@ CREATE FUNCTION budgets_usage_truncated() RETURNS trigger LANGUAGE plpgsql SET j
     PERFORM FROM budgets WHERE id = ANY(ids) ORDER BY id FOR UPDATE;"""
     + PENDING
     + """  END IF;
+  UPDATE budget_periods SET cost_micros = 0, total_tokens = 0
+  WHERE cost_micros <> 0 OR total_tokens <> 0;
   RETURN NULL;
 END $$
 """

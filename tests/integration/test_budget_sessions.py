@@ -1,10 +1,11 @@
-"""Review (branch review-budgets3): attacks on the deferred budget judgement of
-migrations/versions/0012. Each test states what should hold; a failing one is a defect."""
+"""Budgets under what an operator's session may do, against the real PostgreSQL
+(migrations/versions/0012, docs/design.md#budgets): check its constraints at once (SET
+CONSTRAINTS … IMMEDIATE), move a usage row to another space while `budget set` creates the
+budget of the space it leaves, change a budget in the transaction that writes usage."""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 
 import asyncpg
 
@@ -12,46 +13,11 @@ from consumer.commands.budget_check import check_budgets
 from consumer.commands.budgets import BudgetChange, set_budget
 from consumer.ledger.batch import apply_events
 from consumer.ledger.database import asyncpg_dsn
-from producer.events import AnyEvent
-from tests.factories import SPACE, T0, call, finalized, ledger_events, started
+from tests.factories import SPACE, ledger_events, started
+from tests.integration.budget_harness import NOW, apply, budget, outbox, seconds_to, today
 from tests.integration.harness import wait_for
 
-_CLOCK = datetime.now(UTC)
-_MIDNIGHT = _CLOCK.replace(hour=0, minute=0, second=0, microsecond=0)
-NOW = _MIDNIGHT + (_CLOCK - _MIDNIGHT) / 2
 OTHER_SPACE = SPACE + 1
-
-
-def seconds_to(moment: datetime) -> float:
-    return (moment - T0).total_seconds()
-
-
-def today(thread_id: int, cost: int) -> AnyEvent:
-    return finalized(
-        thread_id=thread_id,
-        turn_id=f"{thread_id}:1",
-        calls=[call(cost=cost)],
-        seconds=seconds_to(NOW),
-    )
-
-
-async def apply(conn: asyncpg.Connection, *events: AnyEvent) -> None:
-    async with conn.transaction():
-        await apply_events(conn, ledger_events(list(events)))
-
-
-async def budget(conn: asyncpg.Connection, change: BudgetChange) -> int:
-    async with conn.transaction():
-        return await set_budget(conn, change)
-
-
-async def outbox(conn: asyncpg.Connection) -> list[tuple[str, int, int, bool, int]]:
-    rows = await conn.fetch(
-        "SELECT measure, threshold, sequence, crossed, spend FROM budget_alert_outbox ORDER BY id"
-    )
-    return [
-        (r["measure"], r["threshold"], r["sequence"], r["crossed"], int(r["spend"])) for r in rows
-    ]
 
 
 async def test_set_constraints_all_immediate_loses_the_crossing_of_the_transaction(
@@ -59,9 +25,8 @@ async def test_set_constraints_all_immediate_loses_the_crossing_of_the_transacti
 ) -> None:
     # 400 of 1000, then one transaction (SET CONSTRAINTS ALL IMMEDIATE first, as an operator
     # session or a tool checking its constraints early may do) adds 700: 1100 crosses 100 %.
-    # Immediate, budget_periods_judged fires at the end of budget_add's INSERT, before the
-    # trigger appends its pairs to token_ledger.budgets_pending: it finds nothing to judge, and
-    # nothing is left to fire at COMMIT. No state, no alert, and verify reports the state.
+    # Immediate, budget_periods_judged fires at the end of budget_add's statement: the
+    # trigger's periods must be listed by then, or nothing judges them, now or at COMMIT.
     await apply(ledger, today(1, 400))
     await budget(ledger, BudgetChange(SPACE, None, "day", 1000, None, (100,)))
     assert await outbox(ledger) == []
@@ -77,12 +42,10 @@ async def test_a_usage_row_moved_to_another_space_while_budget_set_creates_the_o
     ledger: asyncpg.Connection, ledger_url: str
 ) -> None:
     # A manual UPDATE that moves a usage row to another search space (0005 gives it two
-    # revisions: an attribution move). budgets_usage_revised locks only new_rows' spaces
-    # (OTHER_SPACE), not the space the row leaves (SPACE), while it takes the row's amounts
-    # out of SPACE's budgets. So `budget set` creating SPACE's budget (exclusive lock on
-    # SPACE) does not wait for it: it sums the row still in SPACE (uncommitted move), the
-    # trigger did not see the uncommitted budget. The budget keeps 600 the rows no longer hold
-    # (test_budget_transactions' test 4, for an UPDATE instead of a DELETE).
+    # revisions: an attribution move) takes its amounts out of the budgets of the space it
+    # leaves. Its trigger must lock that space too, so that `budget set` creating that space's
+    # budget waits for the move: else it sums the row still there (the move is uncommitted),
+    # the trigger never saw the budget, and the budget keeps 600 the rows no longer hold.
     await apply(ledger, started(seconds=seconds_to(NOW)))
     await apply(ledger, today(1, 600))
     operator = await asyncpg.connect(asyncpg_dsn(ledger_url))
@@ -118,14 +81,15 @@ async def test_a_usage_row_moved_to_another_space_while_budget_set_creates_the_o
         )
         == 0
     )
-    assert await check_budgets(ledger) == []  # stored 600, SPACE's rows sum to 0
-    assert await outbox(ledger) == []  # 50 % crossed on phantom spend
+    assert await check_budgets(ledger) == []  # not 600 stored where SPACE's rows sum to 0
+    assert await outbox(ledger) == []  # no 50 % crossing on spend the rows do not hold
 
 
 async def test_budget_set_in_the_transaction_of_a_usage_write_judges_the_committed_limits(
     ledger: asyncpg.Connection,
 ) -> None:
-    # Held: usage that crosses 50 % of 1000, then (same transaction) the limit raised to 2000.
+    # Usage that crosses 50 % of 1000, then (same transaction) the limit raised to 2000: judged
+    # at COMMIT, on the limits it commits.
     await apply(ledger, today(1, 400))
     await budget(ledger, BudgetChange(SPACE, None, "day", 1000, None, (50,)))
     async with ledger.transaction():

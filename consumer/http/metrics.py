@@ -59,6 +59,12 @@ class LedgerMetrics:
             ["type", "outcome"],
             registry=r,
         )
+        self.redelivered = Counter(
+            "token_ledger_redelivered_records",
+            "Records this group had applied before, recognised by their fingerprint and not"
+            " decoded again (also counted as duplicate events).",
+            registry=r,
+        )
         self.dead_letters = Counter(
             "token_ledger_dead_letters",
             "Records written to the dead-letter topic, by reason.",
@@ -211,6 +217,7 @@ class LedgerMetrics:
             outcomes=[
                 (event.type, event.occurred_at, outcome) for event, outcome in applied.events
             ],
+            redelivered=[event_type for _, event_type in decoded.redelivered],
             unknown_fields=list(decoded.unknown_fields.items()),
             undecodable=[letter.event_type for letter in decode_letters],
             # Only those sent: a position this group dead-lettered before (an offset replay)
@@ -225,6 +232,7 @@ class LedgerMetrics:
         records: int,
         seconds: float,
         outcomes: list[tuple[str, datetime, Outcome]],
+        redelivered: list[str],
         unknown_fields: list[tuple[str, int]],
         undecodable: list[str | None],
         dead_letter_reasons: list[str],
@@ -243,6 +251,9 @@ class LedgerMetrics:
             if outcome is not Outcome.REJECTED:
                 lags.append(max(0.0, (now - occurred_at).total_seconds()))
         observe_many(self.event_lag, lags)
+        for event_type in redelivered:  # applied before, not decoded again: no lag to observe
+            events[event_type, Outcome.DUPLICATE.value] += 1
+        self.redelivered.inc(len(redelivered))
         for named in undecodable:  # the type the record names if it is one of ours
             events[named or "unknown", Outcome.REJECTED.value] += 1
         for (event_type, outcome_name), count in events.items():

@@ -23,7 +23,8 @@ from consumer.kafka.closing import bounded, stop_consumer
 from consumer.kafka.dead_letters import DeadLetterQueue
 from consumer.kafka.outages import KafkaLogFilter
 from consumer.kafka.pausing import PauseWhileRetrying
-from consumer.kafka.pipeline import Commit, Pipeline
+from consumer.kafka.pipeline import Commit, Pipeline, Recognise, recognise_nothing
+from consumer.ledger.applied import recognise as recognise_applied
 from consumer.ledger.batch import commit_batch
 from consumer.retry import Backoff, Retrier, RetryObserver
 from consumer.settings import Settings
@@ -130,9 +131,12 @@ def build_pipeline(
     ]
     retry = Retrier(backoff, abandon=abandon, observers=observers)
     checkpoints = Checkpoints(settings, consumer, pool, metrics, readiness, retry)
-    commit = commit or functools.partial(commit_batch, pool, settings.group_id, settings.topic)
+    recognise: Recognise = recognise_nothing  # a swapped transaction stores no fingerprints
+    if commit is None:
+        commit = functools.partial(commit_batch, pool, settings.group_id, settings.topic)
+        recognise = functools.partial(recognise_applied, pool, settings.group_id, settings.topic)
     pipeline = Pipeline(
-        settings, consumer, dlq, metrics, readiness, checkpoints, retry, status, commit
+        settings, consumer, dlq, metrics, readiness, checkpoints, retry, status, commit, recognise
     )
     return pipeline
 

@@ -3,7 +3,8 @@ close(partitions), stop(). Where partitions stand is checkpoint.py; what one bat
 database is consumer/ledger/batch.py; the loop is assembled and opened by assembly.py.
 
 One batch, in one direction:
-  1. decode every record (while the previous batch's transaction is in flight)
+  1. decode every record (while the previous batch's transaction is in flight), but those
+     this group applied before (ledger/applied.py): a redelivery costs one lookup per batch
   2. one transaction (batch.commit_batch), retried with capped backoff on transient failures
      (fetching paused): offsets by compare-and-set, load state, reduce, write, dead letters
      (what could not be decoded or written; acked before COMMIT, none sent twice per group)
@@ -32,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
@@ -44,6 +45,7 @@ from consumer.kafka.dead_letters import DeadLetterQueue
 from consumer.kafka.lag import Lag
 from consumer.kafka.outages import KafkaProbe
 from consumer.kafka.waiting import IdleClock
+from consumer.ledger.applied import Position
 from consumer.ledger.batch import Applied, Decoded, Record, Report, decode_in_slices
 from consumer.ledger.offsets import OffsetMove
 from consumer.logs import fields
@@ -55,6 +57,12 @@ log = logging.getLogger(__name__)
 IDLE_SYNC_SECONDS = 2.0
 # The batch transaction: (offset moves, decoded records, dead-letter report) -> what it did.
 Commit = Callable[[Sequence[OffsetMove], Decoded, Report], Awaitable[Applied]]
+# The records of a batch this group applied before, by position, with their events' types.
+Recognise = Callable[[Sequence[Record]], Awaitable[Mapping[Position, str]]]
+
+
+async def recognise_nothing(records: Sequence[Record]) -> Mapping[Position, str]:
+    return {}
 
 
 class Pipeline:
@@ -69,8 +77,10 @@ class Pipeline:
         retry: Retrier,
         status: RetryStatus,
         commit: Commit,
+        recognise: Recognise = recognise_nothing,
     ) -> None:
         self.settings = settings
+        self.recognise = recognise
         self.consumer = consumer
         self.dlq = dlq
         self.metrics = metrics
@@ -352,13 +362,15 @@ class Pipeline:
     # -- steps ---------------------------------------------------------------------------------
 
     async def _decode(self, records: list[Record]) -> Decoded:
-        """Pure, never raises for a record; in slices while a batch is in flight."""
+        """Never raises for a record; in slices while a batch is in flight. Records this
+        group applied before are recognised first and not decoded."""
         inflight = self._inflight
         return await decode_in_slices(
             records,
             max_bytes=self.settings.max_event_bytes,
             max_future_skew=self.settings.future_skew,
             busy=lambda: inflight is not None and not inflight.done(),
+            known=await self.recognise(records),
         )
 
     async def _commit(self, records: list[Record], decoded: Decoded) -> Applied:

@@ -1,12 +1,15 @@
 """One batch's records into the ledger, top down (the pipeline owns retries and Kafka):
 
-  1. decode_records   every record becomes an event or a dead letter (pure)
+  1. decode_records   every record becomes an event or a dead letter (pure); a record this
+                      group applied before (ledger/applied.py, looked up by the pipeline) is
+                      counted as a redelivery and not decoded
   2. commit_batch     one transaction:
      a. advance the stored offsets by compare-and-set from where this owner expects them
         (first: a zombie owner blocks here, then finds them moved and is fenced)
      b. apply_isolating: load the stored registers, reduce the batch against them
         (merge.reduce_batch), write what changes; a record the database rejects (SQLSTATE
-        22/23) is isolated by splitting the batch under savepoints
+        22/23) is isolated by splitting the batch under savepoints; then store the
+        fingerprints of the records applied (ledger/applied.py)
      c. dead-letter what could not be decoded and what the transaction rejected: record
         their positions in `dead_lettered` (ledger/dead_lettered.py) and send those this group
         had not sent before, awaited (acknowledged before COMMIT)
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TypeAlias
@@ -28,6 +31,7 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer.errors import PoisonError, TransientError, classify_database_error
 from consumer.kafka.dead_letters import DeadLetter
+from consumer.ledger.applied import Position, fingerprint, remember_applied
 from consumer.ledger.claims import BatchPlan, Outcome
 from consumer.ledger.dead_lettered import record_dead_letters
 from consumer.ledger.decode import BatchDecoder
@@ -50,6 +54,10 @@ class Decoded:
     events: list[LedgerEvent] = field(default_factory=list)
     records: list[Record] = field(default_factory=list)  # the record of each event
     letters: list[DeadLetter] = field(default_factory=list)  # what cannot be an event
+    prints: list[bytes] = field(default_factory=list)  # the fingerprint of each event's record
+    # Records this group applied before (ledger/applied.py), with their event's type: not
+    # decoded, nothing of them written again.
+    redelivered: list[tuple[Record, str]] = field(default_factory=list)
     # Per event type, fields of the records that this consumer does not know (a metric).
     unknown_fields: dict[str, int] = field(default_factory=dict)
 
@@ -69,14 +77,24 @@ class Decoding:
     """Step 1 for one batch, a slice of records at a time (the pipeline yields to the batch in
     flight between slices)."""
 
-    def __init__(self, *, max_bytes: int, max_future_skew: timedelta) -> None:
+    def __init__(
+        self,
+        *,
+        max_bytes: int,
+        max_future_skew: timedelta,
+        known: Mapping[Position, str] | None = None,
+    ) -> None:
         self.decoded = Decoded()
         self._decode = BatchDecoder(max_bytes=max_bytes, max_future_skew=max_future_skew)
         self.decoded.unknown_fields = self._decode.unknown_fields
+        self._known = known or {}
 
     def add(self, records: Iterable[Record]) -> None:
-        decoded, decode = self.decoded, self._decode
+        decoded, decode, known = self.decoded, self._decode, self._known
         for record in records:
+            if known and (event_type := known.get((record.partition, record.offset))):
+                decoded.redelivered.append((record, event_type))
+                continue
             result = decode(record.value, record.timestamp)
             if isinstance(result, Rejection):
                 decoded.letters.append(
@@ -85,6 +103,7 @@ class Decoding:
             else:
                 decoded.events.append(result)
                 decoded.records.append(record)
+                decoded.prints.append(fingerprint(record.value, record.timestamp))
 
 
 def decode_records(records: list[Record], *, max_bytes: int, max_future_skew: timedelta) -> Decoded:
@@ -102,12 +121,13 @@ async def decode_in_slices(
     max_bytes: int,
     max_future_skew: timedelta,
     busy: Callable[[], bool],
+    known: Mapping[Position, str] | None = None,
 ) -> Decoded:
     """decode_records a slice at a time, yielding to the event loop between slices while
     `busy` (a batch in flight): that batch sends its next statement as soon as PostgreSQL
     answers the last one, not once this whole batch is decoded, so the database works
-    meanwhile."""
-    decoding = Decoding(max_bytes=max_bytes, max_future_skew=max_future_skew)
+    meanwhile. `known`: the records applied before, by position (not decoded)."""
+    decoding = Decoding(max_bytes=max_bytes, max_future_skew=max_future_skew, known=known)
     for start in range(0, len(records), DECODE_SLICE):
         decoding.add(records[start : start + DECODE_SLICE])
         if busy():
@@ -135,6 +155,19 @@ async def commit_batch(
             await apply_isolating(
                 conn, list(zip(decoded.events, decoded.records, strict=True)), applied
             )  # 2b
+            # apply_isolating keeps the records' order, split or not.
+            outcomes = (outcome for _, outcome in applied.events)
+            await remember_applied(
+                conn,
+                group_id,
+                topic,
+                [
+                    ((record.partition, record.offset), event, print_, outcome)
+                    for event, record, print_, outcome in zip(
+                        decoded.events, decoded.records, decoded.prints, outcomes, strict=True
+                    )
+                ],
+            )
             if letters := [*decoded.letters, *applied.letters]:  # 2c
                 applied.sent = await record_dead_letters(conn, group_id, letters)
                 await report(applied.sent)

@@ -219,6 +219,20 @@ dead_lettered = Table(
     PrimaryKeyConstraint("group_id", "topic", "partition", "offset"),
 )
 
+# The records a group applied, by position: 16 bytes per offset (the event type's code, 0 for
+# none, and a fingerprint of the record), one row per block of offsets (consumer/ledger/
+# applied.py, migrations/versions/0013).
+applied_records = Table(
+    "applied_records",
+    metadata,
+    Column("group_id", Text, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("first_offset", BigInteger, nullable=False),
+    Column("entries", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("group_id", "topic", "partition", "first_offset"),
+)
+
 # A partition a consumer stopped, and why, until an owner opens it again (`token-ledger status`).
 partition_halts = Table(
     "partition_halts",

@@ -68,6 +68,7 @@ _DOWN_REVISION = re.compile(
 # SQLAlchemy; tests/unit/consumer/ledger/test_schema_revisions.py holds the two equal.
 CONSUMER_TABLES = frozenset(
     {
+        "applied_records",
         "billing_outbox",
         "budget_alert_outbox",
         "budget_periods",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -556,3 +557,22 @@ def said(line: str) -> str:
     if isinstance(entry, dict) and "exit_code" in entry:
         return f"token-ledger: {entry['msg']}"
     return line
+
+
+def metric_samples(consumer: ConsumerProcess) -> dict[str, float]:
+    """The consumer's token_ledger_* samples, by series (name and labels)."""
+    status, text = consumer.http("/metrics")
+    return {
+        series: float(value)
+        for line in (text.splitlines() if status == 200 else [])
+        if line.startswith("token_ledger_")
+        for series, value in [line.rsplit(" ", 1)]
+    }
+
+
+def metric_total(samples: dict[str, float], name: str, *labels: str) -> float:
+    return sum(
+        value
+        for series, value in samples.items()
+        if re.fullmatch(rf"{name}(\{{.*\}})?", series) and all(x in series for x in labels)
+    )

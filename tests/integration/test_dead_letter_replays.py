@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,8 @@ from tests.integration.harness import (
     ConsumerProcess,
     Stack,
     ledger_summary,
+    metric_samples,
+    metric_total,
     wait_for,
 )
 
@@ -109,25 +110,6 @@ async def test_dlq_replays_of_records_that_stay_bad_replay_each_origin_once(
     assert stack.cli("dlq", "list", "--limit", "0").returncode == 2
 
 
-def _samples(consumer: ConsumerProcess) -> dict[str, float]:
-    """The consumer's token_ledger_* samples, by series (name and labels)."""
-    status, text = consumer.http("/metrics")
-    return {
-        series: float(value)
-        for line in (text.splitlines() if status == 200 else [])
-        if line.startswith("token_ledger_")
-        for series, value in [line.rsplit(" ", 1)]
-    }
-
-
-def _total(samples: dict[str, float], name: str, *labels: str) -> float:
-    return sum(
-        value
-        for series, value in samples.items()
-        if re.fullmatch(rf"{name}(\{{.*\}})?", series) and all(x in series for x in labels)
-    )
-
-
 async def test_an_offset_replay_sends_and_counts_no_dead_letter_twice(
     kafka_bootstrap: str, ledger_url: str, processes: list[ConsumerProcess], tmp_path: Path
 ) -> None:
@@ -139,11 +121,11 @@ async def test_an_offset_replay_sends_and_counts_no_dead_letter_twice(
 
     async def committed(records: int) -> bool:
         seen.clear()
-        seen.update(await asyncio.to_thread(_samples, consumer))
-        return _total(seen, "token_ledger_batch_size_sum") == records
+        seen.update(await asyncio.to_thread(metric_samples, consumer))
+        return metric_total(seen, "token_ledger_batch_size_sum") == records
 
     await wait_for(lambda: committed(5), what="five records committed", context=consumer.logs)
-    assert _total(seen, "token_ledger_dead_letters_total") == 3
+    assert metric_total(seen, "token_ledger_dead_letters_total") == 3
     assert len(await stack.dead_letters()) == 3
     before = await ledger_summary(stack)
 
@@ -153,8 +135,8 @@ async def test_an_offset_replay_sends_and_counts_no_dead_letter_twice(
     await wait_for(lambda: committed(10), what="the range applied again", context=consumer.logs)
     assert await stack.caught_up()
     # It read the poison again (counted as events) and sent, and counted, no dead letter.
-    assert _total(seen, "token_ledger_events_total", 'outcome="dead_lettered"') == 6
-    assert _total(seen, "token_ledger_dead_letters_total") == 3
+    assert metric_total(seen, "token_ledger_events_total", 'outcome="dead_lettered"') == 6
+    assert metric_total(seen, "token_ledger_dead_letters_total") == 3
     letters = await stack.dead_letters()
     assert len(letters) == 3
     assert {dict(x.headers)["ledger.consumer.group"] for x in letters} == {stack.group_id.encode()}

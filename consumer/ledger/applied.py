@@ -1,0 +1,185 @@
+"""Which records a consumer group has applied, by position (`applied_records`), so that a
+redelivery costs nothing: a record read again (an offset `replay`, a restart before the last
+commit reached Kafka, a rebalance) is recognised from its bytes and never decoded, reduced or
+written again (docs/design.md#redeliveries).
+
+A record is known by its fingerprint: BLAKE2b of its value, personalised with its timestamp
+(the two things decoding reads: a v0 body takes its occurred_at from the timestamp, and the
+future-skew check compares with it). Two records with the same value and timestamp decode to
+the same event, and applying an event twice changes nothing (the merge rules are idempotent),
+so a record whose fingerprint is stored at its position was applied and may be skipped. A
+different record at that position (a recreated topic) has another fingerprint, and is applied.
+
+Each entry is 16 bytes: the event's type code (0: nothing applied there) and a 15-byte
+fingerprint. A row holds the entries of consecutive offsets within one block of `BLOCK`
+offsets, so the rows that may cover an offset start at most BLOCK - 1 before it. The batch
+transaction writes the entries of the records it applied (never those the database or the
+merge rejected), with its offsets: a stored entry means applied and committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeAlias
+
+import asyncpg
+from aiokafka.structs import ConsumerRecord
+
+from consumer.ledger.claims import Outcome
+from consumer.logs import fields
+from producer.ledger_event import LedgerEvent
+
+log = logging.getLogger(__name__)
+BLOCK = 512  # offsets per row at most; the lookup's window
+LOOKUP_SECONDS = 5.0
+ENTRY = 16
+_TYPE_CODES = {"turn.started": 1, "turn.finalized": 2, "message.appended": 3}
+_TYPES = {code: name for name, code in _TYPE_CODES.items()}
+
+Position = tuple[int, int]  # (partition, offset)
+Record: TypeAlias = ConsumerRecord  # aiokafka's, untyped: a ConsumerRecord[bytes, bytes]
+
+_LOOK_UP = """
+SELECT a.partition, a.first_offset, a.entries
+FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS v(partition, low, high)
+JOIN applied_records AS a
+  ON a.group_id = $1 AND a.topic = $2 AND a.partition = v.partition
+ AND a.first_offset BETWEEN v.low - $6 AND v.high
+"""
+
+# A row starting where an earlier one did (records applied again after they were not
+# recognised): the new entries first, the old row's beyond them. An entry lost that way only
+# means its record is decoded again next time.
+_REMEMBER = """
+INSERT INTO applied_records AS a (group_id, topic, partition, first_offset, entries)
+SELECT $1, $2, v.partition, v.first_offset, v.entries
+FROM unnest($3::int[], $4::bigint[], $5::bytea[]) AS v(partition, first_offset, entries)
+ORDER BY v.partition, v.first_offset
+ON CONFLICT (group_id, topic, partition, first_offset) DO UPDATE
+  SET entries = overlay(a.entries PLACING excluded.entries FROM 1)
+"""
+
+
+def fingerprint(value: bytes | None, timestamp: int | None) -> bytes:
+    """What a record is known by: its value, personalised with its timestamp."""
+    person = b"n" if timestamp is None else b"t" + timestamp.to_bytes(8, "big", signed=True)
+    return hashlib.blake2b(value or b"", digest_size=ENTRY - 1, person=person).digest()
+
+
+def entry(event: LedgerEvent, print_: bytes) -> bytes:
+    return bytes((_TYPE_CODES[event.type],)) + print_
+
+
+def recognised(
+    rows: Iterable[tuple[int, int, bytes]], records: Mapping[Position, Record]
+) -> dict[Position, str]:
+    """Of these records by position, those whose fingerprint a stored row holds at their
+    position, with the type of the event applied there (pure). Only records a row covers
+    are fingerprinted."""
+    found: dict[Position, str] = {}
+    for partition, first, entries in rows:
+        for index in range(len(entries) // ENTRY):
+            position = (partition, first + index)
+            record = records.get(position)
+            if record is None or position in found:
+                continue
+            stored = entries[index * ENTRY : (index + 1) * ENTRY]
+            if stored[0] and stored[1:] == fingerprint(record.value, record.timestamp):
+                found[position] = _TYPES[stored[0]]
+    return found
+
+
+async def applied_before(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    group_id: str,
+    topic: str,
+    records: Sequence[Record],
+) -> dict[Position, str]:
+    """Which of these records (of `topic`) the group applied before, by position, and the
+    type of each one's event."""
+    if not records:
+        return {}
+    spans: dict[int, list[int]] = {}
+    for record in records:
+        span = spans.setdefault(record.partition, [record.offset, record.offset])
+        span[0], span[1] = min(span[0], record.offset), max(span[1], record.offset)
+    partitions = sorted(spans)
+    rows = await conn.fetch(
+        _LOOK_UP,
+        group_id,
+        topic,
+        partitions,
+        [spans[p][0] for p in partitions],
+        [spans[p][1] for p in partitions],
+        BLOCK - 1,
+    )
+    by_position = {(r.partition, r.offset): r for r in records}
+    return recognised(
+        ((row["partition"], row["first_offset"], row["entries"]) for row in rows), by_position
+    )
+
+
+async def recognise(
+    pool: asyncpg.Pool, group_id: str, topic: str, records: Sequence[Record]
+) -> dict[Position, str]:
+    """applied_before, for the pipeline: only an optimisation, so a lookup that fails or does
+    not answer within LOOKUP_SECONDS recognises nothing. Every record is then decoded and
+    applied as if new (which changes nothing), and the batch transaction meets whatever the
+    database has."""
+    try:
+        async with asyncio.timeout(LOOKUP_SECONDS):
+            return await applied_before(pool, group_id, topic, records)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as error:
+        log.warning(
+            "could not look up the records applied before: decoding every record",
+            extra=fields(records=len(records), error=type(error).__name__),
+        )
+        return {}
+
+
+def rows_of(entries: Mapping[Position, bytes]) -> list[tuple[int, int, bytes]]:
+    """Entries by position as rows (partition, first offset, entries), one per block and
+    partition, from the block's first entry to its last (zeros between: nothing applied)."""
+    blocks: dict[tuple[int, int], list[tuple[int, bytes]]] = defaultdict(list)
+    for (partition, offset), value in entries.items():
+        blocks[partition, offset // BLOCK].append((offset, value))
+    rows = []
+    for (partition, _), placed in sorted(blocks.items()):
+        first = min(offset for offset, _ in placed)
+        last = max(offset for offset, _ in placed)
+        buffer = bytearray((last - first + 1) * ENTRY)
+        for offset, value in placed:
+            start = (offset - first) * ENTRY
+            buffer[start : start + ENTRY] = value
+        rows.append((partition, first, bytes(buffer)))
+    return rows
+
+
+async def remember_applied(
+    conn: asyncpg.Connection,
+    group_id: str,
+    topic: str,
+    applied: Sequence[tuple[Position, LedgerEvent, bytes, Outcome]],
+) -> None:
+    """Store the entries of the records a batch applied (in its transaction). A record the
+    merge or the database rejected is not applied: it is judged again when read again."""
+    entries = {
+        position: entry(event, print_)
+        for position, event, print_, outcome in applied
+        if outcome is not Outcome.REJECTED
+    }
+    if not entries:
+        return
+    rows = rows_of(entries)
+    await conn.execute(
+        _REMEMBER,
+        group_id,
+        topic,
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        [r[2] for r in rows],
+    )

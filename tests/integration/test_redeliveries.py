@@ -1,0 +1,202 @@
+"""Redeliveries cost nothing (docs/design.md#redeliveries): a record the group applied before is
+recognised by its fingerprint before it is decoded, and a re-drain of an applied topic writes
+only offsets. A different record at an applied position, or the same value with another
+timestamp, is decoded and applied; a record the merge rejected is judged again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from aiokafka.structs import ConsumerRecord
+
+from consumer.kafka.dead_letters import DeadLetter
+from consumer.ledger.applied import applied_before
+from consumer.ledger.batch import commit_batch, decode_records
+from consumer.ledger.database import asyncpg_dsn, create_pool
+from consumer.ledger.offsets import OffsetMove
+from consumer.ledger.schema import CONSUMER_TABLES
+from consumer.simulate.config import TrafficConfig
+from consumer.simulate.traffic import plan_traffic
+from tests.examples import example
+from tests.factories import START
+from tests.integration.harness import (
+    ConsumerProcess,
+    Stack,
+    ledger_summary,
+    metric_samples,
+    metric_total,
+    wait_for,
+)
+
+TOPIC = "chat.turn-events"
+
+
+async def _row_versions(stack: Stack) -> dict[str, set[tuple[str, str]]]:
+    """Every row's physical version (ctid, xmin) per table but the offsets: any write to a
+    row, even one that changes nothing, gives it a new version."""
+    conn = await stack.connect()
+    try:
+        return {
+            table: {
+                (str(row["ctid"]), str(row["xmin"]))
+                for row in await conn.fetch(f"SELECT ctid, xmin FROM {table}")
+            }
+            for table in sorted(CONSUMER_TABLES - {"consumer_offsets"})
+        }
+    finally:
+        await conn.close()
+
+
+async def test_a_redrain_recognises_every_applied_record_and_writes_only_offsets(
+    kafka_bootstrap: str, ledger_url: str, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    records, _ = plan_traffic(
+        TrafficConfig(threads=40, seed=5, duplicate_rate=0.3, poison_rate=0.03, start=START)
+    )
+    stack = Stack.fresh(kafka_bootstrap, ledger_url)
+    await stack.publish(records)
+    consumer = ConsumerProcess(stack.env(LEDGER_MAX_BATCH="50"), tmp_path / "consumer.log")
+    processes.append(consumer.start())
+    seen: dict[str, float] = {}
+
+    async def committed(count: int) -> bool:
+        seen.clear()
+        seen.update(await asyncio.to_thread(metric_samples, consumer))
+        return metric_total(seen, "token_ledger_batch_size_sum") == count
+
+    await wait_for(lambda: committed(len(records)), what="the topic applied", context=consumer.logs)
+    dead_letters = metric_total(seen, "token_ledger_dead_letters_total")
+    assert 0 < dead_letters < len(records)
+    assert metric_total(seen, "token_ledger_redelivered_records_total") == 0
+
+    async def relayed() -> bool:  # the relay marks what it published: a write of its own
+        conn = await stack.connect()
+        try:
+            return not await conn.fetchval(
+                "SELECT count(*) FROM billing_outbox WHERE published_at IS NULL"
+            )
+        finally:
+            await conn.close()
+
+    await wait_for(relayed, what="every revision published", context=consumer.logs)
+    before, versions = await ledger_summary(stack), await _row_versions(stack)
+    assert versions["applied_records"] and versions["token_usage"]
+
+    rewound = stack.cli("replay", "--to-offset", "0")
+    assert rewound.returncode == 0, rewound.stderr
+    await wait_for(
+        lambda: committed(2 * len(records)), what="the topic applied again", context=consumer.logs
+    )
+    # Every record applied the first time is recognised, none decoded again: only the dead
+    # letters are (and are not sent twice).
+    assert (
+        metric_total(seen, "token_ledger_redelivered_records_total") == len(records) - dead_letters
+    )
+    assert metric_total(seen, "token_ledger_dead_letters_total") == dead_letters
+    assert await _row_versions(stack) == versions
+    assert await ledger_summary(stack) == before
+
+
+def _record(offset: int, value: bytes, timestamp: int) -> ConsumerRecord:
+    return ConsumerRecord(TOPIC, 0, offset, timestamp, 0, b"1", value, None, 1, len(value), [])
+
+
+async def _commit(pool: asyncpg.Pool, records: list[ConsumerRecord], expected: int | None) -> Any:
+    async def report(letters: Sequence[DeadLetter]) -> None:
+        pass  # dead letters are not this test's subject
+
+    decoded = decode_records(records, max_bytes=1 << 20, max_future_skew=timedelta(days=3650))
+    move = OffsetMove(0, expected, records[-1].offset + 1)
+    return await commit_batch(pool, "g", TOPIC, [move], decoded, report)
+
+
+async def test_only_the_same_bytes_and_timestamp_at_an_applied_position_are_recognised(
+    ledger_url: str,
+) -> None:
+    started = example("turn.started")
+    other = {**started, "event_id": str(uuid.uuid4()), "turn_id": "another"}
+    # Its thread in another search space: the merge rejects it (thread_search_space_mismatch).
+    conflicting = {
+        **started,
+        "event_id": str(uuid.uuid4()),
+        "turn_id": "moved",
+        "search_space_id": started["search_space_id"] + 1,
+    }
+    timestamp = int(START.timestamp() * 1000)
+    first = [
+        _record(0, json.dumps(started).encode(), timestamp),
+        _record(1, json.dumps(conflicting).encode(), timestamp),
+        _record(2, b"{not json", timestamp),
+    ]
+    pool = await create_pool(ledger_url)
+    try:
+        applied = await _commit(pool, first, None)
+        assert [outcome.value for _, outcome in applied.events] == ["applied", "dead_lettered"]
+        again = [
+            first[0],
+            first[1],
+            first[2],
+            _record(3, first[0].value, timestamp + 1),  # not applied at this position yet
+        ]
+        assert await applied_before(pool, "g", TOPIC, again) == {(0, 0): "turn.started"}
+        assert await applied_before(pool, "another-group", TOPIC, again) == {}
+        # The topic recreated: other records at the applied positions, or the same value
+        # published at another time (a v0 body takes its occurred_at from it).
+        recreated = [
+            _record(0, json.dumps(other).encode(), timestamp),
+            _record(0, first[0].value, timestamp + 1),
+        ]
+        for record in recreated:
+            assert await applied_before(pool, "g", TOPIC, [record]) == {}
+        await _commit(pool, [_record(3, json.dumps(other).encode(), timestamp)], 3)
+        assert await applied_before(pool, "g", TOPIC, again) == {(0, 0): "turn.started"}
+        assert await applied_before(
+            pool, "g", TOPIC, [_record(3, json.dumps(other).encode(), timestamp)]
+        ) == {(0, 3): "turn.started"}
+    finally:
+        await pool.close()
+
+
+async def test_entries_across_blocks_and_applied_again_keep_what_was_stored(
+    ledger_url: str,
+) -> None:
+    started = example("turn.started")
+    timestamp = int(START.timestamp() * 1000)
+
+    def value(index: int) -> bytes:
+        return json.dumps({**started, "event_id": str(uuid.UUID(int=index + 1))}).encode()
+
+    # 1,100 records from offset 500: rows split at offsets 512 and 1,024.
+    records = [_record(500 + i, value(i), timestamp) for i in range(1100)]
+    pool = await create_pool(ledger_url)
+    conn = await asyncpg.connect(asyncpg_dsn(ledger_url))
+    try:
+        await _commit(pool, records[:600], None)
+        await _commit(pool, records[600:], 1100)
+        found = await applied_before(pool, "g", TOPIC, records)
+        assert sorted(found) == [(0, r.offset) for r in records]
+        starts = await conn.fetch(
+            "SELECT first_offset, length(entries) / 16 AS n FROM applied_records ORDER BY 1"
+        )
+        assert [(r["first_offset"], r["n"]) for r in starts] == [
+            (500, 12),
+            (512, 512),
+            (1024, 76),
+            (1100, 436),
+            (1536, 64),
+        ]
+        # Applied again from a row's first offset (records not recognised: say, a lookup that
+        # failed): the row keeps its entries beyond the new ones.
+        await conn.execute("UPDATE consumer_offsets SET next_offset = 512")
+        await _commit(pool, records[12:20], 512)
+        assert sorted(await applied_before(pool, "g", TOPIC, records)) == sorted(found)
+    finally:
+        await conn.close()
+        await pool.close()

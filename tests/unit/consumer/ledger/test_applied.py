@@ -1,0 +1,53 @@
+"""The fingerprints of applied records (consumer/ledger/applied.py), as pure functions: rows
+split at block boundaries, and only an equal fingerprint at the same position recognised."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from aiokafka.structs import ConsumerRecord
+from hypothesis import given
+from hypothesis import strategies as st
+
+from consumer.ledger.applied import BLOCK, ENTRY, fingerprint, recognised, rows_of
+from consumer.ledger.batch import Decoding
+
+
+def _record(partition: int, offset: int, value: bytes, timestamp: int = 0) -> ConsumerRecord:
+    return ConsumerRecord("t", partition, offset, timestamp, 0, b"", value, None, 0, 0, [])
+
+
+@given(st.sets(st.tuples(st.integers(0, 2), st.integers(0, 3 * BLOCK)), min_size=1))
+def test_rows_hold_each_entry_at_its_position_within_one_block(
+    positions: set[tuple[int, int]],
+) -> None:
+    entries = {p: bytes([1]) + fingerprint(str(p).encode(), 0) for p in positions}
+    rows = rows_of(entries)
+    held = {}
+    for partition, first, stored in rows:
+        count = len(stored) // ENTRY
+        assert first // BLOCK == (first + count - 1) // BLOCK  # never across a block
+        for index in range(count):
+            entry = stored[index * ENTRY : (index + 1) * ENTRY]
+            if entry[0]:
+                held[partition, first + index] = entry
+    assert held == entries
+    records = {p: _record(*p, str(p).encode()) for p in positions}
+    assert recognised(rows, records) == dict.fromkeys(positions, "turn.started")
+
+
+def test_another_value_timestamp_or_position_is_not_recognised() -> None:
+    rows = rows_of({(0, 5): bytes([2]) + fingerprint(b"x", 7)})
+    assert recognised(rows, {(0, 5): _record(0, 5, b"x", 7)}) == {(0, 5): "turn.finalized"}
+    for other in (_record(0, 5, b"y", 7), _record(0, 5, b"x", 8), _record(0, 6, b"x", 7)):
+        assert recognised(rows, {(other.partition, other.offset): other}) == {}
+    assert fingerprint(b"x", None) != fingerprint(b"x", 0)
+
+
+def test_a_recognised_record_is_counted_not_decoded() -> None:
+    decoding = Decoding(
+        max_bytes=1 << 20, max_future_skew=timedelta(hours=1), known={(0, 1): "turn.started"}
+    )
+    decoding.add([_record(0, 0, b"{not json"), _record(0, 1, b"{not json either")])
+    assert [letter.record.offset for letter in decoding.decoded.letters] == [0]
+    assert [(r.offset, t) for r, t in decoding.decoded.redelivered] == [(1, "turn.started")]

@@ -19,7 +19,6 @@ merge rejected), with its offsets: a stored entry means applied and committed.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from collections import defaultdict
@@ -31,6 +30,7 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer.ledger.claims import Outcome
 from consumer.logs import fields
+from consumer.retry import as_transient
 from producer.ledger_event import LedgerEvent
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,8 @@ async def applied_before(
     group_id: str,
     topic: str,
     records: Sequence[Record],
+    *,
+    seconds: float | None = None,
 ) -> dict[Position, str]:
     """Which of these records (of `topic`) the group applied before, by position, and the
     type of each one's event."""
@@ -116,6 +118,7 @@ async def applied_before(
         [spans[p][0] for p in partitions],
         [spans[p][1] for p in partitions],
         BLOCK - 1,
+        timeout=seconds,
     )
     by_position = {(r.partition, r.offset): r for r in records}
     return recognised(
@@ -126,15 +129,17 @@ async def applied_before(
 async def recognise(
     pool: asyncpg.Pool, group_id: str, topic: str, records: Sequence[Record]
 ) -> dict[Position, str]:
-    """applied_before, for the pipeline: only an optimisation, so a lookup that fails or does
-    not answer within LOOKUP_SECONDS recognises nothing. Every record is then decoded and
-    applied as if new (which changes nothing), and the batch transaction meets whatever the
-    database has."""
+    """applied_before, for the pipeline. Only an optimisation: when the database is away or
+    does not answer within LOOKUP_SECONDS, nothing is recognised, every record is decoded and
+    applied as if new (which changes nothing), and the batch transaction meets the outage,
+    which its retries report. Any other error is raised."""
     try:
-        async with asyncio.timeout(LOOKUP_SECONDS):
-            return await applied_before(pool, group_id, topic, records)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as error:
-        log.warning(
+        async with pool.acquire(timeout=LOOKUP_SECONDS) as conn:
+            return await applied_before(conn, group_id, topic, records, seconds=LOOKUP_SECONDS)
+    except Exception as error:
+        if as_transient(error) is None:
+            raise
+        log.debug(
             "could not look up the records applied before: decoding every record",
             extra=fields(records=len(records), error=type(error).__name__),
         )

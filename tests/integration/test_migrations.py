@@ -30,6 +30,7 @@ LEDGER_TABLES = {
     "budget_states",
     "budget_periods",
     "budget_alert_outbox",
+    "applied_records",
 }
 
 

@@ -51,12 +51,9 @@ class MessageKey(NamedTuple):
         return (self.thread_id, 1, "", self.role, str(self.origin_event_id))
 
 
-class Copy(NamedTuple):
-    """One copy of an event: equal for exact copies, different for differing copies."""
-
-    event_id: uuid.UUID
-    at: datetime
-    digest: bytes
+# One copy of an event, (event_id, occurred_at, digest): equal for exact copies, different for
+# differing copies. A plain tuple: the merge builds one per event and per stored claim.
+Copy = tuple[uuid.UUID, datetime, bytes]
 
 
 class Claim(NamedTuple):
@@ -69,7 +66,7 @@ class Claim(NamedTuple):
 
     @property
     def copy(self) -> Copy:
-        return Copy(self.event_id, self.at, self.digest)
+        return (self.event_id, self.at, self.digest)
 
 
 def content_beats(new: Claim, old: Claim) -> bool:

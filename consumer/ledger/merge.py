@@ -127,7 +127,7 @@ def reduce_batch(events: Sequence[LedgerEvent], stored: StoredState) -> BatchPla
     seen: set[Copy] = _stored_copies(stored)
 
     for index, event in enumerate(events):
-        copy = Copy(event.event_id, event.occurred_at, event.digest)
+        copy: Copy = (event.event_id, event.occurred_at, event.digest)
         if copy in seen:
             copies.append(copy)
             decided.append(Outcome.DUPLICATE)
@@ -179,7 +179,7 @@ def _stored_copies(stored: StoredState) -> set[Copy]:
     copies.update(m.usage_claim.copy for m in stored.messages.values() if m.usage_claim)
     for thread in stored.threads.values():
         if (creator := thread.creator_claim) is not None:
-            copies.add(Copy(creator[1], creator[0], creator[2]))
+            copies.add((creator[1], creator[0], creator[2]))
     return copies
 
 

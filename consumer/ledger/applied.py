@@ -11,10 +11,10 @@ so a record whose fingerprint is stored at its position was applied and may be s
 different record at that position (a recreated topic) has another fingerprint, and is applied.
 
 Each entry is 16 bytes: the event's type code (0: nothing applied there) and a 15-byte
-fingerprint. A row holds the entries of consecutive offsets within one block of `BLOCK`
-offsets, so the rows that may cover an offset start at most BLOCK - 1 before it. The batch
-transaction writes the entries of the records it applied (never those the database or the
-merge rejected), with its offsets: a stored entry means applied and committed.
+fingerprint. A row holds one block of `BLOCK` offsets (`first_offset` is the block's first),
+from there to the last offset applied in it. The batch transaction places the entries of the
+records it applied (never those the database or the merge rejected) in their blocks' rows, with
+its offsets: a stored entry means applied and committed.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from consumer.retry import as_transient
 from producer.ledger_event import LedgerEvent
 
 log = logging.getLogger(__name__)
-BLOCK = 512  # offsets per row at most; the lookup's window
+BLOCK = 64  # offsets per row: a row stays within a page, never TOASTed
 LOOKUP_SECONDS = 5.0
 ENTRY = 16
 _TYPE_CODES = {"turn.started": 1, "turn.finalized": 2, "message.appended": 3}
@@ -48,19 +48,36 @@ SELECT a.partition, a.first_offset, a.entries
 FROM unnest($3::int[], $4::bigint[], $5::bigint[]) AS v(partition, low, high)
 JOIN applied_records AS a
   ON a.group_id = $1 AND a.topic = $2 AND a.partition = v.partition
- AND a.first_offset BETWEEN v.low - $6 AND v.high
+ AND a.first_offset BETWEEN v.low AND v.high
 """
 
-# A row starting where an earlier one did (records applied again after they were not
-# recognised): the new entries first, the old row's beyond them. An entry lost that way only
-# means its record is decoded again next time.
+# One row per block, merged in place: a batch's entries are placed at their offsets in their
+# block's row (the row padded with zeros up to them), so a caught-up consumer's small batches
+# add to a row instead of each writing one. The offsets' compare-and-set, earlier in the same
+# transaction, makes this group's batches on a partition take turns: no two insert one block.
 _REMEMBER = """
-INSERT INTO applied_records AS a (group_id, topic, partition, first_offset, entries)
-SELECT $1, $2, v.partition, v.first_offset, v.entries
-FROM unnest($3::int[], $4::bigint[], $5::bytea[]) AS v(partition, first_offset, entries)
-ORDER BY v.partition, v.first_offset
-ON CONFLICT (group_id, topic, partition, first_offset) DO UPDATE
-  SET entries = overlay(a.entries PLACING excluded.entries FROM 1)
+WITH v AS (
+  SELECT * FROM unnest($3::int[], $4::bigint[], $5::int[], $6::bytea[])
+    AS v(partition, block, start, entries)
+), merged AS (
+  UPDATE applied_records AS a
+  SET entries = overlay(
+    CASE WHEN length(a.entries) < v.start
+         THEN a.entries || decode(repeat('00', v.start - length(a.entries)), 'hex')
+         ELSE a.entries END
+    PLACING v.entries FROM v.start + 1)
+  FROM v
+  WHERE a.group_id = $1 AND a.topic = $2 AND a.partition = v.partition
+    AND a.first_offset = v.block
+  RETURNING a.partition, a.first_offset
+)
+INSERT INTO applied_records (group_id, topic, partition, first_offset, entries)
+SELECT $1, $2, v.partition, v.block, decode(repeat('00', v.start), 'hex') || v.entries
+FROM v
+WHERE NOT EXISTS (
+  SELECT FROM merged AS m WHERE m.partition = v.partition AND m.first_offset = v.block
+)
+ORDER BY v.partition, v.block
 """
 
 
@@ -88,8 +105,11 @@ def recognised(
             if record is None or position in found:
                 continue
             stored = entries[index * ENTRY : (index + 1) * ENTRY]
-            if stored[0] and stored[1:] == fingerprint(record.value, record.timestamp):
-                found[position] = _TYPES[stored[0]]
+            # A code this release does not know (a later release's event type, after a
+            # rollback) is not recognised: the record is decoded, as a record never applied.
+            event_type = _TYPES.get(stored[0])
+            if event_type and stored[1:] == fingerprint(record.value, record.timestamp):
+                found[position] = event_type
     return found
 
 
@@ -115,9 +135,8 @@ async def applied_before(
         group_id,
         topic,
         partitions,
-        [spans[p][0] for p in partitions],
+        [spans[p][0] // BLOCK * BLOCK for p in partitions],
         [spans[p][1] for p in partitions],
-        BLOCK - 1,
         timeout=seconds,
     )
     by_position = {(r.partition, r.offset): r for r in records}
@@ -146,21 +165,22 @@ async def recognise(
         return {}
 
 
-def rows_of(entries: Mapping[Position, bytes]) -> list[tuple[int, int, bytes]]:
-    """Entries by position as rows (partition, first offset, entries), one per block and
-    partition, from the block's first entry to its last (zeros between: nothing applied)."""
+def rows_of(entries: Mapping[Position, bytes]) -> list[tuple[int, int, int, bytes]]:
+    """Entries by position as (partition, block, start, entries): per partition and block of
+    BLOCK offsets, the entries from the block's first given offset to its last (zeros between:
+    nothing applied), to be placed `start` bytes into the block's row."""
     blocks: dict[tuple[int, int], list[tuple[int, bytes]]] = defaultdict(list)
     for (partition, offset), value in entries.items():
-        blocks[partition, offset // BLOCK].append((offset, value))
+        blocks[partition, offset // BLOCK * BLOCK].append((offset, value))
     rows = []
-    for (partition, _), placed in sorted(blocks.items()):
+    for (partition, block), placed in sorted(blocks.items()):
         first = min(offset for offset, _ in placed)
         last = max(offset for offset, _ in placed)
         buffer = bytearray((last - first + 1) * ENTRY)
         for offset, value in placed:
             start = (offset - first) * ENTRY
             buffer[start : start + ENTRY] = value
-        rows.append((partition, first, bytes(buffer)))
+        rows.append((partition, block, (first - block) * ENTRY, bytes(buffer)))
     return rows
 
 
@@ -187,4 +207,5 @@ async def remember_applied(
         [r[0] for r in rows],
         [r[1] for r in rows],
         [r[2] for r in rows],
+        [r[3] for r in rows],
     )

@@ -2,11 +2,11 @@
 of each, so that a record read again is recognised before it is decoded (docs/design.md#
 redeliveries; consumer/ledger/applied.py).
 
-One row per partition and block of 512 offsets at most, written by the batch transaction with
-the offsets: 16 bytes per offset, the event type's code (0: nothing applied there) and a
-BLAKE2b fingerprint of the record's value and timestamp. Records applied before this revision
-have no row: read again, they are decoded and applied as before (changing nothing), and
-recorded then. The entries are random bytes: stored out of line without compression.
+One row per partition and block of 64 offsets (`first_offset`, the block's first), written by
+the batch transaction with the offsets: 16 bytes per offset, the event type's code (0: nothing
+applied there) and a BLAKE2b fingerprint of the record's value and timestamp. Records applied
+before this revision have no row: read again, they are decoded and applied as before (changing
+nothing), and recorded then. The entries are random bytes: never compressed.
 
 Revision ID: 0013
 Revises: 0012

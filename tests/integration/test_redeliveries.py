@@ -17,7 +17,7 @@ import asyncpg
 from aiokafka.structs import ConsumerRecord
 
 from consumer.kafka.dead_letters import DeadLetter
-from consumer.ledger.applied import applied_before
+from consumer.ledger.applied import BLOCK, applied_before
 from consumer.ledger.batch import commit_batch, decode_records
 from consumer.ledger.database import asyncpg_dsn, create_pool
 from consumer.ledger.offsets import OffsetMove
@@ -173,7 +173,8 @@ async def test_entries_across_blocks_and_applied_again_keep_what_was_stored(
     def value(index: int) -> bytes:
         return json.dumps({**started, "event_id": str(uuid.UUID(int=index + 1))}).encode()
 
-    # 1,100 records from offset 500: rows split at offsets 512 and 1,024.
+    # 1,100 records from offset 500, in two batches: one row per block of 64 offsets, the
+    # block the batches share (1,088-1,151) written by both.
     records = [_record(500 + i, value(i), timestamp) for i in range(1100)]
     pool = await create_pool(ledger_url)
     conn = await asyncpg.connect(asyncpg_dsn(ledger_url))
@@ -182,21 +183,76 @@ async def test_entries_across_blocks_and_applied_again_keep_what_was_stored(
         await _commit(pool, records[600:], 1100)
         found = await applied_before(pool, "g", TOPIC, records)
         assert sorted(found) == [(0, r.offset) for r in records]
-        starts = await conn.fetch(
+        rows = await conn.fetch(
             "SELECT first_offset, length(entries) / 16 AS n FROM applied_records ORDER BY 1"
         )
-        assert [(r["first_offset"], r["n"]) for r in starts] == [
-            (500, 12),
-            (512, 512),
-            (1024, 76),
-            (1100, 436),
-            (1536, 64),
-        ]
-        # Applied again from a row's first offset (records not recognised: say, a lookup that
-        # failed): the row keeps its entries beyond the new ones.
-        await conn.execute("UPDATE consumer_offsets SET next_offset = 512")
-        await _commit(pool, records[12:20], 512)
+        assert [r["first_offset"] for r in rows] == list(range(448, 1600, BLOCK))
+        assert [r["n"] for r in rows] == [BLOCK] * (len(rows) - 1) + [1600 - 1536]
+        # Applied again (records not recognised: say, the lookup failed) into rows that hold
+        # more: the rows keep their other entries.
+        await conn.execute("UPDATE consumer_offsets SET next_offset = 520")
+        await _commit(pool, records[20:30], 520)
         assert sorted(await applied_before(pool, "g", TOPIC, records)) == sorted(found)
     finally:
         await conn.close()
         await pool.close()
+
+
+async def test_a_caught_up_consumers_small_batches_store_little_per_record(ledger_url: str) -> None:
+    """One record per batch, as a consumer that keeps up commits them: each batch adds its
+    entry to its block's row rather than writing a row of its own, so a record costs its 16
+    bytes and a share of one row's overhead. (The table's size on disk moves by pages and
+    keeps the space updates free for reuse; over 6,400 such batches it grew by ~16 bytes a
+    record.)"""
+    started = example("turn.started")
+    timestamp = int(START.timestamp() * 1000)
+    records = 640
+    pool = await create_pool(ledger_url)
+    try:
+        for offset in range(records):
+            value = json.dumps({**started, "event_id": str(uuid.UUID(int=offset + 1))}).encode()
+            await _commit(pool, [_record(offset, value, timestamp)], offset or None)
+        async with pool.acquire() as conn:
+            rows, stored = await conn.fetchrow(
+                "SELECT count(*), sum(pg_column_size(a.*)) FROM applied_records AS a"
+            )
+    finally:
+        await pool.close()
+    assert rows == records // BLOCK
+    assert stored / records <= 18, f"{stored / records:.1f} bytes per record"
+
+
+async def test_an_entry_of_an_unknown_event_type_is_not_recognised(
+    kafka_bootstrap: str, ledger_url: str, processes: list[ConsumerProcess], tmp_path: Path
+) -> None:
+    """A rolled-back release meets the entries of a later one (docs/operations.md#schema-revisions-and-rolling-deploys): a
+    type code it does not know means "decode it", never an error that stops the batch."""
+    stack = Stack.fresh(kafka_bootstrap, ledger_url, partitions=1)
+    value = json.dumps(example("turn.started")).encode()
+    await stack.publish([(b"1", value)])
+    consumer = ConsumerProcess(stack.env(), tmp_path / "consumer.log")
+    processes.append(consumer.start())
+
+    async def applied() -> bool:
+        return await stack.stored_offsets() == {0: 1}
+
+    await wait_for(applied, what="the record applied", context=consumer.logs)
+    conn = await stack.connect()
+    try:  # what a later release stored for it: type code 4
+        await conn.execute(
+            "UPDATE applied_records SET entries = '\\x04'::bytea || substr(entries, 2)"
+        )
+    finally:
+        await conn.close()
+    seen: dict[str, float] = {}
+
+    async def committed(count: int) -> bool:
+        seen.clear()
+        seen.update(await asyncio.to_thread(metric_samples, consumer))
+        return metric_total(seen, "token_ledger_batch_size_sum") == count
+
+    assert stack.cli("replay", "--to-offset", "0").returncode == 0
+    await wait_for(lambda: committed(2), what="the record read again", context=consumer.logs)
+    assert metric_total(seen, "token_ledger_redelivered_records_total") == 0
+    assert metric_total(seen, "token_ledger_events_total", 'outcome="duplicate"') == 1
+    assert "unexpected error" not in consumer.logs()

@@ -136,7 +136,9 @@ class Consumer:
 
 
 def _idle(log: Path) -> dict[str, float] | None:
-    """The idle figures of the process's `caught up` line (a release that logs none: None)."""
+    """The idle figures of the process's `caught up` line (a release that logs none: None).
+    Another line starts the same way (`caught up: the backlog is applied`, after a long
+    backlog) and may come after it: it carries no figures and is passed over."""
     for line in reversed(log.read_text(errors="replace").splitlines()):
         try:
             entry = json.loads(line)
@@ -148,7 +150,8 @@ def _idle(log: Path) -> dict[str, float] | None:
                 for key, value in entry.items()
                 if key.startswith("idle_on_")
             }
-            return figures or None
+            if figures:
+                return figures
     return None
 
 

@@ -1,7 +1,7 @@
 """Which records a consumer group has applied, by position (`applied_records`), so that a
-redelivery costs nothing: a record read again (an offset `replay`, a restart before the last
-commit reached Kafka, a rebalance) is recognised from its bytes and never decoded, reduced or
-written again (docs/design.md#redeliveries).
+redelivery costs nothing: a record read again at its position (an offset `replay`) is
+recognised from its bytes and never decoded, reduced or written again
+(docs/design.md#redeliveries).
 
 A record is known by its fingerprint: BLAKE2b of its value, personalised with its timestamp
 (the two things decoding reads: a v0 body takes its occurred_at from the timestamp, and the

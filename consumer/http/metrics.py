@@ -29,6 +29,7 @@ from prometheus_client import (
 
 from consumer.errors import DeadLetterUnavailableError, TransientError, UnexpectedError
 from consumer.http.server import REJECTIONS
+from consumer.ledger.applied import event_type as applied_type
 from consumer.ledger.batch import Applied, Decoded
 from consumer.ledger.claims import Outcome, UsageChange
 
@@ -217,7 +218,7 @@ class LedgerMetrics:
             outcomes=[
                 (event.type, event.occurred_at, outcome) for event, outcome in applied.events
             ],
-            redelivered=[event_type for _, event_type in decoded.redelivered],
+            redelivered=[applied_type(stored) for _, stored in decoded.redelivered],
             unknown_fields=list(decoded.unknown_fields.items()),
             undecodable=[letter.event_type for letter in decode_letters],
             # Only those sent: a position this group dead-lettered before (an offset replay)

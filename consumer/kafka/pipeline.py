@@ -57,11 +57,11 @@ log = logging.getLogger(__name__)
 IDLE_SYNC_SECONDS = 2.0
 # The batch transaction: (offset moves, decoded records, dead-letter report) -> what it did.
 Commit = Callable[[Sequence[OffsetMove], Decoded, Report], Awaitable[Applied]]
-# The records of a batch this group applied before, by position, with their events' types.
-Recognise = Callable[[Sequence[Record]], Awaitable[Mapping[Position, str]]]
+# The records of a batch this group applied before, by position, with their stored entries.
+Recognise = Callable[[Sequence[Record]], Awaitable[Mapping[Position, bytes]]]
 
 
-async def recognise_nothing(records: Sequence[Record]) -> Mapping[Position, str]:
+async def recognise_nothing(records: Sequence[Record]) -> Mapping[Position, bytes]:
     return {}
 
 

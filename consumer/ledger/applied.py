@@ -91,13 +91,17 @@ def entry(event: LedgerEvent, print_: bytes) -> bytes:
     return bytes((_TYPE_CODES[event.type],)) + print_
 
 
+def event_type(stored: bytes) -> str:
+    """The type of the event applied at a recognised entry."""
+    return _TYPES[stored[0]]
+
+
 def recognised(
     rows: Iterable[tuple[int, int, bytes]], records: Mapping[Position, Record]
-) -> dict[Position, str]:
+) -> dict[Position, bytes]:
     """Of these records by position, those whose fingerprint a stored row holds at their
-    position, with the type of the event applied there (pure). Only records a row covers
-    are fingerprinted."""
-    found: dict[Position, str] = {}
+    position, with the stored entry (pure). Only records a row covers are fingerprinted."""
+    found: dict[Position, bytes] = {}
     for partition, first, entries in rows:
         for index in range(len(entries) // ENTRY):
             position = (partition, first + index)
@@ -107,9 +111,8 @@ def recognised(
             stored = entries[index * ENTRY : (index + 1) * ENTRY]
             # A code this release does not know (a later release's event type, after a
             # rollback) is not recognised: the record is decoded, as a record never applied.
-            event_type = _TYPES.get(stored[0])
-            if event_type and stored[1:] == fingerprint(record.value, record.timestamp):
-                found[position] = event_type
+            if stored[0] in _TYPES and stored[1:] == fingerprint(record.value, record.timestamp):
+                found[position] = stored
     return found
 
 
@@ -120,9 +123,9 @@ async def applied_before(
     records: Sequence[Record],
     *,
     seconds: float | None = None,
-) -> dict[Position, str]:
-    """Which of these records (of `topic`) the group applied before, by position, and the
-    type of each one's event."""
+) -> dict[Position, bytes]:
+    """Which of these records (of `topic`) the group applied before, by position, with each
+    one's stored entry (`event_type` reads it)."""
     if not records:
         return {}
     spans: dict[int, list[int]] = {}
@@ -147,7 +150,7 @@ async def applied_before(
 
 async def recognise(
     pool: asyncpg.Pool, group_id: str, topic: str, records: Sequence[Record]
-) -> dict[Position, str]:
+) -> dict[Position, bytes]:
     """applied_before, for the pipeline. Only an optimisation: when the database is away or
     does not answer within LOOKUP_SECONDS, nothing is recognised, every record is decoded and
     applied as if new (which changes nothing), and the batch transaction meets the outage,
@@ -165,21 +168,27 @@ async def recognise(
         return {}
 
 
-def rows_of(entries: Mapping[Position, bytes]) -> list[tuple[int, int, int, bytes]]:
-    """Entries by position as (partition, block, start, entries): per partition and block of
-    BLOCK offsets, the entries from the block's first given offset to its last (zeros between:
-    nothing applied), to be placed `start` bytes into the block's row."""
-    blocks: dict[tuple[int, int], list[tuple[int, bytes]]] = defaultdict(list)
-    for (partition, offset), value in entries.items():
-        blocks[partition, offset // BLOCK * BLOCK].append((offset, value))
+def rows_of(
+    entries: Mapping[Position, bytes], kept: Mapping[Position, bytes] | None = None
+) -> list[tuple[int, int, int, bytes]]:
+    """New entries by position as (partition, block, start, entries): per partition and block
+    of BLOCK offsets with a new entry, the entries from its first new offset to its last, to
+    be placed `start` bytes into the block's row. Between them: the `kept` entries (what the
+    row holds for records recognised in the same batch, which would otherwise be overwritten),
+    else zeros (nothing applied there)."""
+    kept = kept or {}
+    blocks: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for partition, offset in entries:
+        blocks[partition, offset // BLOCK * BLOCK].append(offset)
     rows = []
-    for (partition, block), placed in sorted(blocks.items()):
-        first = min(offset for offset, _ in placed)
-        last = max(offset for offset, _ in placed)
+    for (partition, block), offsets in sorted(blocks.items()):
+        first, last = min(offsets), max(offsets)
         buffer = bytearray((last - first + 1) * ENTRY)
-        for offset, value in placed:
-            start = (offset - first) * ENTRY
-            buffer[start : start + ENTRY] = value
+        for offset in range(first, last + 1):
+            value = entries.get((partition, offset)) or kept.get((partition, offset))
+            if value is not None:
+                start = (offset - first) * ENTRY
+                buffer[start : start + ENTRY] = value
         rows.append((partition, block, (first - block) * ENTRY, bytes(buffer)))
     return rows
 
@@ -189,9 +198,12 @@ async def remember_applied(
     group_id: str,
     topic: str,
     applied: Sequence[tuple[Position, LedgerEvent, bytes, Outcome]],
+    kept: Mapping[Position, bytes],
 ) -> None:
     """Store the entries of the records a batch applied (in its transaction). A record the
-    merge or the database rejected is not applied: it is judged again when read again."""
+    merge or the database rejected is not applied: it is judged again when read again.
+    `kept`: the stored entries of the records the batch recognised, written again only where
+    they lie between new ones."""
     entries = {
         position: entry(event, print_)
         for position, event, print_, outcome in applied
@@ -199,7 +211,7 @@ async def remember_applied(
     }
     if not entries:
         return
-    rows = rows_of(entries)
+    rows = rows_of(entries, kept)
     await conn.execute(
         _REMEMBER,
         group_id,

@@ -55,9 +55,9 @@ class Decoded:
     records: list[Record] = field(default_factory=list)  # the record of each event
     letters: list[DeadLetter] = field(default_factory=list)  # what cannot be an event
     prints: list[bytes] = field(default_factory=list)  # the fingerprint of each event's record
-    # Records this group applied before (ledger/applied.py), with their event's type: not
+    # Records this group applied before (ledger/applied.py), with their stored entries: not
     # decoded, nothing of them written again.
-    redelivered: list[tuple[Record, str]] = field(default_factory=list)
+    redelivered: list[tuple[Record, bytes]] = field(default_factory=list)
     # Per event type, fields of the records that this consumer does not know (a metric).
     unknown_fields: dict[str, int] = field(default_factory=dict)
 
@@ -82,7 +82,7 @@ class Decoding:
         *,
         max_bytes: int,
         max_future_skew: timedelta,
-        known: Mapping[Position, str] | None = None,
+        known: Mapping[Position, bytes] | None = None,
     ) -> None:
         self.decoded = Decoded()
         self._decode = BatchDecoder(max_bytes=max_bytes, max_future_skew=max_future_skew)
@@ -92,8 +92,8 @@ class Decoding:
     def add(self, records: Iterable[Record]) -> None:
         decoded, decode, known = self.decoded, self._decode, self._known
         for record in records:
-            if known and (event_type := known.get((record.partition, record.offset))):
-                decoded.redelivered.append((record, event_type))
+            if known and (stored := known.get((record.partition, record.offset))):
+                decoded.redelivered.append((record, stored))
                 continue
             result = decode(record.value, record.timestamp)
             if isinstance(result, Rejection):
@@ -121,7 +121,7 @@ async def decode_in_slices(
     max_bytes: int,
     max_future_skew: timedelta,
     busy: Callable[[], bool],
-    known: Mapping[Position, str] | None = None,
+    known: Mapping[Position, bytes] | None = None,
 ) -> Decoded:
     """decode_records a slice at a time, yielding to the event loop between slices while
     `busy` (a batch in flight): that batch sends its next statement as soon as PostgreSQL
@@ -167,6 +167,7 @@ async def commit_batch(
                         decoded.events, decoded.records, decoded.prints, outcomes, strict=True
                     )
                 ],
+                {(r.partition, r.offset): stored for r, stored in decoded.redelivered},
             )
             if letters := [*decoded.letters, *applied.letters]:  # 2c
                 applied.sent = await record_dead_letters(conn, group_id, letters)

@@ -17,8 +17,8 @@ import asyncpg
 from aiokafka.structs import ConsumerRecord
 
 from consumer.kafka.dead_letters import DeadLetter
-from consumer.ledger.applied import BLOCK, applied_before
-from consumer.ledger.batch import commit_batch, decode_records
+from consumer.ledger.applied import BLOCK, applied_before, event_type
+from consumer.ledger.batch import Decoding, commit_batch, decode_records
 from consumer.ledger.database import asyncpg_dsn, create_pool
 from consumer.ledger.offsets import OffsetMove
 from consumer.ledger.schema import CONSUMER_TABLES
@@ -108,13 +108,21 @@ def _record(offset: int, value: bytes, timestamp: int) -> ConsumerRecord:
     return ConsumerRecord(TOPIC, 0, offset, timestamp, 0, b"1", value, None, 1, len(value), [])
 
 
-async def _commit(pool: asyncpg.Pool, records: list[ConsumerRecord], expected: int | None) -> Any:
-    async def report(letters: Sequence[DeadLetter]) -> None:
-        pass  # dead letters are not this test's subject
+async def _ignore_letters(letters: Sequence[DeadLetter]) -> None:
+    pass  # dead letters are not these tests' subject
 
+
+async def _commit(pool: asyncpg.Pool, records: list[ConsumerRecord], expected: int | None) -> Any:
     decoded = decode_records(records, max_bytes=1 << 20, max_future_skew=timedelta(days=3650))
     move = OffsetMove(0, expected, records[-1].offset + 1)
-    return await commit_batch(pool, "g", TOPIC, [move], decoded, report)
+    return await commit_batch(pool, "g", TOPIC, [move], decoded, _ignore_letters)
+
+
+async def _types(
+    pool: asyncpg.Pool, group: str, records: list[ConsumerRecord]
+) -> dict[tuple[int, int], str]:
+    found = await applied_before(pool, group, TOPIC, records)
+    return {position: event_type(stored) for position, stored in found.items()}
 
 
 async def test_only_the_same_bytes_and_timestamp_at_an_applied_position_are_recognised(
@@ -145,8 +153,8 @@ async def test_only_the_same_bytes_and_timestamp_at_an_applied_position_are_reco
             first[2],
             _record(3, first[0].value, timestamp + 1),  # not applied at this position yet
         ]
-        assert await applied_before(pool, "g", TOPIC, again) == {(0, 0): "turn.started"}
-        assert await applied_before(pool, "another-group", TOPIC, again) == {}
+        assert await _types(pool, "g", again) == {(0, 0): "turn.started"}
+        assert await _types(pool, "another-group", again) == {}
         # The topic recreated: other records at the applied positions, or the same value
         # published at another time (a v0 body takes its occurred_at from it).
         recreated = [
@@ -154,12 +162,12 @@ async def test_only_the_same_bytes_and_timestamp_at_an_applied_position_are_reco
             _record(0, first[0].value, timestamp + 1),
         ]
         for record in recreated:
-            assert await applied_before(pool, "g", TOPIC, [record]) == {}
+            assert await _types(pool, "g", [record]) == {}
         await _commit(pool, [_record(3, json.dumps(other).encode(), timestamp)], 3)
-        assert await applied_before(pool, "g", TOPIC, again) == {(0, 0): "turn.started"}
-        assert await applied_before(
-            pool, "g", TOPIC, [_record(3, json.dumps(other).encode(), timestamp)]
-        ) == {(0, 3): "turn.started"}
+        assert await _types(pool, "g", again) == {(0, 0): "turn.started"}
+        assert await _types(pool, "g", [_record(3, json.dumps(other).encode(), timestamp)]) == {
+            (0, 3): "turn.started"
+        }
     finally:
         await pool.close()
 
@@ -195,6 +203,45 @@ async def test_entries_across_blocks_and_applied_again_keep_what_was_stored(
         assert sorted(await applied_before(pool, "g", TOPIC, records)) == sorted(found)
     finally:
         await conn.close()
+        await pool.close()
+
+
+async def test_a_replay_applying_records_around_recognised_ones_keeps_their_entries(
+    ledger_url: str,
+) -> None:
+    """docs/operations.md: records dead-lettered as too_large are applied by a replay once
+    LEDGER_MAX_EVENT_BYTES is raised. Offsets 2 and 8 are applied then, and 3-7 between them
+    are recognised: the block's row keeps 3-7, so the next replay recognises all ten."""
+    started = example("turn.started")
+    timestamp = int(START.timestamp() * 1000)
+
+    def value(offset: int) -> bytes:
+        padding = "x" * (2000 if offset in (2, 8) else 0)
+        body = {**started, "event_id": str(uuid.UUID(int=offset + 1)), "user_query": padding}
+        return json.dumps(body).encode()
+
+    records = [_record(offset, value(offset), timestamp) for offset in range(10)]
+
+    async def drain(expected: int | None, max_bytes: int) -> None:
+        known = await applied_before(pool, "g", TOPIC, records)
+        decoding = Decoding(max_bytes=max_bytes, max_future_skew=timedelta(days=3650), known=known)
+        decoding.add(records)
+        move = OffsetMove(0, expected, 10)
+        await commit_batch(pool, "g", TOPIC, [move], decoding.decoded, _ignore_letters)
+
+    pool = await create_pool(ledger_url)
+    try:
+        await drain(None, max_bytes=1500)  # 2 and 8: too large
+        assert sorted(await applied_before(pool, "g", TOPIC, records)) == [
+            (0, offset) for offset in range(10) if offset not in (2, 8)
+        ]
+        async with pool.acquire() as conn:
+            await conn.execute("UPDATE consumer_offsets SET next_offset = 0")
+        await drain(0, max_bytes=1 << 20)  # the limit raised, the range replayed
+        assert sorted(await applied_before(pool, "g", TOPIC, records)) == [
+            (0, offset) for offset in range(10)
+        ]
+    finally:
         await pool.close()
 
 

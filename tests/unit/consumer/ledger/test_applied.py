@@ -9,8 +9,10 @@ from aiokafka.structs import ConsumerRecord
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.ledger.applied import BLOCK, ENTRY, fingerprint, recognised, rows_of
+from consumer.ledger.applied import BLOCK, ENTRY, event_type, fingerprint, recognised, rows_of
 from consumer.ledger.batch import Decoding
+
+STARTED = bytes([1]) + fingerprint(b"{not json either", 0)
 
 
 def _record(partition: int, offset: int, value: bytes, timestamp: int = 0) -> ConsumerRecord:
@@ -37,12 +39,14 @@ def test_rows_hold_each_entry_at_its_position_within_one_block(
         stored_rows.append((partition, block, bytes(start) + stored))  # as the row holds it
     assert held == entries
     records = {p: _record(*p, str(p).encode()) for p in positions}
-    assert recognised(stored_rows, records) == dict.fromkeys(positions, "turn.started")
+    found = recognised(stored_rows, records)
+    assert {p: event_type(e) for p, e in found.items()} == dict.fromkeys(positions, "turn.started")
 
 
 def test_another_value_timestamp_or_position_is_not_recognised() -> None:
     rows = [(0, 0, bytes(5 * ENTRY) + bytes([2]) + fingerprint(b"x", 7))]
-    assert recognised(rows, {(0, 5): _record(0, 5, b"x", 7)}) == {(0, 5): "turn.finalized"}
+    found = recognised(rows, {(0, 5): _record(0, 5, b"x", 7)})
+    assert {p: event_type(e) for p, e in found.items()} == {(0, 5): "turn.finalized"}
     for other in (_record(0, 5, b"y", 7), _record(0, 5, b"x", 8), _record(0, 6, b"x", 7)):
         assert recognised(rows, {(other.partition, other.offset): other}) == {}
     assert fingerprint(b"x", None) != fingerprint(b"x", 0)
@@ -56,8 +60,26 @@ def test_an_unknown_type_code_is_not_recognised() -> None:
 
 def test_a_recognised_record_is_counted_not_decoded() -> None:
     decoding = Decoding(
-        max_bytes=1 << 20, max_future_skew=timedelta(hours=1), known={(0, 1): "turn.started"}
+        max_bytes=1 << 20, max_future_skew=timedelta(hours=1), known={(0, 1): STARTED}
     )
     decoding.add([_record(0, 0, b"{not json"), _record(0, 1, b"{not json either")])
     assert [letter.record.offset for letter in decoding.decoded.letters] == [0]
-    assert [(r.offset, t) for r, t in decoding.decoded.redelivered] == [(1, "turn.started")]
+    assert [(r.offset, e) for r, e in decoding.decoded.redelivered] == [(1, STARTED)]
+
+
+def test_recognised_entries_fill_the_gaps_between_new_ones_and_only_there() -> None:
+    new = {(0, 2): bytes([1]) + fingerprint(b"2", 0), (0, 8): bytes([1]) + fingerprint(b"8", 0)}
+    kept = {(0, o): bytes([2]) + fingerprint(str(o).encode(), 0) for o in (0, 1, 3, 5, 9)}
+    ((partition, block, start, stored),) = rows_of(new, kept)
+    assert (partition, block, start) == (0, 0, 2 * ENTRY)
+    by_offset = {2 + i: stored[i * ENTRY : (i + 1) * ENTRY] for i in range(len(stored) // ENTRY)}
+    assert by_offset == {
+        2: new[0, 2],
+        3: kept[0, 3],
+        4: bytes(ENTRY),
+        5: kept[0, 5],
+        6: bytes(ENTRY),
+        7: bytes(ENTRY),
+        8: new[0, 8],
+    }
+    assert rows_of({}, kept) == []  # nothing new: nothing written, not even what was kept

@@ -75,8 +75,21 @@ def workdir() -> Iterator[Path]:
     subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
+def _kafka_port() -> int:
+    """A free port whose next one, the controller's (devstack/__main__.py), is free too: the
+    other test worker's services take ports of their own meanwhile."""
+    while True:
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
 def test_up_then_down_leaves_no_process(workdir: Path) -> None:
-    ports = {"DEVSTACK_KAFKA_PORT": str(free_port()), "DEVSTACK_PG_PORT": str(free_port())}
+    ports = {"DEVSTACK_KAFKA_PORT": str(_kafka_port()), "DEVSTACK_PG_PORT": str(free_port())}
     up = _devstack(workdir, ports, "up")
     assert up.returncode == 0, up.stderr
     env_file = (workdir / ".devstack" / "ledger.env").read_text()

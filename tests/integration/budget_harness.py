@@ -52,3 +52,10 @@ async def outbox(conn: asyncpg.Connection) -> list[tuple[str, int, int, bool, in
     return [
         (r["measure"], r["threshold"], r["sequence"], r["crossed"], int(r["spend"])) for r in rows
     ]
+
+
+async def waits_for_a_lock(observer: asyncpg.Connection, pid: int) -> bool:
+    """Whether the backend `pid` waits for a lock now (seen from another connection)."""
+    return bool(
+        await observer.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted AND pid = $1", pid)
+    )

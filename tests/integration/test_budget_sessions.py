@@ -14,7 +14,15 @@ from consumer.commands.budgets import BudgetChange, set_budget
 from consumer.ledger.batch import apply_events
 from consumer.ledger.database import asyncpg_dsn
 from tests.factories import SPACE, ledger_events, started
-from tests.integration.budget_harness import NOW, apply, budget, outbox, seconds_to, today
+from tests.integration.budget_harness import (
+    NOW,
+    apply,
+    budget,
+    outbox,
+    seconds_to,
+    today,
+    waits_for_a_lock,
+)
 from tests.integration.harness import wait_for
 
 OTHER_SPACE = SPACE + 1
@@ -60,14 +68,7 @@ async def test_a_usage_row_moved_to_another_space_while_budget_set_creates_the_o
         )
 
         async def set_waits_or_done() -> bool:
-            if setting.done():
-                return True
-            return bool(
-                await operator.fetchval(
-                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid = $1",
-                    ledger.get_server_pid(),
-                )
-            )
+            return setting.done() or await waits_for_a_lock(operator, ledger.get_server_pid())
 
         await wait_for(set_waits_or_done, within=30, what="budget set waiting or done")
         await moving.commit()

@@ -24,7 +24,14 @@ from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.migrate import upgrade
 from tests.chaos.poison import REFUSED_MARKER, REFUSING_CONSTRAINT
 from tests.factories import SPACE, USER, appended, call, finalized, ledger_events, started
-from tests.integration.budget_harness import NOW, apply, budget, outbox, seconds_to
+from tests.integration.budget_harness import (
+    NOW,
+    apply,
+    budget,
+    outbox,
+    seconds_to,
+    waits_for_a_lock,
+)
 from tests.integration.harness import wait_for
 
 OTHER_SPACE = SPACE + 1
@@ -188,12 +195,7 @@ async def test_0012_does_not_deadlock_with_a_0010_batch_queued_behind_it(
 
         async def b_queued() -> bool:
             # Behind 0012's lock: its usage upsert before the fix, its budget rows with it.
-            return bool(
-                await conn.fetchval(
-                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid = $1",
-                    member_b.get_server_pid(),
-                )
-            )
+            return await waits_for_a_lock(conn, member_b.get_server_pid())
 
         await wait_for(b_queued, within=30, what="B queued behind 0012")
         await asyncio.sleep(1.5)  # A's batch runs on past B's deadlock check (1 s)
@@ -231,12 +233,7 @@ async def test_a_usage_delete_while_budget_set_creates_the_budget_leaves_no_phan
 
         async def delete_waits() -> bool:
             # Without the lock in its trigger it never waits: it commits before `budget set`.
-            return deleting.done() or bool(
-                await ledger.fetchval(
-                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid = $1",
-                    operator.get_server_pid(),
-                )
-            )
+            return deleting.done() or await waits_for_a_lock(ledger, operator.get_server_pid())
 
         await wait_for(delete_waits, within=30, what="the DELETE waiting or done")
         await setting.commit()

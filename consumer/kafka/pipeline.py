@@ -8,7 +8,8 @@ One batch, in one direction:
   2. one transaction (batch.commit_batch), retried with capped backoff on transient failures
      (fetching paused): offsets by compare-and-set, load state, reduce, write, dead letters
      (what could not be decoded or written; acked before COMMIT, none sent twice per group)
-  3. mirror the new offsets to Kafka (for lag tooling only, bounded: PostgreSQL is the truth)
+  3. mirror the new offsets to Kafka (for lag tooling only, bounded, in the background: the
+     next batch does not wait for it; PostgreSQL is the truth)
   4. metrics
 
 Stages overlap: batch N+1 is fetched and decoded while batch N's transaction runs, so the
@@ -120,6 +121,7 @@ class Pipeline:
         self.revoking = True
         try:
             async with self._batch_lock:
+                await self.checkpoints.mirrored()
                 self.checkpoints.close(revoked)
                 self.lag.forget(tp.partition for tp in revoked)
                 for tp in revoked:
@@ -346,7 +348,7 @@ class Pipeline:
             log.warning("batch abandoned", extra=fields(records=len(owned)))
             await self.checkpoints.rewind(owned, reload=False)
             return False
-        await self.checkpoints.mirror()  # 3
+        self.checkpoints.mirror_soon()  # 3, in the background
         self._observe(applied, ready, len(owned), time.monotonic() - started)  # 4
         return True
 
@@ -358,6 +360,7 @@ class Pipeline:
         await self._settle(quietly=True)
         await self._batch_lock.acquire()  # wait for the batch in flight
         self._batch_lock.release()
+        await self.checkpoints.mirrored()
 
     # -- steps ---------------------------------------------------------------------------------
 

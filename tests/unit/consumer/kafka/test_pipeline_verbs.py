@@ -67,7 +67,42 @@ async def test_put_moves_offsets_from_the_expected_position_and_mirrors_them() -
     assert ledger.applied == [5, 6, 7]
     assert ledger.offsets.stored == {0: 8}
     assert pipeline.checkpoints.positions == {0: 8}
+    await pipeline.checkpoints.mirrored()
     assert log.mirrored[-1] == {TP: 8}
+
+
+class _SlowMirrorLog(FakeLog):
+    """A group coordinator that answers an offset commit only when told to."""
+
+    def __init__(self, records: list[ConsumerRecord]) -> None:
+        super().__init__(records)
+        self.answer = asyncio.Event()
+        self.asked = asyncio.Event()
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.asked.set()
+        await self.answer.wait()
+        await super().commit(offsets)
+
+
+async def test_a_batch_does_not_wait_for_the_offset_mirror_and_stop_does() -> None:
+    records = planned_records(8)
+    log, ledger = _SlowMirrorLog(records), FakeLedger(FakeOffsets())
+    ledger.offsets.stored[0] = 0
+    pipeline = _pipeline(log, ledger)
+    pipeline.checkpoints.positions[0] = 0
+    assert await pipeline.put(records[:4])
+    await log.asked.wait()  # the first batch's mirror is asked, and not answered
+    assert await pipeline.put(records[4:])  # the next batch commits meanwhile
+    assert ledger.offsets.stored == {0: 8}
+    assert log.mirrored == []
+    stopping = asyncio.create_task(pipeline.stop())
+    await asyncio.sleep(0)
+    assert not stopping.done()  # stop waits for the mirror
+    log.answer.set()
+    await stopping
+    # The positions that moved while the first commit was out go with the next one.
+    assert log.mirrored == [{TP: 4}, {TP: 8}]
 
 
 async def test_a_fenced_batch_rolls_back_and_seeks_to_the_stored_offset() -> None:

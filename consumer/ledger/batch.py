@@ -32,7 +32,7 @@ from aiokafka.structs import ConsumerRecord
 from consumer.errors import PoisonError, TransientError, classify_database_error
 from consumer.kafka.dead_letters import DeadLetter
 from consumer.ledger.applied import Position, fingerprint, remember_applied
-from consumer.ledger.claims import BatchPlan, Outcome
+from consumer.ledger.claims import BatchPlan, EventRows, Outcome, event_rows
 from consumer.ledger.dead_lettered import record_dead_letters
 from consumer.ledger.decode import BatchDecoder
 from consumer.ledger.merge import reduce_batch
@@ -55,6 +55,9 @@ class Decoded:
     records: list[Record] = field(default_factory=list)  # the record of each event
     letters: list[DeadLetter] = field(default_factory=list)  # what cannot be an event
     prints: list[bytes] = field(default_factory=list)  # the fingerprint of each event's record
+    # Each event's candidate rows, built here, beside the batch in flight: not in this batch's
+    # transaction, which only folds them.
+    rows: list[EventRows] = field(default_factory=list)
     # Records this group applied before (ledger/applied.py), with their stored entries: not
     # decoded, nothing of them written again.
     redelivered: list[tuple[Record, bytes]] = field(default_factory=list)
@@ -104,6 +107,7 @@ class Decoding:
                 decoded.events.append(result)
                 decoded.records.append(record)
                 decoded.prints.append(fingerprint(record.value, record.timestamp))
+                decoded.rows.append(event_rows(result))
 
 
 def decode_records(records: list[Record], *, max_bytes: int, max_future_skew: timedelta) -> Decoded:
@@ -153,7 +157,10 @@ async def commit_batch(
         async with conn.transaction():
             await advance_offsets(conn, group_id, topic, moves)  # 2a
             await apply_isolating(
-                conn, list(zip(decoded.events, decoded.records, strict=True)), applied
+                conn,
+                list(zip(decoded.events, decoded.records, strict=True)),
+                applied,
+                rows=decoded.rows,
             )  # 2b
             # apply_isolating keeps the records' order, split or not.
             outcomes = (outcome for _, outcome in applied.events)
@@ -177,16 +184,23 @@ async def commit_batch(
     return applied
 
 
-async def apply_events(conn: asyncpg.Connection, events: Sequence[LedgerEvent]) -> BatchPlan:
-    """Read the stored registers, reduce the batch against them, write what changes.
+async def apply_events(
+    conn: asyncpg.Connection,
+    events: Sequence[LedgerEvent],
+    rows: Sequence[EventRows] | None = None,
+) -> BatchPlan:
+    """Read the stored registers, reduce the batch against them, write what changes. `rows`:
+    each event's candidate rows, if the decoding built them.
 
     Must run inside the caller's transaction (together with `advance_offsets`)."""
-    plan = reduce_batch(events, await load_state(conn, events))
+    plan = reduce_batch(events, await load_state(conn, events), rows)
     await write_plan(conn, plan)
     return plan
 
 
-Apply = Callable[[asyncpg.Connection, Sequence[LedgerEvent]], Awaitable[BatchPlan]]
+Apply = Callable[
+    [asyncpg.Connection, Sequence[LedgerEvent], Sequence[EventRows] | None], Awaitable[BatchPlan]
+]
 
 
 async def apply_isolating(
@@ -194,14 +208,17 @@ async def apply_isolating(
     items: list[tuple[LedgerEvent, Record]],
     applied: Applied,
     apply: Apply = apply_events,
+    *,
+    rows: Sequence[EventRows] | None = None,
 ) -> None:
     """Apply under a savepoint; on a data error split the batch until the record is alone.
-    (`apply`: the unit tests' stand-in for the database.)"""
+    (`apply`: the unit tests' stand-in for the database; `rows`: the items' candidate rows,
+    if built.)"""
     if not items:
         return
     try:
         async with conn.transaction():
-            plan = await apply(conn, [event for event, _ in items])
+            plan = await apply(conn, [event for event, _ in items], rows)
     except asyncpg.PostgresError as error:
         mapped = classify_database_error(error)
         if not isinstance(mapped, PoisonError):
@@ -216,8 +233,9 @@ async def apply_isolating(
             applied.events.append((event, Outcome.REJECTED))
             return
         middle = len(items) // 2
-        await apply_isolating(conn, items[:middle], applied, apply)
-        await apply_isolating(conn, items[middle:], applied, apply)
+        halves = (None, None) if rows is None else (rows[:middle], rows[middle:])
+        await apply_isolating(conn, items[:middle], applied, apply, rows=halves[0])
+        await apply_isolating(conn, items[middle:], applied, apply, rows=halves[1])
         return
     applied.plans.append(plan)
     for index, ((event, record), outcome) in enumerate(zip(items, plan.outcomes, strict=True)):

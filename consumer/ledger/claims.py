@@ -319,6 +319,17 @@ def _turn_usage(
     )
 
 
+# An event's candidate rows: its thread, its messages, its usage (if any).
+EventRows = tuple[ThreadRow, list[MessageRow], UsageRow | None]
+
+
+def event_rows(event: LedgerEvent) -> EventRows:
+    """Everything an event claims, built from the event alone: the consumer builds it while
+    decoding, beside the transaction in flight, not inside its own."""
+    messages, usage = candidates(event)
+    return thread_candidate(event), messages, usage
+
+
 def thread_candidate(event: LedgerEvent) -> ThreadRow:
     if event.user_id is None:
         return ThreadRow(

@@ -39,6 +39,7 @@ from typing import Protocol, Self, TypeVar
 from consumer.ledger.claims import (
     BatchPlan,
     Copy,
+    EventRows,
     MessageKey,
     MessageRow,
     Outcome,
@@ -105,21 +106,28 @@ class Fold:
         self.messages: dict[MessageKey, MessageRow] = {}
         self.usage: dict[MessageKey, UsageRow] = {}
 
-    def add(self, event: LedgerEvent) -> None:
+    def add(self, event: LedgerEvent, rows: EventRows | None = None) -> None:
         """Fold an event that passed `Admission.check` (folding an exact copy again changes
-        nothing)."""
-        _fold(self.threads, event.thread_id, thread_candidate(event))
-        event_messages, event_usage = candidates(event)
+        nothing). `rows`: its candidate rows (`event_rows`), if already built."""
+        if rows is None:
+            rows = thread_candidate(event), *candidates(event)
+        thread, event_messages, event_usage = rows
+        _fold(self.threads, event.thread_id, thread)
         for message in event_messages:
             _fold(self.messages, message.key, message)
         if event_usage is not None:
             _fold(self.usage, event_usage.key, event_usage)
 
 
-def reduce_batch(events: Sequence[LedgerEvent], stored: StoredState) -> BatchPlan:
+def reduce_batch(
+    events: Sequence[LedgerEvent],
+    stored: StoredState,
+    rows: Sequence[EventRows] | None = None,
+) -> BatchPlan:
     """Fold a batch (in arrival order) against the stored registers. An exact copy of a stored
     claim (a redelivery) was applied whole when it won, and every register only moves forward,
-    so it is a duplicate before any row is built."""
+    so it is a duplicate before any row is built. `rows`: each event's candidate rows
+    (`event_rows`), if already built."""
     admission, fold = Admission(stored), Fold()
     decided: list[Outcome | None] = []  # None: accepted, decided once the batch is folded
     copies: list[Copy | None] = []
@@ -141,7 +149,7 @@ def reduce_batch(events: Sequence[LedgerEvent], stored: StoredState) -> BatchPla
         copies.append(copy)
         seen.add(copy)
         decided.append(None)
-        fold.add(event)
+        fold.add(event, None if rows is None else rows[index])
 
     threads, messages, usage = fold.threads, fold.messages, fold.usage
     outcomes = _outcomes(copies, decided, messages, usage, stored)

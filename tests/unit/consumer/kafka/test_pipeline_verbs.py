@@ -138,7 +138,7 @@ async def test_a_record_the_database_rejects_is_isolated_and_dead_lettered() -> 
     decoded = await pipeline._decode(records)
     poison = decoded.events[4]
 
-    async def apply(conn: Any, events: Sequence[LedgerEvent]) -> BatchPlan:
+    async def apply(conn: Any, events: Sequence[LedgerEvent], rows: Any) -> BatchPlan:
         if any(event is poison for event in events):  # identity: exact copies are equal
             raise asyncpg.CheckViolationError("violates check constraint")
         return BatchPlan([], [], [], [Outcome.APPLIED] * len(events), [])

@@ -11,7 +11,7 @@ from unittest.mock import patch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.ledger.claims import Outcome, StoredMessage, StoredState
+from consumer.ledger.claims import Outcome, StoredMessage, StoredState, event_rows
 from consumer.ledger.merge import Admission, reduce_batch
 from consumer.ledger.rebuild import LedgerRows, expected_rows, rebuild, rebuild_by_thread
 from producer.events import AnyEvent
@@ -127,3 +127,21 @@ def test_a_copy_of_a_stored_claim_builds_no_row(events: list[AnyEvent]) -> None:
         again = reduce_batch(applied, stored)
     assert set(again.outcomes) <= {Outcome.DUPLICATE}
     assert (again.threads, again.messages, again.usage) == ([], [], [])
+
+
+@settings(max_examples=200, deadline=None)
+@given(delivered(consistent_spaces=False), st.integers(min_value=0, max_value=40))
+def test_rows_built_while_decoding_fold_to_the_same_plan(events: list[AnyEvent], cut: int) -> None:
+    """The consumer builds each event's candidate rows while decoding (beside the batch in
+    flight) and hands them to reduce_batch: the plan is the one it builds itself."""
+    earlier, batch = ledger_events(events[:cut]), ledger_events(events[cut:])
+    first = reduce_batch(earlier, StoredState())
+    stored = StoredState(
+        threads={row.id: row for row in first.threads},
+        messages={
+            row.key: StoredMessage(claim=row.claim, created_at=row.created_at)
+            for row in first.messages
+        },
+    )
+    built = [event_rows(event) for event in batch]
+    assert reduce_batch(batch, stored, built) == reduce_batch(batch, stored)

@@ -168,13 +168,16 @@ def decode(value: bytes, max_bytes: int, max_nesting: int) -> tuple[LedgerEvent,
     """The current-version event of a record value and how many of its fields this consumer
     does not know; None when the reference decoder must decide (see the module docstring).
     The future-skew check, which reads the record's timestamp, is the caller's."""
+    # An int operand of `in` is a memchr; a bytes one first fails as an int, raising and
+    # clearing a TypeError. `\u0000` needs a backslash, and a digit run longer than the
+    # bound a text longer than it.
     if (
         not value
         or len(value) > max_bytes
-        or b"\x00" in value
-        or b"\\u0000" in value
+        or 0 in value
+        or (0x5C in value and b"\\u0000" in value)
         or value.count(b"[") + value.count(b"{") > max_nesting
-        or exact_json.may_hold_a_long_integer(value)
+        or (len(value) > exact_json.MAX_NUMBER_DIGITS and exact_json.may_hold_a_long_integer(value))
     ):
         return None
     _NUMBERS.expansion = 0

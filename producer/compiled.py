@@ -18,6 +18,8 @@ import re
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
+from itertools import chain
+from operator import attrgetter
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -135,16 +137,15 @@ STRUCTS: dict[type[BaseModel], type[Struct]] = {
     ModelUsage: _ModelUsage,
     LegacyTokenUsage: _LegacyTokenUsage,
 }
-_FIELDS = {
-    "turn.started": frozenset(TurnStarted.model_fields),
-    "turn.finalized": frozenset(TurnFinalized.model_fields),
-    "message.appended": frozenset(MessageAppended.model_fields),
-}
+_STARTED = frozenset(TurnStarted.model_fields)
+_FINALIZED = frozenset(TurnFinalized.model_fields)
+_APPENDED = frozenset(MessageAppended.model_fields)
 _USAGE_FIELDS = frozenset(TurnUsage.model_fields)
 _CALL_FIELDS = frozenset(UsageCall.model_fields)
 _LEGACY_FIELDS = frozenset(LegacyTokenUsage.model_fields)
 _ENTRY_FIELDS = frozenset(ModelUsage.model_fields)
 _COUNTS = (*USAGE_MEASURES, *TOKEN_KINDS)
+_ALL_COUNTS = attrgetter(*_COUNTS)
 _EDGES = frozenset((datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)))
 
 
@@ -204,27 +205,25 @@ def decode(value: bytes, max_bytes: int, max_nesting: int) -> tuple[LedgerEvent,
         return None
     found: tuple[dict[str, Any], int] | None
     if isinstance(event, _TurnStarted):
-        found = _started(event, document)
+        found, event_type, fields = _started(event, document), "turn.started", _STARTED
     elif isinstance(event, _TurnFinalized):
-        found = _finalized(event, document)
+        found, event_type, fields = _finalized(event, document), "turn.finalized", _FINALIZED
     else:
-        found = _appended(event, document)
+        found, event_type, fields = _appended(event, document), "message.appended", _APPENDED
     if found is None:
         return None
     payload, unknown = found
-    payload.update(
-        event_id=event.event_id,
-        schema_version=1,
-        occurred_at=written if as_isoformat else occurred_at.isoformat(),
-        thread_id=event.thread_id,
-        search_space_id=event.search_space_id,
-        user_id=event.user_id,
-        type=document["type"],
-    )
-    return (
-        from_payload(payload, occurred_at),
-        unknown + len(document.keys() - _FIELDS[document["type"]]),
-    )
+    payload["event_id"] = event.event_id
+    payload["schema_version"] = 1
+    payload["occurred_at"] = written if as_isoformat else occurred_at.isoformat()
+    payload["thread_id"] = event.thread_id
+    payload["search_space_id"] = event.search_space_id
+    payload["user_id"] = event.user_id
+    payload["type"] = event_type
+    # A set is made of the keys only when one is not a field: most records hold none.
+    if not fields.issuperset(document):
+        unknown += len(document.keys() - fields)
+    return from_payload(payload, occurred_at), unknown
 
 
 def _started(event: _TurnStarted, document: dict[str, Any]) -> tuple[dict[str, Any], int]:
@@ -245,14 +244,21 @@ def _finalized(
             calls = event.usage.calls
             if calls and event.user_id is None:
                 return None  # usage calls need a user_id to bill: a rejection
-            if len(calls) > 1:
+            # Counts are at least 0: when all of them sum within the bound, so does each
+            # measure's sum (the exact check is a pass per measure).
+            if (
+                len(calls) > 1
+                and sum(filter(None, chain.from_iterable(map(_ALL_COUNTS, calls)))) > MAX
+            ):
                 for name in _COUNTS:
                     if sum(getattr(call, name) or 0 for call in calls) > MAX:
                         return None
             usage = document["usage"]
             sent = usage["calls"]
-            unknown = len(usage.keys() - _USAGE_FIELDS)
-            unknown += sum(len(call.keys() - _CALL_FIELDS) for call in sent)
+            if not _USAGE_FIELDS.issuperset(usage):
+                unknown = len(usage.keys() - _USAGE_FIELDS)
+            if not all(map(_CALL_FIELDS.issuperset, sent)):
+                unknown += sum(len(call.keys() - _CALL_FIELDS) for call in sent)
             payload["usage"] = {"calls": sent}
     return payload, unknown
 
@@ -272,11 +278,12 @@ def _appended(
                 return None  # token_usage on a user or system message: a rejection
             sent = document["token_usage"]
             kept = {name: sent[name] for name in USAGE_MEASURES}
-            unknown = len(sent.keys() - _LEGACY_FIELDS)
+            if not _LEGACY_FIELDS.issuperset(sent):
+                unknown = len(sent.keys() - _LEGACY_FIELDS)
             if legacy.usage is not UNSET:
-                kept["usage"] = sent["usage"]
-                if sent["usage"] is not None:
-                    unknown += sum(len(e.keys() - _ENTRY_FIELDS) for e in sent["usage"].values())
+                kept["usage"] = entries = sent["usage"]
+                if entries is not None and not all(map(_ENTRY_FIELDS.issuperset, entries.values())):
+                    unknown += sum(len(e.keys() - _ENTRY_FIELDS) for e in entries.values())
             if legacy.call_details is not UNSET:
                 kept["call_details"] = sent["call_details"]
             payload["token_usage"] = kept

@@ -7,8 +7,8 @@ needs a user, token_usage on assistant messages only) are checked after.
 
 It answers only when it is sure. Anything it does not know to be valid in the plain shape (a
 rejection, a v0 legacy body, a UUID in braces, a timestamp written another way, deep nesting,
-a digit run past the number bound) is None, and the reference decoder (producer/decoding.py)
-decides it, with its rejection reasons. tests/unit/producer/test_compiled.py holds the two
+a digit run past the number bound, a call's count past 2^63-1 / 64) is None, and the reference
+decoder (producer/decoding.py) decides it, with its rejection reasons. tests/unit/producer/test_compiled.py holds the two
 paths equal, field by field, on generated records and their mutations.
 """
 
@@ -18,8 +18,6 @@ import re
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
-from itertools import chain
-from operator import attrgetter
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -46,6 +44,10 @@ MAX = MAX_INT64
 Id64 = Annotated[int, Meta(ge=1, le=MAX)]
 Count64 = Annotated[int, Meta(ge=0, le=MAX)]
 TurnId = Annotated[str, Meta(min_length=1, max_length=64)]
+# A call's count past MAX / CALLS is valid but no producer sends it: the reference decoder's.
+# Below it, the sums over up to CALLS calls are within MAX without a pass over them.
+CALLS = 64
+CallCount = Annotated[int, Meta(ge=0, le=MAX // CALLS)]
 # RFC 3339 as producers write it; anything else is for the reference decoder. \Z, not $: a
 # pattern is searched, and $ would let a trailing newline through. Checked in `decode`, not as
 # a msgspec constraint (which costs twice the search), and only for text not in the shape below.
@@ -66,13 +68,13 @@ _UTC_ISOFORMAT = re.compile(
 # to the models'.
 class _Call(Struct):
     model: Annotated[str, Meta(min_length=1, max_length=200)]
-    prompt_tokens: Count64
-    completion_tokens: Count64
-    total_tokens: Count64
-    cost_micros: Count64
+    prompt_tokens: CallCount
+    completion_tokens: CallCount
+    total_tokens: CallCount
+    cost_micros: CallCount
     call_kind: Annotated[str, Meta(min_length=1, max_length=64)]
-    cached_tokens: Count64 | None = None
-    reasoning_tokens: Count64 | None = None
+    cached_tokens: CallCount | None = None
+    reasoning_tokens: CallCount | None = None
 
 
 class _TurnUsage(Struct):
@@ -145,7 +147,6 @@ _CALL_FIELDS = frozenset(UsageCall.model_fields)
 _LEGACY_FIELDS = frozenset(LegacyTokenUsage.model_fields)
 _ENTRY_FIELDS = frozenset(ModelUsage.model_fields)
 _COUNTS = (*USAGE_MEASURES, *TOKEN_KINDS)
-_ALL_COUNTS = attrgetter(*_COUNTS)
 _EDGES = frozenset((datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)))
 
 
@@ -244,12 +245,7 @@ def _finalized(
             calls = event.usage.calls
             if calls and event.user_id is None:
                 return None  # usage calls need a user_id to bill: a rejection
-            # Counts are at least 0: when all of them sum within the bound, so does each
-            # measure's sum (the exact check is a pass per measure).
-            if (
-                len(calls) > 1
-                and sum(filter(None, chain.from_iterable(map(_ALL_COUNTS, calls)))) > MAX
-            ):
+            if len(calls) > CALLS:
                 for name in _COUNTS:
                     if sum(getattr(call, name) or 0 for call in calls) > MAX:
                         return None

@@ -99,6 +99,29 @@ def test_the_payload_writes_the_time_as_the_reference_does(
     assert _agrees(json.dumps(document).encode()) == answered
 
 
+BOUND = compiled.MAX // compiled.CALLS
+
+
+@pytest.mark.parametrize(
+    ("calls", "total_tokens", "answered"),
+    [
+        (2, BOUND, True),
+        (compiled.CALLS, BOUND, True),
+        (2, BOUND + 1, False),  # valid: the reference decoder's
+        (1, compiled.MAX, False),  # valid: the reference decoder's
+        (compiled.CALLS + 1, BOUND // 2, True),
+        (compiled.CALLS + 1, BOUND, False),  # the sum is past 2^63-1: rejected
+    ],
+)
+def test_the_sums_of_many_calls_or_large_counts_are_checked(
+    calls: int, total_tokens: int, answered: bool
+) -> None:
+    document = example("turn.finalized")
+    call = document["usage"]["calls"][0] | {"total_tokens": total_tokens}
+    document["usage"]["calls"] = [call] * calls
+    assert _agrees(json.dumps(document).encode()) == answered
+
+
 @settings(max_examples=300, deadline=None)
 @given(events())
 def test_the_digest_is_the_one_every_release_stored(event: AnyEvent) -> None:

@@ -7,13 +7,14 @@ needs a user, token_usage on assistant messages only) are checked after.
 
 It answers only when it is sure. Anything it does not know to be valid in the plain shape (a
 rejection, a v0 legacy body, a UUID in braces, a timestamp written another way, deep nesting,
-a digit run past the number bound) is None, and the reference decoder (producer/decoding.py)
-decides it, with its rejection reasons. tests/unit/producer/test_compiled.py holds the two
+a digit run past the number bound, a call's count past 2^63-1 / 64) is None, and the reference
+decoder (producer/decoding.py) decides it, with its rejection reasons. tests/unit/producer/test_compiled.py holds the two
 paths equal, field by field, on generated records and their mutations.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -43,15 +44,22 @@ MAX = MAX_INT64
 Id64 = Annotated[int, Meta(ge=1, le=MAX)]
 Count64 = Annotated[int, Meta(ge=0, le=MAX)]
 TurnId = Annotated[str, Meta(min_length=1, max_length=64)]
+# A call's count past MAX / CALLS is valid but no producer sends it: the reference decoder's.
+# Below it, the sums over up to CALLS calls are within MAX without a pass over them.
+CALLS = 64
+CallCount = Annotated[int, Meta(ge=0, le=MAX // CALLS)]
 # RFC 3339 as producers write it; anything else is for the reference decoder. \Z, not $: a
-# pattern is searched, and $ would let a trailing newline through.
-Timestamp = Annotated[
-    str,
-    Meta(
-        pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?"
-        r"(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)\Z"
-    ),
-]
+# pattern is searched, and $ would let a trailing newline through. Checked in `decode`, not as
+# a msgspec constraint (which costs twice the search), and only for text not in the shape below.
+_TIMESTAMP = re.compile(
+    r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?"
+    r"(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)\Z"
+).search
+# What `isoformat()` writes for a UTC time (no fraction when it is zero): text in this shape that
+# parses is, character for character, its payload text, and within the pattern above.
+_UTC_ISOFORMAT = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.(?!000000)[0-9]{6})?\+00:00"
+).fullmatch
 
 
 # The models of producer/events.py as msgspec types, for validating in C. Fields a model keeps
@@ -60,13 +68,13 @@ Timestamp = Annotated[
 # to the models'.
 class _Call(Struct):
     model: Annotated[str, Meta(min_length=1, max_length=200)]
-    prompt_tokens: Count64
-    completion_tokens: Count64
-    total_tokens: Count64
-    cost_micros: Count64
+    prompt_tokens: CallCount
+    completion_tokens: CallCount
+    total_tokens: CallCount
+    cost_micros: CallCount
     call_kind: Annotated[str, Meta(min_length=1, max_length=64)]
-    cached_tokens: Count64 | None = None
-    reasoning_tokens: Count64 | None = None
+    cached_tokens: CallCount | None = None
+    reasoning_tokens: CallCount | None = None
 
 
 class _TurnUsage(Struct):
@@ -96,7 +104,7 @@ class _LegacyTokenUsage(Struct):
 class _Envelope(Struct, tag_field="type"):
     event_id: uuid.UUID
     schema_version: Literal[1]
-    occurred_at: Timestamp
+    occurred_at: str  # _TIMESTAMP, in decode
     thread_id: Id64
     search_space_id: Id64
     user_id: uuid.UUID | None
@@ -131,11 +139,9 @@ STRUCTS: dict[type[BaseModel], type[Struct]] = {
     ModelUsage: _ModelUsage,
     LegacyTokenUsage: _LegacyTokenUsage,
 }
-_FIELDS = {
-    "turn.started": frozenset(TurnStarted.model_fields),
-    "turn.finalized": frozenset(TurnFinalized.model_fields),
-    "message.appended": frozenset(MessageAppended.model_fields),
-}
+_STARTED = frozenset(TurnStarted.model_fields)
+_FINALIZED = frozenset(TurnFinalized.model_fields)
+_APPENDED = frozenset(MessageAppended.model_fields)
 _USAGE_FIELDS = frozenset(TurnUsage.model_fields)
 _CALL_FIELDS = frozenset(UsageCall.model_fields)
 _LEGACY_FIELDS = frozenset(LegacyTokenUsage.model_fields)
@@ -168,13 +174,16 @@ def decode(value: bytes, max_bytes: int, max_nesting: int) -> tuple[LedgerEvent,
     """The current-version event of a record value and how many of its fields this consumer
     does not know; None when the reference decoder must decide (see the module docstring).
     The future-skew check, which reads the record's timestamp, is the caller's."""
+    # An int operand of `in` is a memchr; a bytes one first fails as an int, raising and
+    # clearing a TypeError. `\u0000` needs a backslash, and a digit run longer than the
+    # bound a text longer than it.
     if (
         not value
         or len(value) > max_bytes
-        or b"\x00" in value
-        or b"\\u0000" in value
+        or 0 in value
+        or (0x5C in value and b"\\u0000" in value)
         or value.count(b"[") + value.count(b"{") > max_nesting
-        or exact_json.may_hold_a_long_integer(value)
+        or (len(value) > exact_json.MAX_NUMBER_DIGITS and exact_json.may_hold_a_long_integer(value))
     ):
         return None
     _NUMBERS.expansion = 0
@@ -185,35 +194,37 @@ def decode(value: bytes, max_bytes: int, max_nesting: int) -> tuple[LedgerEvent,
         return None
     if _NUMBERS.expansion > exact_json.MAX_EXPANSION:
         return None
+    written = event.occurred_at
+    as_isoformat = _UTC_ISOFORMAT(written) is not None
+    if not as_isoformat and _TIMESTAMP(written) is None:
+        return None
     try:
-        occurred_at = datetime.fromisoformat(event.occurred_at).astimezone(UTC)
+        occurred_at = datetime.fromisoformat(written).astimezone(UTC)
     except (ValueError, OverflowError):
         return None
     if occurred_at in _EDGES:
         return None
     found: tuple[dict[str, Any], int] | None
     if isinstance(event, _TurnStarted):
-        found = _started(event, document)
+        found, event_type, fields = _started(event, document), "turn.started", _STARTED
     elif isinstance(event, _TurnFinalized):
-        found = _finalized(event, document)
+        found, event_type, fields = _finalized(event, document), "turn.finalized", _FINALIZED
     else:
-        found = _appended(event, document)
+        found, event_type, fields = _appended(event, document), "message.appended", _APPENDED
     if found is None:
         return None
     payload, unknown = found
-    payload.update(
-        event_id=event.event_id,
-        schema_version=1,
-        occurred_at=occurred_at.isoformat(),
-        thread_id=event.thread_id,
-        search_space_id=event.search_space_id,
-        user_id=event.user_id,
-        type=document["type"],
-    )
-    return (
-        from_payload(payload, occurred_at),
-        unknown + len(document.keys() - _FIELDS[document["type"]]),
-    )
+    payload["event_id"] = event.event_id
+    payload["schema_version"] = 1
+    payload["occurred_at"] = written if as_isoformat else occurred_at.isoformat()
+    payload["thread_id"] = event.thread_id
+    payload["search_space_id"] = event.search_space_id
+    payload["user_id"] = event.user_id
+    payload["type"] = event_type
+    # A set is made of the keys only when one is not a field: most records hold none.
+    if not fields.issuperset(document):
+        unknown += len(document.keys() - fields)
+    return from_payload(payload, occurred_at), unknown
 
 
 def _started(event: _TurnStarted, document: dict[str, Any]) -> tuple[dict[str, Any], int]:
@@ -234,14 +245,16 @@ def _finalized(
             calls = event.usage.calls
             if calls and event.user_id is None:
                 return None  # usage calls need a user_id to bill: a rejection
-            if len(calls) > 1:
+            if len(calls) > CALLS:
                 for name in _COUNTS:
                     if sum(getattr(call, name) or 0 for call in calls) > MAX:
                         return None
             usage = document["usage"]
             sent = usage["calls"]
-            unknown = len(usage.keys() - _USAGE_FIELDS)
-            unknown += sum(len(call.keys() - _CALL_FIELDS) for call in sent)
+            if not _USAGE_FIELDS.issuperset(usage):
+                unknown = len(usage.keys() - _USAGE_FIELDS)
+            if not all(map(_CALL_FIELDS.issuperset, sent)):
+                unknown += sum(len(call.keys() - _CALL_FIELDS) for call in sent)
             payload["usage"] = {"calls": sent}
     return payload, unknown
 
@@ -261,11 +274,12 @@ def _appended(
                 return None  # token_usage on a user or system message: a rejection
             sent = document["token_usage"]
             kept = {name: sent[name] for name in USAGE_MEASURES}
-            unknown = len(sent.keys() - _LEGACY_FIELDS)
+            if not _LEGACY_FIELDS.issuperset(sent):
+                unknown = len(sent.keys() - _LEGACY_FIELDS)
             if legacy.usage is not UNSET:
-                kept["usage"] = sent["usage"]
-                if sent["usage"] is not None:
-                    unknown += sum(len(e.keys() - _ENTRY_FIELDS) for e in sent["usage"].values())
+                kept["usage"] = entries = sent["usage"]
+                if entries is not None and not all(map(_ENTRY_FIELDS.issuperset, entries.values())):
+                    unknown += sum(len(e.keys() - _ENTRY_FIELDS) for e in entries.values())
             if legacy.call_details is not UNSET:
                 kept["call_details"] = sent["call_details"]
             payload["token_usage"] = kept

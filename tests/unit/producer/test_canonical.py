@@ -58,3 +58,11 @@ def test_characters_past_ascii_are_escaped_as_python_escapes_them() -> None:
         b'{"a":"00000000-0000-0000-0000-000000000007",'
         b'"\\ud83d\\ude80":"\\u00e9\\u007f\\u2028\\udbff\\udfff"}'
     )
+
+
+def test_an_astral_character_escapes_alike_every_time() -> None:
+    """The second time, its surrogate pair is the remembered one."""
+    value = {"t": "\U0001f680 \U0001f9ea \U0001f680", "\U0001f9ea": "\U0010ffff"}
+    expected = jsonvalues.dumps(value, sort_keys=True, ensure_ascii=True).encode()
+    assert canonical.ascii_text(value) == expected
+    assert canonical.ascii_text(value) == expected

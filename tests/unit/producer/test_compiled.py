@@ -22,7 +22,7 @@ from producer import canonical, compiled
 from producer.decoding import MAX_NESTING, decode_value
 from producer.events import DEFAULT_MAX_EVENT_BYTES, AnyEvent, Rejection, encode_event
 from producer.ledger_event import LedgerEvent, ledger_event
-from tests.examples import EXAMPLE_NAMES, example_bytes
+from tests.examples import EXAMPLE_NAMES, example, example_bytes
 from tests.factories import START
 from tests.mutations import mutated_values
 from tests.reference import payload_digest
@@ -71,6 +71,55 @@ inputs = st.one_of(
 @given(inputs)
 def test_the_compiled_path_agrees_with_the_reference_on_every_input(value: bytes) -> None:
     _agrees(value)
+
+
+@pytest.mark.parametrize(
+    ("occurred_at", "answered"),
+    [
+        ("2026-11-26T09:15:00.123456+00:00", True),
+        ("2026-11-26T09:15:00.000000+00:00", True),
+        ("2026-11-26T09:15:00.100000+00:00", True),
+        ("2026-11-26T09:15:00+00:00", True),
+        ("2026-11-26T09:15:00.5+00:00", True),
+        ("2026-11-26T09:15:00.123456Z", True),
+        ("2026-11-26T09:15:00.123456-00:00", True),
+        ("2026-11-26T09:15:00.123456+05:30", True),
+        ("2026-11-26T09:15:00.123456+00:00\n", False),
+        ("2026-11-26T09:15:00.1234567+00:00", False),
+        ("\u0662\u0660\u0662\u0666-11-26T09:15:00.123456+00:00", False),
+        ("0001-01-01T00:00:00+00:00", False),
+    ],
+)
+def test_the_payload_writes_the_time_as_the_reference_does(
+    occurred_at: str, answered: bool
+) -> None:
+    """Text in the shape `isoformat()` writes is its own payload text; any other is written
+    again; a shape the pattern refuses is the reference decoder's to decide."""
+    document = example("turn.started") | {"occurred_at": occurred_at}
+    assert _agrees(json.dumps(document).encode()) == answered
+
+
+BOUND = compiled.MAX // compiled.CALLS
+
+
+@pytest.mark.parametrize(
+    ("calls", "total_tokens", "answered"),
+    [
+        (2, BOUND, True),
+        (compiled.CALLS, BOUND, True),
+        (2, BOUND + 1, False),  # valid: the reference decoder's
+        (1, compiled.MAX, False),  # valid: the reference decoder's
+        (compiled.CALLS + 1, BOUND // 2, True),
+        (compiled.CALLS + 1, BOUND, False),  # the sum is past 2^63-1: rejected
+    ],
+)
+def test_the_sums_of_many_calls_or_large_counts_are_checked(
+    calls: int, total_tokens: int, answered: bool
+) -> None:
+    document = example("turn.finalized")
+    call = document["usage"]["calls"][0] | {"total_tokens": total_tokens}
+    document["usage"]["calls"] = [call] * calls
+    assert _agrees(json.dumps(document).encode()) == answered
 
 
 @settings(max_examples=300, deadline=None)

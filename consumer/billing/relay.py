@@ -48,6 +48,7 @@ PRUNE_SECONDS = 300.0
 # While passes publish, the pending gauge is counted at most this often (the count reads every
 # pending row).
 COUNT_SECONDS = 1.0
+BUILD_SLICE = 16  # records built between two turns of the event loop (~0.15 ms)
 BACKOFF = Backoff(initial=0.2, maximum=5.0)
 BILLING_PARTITIONS = 3  # when the relay creates the billing topic
 
@@ -182,7 +183,7 @@ class Relay:
             rows = await self._readable(conn)
         if not rows:
             return 0
-        built = self._build(rows)
+        built = await self._build(rows)
         rows = [row for row, _ in built]
         results = await self.producer.publish([record for _, record in built])
         acked = []
@@ -218,14 +219,18 @@ class Relay:
                 rows.append(row)
         return rows
 
-    def _build(
+    async def _build(
         self, rows: list[asyncpg.Record]
     ) -> list[tuple[asyncpg.Record, tuple[bytes, bytes]]]:
         """Each row with its record; a row whose record cannot be built (a stored value no
         encoder takes: a bug, or a ledger written before numbers were bounded at decode) is set
         aside like a refused one, so that it holds back its own message only."""
         built = []
-        for row in rows:
+        for index, row in enumerate(rows):
+            if index % BUILD_SLICE == BUILD_SLICE - 1:
+                # A pass builds hundreds of records: the batch transaction running beside it
+                # sends its next statement as soon as PostgreSQL answers, not after the pass.
+                await asyncio.sleep(0)
             try:
                 built.append((row, (thread_key(row["thread_id"]), encode(billing_event(row)))))
             except MemoryError:

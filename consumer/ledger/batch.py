@@ -116,7 +116,11 @@ def decode_records(records: list[Record], *, max_bytes: int, max_future_skew: ti
     return decoding.decoded
 
 
-DECODE_SLICE = 128  # records decoded between two turns of the batch in flight
+# Records decoded between two turns of the batch in flight: ~0.2 ms of work. When PostgreSQL
+# answers one of that batch's statements, the next waits for the slice being decoded to end;
+# 128 records (~4 ms) held the transaction up long enough to cost a first drain ~15 % of its
+# rate (docs/development.md#benchmarks).
+DECODE_SLICE = 8
 
 
 async def decode_in_slices(

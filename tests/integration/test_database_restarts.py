@@ -303,7 +303,10 @@ async def test_a_connection_terminated_idle_in_the_pool_is_a_database_failure(
     — and sees the close a moment later; a batch that takes the connection from the pool in
     between must meet a database failure (transient, one "database unreachable" line), not
     an unexpected error. The restarts above fall in that moment now and then; a late close
-    (PostgresProxy's close_delay) makes it certain."""
+    (PostgresProxy's close_delay) makes it certain. The batch's lookup of the records applied
+    before (ledger/applied.py) takes a connection first: when it is the one that meets the dead
+    connection, it recognises nothing (a debug line) and the batch gets a live one, with no
+    outage to report. Which of the two meets it depends on how many connections the pool held."""
     stack = Stack.fresh(kafka_bootstrap, ledger_url)
     records, expect = await asyncio.to_thread(
         plan_traffic,
@@ -327,7 +330,15 @@ async def test_a_connection_terminated_idle_in_the_pool_is_a_database_failure(
         await wait_for(stack.caught_up, within=90, what="the second half", context=consumer.logs)
         assert _alive(consumer), consumer.logs()[-4000:]
         await _ledger_is_exactly_the_topic(stack, expect, consumer)
-        assert _outage_lines(consumer) == (1, 1), consumer.logs()[-4000:]
+        unreachable, reachable = _outage_lines(consumer)
+        looked_up = [
+            line
+            for line in consumer.logs().splitlines()
+            if "could not look up the records applied before" in line
+            and '"error": "InternalClientError"' in line
+        ]
+        assert unreachable == reachable <= 1, consumer.logs()[-4000:]
+        assert unreachable + len(looked_up) >= 1, consumer.logs()[-4000:]
         code, _ = await asyncio.to_thread(consumer.terminate)
         assert code == 0, consumer.logs()[-4000:]
 

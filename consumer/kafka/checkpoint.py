@@ -220,9 +220,19 @@ class Checkpoints:
 
     async def mirrored(self) -> None:
         """Wait for the background mirror: before partitions are given up, and on stop, Kafka's
-        group view shows where the ledger stands."""
-        while self._mirroring is not None and not self._mirroring.done():
-            await asyncio.shield(self._mirroring)
+        group view shows where the ledger stands. At most MIRROR_SECONDS in all, however many
+        commits are queued: a coordinator that does not answer holds a rebalance or a stop no
+        longer than it held a batch."""
+        try:
+            async with asyncio.timeout(MIRROR_SECONDS):
+                while self._mirroring is not None and not self._mirroring.done():
+                    await asyncio.shield(self._mirroring)
+        except TimeoutError:
+            self._mirror.failing("skipped: TimeoutError")
+            if self._mirroring is not None:
+                self._mirroring.cancel()
+                # Until it has ended (wait() never raises the task's cancellation, only ours).
+                await asyncio.wait([self._mirroring])
 
     async def mirror(self) -> None:
         """Best-effort and bounded: without a group coordinator the commit would wait, and hold

@@ -20,6 +20,7 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer.errors import FencedError, TransientError
 from consumer.http.metrics import LedgerMetrics
+from consumer.kafka import checkpoint
 from consumer.kafka.assembly import build_pipeline
 from consumer.kafka.pipeline import Pipeline
 from consumer.ledger.batch import Applied, Decoded, Report, apply_isolating
@@ -103,6 +104,36 @@ async def test_a_batch_does_not_wait_for_the_offset_mirror_and_stop_does() -> No
     await stopping
     # The positions that moved while the first commit was out go with the next one.
     assert log.mirrored == [{TP: 4}, {TP: 8}]
+
+
+class _HungCoordinatorLog(FakeLog):
+    """A group coordinator that never answers an offset commit."""
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("verb", ["close", "stop"])
+async def test_a_hung_coordinator_holds_a_revoke_or_a_stop_one_mirror_bound_at_most(
+    verb: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two batches queue two mirrors (the second waits for the first); a revoke or a stop
+    waits for them one MIRROR_SECONDS in all, not one each, and leaves none running."""
+    bound = 0.5
+    monkeypatch.setattr(checkpoint, "MIRROR_SECONDS", bound)
+    records = planned_records(8)
+    ledger = FakeLedger(FakeOffsets())
+    ledger.offsets.stored[0] = 0
+    pipeline = _pipeline(_HungCoordinatorLog(records), ledger)
+    pipeline.checkpoints.positions[0] = 0
+    assert await pipeline.put(records[:4])
+    assert await pipeline.put(records[4:])
+    started = time.monotonic()
+    await (pipeline.close([TP]) if verb == "close" else pipeline.stop())
+    # Two bounds (1.0 s) without the overall one; the margin is for a loaded machine.
+    assert time.monotonic() - started < bound * 1.5
+    assert pipeline.checkpoints._mirroring is not None
+    assert pipeline.checkpoints._mirroring.done()
 
 
 async def test_a_fenced_batch_rolls_back_and_seeks_to_the_stored_offset() -> None:

@@ -232,6 +232,8 @@ def _record_time(timestamp_ms: int) -> datetime | None:
 
 
 def _validate(document: Any, timestamp_ms: int | None) -> AnyEvent | Rejection:
+    if _is_v0(document):  # never a current-version event: upcast without trying it as one
+        return _upcast_v0(document, timestamp_ms)
     try:
         return EVENT_ADAPTER.validate_python(document)
     except ValidationError as exc:
@@ -252,6 +254,19 @@ def _validate(document: Any, timestamp_ms: int | None) -> AnyEvent | Rejection:
     if version == 0:
         return _upcast_v0(document, timestamp_ms)
     return Rejection(reason=RejectReason.SCHEMA_INVALID, detail=_describe(errors))
+
+
+def _is_v0(document: Any) -> bool:
+    """What _validate upcasts once the current models refuse it: schema_version the integer 0
+    (the current models take only the integer 1), and no type this consumer does not know."""
+    if not isinstance(document, dict):
+        return False
+    version, event_type = document.get("schema_version"), document.get("type")
+    return (
+        type(version) is int
+        and version == 0
+        and not (isinstance(event_type, str) and event_type not in _KNOWN_TYPES)
+    )
 
 
 def _upcast_v0(document: dict[str, Any], timestamp_ms: int | None) -> AnyEvent | Rejection:
@@ -295,19 +310,17 @@ def v0_event_id(document: dict[str, Any]) -> uuid.UUID:
     differ only in digits a float cannot hold (`0.1` and `0.10000000000000000001`, or `1e400`
     and `2e400`, both `Infinity`) share an id: docs/contract.md#the-v0-legacy-body."""
     canonical = json.dumps(
-        _as_floats(document), sort_keys=True, separators=(",", ":"), ensure_ascii=True
+        document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=_as_float
     )
     return uuid.uuid5(LEGACY_EVENT_NAMESPACE, canonical)
 
 
-def _as_floats(value: Any) -> Any:
+def _as_float(value: Any) -> float:
+    """The encoder's hook for what JSON has no type for: a Decimal is written as the float it
+    rounds to, as every release did (converted where it stands, not in a copy of the body)."""
     if isinstance(value, Decimal):
         return float(value)
-    if isinstance(value, dict):
-        return {k: _as_floats(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_as_floats(v) for v in value]
-    return value
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 _FIELDS: dict[str, frozenset[str]] = {

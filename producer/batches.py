@@ -57,7 +57,10 @@ def partition_of(key: bytes | None, partitions: Sequence[int]) -> int:
     without a key goes to a random one, as there."""
     if key is None:
         return random.choice(partitions)  # noqa: S311 - spreading records, not a secret
-    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+    # The cache needs a hashable key: a bytearray or writable memoryview, which aiokafka sends
+    # too, is hashed as the bytes it holds.
+    hashable = key if type(key) is bytes else bytes(key)
+    return partitions[(murmur2(hashable) & 0x7FFFFFFF) % len(partitions)]
 
 
 async def send_all(

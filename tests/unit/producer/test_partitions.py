@@ -33,3 +33,10 @@ def test_the_known_answers_of_kafkas_java_client() -> None:
     assert murmur2(b"a-little-bit-longer-string") == (-1486304829) & 0xFFFFFFFF
     assert murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") == (-58897971) & 0xFFFFFFFF
     assert murmur2(b"abc") == (479470107) & 0xFFFFFFFF
+
+
+def test_a_bytearray_or_memoryview_key_goes_where_its_bytes_go() -> None:
+    partitions = list(range(7))
+    expected = DefaultPartitioner()(b"abcde", partitions, partitions)
+    for key in (bytearray(b"abcde"), memoryview(bytearray(b"abcde")), memoryview(b"abcde")):
+        assert partition_of(key, partitions) == expected  # type: ignore[arg-type]

@@ -57,12 +57,19 @@ def _pipeline(
     )
 
 
+def _owning(log: FakeLog, offset: int) -> tuple[FakeLedger, Pipeline]:
+    """A pipeline that owns partition 0 from `offset`, where the ledger stores it too."""
+    ledger = FakeLedger(FakeOffsets())
+    ledger.offsets.stored[0] = offset
+    pipeline = _pipeline(log, ledger)
+    pipeline.checkpoints.positions[0] = offset
+    return ledger, pipeline
+
+
 async def test_put_moves_offsets_from_the_expected_position_and_mirrors_them() -> None:
     records = planned_records(8)
-    log, ledger = FakeLog(records), FakeLedger(FakeOffsets())
-    ledger.offsets.stored[0] = 5
-    pipeline = _pipeline(log, ledger)
-    pipeline.checkpoints.positions[0] = 5
+    log = FakeLog(records)
+    ledger, pipeline = _owning(log, 5)
     # A fetch issued before a seek hands back records already in the ledger: skipped.
     assert await pipeline.put(records)
     assert ledger.applied == [5, 6, 7]
@@ -88,10 +95,8 @@ class _SlowMirrorLog(FakeLog):
 
 async def test_a_batch_does_not_wait_for_the_offset_mirror_and_stop_does() -> None:
     records = planned_records(8)
-    log, ledger = _SlowMirrorLog(records), FakeLedger(FakeOffsets())
-    ledger.offsets.stored[0] = 0
-    pipeline = _pipeline(log, ledger)
-    pipeline.checkpoints.positions[0] = 0
+    log = _SlowMirrorLog(records)
+    ledger, pipeline = _owning(log, 0)
     assert await pipeline.put(records[:4])
     await log.asked.wait()  # the first batch's mirror is asked, and not answered
     assert await pipeline.put(records[4:])  # the next batch commits meanwhile
@@ -122,10 +127,7 @@ async def test_a_hung_coordinator_holds_a_revoke_or_a_stop_one_mirror_bound_at_m
     bound = 0.5
     monkeypatch.setattr(checkpoint, "MIRROR_SECONDS", bound)
     records = planned_records(8)
-    ledger = FakeLedger(FakeOffsets())
-    ledger.offsets.stored[0] = 0
-    pipeline = _pipeline(_HungCoordinatorLog(records), ledger)
-    pipeline.checkpoints.positions[0] = 0
+    _, pipeline = _owning(_HungCoordinatorLog(records), 0)
     assert await pipeline.put(records[:4])
     assert await pipeline.put(records[4:])
     started = time.monotonic()

@@ -1,6 +1,7 @@
 """A simulated backlog on a topic of its own: the simulator's realistic traffic (duplicates,
-retries, legacy appends, v0 re-sends, unknown fields, shuffles, 1 % poison), planned and
-published in chunks of threads so that a million records never sit in memory at once."""
+retries, legacy appends, v0 re-sends, unknown fields, shuffles, poison: 0.5 % of the records
+by default), planned and published in chunks of threads so that a million records never sit in
+memory at once."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from consumer.simulate.traffic import plan_traffic
 from producer.client import TurnEventProducer
 
 THREADS_PER_CHUNK = 2_000  # about 25,000 records
-RECORDS_PER_THREAD = 12.7  # what the simulator's defaults give (5 turns a thread)
+RECORDS_PER_THREAD = 12.7  # what the simulator's defaults give (5 turns a thread), poison aside
+TURNS_PER_THREAD = TrafficConfig.turns_per_thread
 
 
 @dataclass
@@ -21,6 +23,7 @@ class Backlog:
     topic: str
     partitions: int
     records: int = 0
+    poison: int = 0  # of the records, those planned as poison (each one dead letter)
     sample: list[tuple[bytes, bytes]] = field(default_factory=list)  # the first records, in order
 
 
@@ -50,12 +53,14 @@ async def publish_backlog(
     async with TurnEventProducer(bootstrap, topic=topic) as producer:
         while backlog.records < records:
             left = records - backlog.records
-            threads = min(THREADS_PER_CHUNK, int(left / RECORDS_PER_THREAD) + 1)
+            per_thread = RECORDS_PER_THREAD + poison_rate * TURNS_PER_THREAD
+            threads = min(THREADS_PER_CHUNK, int(left / per_thread) + 1)
             # Each chunk its own seed: thread ids are random 62-bit numbers, never shared.
-            planned, _ = plan_traffic(
+            planned, expected = plan_traffic(
                 TrafficConfig(threads=threads, seed=seed * 1000 + chunk, poison_rate=poison_rate)
             )
             chunk += 1
+            backlog.poison += expected.dead_letters
             if len(backlog.sample) < sample:
                 backlog.sample.extend(planned[: sample - len(backlog.sample)])
             async for acked in producer.publish_records(planned):

@@ -69,7 +69,7 @@ def simulate(
         float, typer.Option(min=0, max=1, help="threads whose records are published shuffled")
     ] = 0.2,
     poison_rate: Annotated[
-        float, typer.Option(min=0, max=1, help="per turn, a poison record in its thread")
+        float, typer.Option(min=0, max=10, help="poison records per turn (at its thread's end)")
     ] = 0.01,
     legacy_partial_rate: Annotated[
         float, typer.Option(min=0, max=1, help="legacy breakdowns partial per model")

@@ -39,7 +39,7 @@ class TrafficConfig:
     legacy_rate: float = 0.1
     second_finalize_rate: float = 0.05
     shuffle_rate: float = 0.2
-    poison_rate: float = 0.01
+    poison_rate: float = 0.01  # poison records per turn, on average (each thread's come last)
     search_spaces: int = 5
     # Of legacy token_usage: breakdown partial per model, `{}`, null (the rest: full).
     legacy_partial_rate: float = 0.3

@@ -43,7 +43,7 @@ class PlannerBase:
         self.rng = random.Random(config.seed)  # noqa: S311 - reproducible traffic, not secrets
         self.start = config.start if config.start is not None else datetime.now(UTC) - config.span()
         self.expect = Expectation()
-        self.poisoned_threads: set[int] = set()
+        self.poison_counts: dict[int, int] = {}  # thread index -> its poison records (last)
         self.late: list[Record] = []  # published after everything else
         self.poison_source = poison
         # Of the thread being planned: records never to re-stamp (see `retried`), and the

@@ -61,7 +61,7 @@ from producer.events import (
 
 class _Planner(LegacyShapes):
     def thread(self, index: int) -> list[Record]:
-        """One thread's records in its own order; a poison record, if any, comes last."""
+        """One thread's records in its own order; its poison records, if any, come last."""
         cfg, rng = self.config, self.rng
         thread_id = rng.randint(1, 2**62)
         space = rng.randint(1, cfg.search_spaces)
@@ -132,9 +132,15 @@ class _Planner(LegacyShapes):
             self.shape("shuffled_threads")
             rng.shuffle(records)  # e.g. finalize before start; the ledger must not care
         records = self.retried(records, pinned)
-        if rng.random() < cfg.poison_rate * cfg.turns_per_thread:
-            records.append(self.poison(envelope))
-            self.poisoned_threads.add(index)
+        # poison_rate poison records per turn, on average: the whole part of rate x turns in
+        # every thread, and one more with the chance of its fraction.
+        expected = cfg.poison_rate * cfg.turns_per_thread
+        poisoned = int(expected)
+        if rng.random() < expected - poisoned:
+            poisoned += 1
+        if poisoned:
+            records += [self.poison(envelope) for _ in range(poisoned)]
+            self.poison_counts[index] = poisoned
         key = thread_key(thread_id)
         return [(key, value) for value in records]
 
@@ -213,9 +219,10 @@ def plan_traffic(
         record = per_thread[thread][cursors[thread]]
         records.append(record)
         cursors[thread] += 1
-        is_last = cursors[thread] == len(per_thread[thread])
-        # Poison is never re-sent, so each one is exactly one dead letter.
-        is_poison = is_last and thread in planner.poisoned_threads
+        left = len(per_thread[thread]) - cursors[thread]
+        is_last = left == 0
+        # Poison (a thread's last records) is never re-sent: each one is exactly one dead letter.
+        is_poison = left < planner.poison_counts.get(thread, 0)
         if not is_poison and planner.rng.random() < config.duplicate_rate:
             records.append(record)  # a producer retry: the same bytes again
             planner.expect.duplicates += 1

@@ -234,7 +234,7 @@ def test_usage_refuses_a_since_that_is_not_before_until() -> None:
                 "legacy message.appended",
                 "finalized twice",
                 "published shuffled",
-                "a poison record",
+                "poison records per turn",
             ],
         ),
     ],

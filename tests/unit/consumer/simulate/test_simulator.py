@@ -73,6 +73,31 @@ def test_plan_has_every_scenario_and_consistent_counts() -> None:
     assert expect.messages >= 2 * 200 * 5
 
 
+def test_poison_rate_is_poison_records_per_turn_at_the_end_of_each_thread() -> None:
+    """1.1 a turn over 5 turns: every thread ends with 5 or 6 poison records, none re-sent,
+    30 % of the records (the bench's poison backlog); no thread is capped at one."""
+    records, expect = plan_traffic(TrafficConfig(threads=300, seed=5, poison_rate=1.1, start=START))
+    threads: dict[bytes, list[bytes]] = collections.defaultdict(list)
+    for key, value in records:
+        threads[key].append(value)
+
+    def is_poison(value: bytes) -> bool:
+        decoded = decode_event(value, timestamp_ms=RECORD_TS)
+        return isinstance(decoded, Rejection) or getattr(decoded, "turn_id", None) == "poison:1"
+
+    counts = collections.Counter()
+    for values in threads.values():
+        # v0 bodies re-sent after everything else are copies of earlier records: set aside.
+        # (Two poison records may be equal bytes: those are each counted.)
+        poison = [is_poison(v) for i, v in enumerate(values) if is_poison(v) or v not in values[:i]]
+        tail = poison.index(True)
+        assert all(poison[tail:]), "a thread's poison records are its last"
+        counts[len(poison) - tail] += 1
+    assert set(counts) == {5, 6}
+    assert sum(n * k for n, k in counts.items()) == expect.dead_letters
+    assert 0.27 < expect.dead_letters / len(records) < 0.33
+
+
 def _legacy_shape(event: MessageAppended) -> str:
     assert event.token_usage is not None
     breakdown = event.token_usage.usage

@@ -209,7 +209,13 @@ async def test_poison_goes_to_the_dlq_with_headers_and_does_not_stall(
     assert (await stack.stored_offsets())[0] == len(records) + len(poison)
     # every good record, before and after the poison, was applied
     assert await ledger_summary(stack) == expected_summary(expect)
-    assert consumer.logs().count('"dead-lettered"') == len(poison)
+    # One line per reason and batch, naming the positions.
+    lines = [json.loads(line) for line in consumer.logs().splitlines() if '"dead-lettered"' in line]
+    assert sorted((line["reason"], line["records"], *line["positions"]) for line in lines) == [
+        ("invalid_json", 1, "0:3"),
+        ("too_large", 1, "0:4"),
+        ("unknown_type", 1, "0:5"),
+    ]
 
 
 async def test_database_rejection_is_isolated_and_dead_lettered(

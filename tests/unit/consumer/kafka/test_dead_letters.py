@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,6 +12,7 @@ from aiokafka.structs import ConsumerRecord
 
 from consumer.kafka.dead_letters import (
     DETAIL_LIMIT,
+    LOGGED_POSITIONS,
     ORIGIN_OFFSET,
     ORIGIN_PARTITION,
     ORIGIN_TOPIC,
@@ -20,9 +23,11 @@ from consumer.kafka.dead_letters import (
     SourcePosition,
     dead_letter_headers,
     first_position,
+    log_dead_lettered,
     replay_headers,
     source_position,
 )
+from consumer.logs import JsonFormatter
 from producer.events import RejectReason
 
 
@@ -131,3 +136,34 @@ def test_a_replayed_record_names_its_first_position_once(
         (ORIGIN_PARTITION, str(origin[1]).encode()),
         (ORIGIN_OFFSET, str(origin[2]).encode()),
     ]  # no ledger.error.*, ledger.source.*, group or failed_at: those describe a dead letter
+
+
+def test_sent_dead_letters_make_one_line_per_reason_not_per_record(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    letters = [
+        DeadLetter(_record(offset=offset), RejectReason.INVALID_JSON, f"bad at {offset}")
+        for offset in range(100, 100 + LOGGED_POSITIONS + 5)
+    ]
+    letters.insert(3, DeadLetter(_record(partition=4, offset=7), RejectReason.UNKNOWN_TYPE, "x"))
+    with caplog.at_level(logging.WARNING, logger="consumer.kafka.dead_letters"):
+        log_dead_lettered(letters)
+    lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records]
+    assert [{k: v for k, v in line.items() if k not in ("ts", "logger")} for line in lines] == [
+        {
+            "level": "warning",
+            "msg": "dead-lettered",
+            "reason": "invalid_json",
+            "records": LOGGED_POSITIONS + 5,
+            "positions": [f"2:{offset}" for offset in range(100, 100 + LOGGED_POSITIONS)],
+            "detail": "bad at 100",
+        },
+        {
+            "level": "warning",
+            "msg": "dead-lettered",
+            "reason": "unknown_type",
+            "records": 1,
+            "positions": ["4:7"],
+            "detail": "x",
+        },
+    ]

@@ -130,7 +130,8 @@ class DatabaseUnreachableError(OperatorError):
 
 
 def database_name(settings: Settings | None) -> str:
-    """`user@host:port/database` of LEDGER_DATABASE_URL: enough to find it, no password."""
+    """`user@host:port/database` of the settings' database URL: enough to find it, no
+    password."""
     if settings is None:
         return "the database"
     url = database_address(settings.database_url.get_secret_value())
@@ -194,20 +195,21 @@ def translate_database_error(
 ) -> OperatorError | None:
     """The operator's view of a failure to reach or use PostgreSQL, or None if not one."""
     where = database_name(settings)
+    variable = settings.database_variable if settings else f"{PREFIX}DATABASE_URL"
     if isinstance(error, asyncpg.InvalidCatalogNameError):
         return DatabaseMissingError(
             f"database {where} does not exist: create it (createdb) or fix the database name "
-            "in LEDGER_DATABASE_URL, then run `token-ledger migrate`"
+            f"in {variable}, then run `token-ledger migrate`"
         )
     if isinstance(error, asyncpg.InvalidAuthorizationSpecificationError):  # 28000, 28P01
         return DatabaseCredentialsError(
             f"database {where} refused the login ({_server_message(error)}): check the user "
-            "and password in LEDGER_DATABASE_URL"
+            f"and password in {variable}"
         )
     if isinstance(error, asyncpg.InsufficientPrivilegeError):
         return PermissionDeniedError(
             f"database {where}: {_server_message(error)}: grant the role in "
-            "LEDGER_DATABASE_URL access to the ledger tables (or use the role that migrated them)"
+            f"{variable} access to the ledger tables (or use the role that migrated them)"
         )
     sqlstate = str(getattr(error, "sqlstate", "") or "")
     if (
@@ -221,7 +223,7 @@ def translate_database_error(
         detail = _server_message(error) if sqlstate else type(error).__name__
         return DatabaseUnreachableError(
             f"database {where} does not answer ({detail}): check the host and port in "
-            "LEDGER_DATABASE_URL and that PostgreSQL is running"
+            f"{variable} and that PostgreSQL is running"
         )
     return None
 

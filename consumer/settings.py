@@ -14,7 +14,14 @@ from datetime import timedelta
 from typing import Any, Literal
 from urllib.parse import unquote
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.events import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MAX_FUTURE_SKEW
@@ -120,6 +127,9 @@ class Settings(BaseSettings):
     # `token-ledger serve` (docs/operations.md#the-usage-api): its read-only role (unset: the
     # ledger's URL, with a warning), and how long one request's query may run.
     api_database_url: SecretStr | None = None
+    # Which variable `database_url` came from, for messages that tell an operator what to fix:
+    # `serve` names LEDGER_API_DATABASE_URL (consumer/api/serve.py: named_for_the_api).
+    _database_variable: str = PrivateAttr(default=f"{PREFIX}DATABASE_URL")
     api_statement_timeout: float = Field(5.0, gt=0, le=600)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -168,6 +178,17 @@ class Settings(BaseSettings):
             if not sep or not host or not port.isdigit():
                 raise ValueError("expected host:port[,host:port...]")
         return value
+
+    @property
+    def database_variable(self) -> str:
+        """The variable that named `database_url`."""
+        return self._database_variable
+
+    def naming_database(self, url: SecretStr, variable: str) -> Settings:
+        """These settings with another database, named by another variable."""
+        named = self.model_copy(update={"database_url": url})
+        named._database_variable = variable
+        return named
 
     @property
     def future_skew(self) -> timedelta:

@@ -27,7 +27,7 @@ from consumer.failures import ConfigurationError, PermissionDeniedError, databas
 from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.models import metadata
 from consumer.ledger.schema import check_revision
-from consumer.settings import Settings
+from consumer.settings import PREFIX, Settings
 
 log = logging.getLogger(__name__)
 READS = ("api_keys",)  # whole tables
@@ -91,7 +91,7 @@ def named_for_the_api(settings: Settings) -> Settings:
     (a deployment may give serve no LEDGER_DATABASE_URL at all)."""
     if settings.api_database_url is None:
         return settings
-    return settings.model_copy(update={"database_url": settings.api_database_url})
+    return settings.naming_database(settings.api_database_url, f"{PREFIX}API_DATABASE_URL")
 
 
 async def check_role(conn: asyncpg.Connection, settings: Settings) -> list[str]:

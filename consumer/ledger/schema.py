@@ -180,8 +180,8 @@ def _refusal(state: SchemaState, found: list[str], settings: Settings) -> Operat
     if state is SchemaState.UNKNOWN:
         return SchemaUnknownError(
             f"database {where} is at schema revision {', '.join(found)}, which no release up "
-            f"to this one ({revisions.head}) wrote: check that LEDGER_DATABASE_URL names the "
-            "ledger's database, or deploy the release that migrated it"
+            f"to this one ({revisions.head}) wrote: check that {settings.database_variable} "
+            "names the ledger's database, or deploy the release that migrated it"
         )
     return None
 

@@ -18,6 +18,7 @@ from aiokafka.errors import (
 )
 from sqlalchemy.exc import DBAPIError
 
+from consumer.api.serve import named_for_the_api
 from consumer.errors import TopicConfigError
 from consumer.failures import (
     DatabaseCredentialsError,
@@ -94,6 +95,30 @@ def test_driver_errors_are_translated(
     found = translate(error, settings)
     assert isinstance(found, expected)
     assert "\n" not in str(found) and SECRET not in str(found)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        asyncpg.InvalidPasswordError('password authentication failed for user "api"'),
+        asyncpg.InvalidCatalogNameError('database "ledger" does not exist'),
+        asyncpg.InsufficientPrivilegeError("permission denied for table token_usage"),
+        asyncpg.CannotConnectNowError("the database system is starting up"),
+    ],
+)
+def test_serve_names_the_variable_of_its_own_database(error: Exception) -> None:
+    """`serve` connects with LEDGER_API_DATABASE_URL: its hints name that variable and that
+    database, never the consumer's."""
+    settings = load_settings(
+        database_url="postgresql+asyncpg://ledger:x@db.internal:5432/ledger",
+        api_database_url=f"postgresql+asyncpg://reader:{SECRET}@replica:6543/ledger",
+    )
+    consumer_hint, serve_hint = (
+        str(translate(error, s)) for s in (settings, named_for_the_api(settings))
+    )
+    assert "LEDGER_DATABASE_URL" in consumer_hint and "ledger@db.internal" in consumer_hint
+    assert "LEDGER_API_DATABASE_URL" in serve_hint and "reader@replica:6543" in serve_hint
+    assert " LEDGER_DATABASE_URL" not in serve_hint and SECRET not in serve_hint
 
 
 def test_a_wrapped_driver_error_is_found_under_its_wrapper(settings: Settings) -> None:

@@ -36,6 +36,7 @@ from consumer.http.metrics import LedgerMetrics
 from consumer.kafka.assembly import RELEASE_SECONDS, open_pipeline
 from consumer.kafka.closing import bounded
 from consumer.kafka.dead_letters import HEADER_HEADROOM
+from consumer.kafka.log_start import LogStartWatch
 from consumer.kafka.pipeline import Pipeline
 from consumer.kafka.topics import MAX_MESSAGE_BYTES, ensure_or_create, prepare_topics
 from consumer.ledger.database import create_pool, ping
@@ -111,7 +112,7 @@ async def consume(settings: Settings, *, until_idle: bool = False) -> Unfinished
             pipeline, relay = await _start(settings, stack, until_idle)
             if relay is not None:
                 relaying = asyncio.create_task(relay.run(relay_stop))
-                stack.push_async_callback(_finish, relaying, relay_stop)
+                stack.push_async_callback(_finish, relaying, relay_stop, "the billing relay")
             if not stopping:
                 await pipeline.run(until_idle=until_idle)
             if until_idle and relay is not None and not stopping:
@@ -145,13 +146,13 @@ async def consume(settings: Settings, *, until_idle: bool = False) -> Unfinished
     return unfinished
 
 
-async def _finish(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+async def _finish(task: asyncio.Task[None], stop: asyncio.Event, what: str) -> None:
     stop.set()
     try:
         async with asyncio.timeout(RELEASE_SECONDS):
             await task
     except TimeoutError:
-        log.warning("gave up waiting for the billing relay")
+        log.warning(f"gave up waiting for {what}")
 
 
 async def start_relay(
@@ -243,6 +244,11 @@ async def _start(
         open_pipeline(settings, pool, metrics, readiness, fetch_bytes=fetch_bytes)
     )
     health.refresh = pipeline.lag.update  # lag counted every second, even with a batch blocked
+    forget_stop = asyncio.Event()
+    forgetting = asyncio.create_task(
+        LogStartWatch(pipeline.consumer, pool, settings.topic).run(forget_stop)
+    )
+    stack.push_async_callback(_finish, forgetting, forget_stop, "the log start watch")
     log.info(
         "consuming",
         extra=fields(

@@ -112,7 +112,7 @@ async def consume(settings: Settings, *, until_idle: bool = False) -> Unfinished
             pipeline, relay = await _start(settings, stack, until_idle)
             if relay is not None:
                 relaying = asyncio.create_task(relay.run(relay_stop))
-                stack.push_async_callback(_finish, relaying, relay_stop, "the billing relay")
+                stack.push_async_callback(_finish, relaying, relay_stop)
             if not stopping:
                 await pipeline.run(until_idle=until_idle)
             if until_idle and relay is not None and not stopping:
@@ -146,13 +146,22 @@ async def consume(settings: Settings, *, until_idle: bool = False) -> Unfinished
     return unfinished
 
 
-async def _finish(task: asyncio.Task[None], stop: asyncio.Event, what: str) -> None:
+async def _finish(task: asyncio.Task[None], stop: asyncio.Event) -> None:
     stop.set()
     try:
         async with asyncio.timeout(RELEASE_SECONDS):
             await task
     except TimeoutError:
-        log.warning(f"gave up waiting for {what}")
+        log.warning("gave up waiting for the billing relay")
+
+
+async def _cancel(task: asyncio.Task[None], what: str) -> None:
+    """Cancel a background task that holds nothing worth finishing; wait for it, bounded (a
+    statement on a database that does not answer is the pool's to release)."""
+    task.cancel()
+    _, running = await asyncio.wait({task}, timeout=RELEASE_SECONDS)
+    if running:
+        log.info(f"{what} did not end within {RELEASE_SECONDS:g} s: left to the pool's release")
 
 
 async def start_relay(
@@ -244,11 +253,10 @@ async def _start(
         open_pipeline(settings, pool, metrics, readiness, fetch_bytes=fetch_bytes)
     )
     health.refresh = pipeline.lag.update  # lag counted every second, even with a batch blocked
-    forget_stop = asyncio.Event()
     forgetting = asyncio.create_task(
-        LogStartWatch(pipeline.consumer, pool, settings.topic).run(forget_stop)
+        LogStartWatch(pipeline.consumer, pool, settings.group_id, settings.topic).run()
     )
-    stack.push_async_callback(_finish, forgetting, forget_stop, "the log start watch")
+    stack.push_async_callback(_cancel, forgetting, "the log start watch")
     log.info(
         "consuming",
         extra=fields(

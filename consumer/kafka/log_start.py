@@ -1,10 +1,11 @@
-"""Now and then, the log start offsets of the partitions this consumer owns, and what the
-ledger remembers below them forgotten (consumer/ledger/forgetting.py): without it,
+"""Now and then, the log start offsets of the partitions this consumer owns, and what its
+group remembers below them forgotten (consumer/ledger/forgetting.py): without it,
 `applied_records` and `dead_lettered` grow for as long as the topic is consumed.
 
 It runs beside the pipeline and never stops it: a broker or a database that does not answer
 now is asked again at the next pass; a role without DELETE on those tables is said once (a
-WARNING naming the grant), and the rows are kept.
+WARNING naming the grant), and the rows are kept. A stop cancels a pass: each of its
+statements is a transaction of its own.
 """
 
 from __future__ import annotations
@@ -27,21 +28,21 @@ ASK_SECONDS = 10.0  # the broker's answer, and a pooled connection
 
 
 class LogStartWatch:
-    def __init__(self, consumer: AIOKafkaConsumer, pool: asyncpg.Pool, topic: str) -> None:
+    def __init__(
+        self, consumer: AIOKafkaConsumer, pool: asyncpg.Pool, group_id: str, topic: str
+    ) -> None:
         self.consumer = consumer
         self.pool = pool
+        self.group_id = group_id
         self.topic = topic
         self._denial_said = False
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self) -> None:
+        """Until cancelled."""
         wait = FIRST_SECONDS
         while True:
-            try:
-                async with asyncio.timeout(wait):
-                    await stop.wait()
-                return
-            except TimeoutError:
-                wait = EVERY_SECONDS
+            await asyncio.sleep(wait)
+            wait = EVERY_SECONDS
             try:
                 await self.forget()
             except Exception as error:
@@ -67,13 +68,15 @@ class LogStartWatch:
         by_partition = {tp.partition: offset for tp, offset in starts.items()}
         try:
             async with self.pool.acquire(timeout=ASK_SECONDS) as conn:
-                forgotten = await forget_below(conn, self.topic, by_partition)
-        except asyncpg.InsufficientPrivilegeError:
+                forgotten = await forget_below(conn, self.group_id, self.topic, by_partition)
+        except asyncpg.InsufficientPrivilegeError as denied:
             if not self._denial_said:
                 self._denial_said = True
+                # The server's line names the table ("permission denied for table ..."),
+                # never a value.
                 log.warning(
-                    "the role may not DELETE from applied_records and dead_lettered: what they"
-                    " hold below the log start is kept (grant DELETE on both to forget it)"
+                    f"cannot forget positions below the log start ({str(denied).splitlines()[0]}):"
+                    " the rows are kept; grant DELETE on applied_records and dead_lettered"
                 )
             return None
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as error:

@@ -1,6 +1,7 @@
-"""What the ledger remembers by position (`applied_records`, `dead_lettered`) is forgotten
-below each partition's log start, for every group of the topic, and only there; a role that
-may not delete keeps the rows and says so once; a running consumer does it on its own."""
+"""What a group remembers by position (`applied_records`, `dead_lettered`) is forgotten below
+each partition's log start, and only there, and only its own rows (another group may read a
+topic of that name on another cluster), by index ranges; a role that may not delete keeps the
+rows and says so once; a running consumer does it on its own."""
 
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ async def _positions(
     return {(r["group_id"], r["topic"], r["partition"], r["at"]) for r in rows}
 
 
-async def test_every_group_forgets_what_lies_wholly_below_the_log_start(
+async def test_a_group_forgets_its_own_rows_wholly_below_the_log_start(
     assigned: tuple[Stack, AIOKafkaConsumer],
     ledger: asyncpg.Connection,
     ledger_url: str,
@@ -116,31 +117,32 @@ async def test_every_group_forgets_what_lies_wholly_below_the_log_start(
     monkeypatch.setattr(consumer.ledger.forgetting, "ROWS_PER_STATEMENT", 4)
     pool = await create_pool(ledger_url)
     try:
-        watch = LogStartWatch(kafka, pool, stack.topic)
+        watch = LogStartWatch(kafka, pool, "g1", stack.topic)
         # Blocks 0, 64 and 128 end at or below 200; block 192 holds 200..255. Offsets 5, 199.
-        assert await watch.forget() == Forgotten(applied_rows=2 * 3, dead_lettered=2 * 2)
+        assert await watch.forget() == Forgotten(applied_rows=3, dead_lettered=2)
         assert await watch.forget() == Forgotten(0, 0)
     finally:
         await pool.close()
 
-    def kept(topic: str, partition: int, at: tuple[int, ...]) -> set[tuple[str, str, int, int]]:
-        return {(group, topic, partition, a) for group in GROUPS for a in at}
+    def rows(
+        topic: str, partition: int, at: tuple[int, ...], groups: tuple[str, ...] = GROUPS
+    ) -> set[tuple[str, str, int, int]]:
+        return {(group, topic, partition, a) for group in groups for a in at}
 
-    everything = {
-        *kept(other_topic, 0, BLOCKS),
-        *kept(other_topic, 1, BLOCKS),
-        *kept(stack.topic, 1, BLOCKS),
-    }
-    assert await _positions(ledger, "applied_records", "first_offset") == {
-        *everything,
-        *kept(stack.topic, 0, (192, 256)),
-    }
-    assert await _positions(ledger, "dead_lettered", '"offset"') == {
-        *kept(other_topic, 0, LETTERS),
-        *kept(other_topic, 1, LETTERS),
-        *kept(stack.topic, 1, LETTERS),
-        *kept(stack.topic, 0, (200, 250)),
-    }
+    for table, column, at, kept in (
+        ("applied_records", "first_offset", BLOCKS, (192, 256)),
+        ("dead_lettered", '"offset"', LETTERS, (200, 250)),
+    ):
+        untouched = {
+            *rows(other_topic, 0, at),
+            *rows(other_topic, 1, at),
+            *rows(stack.topic, 1, at),
+            *rows(stack.topic, 0, at, ("g2",)),
+        }
+        assert await _positions(ledger, table, column) == {
+            *untouched,
+            *rows(stack.topic, 0, kept, ("g1",)),
+        }
 
 
 async def test_a_role_that_may_not_delete_keeps_the_rows_and_says_so_once(
@@ -159,7 +161,7 @@ async def test_a_role_that_may_not_delete_keeps_the_rows_and_says_so_once(
     scheme, _, rest = ledger_url.partition("://")
     pool = await create_pool(f"{scheme}://{role}:{password}@{rest.partition('@')[2]}")
     try:
-        watch = LogStartWatch(kafka, pool, stack.topic)
+        watch = LogStartWatch(kafka, pool, "g1", stack.topic)
         with caplog.at_level(logging.INFO, logger="consumer.kafka.log_start"):
             assert await watch.forget() is None
             assert await watch.forget() is None
@@ -210,3 +212,38 @@ async def test_a_running_consumer_forgets_on_its_own(
         assert (line["applied_rows"], line["dead_lettered"]) == (1, len(junk))
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("plans", ["force_custom_plan", "force_generic_plan"])
+async def test_forgetting_reads_index_ranges_not_the_tables(
+    ledger: asyncpg.Connection, plans: str
+) -> None:
+    """Among 40,000 rows of other groups and topics and 20,000 of the group's own above the
+    log start, each statement finds its rows by primary-key ranges and deletes them by ctid:
+    no sequential scan, whatever the plan cache chooses."""
+    for table, position in (("applied_records", "first_offset"), ("dead_lettered", '"offset"')):
+        value = "'\\x00'::bytea" if table == "applied_records" else "'r', '\\x00'::bytea"
+        columns = "entries" if table == "applied_records" else "reason, value_digest"
+        await ledger.execute(
+            f"INSERT INTO {table} (group_id, topic, partition, {position}, {columns})"
+            f" SELECT g, t, p, o * 64, {value}"
+            " FROM unnest(ARRAY['g1', 'g2']) AS g, unnest(ARRAY['t', 'u']) AS t,"
+            " generate_series(0, 1) AS p, generate_series(0, 9999) AS o"
+            " WHERE (g, t) <> ('g2', 'u')"
+        )
+        await ledger.execute(f"ANALYZE {table}")
+    await ledger.execute(f"SET plan_cache_mode = {plans}")
+    statements = (
+        consumer.ledger.forgetting._FORGET_APPLIED,
+        consumer.ledger.forgetting._FORGET_DEAD_LETTERED,
+    )
+    for statement in statements:
+        await ledger.execute(f"PREPARE forget(text, text, int[], bigint[], int) AS {statement}")
+        for _ in range(6):  # the plan cache settles on a generic plan after five executions
+            plan = await ledger.fetchval(
+                "EXPLAIN (FORMAT JSON) EXECUTE forget('g1', 't', '{0,1}', '{6400,0}', 100)"
+            )
+            nodes = json.dumps(plan)
+            assert "Seq Scan" not in nodes, nodes
+            assert "Tid Scan" in nodes and "Index" in nodes, nodes
+        await ledger.execute("DEALLOCATE forget")

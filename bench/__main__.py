@@ -170,7 +170,8 @@ class Bench:
         )
         share = poisoned.poison / poisoned.records
         print(f"poison backlog: {poisoned.poison} of {poisoned.records} records", flush=True)
-        if not POISON_SHARE[0] <= share <= POISON_SHARE[1]:
+        # A backlog of a few threads (--records in the hundreds) lands anywhere near it.
+        if poisoned.records >= 1_000 and not POISON_SHARE[0] <= share <= POISON_SHARE[1]:
             raise RuntimeError(f"the poison backlog is {share:.1%} poison, not {POISON}")
         for run in range(args.runs):
             for tree in self.trees if run % 2 == 0 else self.trees[::-1]:

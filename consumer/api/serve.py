@@ -107,7 +107,7 @@ async def check_role(conn: asyncpg.Connection, settings: Settings) -> list[str]:
         raise PermissionDeniedError(
             f"database {database_name(settings)}: the usage API's role may not read"
             f" {', '.join(unreadable)}: GRANT token_ledger_api TO the role of"
-            " LEDGER_API_DATABASE_URL"
+            f" {settings.database_variable}"
         )
     writable = [r["relname"] for r in await conn.fetch(_WRITABLE, sorted(metadata.tables))]
     if writable:

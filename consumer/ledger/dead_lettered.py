@@ -73,7 +73,7 @@ async def record_dead_letters(
             "already dead-lettered by this group: not sent again",
             extra=fields(
                 records=len(repeated),
-                first=[f"{x.record.partition}@{x.record.offset}" for x in repeated[:20]],
+                positions=[f"{x.record.partition}:{x.record.offset}" for x in repeated[:20]],
             ),
         )
     return new

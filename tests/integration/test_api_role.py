@@ -148,7 +148,7 @@ async def test_serve_refuses_a_role_missing_a_column_and_names_it(
         )
     assert done.returncode == 7, done.stderr
     assert f"may not read {missing}:" in done.stderr
-    assert "GRANT token_ledger_api" in done.stderr
+    assert "GRANT token_ledger_api TO the role of LEDGER_API_DATABASE_URL" in done.stderr
 
 
 @pytest.fixture

@@ -85,7 +85,7 @@ def test_poison_rate_is_poison_records_per_turn_at_the_end_of_each_thread() -> N
         decoded = decode_event(value, timestamp_ms=RECORD_TS)
         return isinstance(decoded, Rejection) or getattr(decoded, "turn_id", None) == "poison:1"
 
-    counts = collections.Counter()
+    counts: collections.Counter[int] = collections.Counter()
     for values in threads.values():
         # v0 bodies re-sent after everything else are copies of earlier records: set aside.
         # (Two poison records may be equal bytes: those are each counted.)

@@ -127,9 +127,6 @@ class Settings(BaseSettings):
     # `token-ledger serve` (docs/operations.md#the-usage-api): its read-only role (unset: the
     # ledger's URL, with a warning), and how long one request's query may run.
     api_database_url: SecretStr | None = None
-    # Which variable `database_url` came from, for messages that tell an operator what to fix:
-    # `serve` names LEDGER_API_DATABASE_URL (consumer/api/serve.py: named_for_the_api).
-    _database_variable: str = PrivateAttr(default=f"{PREFIX}DATABASE_URL")
     api_statement_timeout: float = Field(5.0, gt=0, le=600)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -139,6 +136,10 @@ class Settings(BaseSettings):
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: str | None = None
+
+    # Which variable `database_url` came from, for messages that tell an operator what to fix:
+    # `serve` names LEDGER_API_DATABASE_URL (consumer/api/serve.py: named_for_the_api).
+    _database_variable: str = PrivateAttr(default=f"{PREFIX}DATABASE_URL")
 
     @model_validator(mode="after")
     def _heartbeat_inside_session(self) -> Settings:

@@ -77,13 +77,6 @@ async def _remembered(conn: asyncpg.Connection, topic: str) -> None:
     """Every group's rows at BLOCKS and LETTERS on partitions 0 and 1."""
     for group in GROUPS:
         for partition in (0, 1):
-            await conn.execute(
-                "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset,"
-                " updated_at) VALUES ($1, $2, $3, 300, now())",
-                group,
-                topic,
-                partition,
-            )
             await conn.executemany(
                 "INSERT INTO applied_records (group_id, topic, partition, first_offset, entries)"
                 " VALUES ($1, $2, $3, $4, $5)",
@@ -156,7 +149,7 @@ async def test_a_role_that_may_not_delete_keeps_the_rows_and_says_so_once(
     role, password = f"nodelete_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     await ledger.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
     await ledger.execute(
-        f"GRANT SELECT, INSERT, UPDATE ON applied_records, dead_lettered, consumer_offsets TO {role}"
+        f"GRANT SELECT, INSERT, UPDATE ON applied_records, dead_lettered TO {role}"
     )
     scheme, _, rest = ledger_url.partition("://")
     pool = await create_pool(f"{scheme}://{role}:{password}@{rest.partition('@')[2]}")

@@ -3,8 +3,9 @@ close(partitions), stop(). Where partitions stand is checkpoint.py; what one bat
 database is consumer/ledger/batch.py; the loop is assembled and opened by assembly.py.
 
 One batch, in one direction:
-  1. decode every record (while the previous batch's transaction is in flight), but those
-     this group applied before (ledger/applied.py): a redelivery costs one lookup per batch
+  1. take records (intake.py) and decode every record (while the previous batch's transaction
+     is in flight), but those this group applied before (ledger/applied.py): a redelivery
+     costs one lookup per fetch
   2. one transaction (batch.commit_batch), retried with capped backoff on transient failures
      (fetching paused): offsets by compare-and-set, load state, reduce, write, dead letters
      (what could not be decoded or written; acked before COMMIT, none sent twice per group)
@@ -13,10 +14,11 @@ One batch, in one direction:
   4. metrics
 
 Stages overlap: batch N+1 is fetched and decoded while batch N's transaction runs, so the
-database and the decoder work at the same time. Batch N+1 is applied only after N committed,
-with offsets moved from where N left them; if N was fenced, abandoned or failed, or anything
-sought a partition meanwhile, N+1 is discarded and its partitions fetched again from where the
-ledger stands.
+database and the decoder work at the same time; what Kafka receives meanwhile joins N+1 too
+(within the batch bounds), so a record waits for one transaction before its own, not two.
+Batch N+1 is applied only after N committed, with offsets moved from where N left them; if N
+was fenced, abandoned or failed, or anything sought a partition meanwhile, N+1 is discarded
+and its partitions fetched again from where the ledger stands.
 
 The stored offsets are the source of truth: on assignment the consumer seeks to them, and a
 fenced batch re-seeks to them. A rebalance waits for the batch in flight (or abandons it if it
@@ -37,17 +39,18 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
+from aiokafka.errors import OffsetOutOfRangeError
 
 from consumer.errors import BatchAbandoned, BatchTooSlow, DeadLetterRefusedError, FencedError
 from consumer.http.metrics import LedgerMetrics
 from consumer.kafka.checkpoint import Checkpoints
 from consumer.kafka.dead_letters import DeadLetterQueue
+from consumer.kafka.intake import Intake
 from consumer.kafka.lag import Lag
 from consumer.kafka.outages import KafkaProbe
 from consumer.kafka.waiting import IdleClock
 from consumer.ledger.applied import Position
-from consumer.ledger.batch import Applied, Decoded, Record, Report, decode_in_slices
+from consumer.ledger.batch import Applied, Decoded, Decoding, Record, Report, decode_in_slices
 from consumer.ledger.offsets import OffsetMove
 from consumer.logs import fields
 from consumer.retry import Retrier
@@ -56,6 +59,10 @@ from consumer.status import Readiness, RetryStatus
 
 log = logging.getLogger(__name__)
 IDLE_SYNC_SECONDS = 2.0
+# While a transaction is in flight, how often the next batch takes in what Kafka buffered:
+# the longest a record arriving meanwhile waits in aiokafka's buffer. Each take costs one
+# lookup of the records applied before.
+GATHER_SECONDS = 0.005
 # The batch transaction: (offset moves, decoded records, dead-letter report) -> what it did.
 Commit = Callable[[Sequence[OffsetMove], Decoded, Report], Awaitable[Applied]]
 # The records of a batch this group applied before, by position, with their stored entries.
@@ -96,13 +103,12 @@ class Pipeline:
         self._batch_lock = asyncio.Lock()
         self._inflight: asyncio.Task[bool] | None = None
         self._stale: list[Record] = []  # fetched but never applied: fetched again
-        # Fetched, beyond LEDGER_MAX_BATCH_BYTES: the next batch, if no seek came between.
-        self._carry: list[Record] = []
-        self._carry_generation = 0
         self.lag = Lag(consumer, settings.topic, checkpoints, metrics, readiness)
         self._last_sync = time.monotonic()
         self._probe = KafkaProbe(consumer, self.kafka, readiness)
         self.idle = IdleClock(metrics.idle_seconds)
+        self.intake = Intake(settings, consumer, self.lag, self.idle)
+        self.gather_seconds = GATHER_SECONDS
 
     def request_stop(self) -> None:
         """Stop taking work; the batch in flight still commits."""
@@ -142,11 +148,11 @@ class Pipeline:
             while not self._stop.is_set():
                 records: list[Record] = []
                 caught_up = False
-                carried = bool(self._carry)  # the next batch is in memory: no fetch
+                carried = bool(self.intake.carry)  # the next batch is in memory: no fetch
                 try:
                     await self._prepare_partitions()
                     generation = self.checkpoints.generation  # before the fetch: see _step
-                    carried = carried and bool(self._carry)
+                    carried = carried and bool(self.intake.carry)
                     records = await self._fetch(generation)
                     caught_up = await self._step(records, generation)
                     self.readiness.unexpected = None
@@ -189,16 +195,8 @@ class Pipeline:
     async def _prepare_partitions(self) -> None:
         """Before fetching: seek newly assigned partitions, and those whose fetched records
         were never applied."""
-        if self._carry and (
-            self._carry_generation != self.checkpoints.generation
-            or self._stale
-            or self.checkpoints.opening
-        ):
-            # Sought since it was fetched, or about to be: fetched again like the stale records
-            # (their partitions sought to where the ledger stands), never applied from old
-            # positions.
-            self._stale.extend(self._carry)
-            self._carry = []
+        seeking = bool(self._stale or self.checkpoints.opening)
+        self._stale.extend(self.intake.stale_carry(self.checkpoints.generation, seeking=seeking))
         if self.checkpoints.opening or self._stale:
             await self._settle()
             async with self._batch_lock:
@@ -212,15 +210,25 @@ class Pipeline:
                     await self.checkpoints.open_pending()
 
     async def _step(self, records: list[Record], generation: int) -> bool:
-        """Decode the fetched batch while the previous one commits, then hand it on; True when
-        nothing was fetched and every partition is caught up. `generation`: the checkpoints'
-        when the fetch began; a seek since means the records may come from old positions."""
-        decoded = await self._decode(records) if records else None  # 1, beside the commit
+        """Decode the fetched batch while the previous one commits, adding what Kafka buffers
+        meanwhile, then hand it on; True when nothing was fetched and every partition is
+        caught up. `generation`: the checkpoints' when the fetch began; a seek since means the
+        records may come from old positions."""
+        decoded: Decoded | None = None
+        outside: dict[TopicPartition, int] | None = None
+        if records:  # 1, beside the commit
+            decoding = await self._decode(records)
+            outside = await self._gather(records, decoding, generation)
+            decoded = decoding.decoded
         with self.idle.waiting_on("postgres"):
             committed = await self._settle()
         if decoded is None:
             async with self._batch_lock:
                 return await self.lag.update()
+        if outside is not None:
+            async with self._batch_lock:
+                await self.checkpoints.out_of_range(outside)
+            committed = False  # the batch was taken across the seek: fetched again
         if not committed or generation != self.checkpoints.generation:
             self._stale.extend(records)  # fetched from positions that no longer hold
             return False
@@ -229,6 +237,28 @@ class Pipeline:
             return False
         self._inflight = asyncio.create_task(self._put_prepared(records, decoded))
         return False
+
+    async def _gather(
+        self, records: list[Record], decoding: Decoding, generation: int
+    ) -> dict[TopicPartition, int] | None:
+        """While the batch in flight commits, every GATHER_SECONDS, add what Kafka buffered
+        meanwhile to `records` (in place: whatever happens next, the caller holds every record
+        taken) and decode it. The positions a fetch found outside the log, if one did."""
+        inflight = self._inflight
+        while inflight is not None and not self.intake.full(records):
+            with self.idle.waiting_on("postgres"):
+                await asyncio.wait([inflight], timeout=self.gather_seconds)
+            if inflight.done() or self._stop.is_set():
+                return None
+            if generation != self.checkpoints.generation:
+                return None  # taken across a seek: discarded once the batch in flight settles
+            try:
+                more = await self.intake.more(records, generation)
+            except OffsetOutOfRangeError as error:
+                return error.args[0] if error.args else {}
+            records.extend(more)
+            await self._decode(more, into=decoding)
+        return None
 
     async def _settle(self, *, quietly: bool = False) -> bool:
         """Wait for the batch in flight; whether it committed."""
@@ -261,42 +291,15 @@ class Pipeline:
             raise
 
     async def _fetch(self, generation: int) -> list[Record]:
-        """The next batch: what the last fetch left over (see _within_bytes), else a fetch."""
-        if self._carry:
-            carried, self._carry = self._carry, []
-            return self._within_bytes(carried, generation)
+        """The next batch (intake.py); a partition whose stored offset is outside the log is
+        handled once the batch in flight settles."""
         try:
-            with self.idle.waiting_on("kafka"):
-                batch = await self.consumer.getmany(
-                    timeout_ms=500, max_records=self.settings.max_batch
-                )
+            return await self.intake.fetch(generation)
         except OffsetOutOfRangeError as error:
             await self._settle()
             async with self._batch_lock:
                 await self.checkpoints.out_of_range(error.args[0] if error.args else {})
             return []
-        except NoOffsetForPartitionError:
-            # A fetch that raced the assignment, before the partition was sought to the
-            # stored offset (the start never depends on Kafka's group offsets).
-            return []
-        records = sorted(
-            (r for rs in batch.values() for r in rs), key=lambda r: (r.partition, r.offset)
-        )
-        self.lag.fetched(records, generation)
-        return self._within_bytes(records, generation)
-
-    def _within_bytes(self, records: list[Record], generation: int) -> list[Record]:
-        """The first records up to LEDGER_MAX_BATCH_BYTES of values (at least one). The rest
-        is carried over as the next batch, before anything is fetched again: every record of a
-        fetch is applied before the next fetch, whatever its partition. (Sorted by partition
-        and offset, the carry continues each partition where this batch ends.)"""
-        budget = self.settings.max_batch_bytes
-        for index, record in enumerate(records):
-            budget -= len(record.value or b"")
-            if budget < 0 and index > 0:
-                self._carry, self._carry_generation = records[index:], generation
-                return records[:index]
-        return records
 
     async def put(self, records: list[Record], decoded: Decoded | None = None) -> bool:
         """Apply records, or dead-letter them; never raise because of them. False when the
@@ -335,7 +338,7 @@ class Pipeline:
     async def _put(self, owned: list[Record], decoded: Decoded | None) -> bool:
         started = time.monotonic()
         try:
-            ready = decoded if decoded is not None else await self._decode(owned)  # 1
+            ready = decoded if decoded is not None else (await self._decode(owned)).decoded  # 1
             applied = await self.retry(
                 lambda: self._commit(owned, ready), splittable=len(owned) > 1
             )  # 2
@@ -364,17 +367,22 @@ class Pipeline:
 
     # -- steps ---------------------------------------------------------------------------------
 
-    async def _decode(self, records: list[Record]) -> Decoded:
+    async def _decode(self, records: list[Record], into: Decoding | None = None) -> Decoding:
         """Never raises for a record; in slices while a batch is in flight. Records this
-        group applied before are recognised first and not decoded."""
-        inflight = self._inflight
-        return await decode_in_slices(
-            records,
-            max_bytes=self.settings.max_event_bytes,
-            max_future_skew=self.settings.future_skew,
-            busy=lambda: inflight is not None and not inflight.done(),
-            known=await self.recognise(records),
+        group applied before are recognised first and not decoded. `into`: a batch's decoding
+        so far, these records added to it."""
+        decoding = into or Decoding(
+            max_bytes=self.settings.max_event_bytes, max_future_skew=self.settings.future_skew
         )
+        if records:
+            inflight = self._inflight
+            await decode_in_slices(
+                decoding,
+                records,
+                busy=lambda: inflight is not None and not inflight.done(),
+                known=await self.recognise(records),
+            )
+        return decoding
 
     async def _commit(self, records: list[Record], decoded: Decoded) -> Applied:
         moves = self.checkpoints.moves(records)

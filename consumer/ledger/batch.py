@@ -80,20 +80,15 @@ class Decoding:
     """Step 1 for one batch, a slice of records at a time (the pipeline yields to the batch in
     flight between slices)."""
 
-    def __init__(
-        self,
-        *,
-        max_bytes: int,
-        max_future_skew: timedelta,
-        known: Mapping[Position, bytes] | None = None,
-    ) -> None:
+    def __init__(self, *, max_bytes: int, max_future_skew: timedelta) -> None:
         self.decoded = Decoded()
         self._decode = BatchDecoder(max_bytes=max_bytes, max_future_skew=max_future_skew)
         self.decoded.unknown_fields = self._decode.unknown_fields
-        self._known = known or {}
 
-    def add(self, records: Iterable[Record]) -> None:
-        decoded, decode, known = self.decoded, self._decode, self._known
+    def add(self, records: Iterable[Record], known: Mapping[Position, bytes] | None = None) -> None:
+        """Decode these records into the batch; `known`: those of them this group applied
+        before, by position, with their stored entries (counted, not decoded)."""
+        decoded, decode = self.decoded, self._decode
         for record in records:
             if known and (stored := known.get((record.partition, record.offset))):
                 decoded.redelivered.append((record, stored))
@@ -124,23 +119,20 @@ DECODE_SLICE = 8
 
 
 async def decode_in_slices(
+    decoding: Decoding,
     records: list[Record],
     *,
-    max_bytes: int,
-    max_future_skew: timedelta,
     busy: Callable[[], bool],
     known: Mapping[Position, bytes] | None = None,
-) -> Decoded:
-    """decode_records a slice at a time, yielding to the event loop between slices while
+) -> None:
+    """Decoding.add a slice at a time, yielding to the event loop between slices while
     `busy` (a batch in flight): that batch sends its next statement as soon as PostgreSQL
     answers the last one, not once this whole batch is decoded, so the database works
     meanwhile. `known`: the records applied before, by position (not decoded)."""
-    decoding = Decoding(max_bytes=max_bytes, max_future_skew=max_future_skew, known=known)
     for start in range(0, len(records), DECODE_SLICE):
-        decoding.add(records[start : start + DECODE_SLICE])
+        decoding.add(records[start : start + DECODE_SLICE], known)
         if busy():
             await asyncio.sleep(0)
-    return decoding.decoded
 
 
 async def commit_batch(

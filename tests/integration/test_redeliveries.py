@@ -224,8 +224,8 @@ async def test_a_replay_applying_records_around_recognised_ones_keeps_their_entr
 
     async def drain(expected: int | None, max_bytes: int) -> None:
         known = await applied_before(pool, "g", TOPIC, records)
-        decoding = Decoding(max_bytes=max_bytes, max_future_skew=timedelta(days=3650), known=known)
-        decoding.add(records)
+        decoding = Decoding(max_bytes=max_bytes, max_future_skew=timedelta(days=3650))
+        decoding.add(records, known)
         move = OffsetMove(0, expected, 10)
         await commit_batch(pool, "g", TOPIC, [move], decoding.decoded, _ignore_letters)
 

@@ -100,10 +100,8 @@ class Side:
         for batch in batches:
             known = await applied_before(self.pool, GROUP, TOPIC, batch) if recognise else {}
             known_all |= set(known)
-            decoding = Decoding(
-                max_bytes=1 << 20, max_future_skew=timedelta(days=3650), known=known
-            )
-            decoding.add(batch)
+            decoding = Decoding(max_bytes=1 << 20, max_future_skew=timedelta(days=3650))
+            decoding.add(batch, known)
             decoded = decoding.decoded
             moves = []
             for p in sorted({r.partition for r in batch}):

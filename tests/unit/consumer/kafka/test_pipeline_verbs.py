@@ -5,6 +5,7 @@ batch transaction as a function (tests/integration/ runs the same verbs on real 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -168,7 +169,7 @@ async def test_a_batch_retrying_while_its_partitions_are_revoked_is_abandoned() 
 async def test_a_record_the_database_rejects_is_isolated_and_dead_lettered() -> None:
     records = planned_records(7)
     pipeline = _pipeline(FakeLog(records), FakeLedger(FakeOffsets()))
-    decoded = await pipeline._decode(records)
+    decoded = (await pipeline._decode(records)).decoded
     poison = decoded.events[4]
 
     async def apply(conn: Any, events: Sequence[LedgerEvent], rows: Any) -> BatchPlan:
@@ -228,6 +229,80 @@ async def test_a_stop_requested_while_a_batch_commits_starts_no_other() -> None:
     # The next batch was fetched and decoded while the first committed: it is not started.
     assert ledger.applied == [0, 1, 2, 3]
     assert ledger.offsets.stored == {0: 4}
+
+
+class _ArrivingLog(FakeLog):
+    """A partition that tells when getmany has handed out a given offset."""
+
+    def __init__(self, records: list[ConsumerRecord]) -> None:
+        super().__init__(records)
+        self.handed: dict[int, asyncio.Event] = {}
+
+    def handed_out(self, offset: int) -> asyncio.Event:
+        return self.handed.setdefault(offset, asyncio.Event())
+
+    async def getmany(self, *, timeout_ms: int, max_records: int) -> dict[Any, Any]:
+        fetched = await super().getmany(timeout_ms=timeout_ms, max_records=max_records)
+        for record in fetched.get(TP, []):
+            self.handed_out(record.offset).set()
+        return fetched
+
+
+async def test_records_arriving_while_a_batch_commits_join_the_next_batch() -> None:
+    """Fetched after the next batch was: taken into it while the batch in flight commits, so
+    they wait for one transaction, not two."""
+    records = planned_records(7)
+    log, ledger = _ArrivingLog(records[:5]), FakeLedger(FakeOffsets())
+    commits: list[list[int]] = []
+    commit = ledger.__call__
+
+    async def first_waits_for_arrivals(
+        moves: Sequence[OffsetMove], decoded: Decoded, report: Report
+    ) -> Applied:
+        if not commits:
+            await log.handed_out(4).wait()  # the next batch was fetched: [4]
+            log.records.extend(records[5:])  # then two more arrive
+            with contextlib.suppress(TimeoutError):  # not taken: the assertions below fail
+                await asyncio.wait_for(log.handed_out(6).wait(), 5)
+        commits.append([record.offset for record in decoded.records])
+        return await commit(moves, decoded, report)
+
+    ledger.offsets.stored[0] = 0
+    pipeline = _pipeline(log, ledger, max_batch=4)
+    pipeline.commit = first_waits_for_arrivals
+    await pipeline.open([TP])
+    await pipeline.run(until_idle=True)
+    assert commits == [[0, 1, 2, 3], [4, 5, 6]]
+    assert ledger.offsets.stored == {0: 7}
+
+
+async def test_a_batch_gathers_no_more_than_max_batch_records_nor_max_batch_bytes() -> None:
+    records = planned_records(30)
+    log, ledger = _ArrivingLog(records[:5]), FakeLedger(FakeOffsets())
+    commits: list[list[int]] = []
+    commit = ledger.__call__
+
+    async def first_waits_for_arrivals(
+        moves: Sequence[OffsetMove], decoded: Decoded, report: Report
+    ) -> Applied:
+        if not commits:
+            await log.handed_out(4).wait()
+            log.records.extend(records[5:])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(log.handed_out(7).wait(), 5)
+        commits.append([record.offset for record in decoded.records])
+        return await commit(moves, decoded, report)
+
+    cap = sum(len(r.value) for r in records[:6]) - 1  # less than six records' worth
+    ledger.offsets.stored[0] = 0
+    pipeline = _pipeline(log, ledger, max_batch=4, max_batch_bytes=cap)
+    pipeline.commit = first_waits_for_arrivals
+    await pipeline.open([TP])
+    await pipeline.run(until_idle=True)
+    assert ledger.applied == list(range(30))  # every record once, in offset order
+    assert all(len(offsets) <= 4 for offsets in commits)
+    assert all(sum(len(records[o].value) for o in offsets) <= cap for offsets in commits)
+    assert commits[1] == [4, 5, 6, 7]  # gathered up to max_batch
 
 
 async def test_a_batch_holds_at_most_max_batch_bytes_of_values_and_skips_nothing() -> None:
@@ -450,7 +525,7 @@ async def test_a_byte_capped_fetch_is_applied_whole_before_the_next_one() -> Non
 
 @pytest.mark.parametrize("seed", range(60))
 async def test_byte_capped_batches_apply_every_record_once_in_order(seed: int) -> None:
-    """Random partitions, record sizes, caps, fences, failures and rebalances."""
+    """Random partitions, record sizes, caps, fences, failures, rebalances and gathering."""
     rng = random.Random(seed)
     logs = _partitioned(rng.randint(1, 5), 60, rng)
     log = PartitionedLog(logs, rng.choice([2_000, 5_000, 10**6]), rng)
@@ -461,6 +536,8 @@ async def test_byte_capped_batches_apply_every_record_once_in_order(seed: int) -
         max_batch=rng.choice([1, 3, 10, 50]),
         max_batch_bytes=rng.choice([1, 1_500, 4_000, 20_000, 2**24]),
     )
+    # Gathering into the next batch on every turn of the loop while a batch commits.
+    pipeline.gather_seconds = rng.choice([0, pipeline.gather_seconds])
     tps = [TopicPartition(TOPIC, p) for p in logs]
     await pipeline.open(tps)
 

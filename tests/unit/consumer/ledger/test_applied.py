@@ -59,10 +59,9 @@ def test_an_unknown_type_code_is_not_recognised() -> None:
 
 
 def test_a_recognised_record_is_counted_not_decoded() -> None:
-    decoding = Decoding(
-        max_bytes=1 << 20, max_future_skew=timedelta(hours=1), known={(0, 1): STARTED}
-    )
-    decoding.add([_record(0, 0, b"{not json"), _record(0, 1, b"{not json either")])
+    decoding = Decoding(max_bytes=1 << 20, max_future_skew=timedelta(hours=1))
+    records = [_record(0, 0, b"{not json"), _record(0, 1, b"{not json either")]
+    decoding.add(records, known={(0, 1): STARTED})
     assert [letter.record.offset for letter in decoding.decoded.letters] == [0]
     assert [(r.offset, e) for r, e in decoding.decoded.redelivered] == [(1, STARTED)]
 

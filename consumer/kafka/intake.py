@@ -14,7 +14,7 @@ partition where the last one ended, so a batch holds each partition's records in
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import NoOffsetForPartitionError
@@ -38,14 +38,18 @@ class Intake:
         # Fetched beyond the bounds: the next batch, if no seek came between.
         self.carry: list[Record] = []
         self.carry_generation = 0
+        # The batch being taken: its records and bytes of values so far.
+        self._taken = 0
+        self._bytes = 0
 
     async def fetch(self, generation: int) -> list[Record]:
         """The next batch: the carry, else a fetch. `generation`: the checkpoints' when the
         fetch began. Raises what aiokafka's getmany raises (OffsetOutOfRangeError: the
         caller's to handle); a fetch that raced an assignment returns nothing."""
+        self._taken = self._bytes = 0
         if self.carry:
             carried, self.carry = self.carry, []
-            return self._within_bounds(carried, generation, taken=0, size=0)
+            return self._within_bounds(carried, generation)
         try:
             with self.idle.waiting_on("kafka"):
                 fetched = await self.consumer.getmany(
@@ -55,7 +59,7 @@ class Intake:
             # A fetch that raced the assignment, before the partition was sought to the
             # stored offset (the start never depends on Kafka's group offsets).
             return []
-        return self._accepted(fetched, generation, taken=0, size=0)
+        return self._accepted(fetched, generation)
 
     def stale_carry(self, generation: int, *, seeking: bool) -> list[Record]:
         """The carry, given back if a seek came since it was fetched or is about to
@@ -66,48 +70,43 @@ class Intake:
             return stale
         return []
 
-    def full(self, batch: Sequence[Record]) -> bool:
-        """Nothing more may join this batch: a bound is reached, or a carry waits."""
-        return bool(self.carry) or len(batch) >= self.settings.max_batch
+    def full(self) -> bool:
+        """Nothing more may join the batch that `fetch` began: a bound is reached, or a carry
+        waits."""
+        return bool(self.carry) or self._taken >= self.settings.max_batch
 
-    async def more(self, batch: Sequence[Record], generation: int) -> list[Record]:
-        """What Kafka buffered since `batch` was fetched, within the room its bounds leave,
-        without waiting (the batch was fetched at `generation`)."""
-        if self.full(batch):
+    async def more(self, generation: int) -> list[Record]:
+        """What Kafka buffered since, for the batch that `fetch` began (at `generation`),
+        within the room its bounds leave, without waiting."""
+        if self.full():
             return []
-        size = sum(len(record.value or b"") for record in batch)
         try:
             fetched = await self.consumer.getmany(
-                timeout_ms=0, max_records=self.settings.max_batch - len(batch)
+                timeout_ms=0, max_records=self.settings.max_batch - self._taken
             )
         except NoOffsetForPartitionError:
             return []
-        return self._accepted(fetched, generation, taken=len(batch), size=size)
+        return self._accepted(fetched, generation)
 
     def _accepted(
-        self,
-        fetched: Mapping[TopicPartition, list[Record]],
-        generation: int,
-        *,
-        taken: int,
-        size: int,
+        self, fetched: Mapping[TopicPartition, list[Record]], generation: int
     ) -> list[Record]:
         records = sorted(
             (r for rs in fetched.values() for r in rs), key=lambda r: (r.partition, r.offset)
         )
         self.lag.fetched(records, generation)
-        return self._within_bounds(records, generation, taken=taken, size=size)
+        return self._within_bounds(records, generation)
 
-    def _within_bounds(
-        self, records: list[Record], generation: int, *, taken: int, size: int
-    ) -> list[Record]:
-        """The first records up to LEDGER_MAX_BATCH_BYTES of values, counting `size` bytes
-        of `taken` records already in the batch (a batch holds at least one record). The rest
-        is carried over."""
-        budget = self.settings.max_batch_bytes - size
+    def _within_bounds(self, records: list[Record], generation: int) -> list[Record]:
+        """The first records that keep the batch within LEDGER_MAX_BATCH_BYTES of values (a
+        batch holds at least one record). The rest is carried over."""
+        budget = self.settings.max_batch_bytes - self._bytes
         for index, record in enumerate(records):
-            budget -= len(record.value or b"")
-            if budget < 0 and (index > 0 or taken > 0):
+            size = len(record.value or b"")
+            budget -= size
+            if budget < 0 and (index > 0 or self._taken > 0):
                 self.carry, self.carry_generation = records[index:], generation
                 return records[:index]
+            self._taken += 1
+            self._bytes += size
         return records

@@ -56,6 +56,7 @@ class Results:
     def latency(self, tree: str, latency: Latency) -> None:
         self.add(LATENCY, "p50 ms", latency.p50_ms, tree)
         self.add(LATENCY, "p99 ms", latency.p99_ms, tree)
+        self.add(LATENCY, "sent late p99 ms", latency.late_p99_ms, tree)
 
     def median(self, tree: str, scenario: str, measure: str) -> float | None:
         values = self.samples.get((tree, scenario, measure))

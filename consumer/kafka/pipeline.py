@@ -215,22 +215,18 @@ class Pipeline:
         caught up. `generation`: the checkpoints' when the fetch began; a seek since means the
         records may come from old positions."""
         decoded: Decoded | None = None
-        outside: dict[TopicPartition, int] | None = None
+        discard = False
         if records:  # 1, beside the commit
             decoding = await self._decode(records)
             with self.idle.waiting_on("postgres"):  # less what gathering takes of this thread
-                outside = await self._gather(records, decoding, generation)
+                discard = await self._gather(records, decoding, generation)
             decoded = decoding.decoded
         with self.idle.waiting_on("postgres"):
             committed = await self._settle()
         if decoded is None:
             async with self._batch_lock:
                 return await self.lag.update()
-        if outside is not None:
-            async with self._batch_lock:
-                await self.checkpoints.out_of_range(outside)
-            committed = False  # the batch was taken across the seek: fetched again
-        if not committed or generation != self.checkpoints.generation:
+        if discard or not committed or generation != self.checkpoints.generation:
             self._stale.extend(records)  # fetched from positions that no longer hold
             return False
         if self._stop.is_set():  # asked while the last batch committed: start no other
@@ -239,26 +235,26 @@ class Pipeline:
         self._inflight = asyncio.create_task(self._put_prepared(records, decoded))
         return False
 
-    async def _gather(
-        self, records: list[Record], decoding: Decoding, generation: int
-    ) -> dict[TopicPartition, int] | None:
+    async def _gather(self, records: list[Record], decoding: Decoding, generation: int) -> bool:
         """While the batch in flight commits, every GATHER_SECONDS, add what Kafka buffered
         meanwhile to `records` (in place: whatever happens next, the caller holds every record
-        taken) and decode it. The positions a fetch found outside the log, if one did."""
+        taken) and decode it. True: discard the batch (fetched again from the stored offsets)."""
         inflight = self._inflight
         while inflight is not None and not self.intake.full():
             await asyncio.wait([inflight], timeout=self.gather_seconds)
             if inflight.done() or self._stop.is_set():
-                return None
+                return False
             if generation != self.checkpoints.generation:
-                return None  # taken across a seek: discarded once the batch in flight settles
+                return False  # taken across a seek: discarded once the batch in flight settles
             try:
                 more = await self.intake.more(generation)
-            except OffsetOutOfRangeError as error:
-                return error.args[0] if error.args else {}
+            except OffsetOutOfRangeError:
+                # Met at the fetch position, past this batch: only the stored offset, where
+                # the batch is fetched again from, may be judged (_fetch does, if it still is).
+                return True
             records.extend(more)
             await self._decode(more, into=decoding)
-        return None
+        return False
 
     async def _settle(self, *, quietly: bool = False) -> bool:
         """Wait for the batch in flight; whether it committed."""
@@ -323,8 +319,9 @@ class Pipeline:
                     "batch keeps timing out: committing it in halves",
                     extra=fields(records=len(owned), first=middle),
                 )
-                # Sorted by (partition, offset): per partition, each half starts where the
-                # previous one ended, so the second goes only after the first committed.
+                # In offset order per partition (intake.py): per partition, each half starts
+                # where the previous one ended, so the second goes only after the first
+                # committed.
                 if not await self.put(owned[:middle]):
                     # Nothing of the second half was committed: its partitions are fetched
                     # again from where the ledger stands, not from past it.

@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import OffsetOutOfRangeError
 from aiokafka.structs import ConsumerRecord
 
 from consumer.errors import FencedError, TransientError
@@ -303,6 +304,64 @@ async def test_a_batch_gathers_no_more_than_max_batch_records_nor_max_batch_byte
     assert all(len(offsets) <= 4 for offsets in commits)
     assert all(sum(len(records[o].value) for o in offsets) <= cap for offsets in commits)
     assert commits[1] == [4, 5, 6, 7]  # gathered up to max_batch
+
+
+class _TruncatedLog(_ArrivingLog):
+    """Truncated (an unclean leader election) to `end`: a fetch from past it is out of range."""
+
+    def __init__(self, records: list[ConsumerRecord]) -> None:
+        super().__init__(records)
+        self.end: int | None = None
+        self.refused = asyncio.Event()
+
+    async def getmany(self, *, timeout_ms: int, max_records: int) -> dict[Any, Any]:
+        if self.end is not None and self.next > self.end:
+            self.refused.set()
+            raise OffsetOutOfRangeError({TP: self.next})
+        return await super().getmany(timeout_ms=timeout_ms, max_records=max_records)
+
+    async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, 0)
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(tps, len(self.records))
+
+
+async def test_a_take_out_of_range_past_the_stored_offset_judges_the_stored_offset() -> None:
+    """The log ends, after a truncation, below the position a take fetches from but above the
+    stored offset: the batch being gathered is fetched again from the stored offset, which is
+    inside the log, so nothing halts and nothing is reset."""
+    records = planned_records(8)
+    log, ledger = _TruncatedLog(records[:4]), FakeLedger(FakeOffsets())
+    first = True
+    commit = ledger.__call__
+
+    async def truncated_meanwhile(
+        moves: Sequence[OffsetMove], decoded: Decoded, report: Report
+    ) -> Applied:
+        nonlocal first
+        if first:
+            first = False
+            log.records.extend(records[4:])  # the next batch arrives and is fetched: 4..7
+            await log.handed_out(7).wait()
+            del log.records[6:]  # then the log is cut at 6
+            log.end = 6
+            with contextlib.suppress(TimeoutError):  # not taken: nothing is tested
+                await asyncio.wait_for(log.refused.wait(), 5)
+        return await commit(moves, decoded, report)
+
+    ledger.offsets.stored[0] = 0
+    pipeline = _pipeline(log, ledger, max_batch=10)
+    pipeline.commit = truncated_meanwhile
+    await pipeline.open([TP])
+    await pipeline.run(until_idle=True)
+    assert log.refused.is_set()  # a take met the end of the log
+    assert pipeline.readiness.halted == {}
+    resets = pipeline.metrics.registry.get_sample_value(
+        "token_ledger_offset_resets_total", {"partition": "0"}
+    )
+    assert not resets
+    assert ledger.applied == [0, 1, 2, 3, 4, 5]
 
 
 async def test_a_batch_holds_at_most_max_batch_bytes_of_values_and_skips_nothing() -> None:

@@ -5,7 +5,7 @@ database is consumer/ledger/batch.py; the loop is assembled and opened by assemb
 One batch, in one direction:
   1. take records (intake.py) and decode every record (while the previous batch's transaction
      is in flight), but those this group applied before (ledger/applied.py): a redelivery
-     costs one lookup per fetch
+     costs one lookup per take
   2. one transaction (batch.commit_batch), retried with capped backoff on transient failures
      (fetching paused): offsets by compare-and-set, load state, reduce, write, dead letters
      (what could not be decoded or written; acked before COMMIT, none sent twice per group)

@@ -41,7 +41,7 @@ from consumer.kafka.pipeline import Pipeline
 from consumer.kafka.topics import MAX_MESSAGE_BYTES, ensure_or_create, prepare_topics
 from consumer.ledger.database import create_pool, ping
 from consumer.ledger.offsets import last_commit_time
-from consumer.ledger.schema import check_database, wait_until_usable
+from consumer.ledger.schema import check_database, read_when_usable, wait_until_usable
 from consumer.logs import fields
 from consumer.settings import Settings
 from consumer.status import Readiness
@@ -247,7 +247,10 @@ async def _start(
         else None
     )
     # The gauge tells when the ledger last moved, not when this process started.
-    if (last := await last_commit_time(pool, settings.group_id, settings.topic)) is not None:
+    last = await read_when_usable(
+        pool, settings, readiness, lambda: last_commit_time(pool, settings.group_id, settings.topic)
+    )
+    if last is not None:
         metrics.last_commit.set(last)
     pipeline = await stack.enter_async_context(
         open_pipeline(settings, pool, metrics, readiness, fetch_bytes=fetch_bytes)

@@ -34,9 +34,11 @@ import asyncio
 import functools
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 
@@ -52,7 +54,7 @@ from consumer.failures import (
 from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.migrate import MIGRATIONS, upgrade
 from consumer.logs import fields
-from consumer.retry import Backoff
+from consumer.retry import Backoff, as_transient
 from consumer.settings import Settings
 from consumer.status import Outage, Readiness
 
@@ -83,6 +85,7 @@ CONSUMER_TABLES = frozenset(
     }
 )
 START_BACKOFF = Backoff(initial=0.2, maximum=5.0)
+T = TypeVar("T")
 ATTEMPT_SECONDS = 10.0
 
 
@@ -332,3 +335,32 @@ async def wait_until_usable(
         unreachable = found
     readiness.database_ok = True
     outage.recovered()
+
+
+async def read_when_usable(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    readiness: Readiness,
+    read: Callable[[], Awaitable[T]],
+    backoff: Backoff = START_BACKOFF,
+) -> T:
+    """A read at start, after `check_database` found the database usable: if it stops
+    answering meanwhile (a restart), the read waits for it like any outage at start (not
+    ready, wait_until_usable), never an exit. A definite refusal raises."""
+    attempt = 0
+    while True:
+        try:
+            return await read()
+        except Exception as error:
+            if as_transient(error) is None:
+                raise
+            attempt += 1
+            if attempt == 1:
+                log.info(
+                    "the database stopped answering while starting: waiting for it",
+                    extra=fields(error=type(error).__name__),
+                )
+            if (unreachable := await check_database(pool, settings)) is not None:
+                await wait_until_usable(pool, settings, readiness, unreachable, backoff)
+            else:  # it answers again, or the read itself fails: not in a tight loop
+                await asyncio.sleep(backoff.delay(attempt))

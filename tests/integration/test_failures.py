@@ -21,9 +21,13 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from consumer.failures import ExitCode
-from consumer.ledger.database import asyncpg_dsn
+from consumer.ledger.database import asyncpg_dsn, create_pool
 from consumer.ledger.migrate import upgrade
-from consumer.ledger.schema import code_revisions
+from consumer.ledger.offsets import last_commit_time
+from consumer.ledger.schema import check_database, code_revisions, read_when_usable
+from consumer.retry import Backoff
+from consumer.settings import load_settings
+from consumer.status import Readiness
 from devstack.postgres import PostgresServer
 from devstack.processes import free_port
 from tests.conftest import with_database
@@ -329,6 +333,40 @@ def own_postgres() -> Iterator[PostgresServer]:
     yield server
     server.stop()
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def test_a_read_at_start_waits_for_a_database_that_stopped_answering(
+    own_postgres: PostgresServer,
+) -> None:
+    """The database answered `check_database`, then restarted before the next read at start
+    (a chaos run met this: `consume` exited 11): the read waits for it, not ready meanwhile."""
+    await asyncio.to_thread(own_postgres.start)
+    settings = load_settings(kafka_bootstrap="127.0.0.1:9", database_url=own_postgres.url)
+    readiness = Readiness(600)
+    pool = await create_pool(own_postgres.url)
+    try:
+        assert await check_database(pool, settings) is None
+        await asyncio.to_thread(own_postgres.stop)
+        read = asyncio.create_task(
+            read_when_usable(
+                pool,
+                settings,
+                readiness,
+                lambda: last_commit_time(pool, "group", "topic"),
+                backoff=Backoff(initial=0.05, maximum=0.2),
+            )
+        )
+
+        async def not_ready() -> bool:
+            return readiness.database_ok is False
+
+        await wait_for(not_ready, within=30, what="not ready while the database is away")
+        assert not read.done()
+        await asyncio.to_thread(own_postgres.start)
+        assert await asyncio.wait_for(read, 60) is None  # nothing committed yet
+        assert readiness.database_ok
+    finally:
+        await pool.close()
 
 
 async def test_consume_waits_for_a_database_that_is_not_up_yet(

@@ -249,11 +249,13 @@ class _ArrivingLog(FakeLog):
         return fetched
 
 
-async def test_records_arriving_while_a_batch_commits_join_the_next_batch() -> None:
-    """Fetched after the next batch was: taken into it while the batch in flight commits, so
-    they wait for one transaction, not two."""
-    records = planned_records(7)
-    log, ledger = _ArrivingLog(records[:5]), FakeLedger(FakeOffsets())
+def _arrivals_during_the_first_commit(
+    log: _ArrivingLog, ledger: FakeLedger, arriving: list[ConsumerRecord], taken: int
+) -> tuple[list[list[int]], Any]:
+    """A commit that records each batch's offsets; the first holds until the next batch was
+    fetched (offset 4), then `arriving` reach the log, then it waits (5 s at most) until
+    offset `taken` was handed out. Without gathering nothing takes them meanwhile, and the
+    callers' assertions fail."""
     commits: list[list[int]] = []
     commit = ledger.__call__
 
@@ -261,16 +263,25 @@ async def test_records_arriving_while_a_batch_commits_join_the_next_batch() -> N
         moves: Sequence[OffsetMove], decoded: Decoded, report: Report
     ) -> Applied:
         if not commits:
-            await log.handed_out(4).wait()  # the next batch was fetched: [4]
-            log.records.extend(records[5:])  # then two more arrive
-            with contextlib.suppress(TimeoutError):  # not taken: the assertions below fail
-                await asyncio.wait_for(log.handed_out(6).wait(), 5)
+            await log.handed_out(4).wait()
+            log.records.extend(arriving)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(log.handed_out(taken).wait(), 5)
         commits.append([record.offset for record in decoded.records])
         return await commit(moves, decoded, report)
 
+    return commits, first_waits_for_arrivals
+
+
+async def test_records_arriving_while_a_batch_commits_join_the_next_batch() -> None:
+    """Fetched after the next batch was: taken into it while the batch in flight commits, so
+    they wait for that batch and their own, not one more."""
+    records = planned_records(7)
+    log, ledger = _ArrivingLog(records[:5]), FakeLedger(FakeOffsets())
+    commits, pipeline_commit = _arrivals_during_the_first_commit(log, ledger, records[5:], 6)
     ledger.offsets.stored[0] = 0
     pipeline = _pipeline(log, ledger, max_batch=4)
-    pipeline.commit = first_waits_for_arrivals
+    pipeline.commit = pipeline_commit
     await pipeline.open([TP])
     await pipeline.run(until_idle=True)
     assert commits == [[0, 1, 2, 3], [4, 5, 6]]
@@ -280,24 +291,11 @@ async def test_records_arriving_while_a_batch_commits_join_the_next_batch() -> N
 async def test_a_batch_gathers_no_more_than_max_batch_records_nor_max_batch_bytes() -> None:
     records = planned_records(30)
     log, ledger = _ArrivingLog(records[:5]), FakeLedger(FakeOffsets())
-    commits: list[list[int]] = []
-    commit = ledger.__call__
-
-    async def first_waits_for_arrivals(
-        moves: Sequence[OffsetMove], decoded: Decoded, report: Report
-    ) -> Applied:
-        if not commits:
-            await log.handed_out(4).wait()
-            log.records.extend(records[5:])
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(log.handed_out(7).wait(), 5)
-        commits.append([record.offset for record in decoded.records])
-        return await commit(moves, decoded, report)
-
+    commits, pipeline_commit = _arrivals_during_the_first_commit(log, ledger, records[5:], 7)
     cap = sum(len(r.value) for r in records[:6]) - 1  # less than six records' worth
     ledger.offsets.stored[0] = 0
     pipeline = _pipeline(log, ledger, max_batch=4, max_batch_bytes=cap)
-    pipeline.commit = first_waits_for_arrivals
+    pipeline.commit = pipeline_commit
     await pipeline.open([TP])
     await pipeline.run(until_idle=True)
     assert ledger.applied == list(range(30))  # every record once, in offset order

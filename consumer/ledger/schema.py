@@ -297,10 +297,21 @@ async def check_database(pool: asyncpg.Pool, settings: Settings) -> DatabaseUnre
     except TimeoutError as error:
         found = translate_database_error(error, settings)
         return found if isinstance(found, DatabaseUnreachableError) else _no_answer(settings)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+    except (
+        OSError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        asyncpg.InternalClientError,
+    ) as error:
         failure = translate_database_error(error, settings)
         if failure is None:
-            raise  # not an answer about the database: a bug
+            if as_transient(error) is None:
+                raise  # not an answer about the database: a bug
+            # A restart's half-closed connection, a statement or lock timeout: an outage to
+            # wait for, never an exit.
+            return DatabaseUnreachableError(
+                f"database {database_name(settings)} failed transiently ({type(error).__name__})"
+            )
         if not isinstance(failure, DatabaseUnreachableError):
             raise failure from error
         return failure
@@ -350,7 +361,8 @@ async def read_when_usable(
     attempt = 0
     while True:
         try:
-            return await read()
+            async with asyncio.timeout(ATTEMPT_SECONDS):  # bounded like the check
+                return await read()
         except Exception as error:
             if as_transient(error) is None:
                 raise

@@ -369,6 +369,27 @@ async def test_a_read_at_start_waits_for_a_database_that_stopped_answering(
         await pool.close()
 
 
+async def test_a_transient_failure_of_the_check_is_an_outage_not_an_exit(
+    own_postgres: PostgresServer,
+) -> None:
+    """A statement timeout (SQLSTATE 57014, here while a migration holds the revision table)
+    is no answer about the database: `check_database` reports an outage to wait for."""
+    await asyncio.to_thread(own_postgres.start)
+    settings = load_settings(kafka_bootstrap="127.0.0.1:9", database_url=own_postgres.url)
+    dsn = asyncpg_dsn(own_postgres.url)
+    holder = await asyncpg.connect(dsn)
+    pool = await asyncpg.create_pool(dsn, min_size=0, server_settings={"statement_timeout": "200"})
+    try:
+        async with holder.transaction():
+            await holder.execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
+            outage = await check_database(pool, settings)
+        assert outage is not None and "QueryCanceledError" in str(outage)
+        assert await check_database(pool, settings) is None  # released: usable
+    finally:
+        await pool.close()
+        await holder.close()
+
+
 async def test_consume_waits_for_a_database_that_is_not_up_yet(
     kafka_bootstrap: str, own_postgres: PostgresServer, tmp_path: Path
 ) -> None:

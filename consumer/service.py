@@ -18,7 +18,6 @@ database hung.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -29,6 +28,7 @@ from typing import Any
 import asyncpg
 from aiokafka.errors import UnknownTopicOrPartitionError
 
+from consumer import collector
 from consumer.billing.relay import BILLING_PARTITIONS, BillingProducer, Relay
 from consumer.failures import TopicMissingError
 from consumer.http.health import HealthServer
@@ -51,11 +51,6 @@ log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 5.0  # after a stop request, the batch in flight gets this long
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# Far above what a batch in flight and the next hold at the default LEDGER_MAX_BATCH (2,000
-# events, decoded and folded, keep ~25,000 objects the collector tracks, freed by reference
-# counting once their batch commits): a young collection runs when the heap really grows, or
-# about once a batch past ~8,000 events a batch (docs/design.md#choices-worth-knowing).
-GC_YOUNG_THRESHOLD = 200_000
 
 
 def _bounded(close: Callable[[], Awaitable[Any]], what: str) -> Callable[[], Awaitable[None]]:
@@ -73,24 +68,10 @@ class Unfinished:
         return bool(self.partitions or self.billing)
 
 
-def tune_garbage_collector() -> None:
-    """For a long-running consumer: what start-up loaded (modules, validators, settings) is
-    never garbage, so the collector stops walking it (gc.freeze); and a batch allocates
-    hundreds of thousands of short-lived objects, nearly all freed by reference counting, so
-    the youngest generation is collected once GC_YOUNG_THRESHOLD more objects are alive
-    than at the last collection, instead of every 700 allocations. Measured on 100,000-record
-    first drains: 700 -> 20,000 took ~10 % off the consumer's CPU; 20,000 -> 200,000 took the
-    collector's time from ~0.8 s to none (it no longer runs during a drain), the pauses of up
-    to ~35 ms with it, and 3-4 % off the CPU."""
-    gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
-
-
 async def consume(settings: Settings, *, until_idle: bool = False) -> Unfinished:
     """Run until stopped, or with until_idle until caught up (and billed); returns what could
     not be finished on its own."""
-    tune_garbage_collector()
+    collector.tune()
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
@@ -116,6 +97,9 @@ async def consume(settings: Settings, *, until_idle: bool = False) -> Unfinished
         loop.add_signal_handler(sig, on_signal)
     try:
         async with AsyncExitStack() as stack:
+            # First: a database outage at start is where cycles pile up (consumer/collector.py).
+            sweeping = asyncio.create_task(collector.sweep())
+            stack.push_async_callback(_cancel, sweeping, "the garbage collector's sweep")
             pipeline, relay = await _start(settings, stack, until_idle)
             if relay is not None:
                 relaying = asyncio.create_task(relay.run(relay_stop))

@@ -97,7 +97,7 @@ async def consume(settings: Settings, *, until_idle: bool = False) -> Unfinished
         loop.add_signal_handler(sig, on_signal)
     try:
         async with AsyncExitStack() as stack:
-            # First: a database outage at start is where cycles pile up (consumer/collector.py).
+            # First, so that it also sweeps while the start waits for a database that is down.
             sweeping = asyncio.create_task(collector.sweep())
             stack.push_async_callback(_cancel, sweeping, "the garbage collector's sweep")
             pipeline, relay = await _start(settings, stack, until_idle)

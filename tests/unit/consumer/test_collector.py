@@ -71,11 +71,14 @@ class Sweeps:
     """The collections the sweep runs, as they end (the test holds the counted ones off)."""
 
     def __init__(self) -> None:
-        self.generations: list[int] = []
+        self.generations: list[int] = []  # each collection's, once it ended
+        self.running: int | None = None  # the generation of the one under way
         self._ended = asyncio.Event()
 
     def seen(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "stop":
+        if phase == "start":
+            self.running = info["generation"]
+        else:
             self.generations.append(info["generation"])
             self._ended.set()
 
@@ -100,9 +103,11 @@ async def test_a_cycle_that_outlived_a_sweep_is_freed_by_the_next_full_one() -> 
     held, freed = a_cycle_held()
     async with sweeping(full_every=3) as sweeps:
         assert await sweeps.next() == 0
+        freed_by = []  # the generation collected when it was freed: a full sweep's
+        weakref.finalize(held[0], lambda: freed_by.append(sweeps.running))
         held.clear()
         await asyncio.wait_for(freed.wait(), timeout=10)
-        assert sweeps.generations[-1] == 2, sweeps.generations  # the full sweep freed it
+        assert freed_by == [2], sweeps.generations
 
 
 @pytest.mark.usefixtures("counted_collections_far_off")

@@ -6,8 +6,8 @@ never quotes chat text. In order: the bytes are screened (empty, too large, U+00
 UTF-8, parsed with exact numbers within the accepted range (producer/exact_json.py), checked
 for nesting and lone surrogates, validated by the models; a v0 legacy body is upcast to v1
 (deterministic event_id, occurred_at = the record's timestamp). Fields this consumer does not
-know are counted. The consumer decodes through consumer/ledger/decode.py: a compiled path
-first, this decoder for whatever that path is not sure of.
+know are counted. The consumer decodes through consumer/ledger/decode.py: a native path
+(consumer/ledger/native.py) first, this decoder for whatever that path is not sure of.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ The payload is the validated event as a JSON value, with only the fields the rec
 (`model_dump(exclude_unset=True)` of the event models, producer/events.py): what the ledger
 stores, so that copies which would store differently never share a digest. The digest is
 SHA-256 of the payload as sorted, ASCII-only compact JSON, the form every release has stored.
-Both decode paths produce a LedgerEvent: the compiled one (producer/compiled.py) straight from
-the bytes, the reference one from the models (`ledger_event`); a property holds them equal.
+Both decode paths produce a LedgerEvent: the consumer's native one (consumer/ledger/native.py)
+straight from the bytes, the reference one from the models (`ledger_event`); a property holds
+them equal.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Records as a careless or hostile producer writes them: the examples of docs/contract.md with
 fields removed, types swapped, edge timestamps, reused ids, huge values, fields this consumer
 does not know, and numbers at and past the edges of docs/contract.md#numbers. Used by the
-never-stops property and by the compiled decoder's agreement property."""
+never-stops property and by the native decoder's agreement property."""
 
 from __future__ import annotations
 

@@ -24,8 +24,8 @@ FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens", "cost_micros")
 
 
 def payload_digest(event: AnyEvent) -> bytes:
-    """The digest as every release before the compiled path wrote it (pure-Python JSON): the
-    compiled one must give the same bytes, or a redelivery after an upgrade would compete as a
+    """The digest as every release before the compiled paths wrote it (pure-Python JSON): the
+    native one must give the same bytes, or a redelivery after an upgrade would compete as a
     differing copy."""
     text = jsonvalues.dumps(event.model_dump(exclude_unset=True), sort_keys=True, ensure_ascii=True)
     return hashlib.sha256(text.encode("ascii")).digest()

@@ -1,5 +1,5 @@
-"""The compiled decode path (producer/compiled.py) against the reference decoder
-(producer/decoding.py + producer/ledger_event.py): on every input where the compiled path
+"""The native decode path (native/, consumer/ledger/native.py) against the reference decoder
+(producer/decoding.py + producer/ledger_event.py): on every input where the native path
 answers, the same LedgerEvent field by field (the payload compared as the canonical text, so
 that `1.0` and `1` differ) and the same count of unknown fields; where it does not, the
 reference decides. And the digest is the one the pure-Python encoder gave before."""
@@ -9,18 +9,32 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-import msgspec
 import pytest
+import token_ledger_native
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from consumer.ledger import native
 from consumer.ledger.decode import BatchDecoder
 from consumer.simulate.config import TrafficConfig
 from consumer.simulate.traffic import plan_traffic
-from producer import canonical, compiled
+from producer import canonical
 from producer.decoding import MAX_NESTING, decode_value
-from producer.events import DEFAULT_MAX_EVENT_BYTES, AnyEvent, Rejection, encode_event
+from producer.events import (
+    DEFAULT_MAX_EVENT_BYTES,
+    MAX_INT64,
+    AnyEvent,
+    LegacyTokenUsage,
+    MessageAppended,
+    ModelUsage,
+    Rejection,
+    TurnFinalized,
+    TurnStarted,
+    TurnUsage,
+    UsageCall,
+    encode_event,
+)
 from producer.ledger_event import LedgerEvent, ledger_event
 from tests.examples import EXAMPLE_NAMES, example, example_bytes
 from tests.factories import START
@@ -36,9 +50,9 @@ def _canonical(event: LedgerEvent) -> bytes:
 
 
 def _agrees(value: bytes | None) -> bool:
-    """Whether the compiled path answered; if it did, that it agrees with the reference."""
+    """Whether the native path answered; if it did, that it agrees with the reference."""
     reference, _, reference_unknown = decode_value(value, TS, DEFAULT_MAX_EVENT_BYTES)
-    answered = compiled.decode(value, DEFAULT_MAX_EVENT_BYTES, MAX_NESTING) if value else None
+    answered = native.decode(value, DEFAULT_MAX_EVENT_BYTES, MAX_NESTING) if value else None
     if answered is None:
         return False
     event, unknown = answered
@@ -69,7 +83,7 @@ inputs = st.one_of(
 
 @settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(inputs)
-def test_the_compiled_path_agrees_with_the_reference_on_every_input(value: bytes) -> None:
+def test_the_native_path_agrees_with_the_reference_on_every_input(value: bytes) -> None:
     _agrees(value)
 
 
@@ -99,18 +113,18 @@ def test_the_payload_writes_the_time_as_the_reference_does(
     assert _agrees(json.dumps(document).encode()) == answered
 
 
-BOUND = compiled.MAX // compiled.CALLS
+BOUND = MAX_INT64 // native.CALLS
 
 
 @pytest.mark.parametrize(
     ("calls", "total_tokens", "answered"),
     [
         (2, BOUND, True),
-        (compiled.CALLS, BOUND, True),
+        (native.CALLS, BOUND, True),
         (2, BOUND + 1, False),  # valid: the reference decoder's
-        (1, compiled.MAX, False),  # valid: the reference decoder's
-        (compiled.CALLS + 1, BOUND // 2, True),
-        (compiled.CALLS + 1, BOUND, False),  # the sum is past 2^63-1: rejected
+        (1, MAX_INT64, False),  # valid: the reference decoder's
+        (native.CALLS + 1, BOUND // 2, False),  # valid: the reference decoder sums them
+        (native.CALLS + 1, BOUND, False),  # the sum is past 2^63-1: rejected
     ],
 )
 def test_the_sums_of_many_calls_or_large_counts_are_checked(
@@ -128,19 +142,56 @@ def test_the_digest_is_the_one_every_release_stored(event: AnyEvent) -> None:
     assert ledger_event(event).digest == payload_digest(event)
 
 
-@pytest.mark.parametrize("model", list(compiled.STRUCTS), ids=lambda m: m.__name__)
-def test_each_struct_has_the_fields_of_its_model(model: type[BaseModel]) -> None:
-    """The compiled path's types are the models' (producer/events.py) field for field: a field
-    added to a model without its struct would not be validated in C."""
-    struct = compiled.STRUCTS[model]
-    fields = {field.name for field in msgspec.structs.fields(struct)}
-    info = msgspec.inspect.type_info(struct)
-    assert isinstance(info, msgspec.inspect.StructType)
-    tag = info.tag_field  # the envelope's `type` is the tag
-    assert fields | ({tag} if tag else set()) == set(model.model_fields)
+MODELS: dict[str, type[BaseModel]] = {
+    "turn.started": TurnStarted,
+    "turn.finalized": TurnFinalized,
+    "message.appended": MessageAppended,
+    "usage": TurnUsage,
+    "call": UsageCall,
+    "legacy": LegacyTokenUsage,
+    "entry": ModelUsage,
+}
 
 
-def test_the_compiled_path_takes_the_shapes_producers_write() -> None:
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_native_rules_read_every_field_of_each_model(name: str) -> None:
+    """The fields the native rules check and keep are the model's (producer/events.py), field
+    for field: a field added to a model without a rule would be dropped from the payload."""
+    known = set(token_ledger_native.KNOWN_FIELDS[name])
+    if name in ("turn.started", "turn.finalized", "message.appended"):
+        known |= set(token_ledger_native.KNOWN_FIELDS["envelope"])
+    assert known == set(MODELS[name].model_fields)
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00")),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.text(
+                st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=6
+            ),
+            children,
+            max_size=4,
+        )
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(json_values, st.booleans())
+def test_the_native_canonical_text_is_the_digests_text(value: object, ascii_only: bool) -> None:
+    """Parsed from any JSON text of it, the native writer gives the value's canonical text
+    (producer/canonical.py) byte for byte: sorted keys, ASCII, escapes as json.dumps."""
+    text = json.dumps(value, ensure_ascii=ascii_only).encode()
+    assert token_ledger_native.ascii_text(text) == canonical.ascii_text(value)
+
+
+def test_the_native_path_takes_the_shapes_producers_write() -> None:
     """Every example of the contract but the v0 body, and the simulator's current-version
     traffic, never reach the reference decoder: that is where the cost goes down."""
     for name in EXAMPLE_NAMES:

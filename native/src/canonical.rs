@@ -1,0 +1,132 @@
+//! The digest's text: compact JSON with keys sorted by code point and only ASCII characters,
+//! byte for byte what producer/canonical.py's `ascii_text` writes (its property test holds the
+//! two equal), and its SHA-256.
+
+use sha2::{Digest, Sha256};
+
+use crate::json::Value;
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+pub fn digest(value: &Value<'_>) -> [u8; 32] {
+    let mut text = Vec::with_capacity(1024);
+    write(value, &mut text);
+    Sha256::digest(&text).into()
+}
+
+pub fn ascii_text(value: &Value<'_>) -> Vec<u8> {
+    let mut text = Vec::with_capacity(1024);
+    write(value, &mut text);
+    text
+}
+
+fn write(value: &Value<'_>, out: &mut Vec<u8>) {
+    match value {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Int(number) => write_int(*number, out),
+        Value::Str(text) => write_str(text, out),
+        Value::Uuid(uuid) => {
+            out.push(b'"');
+            write_uuid(*uuid, out);
+            out.push(b'"');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (at, item) in items.iter().enumerate() {
+                if at > 0 {
+                    out.push(b',');
+                }
+                write(item, out);
+            }
+            out.push(b']');
+        }
+        Value::Object(entries) => {
+            let mut order: Vec<usize> = (0..entries.len()).collect();
+            order.sort_unstable_by(|a, b| entries[*a].0.cmp(&entries[*b].0));
+            out.push(b'{');
+            for (at, index) in order.into_iter().enumerate() {
+                if at > 0 {
+                    out.push(b',');
+                }
+                let (key, item) = &entries[index];
+                write_str(key, out);
+                out.push(b':');
+                write(item, out);
+            }
+            out.push(b'}');
+        }
+    }
+}
+
+pub fn write_int(number: i64, out: &mut Vec<u8>) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = number.unsigned_abs();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    if number < 0 {
+        out.push(b'-');
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// The hyphenated lowercase text of a UUID, as `str(uuid.UUID)` writes it.
+pub fn write_uuid(uuid: u128, out: &mut Vec<u8>) {
+    for nibble in 0..32 {
+        if matches!(nibble, 8 | 12 | 16 | 20) {
+            out.push(b'-');
+        }
+        out.push(HEX[((uuid >> (124 - 4 * nibble)) & 0xF) as usize]);
+    }
+}
+
+fn escape_unit(unit: u32, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"\\u");
+    for shift in [12, 8, 4, 0] {
+        out.push(HEX[((unit >> shift) & 0xF) as usize]);
+    }
+}
+
+fn write_str(text: &str, out: &mut Vec<u8>) {
+    out.push(b'"');
+    let bytes = text.as_bytes();
+    let mut at = 0;
+    while at < bytes.len() {
+        // A run written as it is: printable ASCII but the quote and the backslash.
+        let start = at;
+        while at < bytes.len() && matches!(bytes[at], b' '..=b'~') && bytes[at] != b'"' && bytes[at] != b'\\' {
+            at += 1;
+        }
+        out.extend_from_slice(&bytes[start..at]);
+        let Some(character) = text[at..].chars().next() else { break };
+        at += character.len_utf8();
+        match character {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            '\n' => out.extend_from_slice(b"\\n"),
+            '\r' => out.extend_from_slice(b"\\r"),
+            '\t' => out.extend_from_slice(b"\\t"),
+            '\u{8}' => out.extend_from_slice(b"\\b"),
+            '\u{c}' => out.extend_from_slice(b"\\f"),
+            _ => {
+                let code = character as u32;
+                if code < 0x10000 {
+                    escape_unit(code, out);
+                } else {
+                    let code = code - 0x10000;
+                    escape_unit(0xD800 | (code >> 10), out);
+                    escape_unit(0xDC00 | (code & 0x3FF), out);
+                }
+            }
+        }
+    }
+    out.push(b'"');
+}

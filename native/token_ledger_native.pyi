@@ -1,0 +1,45 @@
+"""token-ledger's native decode path (native/src/lib.rs); used through consumer/ledger/native.py."""
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+# The fields the native rules read, by model: "envelope", "turn.started", "turn.finalized",
+# "message.appended", "usage", "call", "legacy", "entry".
+KNOWN_FIELDS: dict[str, tuple[str, ...]]
+
+class Decoder:
+    def __init__(
+        self,
+        *,
+        started: list[str],
+        finalized: list[str],
+        appended: list[str],
+        usage: list[str],
+        call: list[str],
+        legacy: list[str],
+        entry: list[str],
+        measures: list[str],
+        max: int,
+        calls: int,
+    ) -> None: ...
+    def decode(
+        self, value: bytes, max_bytes: int, max_nesting: int
+    ) -> (
+        tuple[
+            str,  # type
+            uuid.UUID,  # event_id
+            datetime,  # occurred_at, in UTC
+            int,  # thread_id
+            int,  # search_space_id
+            uuid.UUID | None,  # user_id
+            str | None,  # turn_id
+            str | None,  # role
+            bytes,  # digest
+            dict[str, Any],  # payload
+            int,  # unknown fields
+        ]
+        | None
+    ): ...
+
+def ascii_text(value: bytes) -> bytes | None: ...

@@ -25,11 +25,15 @@ impl<'a> Value<'a> {
     }
 }
 
-/// The value of `text`, or None (see the module's docs). Nesting is bounded by the caller,
-/// which counts the brackets before parsing.
-pub fn parse(text: &[u8]) -> Option<Value<'_>> {
+/// The deepest nesting parsed whatever a caller asks: the parser recurses, and its stack must
+/// hold on any thread. Twice the contract's bound (producer/decoding.py's MAX_NESTING).
+pub const DEEPEST: usize = 256;
+
+/// The value of `text`, or None (see the module's docs): also for arrays and objects nested
+/// deeper than `max_depth` (or DEEPEST).
+pub fn parse(text: &[u8], max_depth: usize) -> Option<Value<'_>> {
     let text = std::str::from_utf8(text).ok()?;
-    let mut parser = Parser { text, bytes: text.as_bytes(), at: 0 };
+    let mut parser = Parser { text, bytes: text.as_bytes(), at: 0, depth: max_depth.min(DEEPEST) };
     let value = parser.value()?;
     parser.skip_whitespace();
     (parser.at == parser.bytes.len()).then_some(value)
@@ -39,6 +43,19 @@ struct Parser<'a> {
     text: &'a str,
     bytes: &'a [u8],
     at: usize,
+    /// How many more levels of arrays and objects may open.
+    depth: usize,
+}
+
+/// Whether a key repeats: pairwise for the few keys an object usually has, sorted past that
+/// (a flat object of many keys must not cost their square).
+fn repeats(entries: &[(Cow<'_, str>, Value<'_>)]) -> bool {
+    if entries.len() <= 16 {
+        return entries.iter().enumerate().any(|(at, (key, _))| entries[..at].iter().any(|(seen, _)| seen == key));
+    }
+    let mut keys: Vec<&str> = entries.iter().map(|(key, _)| key.as_ref()).collect();
+    keys.sort_unstable();
+    keys.windows(2).any(|pair| pair[0] == pair[1])
 }
 
 impl<'a> Parser<'a> {
@@ -60,8 +77,12 @@ impl<'a> Parser<'a> {
     fn value(&mut self) -> Option<Value<'a>> {
         self.skip_whitespace();
         match *self.bytes.get(self.at)? {
-            b'{' => self.object(),
-            b'[' => self.array(),
+            b'{' | b'[' => {
+                self.depth = self.depth.checked_sub(1)?;
+                let nested = if self.bytes[self.at] == b'{' { self.object() } else { self.array() };
+                self.depth += 1;
+                nested
+            }
             b'"' => self.string().map(Value::Str),
             b't' => self.literal(b"true", Value::Bool(true)),
             b'f' => self.literal(b"false", Value::Bool(false)),
@@ -91,16 +112,14 @@ impl<'a> Parser<'a> {
             }
             self.at += 1;
             let value = self.value()?;
-            if entries.iter().any(|(seen, _)| *seen == key) {
-                return None; // which copy wins is the slower paths' rule
-            }
             entries.push((key, value));
             self.skip_whitespace();
             match self.bytes.get(self.at)? {
                 b',' => self.at += 1,
                 b'}' => {
                     self.at += 1;
-                    return Some(Value::Object(entries));
+                    // Which copy of a repeated key wins is the slower paths' rule.
+                    return (!repeats(&entries)).then_some(Value::Object(entries));
                 }
                 _ => return None,
             }

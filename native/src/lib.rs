@@ -8,6 +8,7 @@ mod time;
 
 use pyo3::intern;
 use pyo3::prelude::*;
+use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
 use pyo3::types::{PyBool, PyBytes, PyDateTime, PyDict, PyList, PyString, PyTuple, PyType, PyTzInfo};
 
@@ -39,6 +40,9 @@ impl Decoder {
         max: i64,
         calls: usize,
     ) -> PyResult<Self> {
+        if calls == 0 {
+            return Err(PyValueError::new_err("calls must be at least 1"));
+        }
         let uuid = py.import("uuid")?;
         let utc = py.import("datetime")?.getattr("UTC")?.cast_into::<PyTzInfo>()?;
         Ok(Decoder {
@@ -65,7 +69,7 @@ impl Decoder {
         if value.iter().filter(|&&byte| byte == b'[' || byte == b'{').count() > max_nesting {
             return Ok(None);
         }
-        let Some(document) = json::parse(value) else { return Ok(None) };
+        let Some(document) = json::parse(value, max_nesting) else { return Ok(None) };
         let Some(event) = event::decode(document, &self.fields) else { return Ok(None) };
         let digest = canonical::digest(&event.payload);
         let at = event.occurred_at;
@@ -147,7 +151,9 @@ impl Decoder {
             Value::Object(entries) => {
                 let dict = PyDict::new(py);
                 for (key, item) in entries {
-                    dict.set_item(PyString::intern(py, key), self.python(py, item)?)?;
+                    // Not interned: keys come from producers, and from Python 3.12 on an
+                    // interned string is never freed.
+                    dict.set_item(PyString::new(py, key), self.python(py, item)?)?;
                 }
                 dict.into_any()
             }
@@ -158,8 +164,8 @@ impl Decoder {
 /// The digest's canonical text of a JSON document (tests hold it to producer/canonical.py's
 /// `ascii_text`), or None for a document the native parser leaves to the slower paths.
 #[pyfunction]
-fn ascii_text<'py>(py: Python<'py>, value: &[u8]) -> Option<Bound<'py, PyBytes>> {
-    json::parse(value).map(|document| PyBytes::new(py, &canonical::ascii_text(&document)))
+fn ascii_text<'py>(py: Python<'py>, value: &[u8], max_nesting: usize) -> Option<Bound<'py, PyBytes>> {
+    json::parse(value, max_nesting).map(|document| PyBytes::new(py, &canonical::ascii_text(&document)))
 }
 
 #[pymodule]

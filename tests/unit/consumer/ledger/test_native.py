@@ -188,7 +188,45 @@ def test_the_native_canonical_text_is_the_digests_text(value: object, ascii_only
     """Parsed from any JSON text of it, the native writer gives the value's canonical text
     (producer/canonical.py) byte for byte: sorted keys, ASCII, escapes as json.dumps."""
     text = json.dumps(value, ensure_ascii=ascii_only).encode()
-    assert token_ledger_native.ascii_text(text) == canonical.ascii_text(value)
+    assert token_ledger_native.ascii_text(text, MAX_NESTING) == canonical.ascii_text(value)
+
+
+@pytest.mark.parametrize("keys", [3, 16, 17, 5000])
+def test_a_key_written_twice_is_the_references_in_small_and_large_objects(keys: int) -> None:
+    """Which copy of a repeated key wins is the reference decoder's rule: the native path
+    answers for distinct keys and leaves a repeat to it, in an object of a few keys (checked
+    pairwise) or of many (checked sorted, so that a flat object of many keys costs no square)."""
+    document = example("turn.started") | {f"k{i:05d}": i for i in range(keys)}
+    distinct = json.dumps(document).encode()
+    assert _agrees(distinct)
+    repeated = distinct[:-1] + b', "k00000": 1}'
+    assert native.decode(repeated, DEFAULT_MAX_EVENT_BYTES, MAX_NESTING) is None
+
+
+def test_nesting_past_the_bound_is_none_however_deep() -> None:
+    """The parser bounds its own depth: text nested past it is left to the reference decoder
+    (which rejects it), never a stack overflow, whatever a caller passes as the bound."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert token_ledger_native.ascii_text(deep, MAX_NESTING) is None
+    assert token_ledger_native.ascii_text(b"[" * 5 + b"]" * 5, 5) == b"[[[[[]]]]]"
+    assert token_ledger_native.ascii_text(b"[" * 6 + b"]" * 6, 5) is None
+    assert native.decode(b'{"a":' + deep + b"}", 1 << 22, 10**7) is None
+
+
+def test_a_decoder_needs_a_positive_bound_on_calls() -> None:
+    with pytest.raises(ValueError, match="calls must be at least 1"):
+        token_ledger_native.Decoder(
+            started=[],
+            finalized=[],
+            appended=[],
+            usage=[],
+            call=[],
+            legacy=[],
+            entry=[],
+            measures=[],
+            max=MAX_INT64,
+            calls=0,
+        )
 
 
 def test_the_native_path_takes_the_shapes_producers_write() -> None:

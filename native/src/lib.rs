@@ -6,6 +6,8 @@ mod event;
 mod json;
 mod time;
 
+use std::sync::Mutex;
+
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::exceptions::PyValueError;
@@ -20,6 +22,41 @@ struct Decoder {
     uuid_type: Py<PyAny>,
     unknown_safety: Py<PyAny>,
     utc: Py<PyTzInfo>,
+    keys: Mutex<KeyCache>,
+}
+
+/// The str objects of recently seen object keys, as msgspec keeps them: a batch's payloads
+/// share a few dozen keys, and a shared str is not made, hashed and freed again for each dict.
+/// Bounded (a producer's keys are unbounded) and not interned (from Python 3.12 on an interned
+/// str is never freed).
+struct KeyCache {
+    slots: Vec<Option<(Box<str>, Py<PyString>)>>,
+}
+
+impl KeyCache {
+    const SLOTS: usize = 512;
+    const LONGEST: usize = 32;
+
+    fn new() -> Self {
+        KeyCache { slots: (0..Self::SLOTS).map(|_| None).collect() }
+    }
+
+    fn get<'py>(&mut self, py: Python<'py>, key: &str) -> Bound<'py, PyString> {
+        if key.len() > Self::LONGEST {
+            return PyString::new(py, key);
+        }
+        // FNV-1a: the slot of a key.
+        let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3));
+        let slot = &mut self.slots[(hash % Self::SLOTS as u64) as usize];
+        if let Some((cached, text)) = slot {
+            if **cached == *key {
+                return text.bind(py).clone();
+            }
+        }
+        let text = PyString::new(py, key);
+        *slot = Some((key.into(), text.clone().unbind()));
+        text
+    }
 }
 
 #[pymethods]
@@ -50,6 +87,7 @@ impl Decoder {
             uuid_type: uuid.getattr("UUID")?.unbind(),
             unknown_safety: uuid.getattr("SafeUUID")?.getattr("unknown")?.unbind(),
             utc: utc.unbind(),
+            keys: Mutex::new(KeyCache::new()),
         })
     }
 
@@ -103,7 +141,7 @@ impl Decoder {
                 None => py.None().into_bound(py),
             },
             PyBytes::new(py, &digest).into_any(),
-            self.python(py, &event.payload)?,
+            self.python(py, &event.payload, &mut self.keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))?,
             event.unknown.into_pyobject(py)?.into_any(),
         ];
         Ok(Some(PyTuple::new(py, parts)?))
@@ -134,7 +172,7 @@ impl Decoder {
         }
     }
 
-    fn python<'py>(&self, py: Python<'py>, value: &Value<'_>) -> PyResult<Bound<'py, PyAny>> {
+    fn python<'py>(&self, py: Python<'py>, value: &Value<'_>, keys: &mut KeyCache) -> PyResult<Bound<'py, PyAny>> {
         Ok(match value {
             Value::Null => py.None().into_bound(py),
             Value::Bool(flag) => PyBool::new(py, *flag).to_owned().into_any(),
@@ -144,16 +182,14 @@ impl Decoder {
             Value::Array(items) => {
                 let list = PyList::empty(py);
                 for item in items {
-                    list.append(self.python(py, item)?)?;
+                    list.append(self.python(py, item, keys)?)?;
                 }
                 list.into_any()
             }
             Value::Object(entries) => {
                 let dict = PyDict::new(py);
                 for (key, item) in entries {
-                    // Not interned: keys come from producers, and from Python 3.12 on an
-                    // interned string is never freed.
-                    dict.set_item(PyString::new(py, key), self.python(py, item)?)?;
+                    dict.set_item(keys.get(py, key), self.python(py, item, keys)?)?;
                 }
                 dict.into_any()
             }

@@ -59,6 +59,7 @@ def export(commit: str, name: str) -> Tree:
         text=True,
         check=True,
     ).stdout.strip()
+    _same_native(commit)
     target = ROOT / ".bench" / commit
     if not (target / "consumer").is_dir():
         target.mkdir(parents=True, exist_ok=True)
@@ -72,6 +73,34 @@ def export(commit: str, name: str) -> Tree:
             [sys.executable, "-m", "compileall", "-q", "-j", "0", str(target)], check=True
         )
     return Tree(f"{name} {commit}", target)
+
+
+def _native_tree(revision: str) -> str | None:
+    """The git tree of native/ at a revision (None when it has none: before the native path)."""
+    found = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", f"{revision}:native"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return found.stdout.strip() or None
+
+
+def _same_native(commit: str) -> None:
+    """Both trees run with .venv's native module, built from the working tree's native/: a
+    commit whose native/ differs from it would be measured with the wrong one."""
+    tree = _native_tree(commit)
+    if tree is None:
+        return
+    changed = subprocess.run(
+        ["git", "status", "--porcelain", "--", "native"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    if tree != _native_tree("HEAD") or changed:
+        sys.exit(
+            f"bench: {commit}'s native/ is not the one .venv was built from (the working "
+            f"tree's): check {commit} out and run `make setup` first"
+        )
 
 
 async def ledger_totals(url: str) -> dict[str, int]:

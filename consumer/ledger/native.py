@@ -1,7 +1,8 @@
 """The native decode path (native/, Rust): a record's bytes to a LedgerEvent and its count of
 unknown fields, the payload's digest taken in the same pass. It answers only for the plain
 shape producers write; anything it is not sure of (a rejection, a v0 legacy body, a non-integer
-number, a UUID or timestamp written another way, a key written twice) is None, and the
+number, a UUID or timestamp written another way, a key written twice, a record over 1 MiB) is
+None, and the
 reference decoder (producer/decoding.py) decides it, with its rejection reasons.
 
 The models stay the contract: their field names are handed to the decoder here, and
@@ -25,6 +26,11 @@ from producer.events import (
 )
 from producer.ledger_event import LedgerEvent
 
+# Records larger than this are the reference decoder's even when LEDGER_MAX_EVENT_BYTES allows
+# more: the native path holds a record's parsed tree, its Python values and its canonical text
+# at once, ~4x the reference's peak memory on a large record (16 MiB: 320 MB against 80).
+LARGEST = 1024 * 1024
+
 # At most CALLS calls a turn, each count at most MAX_INT64 // CALLS: their sums are then within
 # MAX_INT64 without a pass over them. More calls, or larger counts, are the reference's to sum.
 CALLS = 64
@@ -46,7 +52,7 @@ _DECODER = Decoder(
 def decode(value: bytes, max_bytes: int, max_nesting: int) -> tuple[LedgerEvent, int] | None:
     """The current-version event of a record value and how many of its fields no model has;
     None when the reference decoder must decide. The future-skew check is the caller's."""
-    parts = _DECODER.decode(value, max_bytes, max_nesting)
+    parts = _DECODER.decode(value, min(max_bytes, LARGEST), max_nesting)
     if parts is None:
         return None
     return LedgerEvent(*parts[:10]), parts[10]

@@ -213,6 +213,22 @@ def test_nesting_past_the_bound_is_none_however_deep() -> None:
     assert native.decode(b'{"a":' + deep + b"}", 1 << 22, 10**7) is None
 
 
+def test_a_record_past_the_native_bound_is_the_references() -> None:
+    """However large LEDGER_MAX_EVENT_BYTES allows a record to be, one past the native path's
+    bound is decoded by the reference decoder (its peak memory is a quarter of the native's),
+    and gives the same event."""
+    document = example("turn.finalized")
+    document["content"] = [{"type": "text", "text": "x" * native.LARGEST}]
+    value = json.dumps(document).encode()
+    assert len(value) > native.LARGEST
+    assert native.decode(value, 4 * native.LARGEST, MAX_NESTING) is None
+    decoder = BatchDecoder(max_bytes=4 * native.LARGEST, max_future_skew=None)
+    event = decoder(value, TS)
+    assert decoder.referred == 1
+    assert isinstance(event, LedgerEvent)
+    assert event.payload["content"] == document["content"]
+
+
 def test_a_decoder_needs_a_positive_bound_on_calls() -> None:
     with pytest.raises(ValueError, match="calls must be at least 1"):
         token_ledger_native.Decoder(

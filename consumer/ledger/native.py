@@ -2,12 +2,11 @@
 unknown fields, the payload's digest taken in the same pass. It answers only for the plain
 shape producers write; anything it is not sure of (a rejection, a v0 legacy body, a non-integer
 number, a UUID or timestamp written another way, a key written twice, a record over 1 MiB) is
-None, and the
-reference decoder (producer/decoding.py) decides it, with its rejection reasons.
+None, and the reference decoder (producer/decoding.py) decides it, with its rejection reasons.
 
 The models stay the contract: their field names are handed to the decoder here, and
-tests/unit/consumer/test_native.py holds the decoder to the reference on generated records and
-every mutation of them, field by field."""
+tests/unit/consumer/ledger/test_native.py holds the decoder to the reference on generated
+records and every mutation of them, field by field."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ mod event;
 mod json;
 mod time;
 
-use std::sync::Mutex;
+use std::sync::{Mutex, TryLockError};
 
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -122,6 +122,13 @@ impl Decoder {
             at.microsecond,
             Some(self.utc.bind(py)),
         )?;
+        // Never wait for the key cache: its holder may be this thread (a finalizer that a
+        // collection inside `python` runs) or another thread waiting for the GIL this one holds.
+        let mut cache = match self.keys.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
         let parts: [Bound<'py, PyAny>; 11] = [
             PyString::intern(py, event.kind).into_any(),
             self.uuid(py, event.event_id)?,
@@ -141,7 +148,7 @@ impl Decoder {
                 None => py.None().into_bound(py),
             },
             PyBytes::new(py, &digest).into_any(),
-            self.python(py, &event.payload, &mut self.keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))?,
+            self.python(py, &event.payload, cache.as_deref_mut())?,
             event.unknown.into_pyobject(py)?.into_any(),
         ];
         Ok(Some(PyTuple::new(py, parts)?))
@@ -172,7 +179,13 @@ impl Decoder {
         }
     }
 
-    fn python<'py>(&self, py: Python<'py>, value: &Value<'_>, keys: &mut KeyCache) -> PyResult<Bound<'py, PyAny>> {
+    /// The Python value of a parsed one; object keys' str objects from `keys` when it is free.
+    fn python<'py>(
+        &self,
+        py: Python<'py>,
+        value: &Value<'_>,
+        mut keys: Option<&mut KeyCache>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         Ok(match value {
             Value::Null => py.None().into_bound(py),
             Value::Bool(flag) => PyBool::new(py, *flag).to_owned().into_any(),
@@ -182,14 +195,18 @@ impl Decoder {
             Value::Array(items) => {
                 let list = PyList::empty(py);
                 for item in items {
-                    list.append(self.python(py, item, keys)?)?;
+                    list.append(self.python(py, item, keys.as_deref_mut())?)?;
                 }
                 list.into_any()
             }
             Value::Object(entries) => {
                 let dict = PyDict::new(py);
                 for (key, item) in entries {
-                    dict.set_item(keys.get(py, key), self.python(py, item, keys)?)?;
+                    let key = match keys.as_deref_mut() {
+                        Some(cache) => cache.get(py, key),
+                        None => PyString::new(py, key),
+                    };
+                    dict.set_item(key, self.python(py, item, keys.as_deref_mut())?)?;
                 }
                 dict.into_any()
             }

@@ -7,6 +7,8 @@ reference decides. And the digest is the one the pure-Python encoder gave before
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -227,6 +229,42 @@ def test_a_record_past_the_native_bound_is_the_references() -> None:
     assert decoder.referred == 1
     assert isinstance(event, LedgerEvent)
     assert event.payload["content"] == document["content"]
+
+
+REENTRANT = """
+import gc
+from consumer.ledger import native
+from producer.decoding import MAX_NESTING
+from tests.examples import example_bytes
+
+value = example_bytes("turn.finalized")
+answers = []
+
+class Cycle:
+    def __init__(self):
+        self.me = self
+
+    def __del__(self):
+        answers.append(native.decode(value, 1 << 20, MAX_NESTING))
+
+gc.set_threshold(5)
+for _ in range(200):
+    Cycle()
+    answers.append(native.decode(value, 1 << 20, MAX_NESTING))
+assert len({answer[0].digest for answer in answers}) == 1, answers
+print(len(answers))
+"""
+
+
+def test_a_decode_that_a_finalizer_starts_inside_a_decode_finishes() -> None:
+    """The payload's allocations can run the collector, and with it a finalizer that decodes
+    too (on this thread, or by handing the GIL to another): the inner decode must not wait for
+    the outer one's key cache. In a process of its own, since the failure is a hang."""
+    finished = subprocess.run(
+        [sys.executable, "-c", REENTRANT], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert int(finished.stdout) > 200  # the finalizers decoded too
 
 
 def test_a_decoder_needs_a_positive_bound_on_calls() -> None:

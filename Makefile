@@ -12,9 +12,9 @@ TEST_WORKERS ?= 2
 # The native decode path (native/) is Rust, built by `uv sync` through maturin: cargo must be on
 # PATH. rustup's default place is added, so a shell that never sourced ~/.cargo/env works too.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
-NATIVE := native/pyproject.toml native/Cargo.toml native/Cargo.lock native/token_ledger_native.pyi $(wildcard native/src/*.rs)
+NATIVE := native/pyproject.toml native/Cargo.toml native/Cargo.lock native/token_ledger_native.pyi $(shell find native/src -name '*.rs')
 
-.PHONY: setup rust system-packages test-packages deploy-tools jars services services-down status lint typecheck test demo bench clean chaos
+.PHONY: setup system-packages test-packages deploy-tools jars services services-down status lint typecheck test demo bench clean chaos
 
 setup: $(VENV)/.synced jars  ## Python env from the lock file + the Kafka broker jars
 
@@ -31,10 +31,9 @@ $(UV):
 	$(PYTHON) -m venv .tools
 	.tools/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
-rust:  ## cargo, for native/ (Rust comes from rustup, not from the distribution: Debian's is too old)
+# Rust comes from rustup, not from the distribution (Debian's is too old for native/).
+$(VENV)/.synced: pyproject.toml uv.lock $(NATIVE) | $(UV)
 	@command -v cargo >/dev/null || { echo "token-ledger: cargo not found: native/ is Rust; install it with rustup (https://rustup.rs), then run make again" >&2; exit 1; }
-
-$(VENV)/.synced: pyproject.toml uv.lock $(NATIVE) | $(UV) rust
 	# --compile-bytecode: every consumer a test or the benchmark starts would otherwise compile
 	# its dependencies again (PYTHONDONTWRITEBYTECODE environments never cache them): ~1.2 s each.
 	$(UV) sync --frozen --quiet --all-extras --compile-bytecode  # the consumer extra too

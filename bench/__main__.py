@@ -96,10 +96,12 @@ def _same_native(commit: str) -> None:
     changed = subprocess.run(
         ["git", "status", "--porcelain", "--", "native"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
-    if tree != _native_tree("HEAD") or changed:
+    if changed:
+        sys.exit("bench: native/ has changes not committed: commit or stash them first")
+    if tree != _native_tree("HEAD"):
         sys.exit(
-            f"bench: {commit}'s native/ is not the one .venv was built from (the working "
-            f"tree's): check {commit} out and run `make setup` first"
+            f"bench: {commit}'s native/ differs from HEAD's, which .venv is built from (by "
+            "`make setup`, which `make bench` runs): both trees would run HEAD's native module"
         )
 
 

@@ -38,18 +38,13 @@ pub const KNOWN: &[(&str, &[&str])] = &[
     ("entry", &["prompt_tokens", "completion_tokens", "total_tokens", "cost_micros"]),
 ];
 
+/// A valid event: the envelope's other values are read from the payload.
 pub struct Event<'a> {
-    pub kind: &'static str,
-    pub event_id: u128,
     pub occurred_at: Timestamp,
-    pub thread_id: i64,
-    pub search_space_id: i64,
-    pub user_id: Option<u128>,
-    pub turn_id: Option<Cow<'a, str>>,
-    pub role: Option<&'static str>,
     /// Fields of the record (and of its nested usage) that no model has.
     pub unknown: usize,
-    /// The payload, keys in the order the reference decoder's dict has them.
+    /// The payload: the record's parts, then the envelope's (the reference's dict, in another
+    /// order, which jsonb does not keep).
     pub payload: Value<'a>,
 }
 
@@ -148,20 +143,16 @@ pub fn decode<'a>(document: Value<'a>, fields: &Fields) -> Option<Event<'a>> {
         Value::Null => None,
         value => Some(parse_uuid(value.as_str()?)?),
     };
-    let (mut payload, unknown, role) = match kind {
-        "turn.started" => (started(&mut entries)?, unknown_in(&entries, &fields.started), None),
+    let (mut payload, unknown) = match kind {
+        "turn.started" => (started(&mut entries)?, unknown_in(&entries, &fields.started)),
         "turn.finalized" => {
             let (payload, nested) = finalized(&mut entries, user_id.is_some(), fields)?;
-            (payload, nested + unknown_in(&entries, &fields.finalized), None)
+            (payload, nested + unknown_in(&entries, &fields.finalized))
         }
         _ => {
-            let (payload, nested, role) = appended(&mut entries, fields)?;
-            (payload, nested + unknown_in(&entries, &fields.appended), Some(role))
+            let (payload, nested) = appended(&mut entries, fields)?;
+            (payload, nested + unknown_in(&entries, &fields.appended))
         }
-    };
-    let turn_id = match get(&payload, "turn_id") {
-        Some(Value::Str(text)) => Some(text.clone()),
-        _ => None,
     };
     payload.push(str_entry("event_id", Value::Uuid(event_id)));
     payload.push(str_entry("schema_version", Value::Int(1)));
@@ -170,18 +161,7 @@ pub fn decode<'a>(document: Value<'a>, fields: &Fields) -> Option<Event<'a>> {
     payload.push(str_entry("search_space_id", Value::Int(search_space_id)));
     payload.push(str_entry("user_id", user_id.map_or(Value::Null, Value::Uuid)));
     payload.push(str_entry("type", Value::Str(Cow::Borrowed(kind))));
-    Some(Event {
-        kind,
-        event_id,
-        occurred_at,
-        thread_id,
-        search_space_id,
-        user_id,
-        turn_id,
-        role,
-        unknown,
-        payload: Value::Object(payload),
-    })
+    Some(Event { occurred_at, unknown, payload: Value::Object(payload) })
 }
 
 fn started<'a>(entries: &mut Entries<'a>) -> Option<Entries<'a>> {
@@ -243,7 +223,7 @@ fn call_ok(call: &Entries<'_>, high: i64) -> bool {
         && optional_int_ok(call, "reasoning_tokens", high)
 }
 
-fn appended<'a>(entries: &mut Entries<'a>, fields: &Fields) -> Option<(Entries<'a>, usize, &'static str)> {
+fn appended<'a>(entries: &mut Entries<'a>, fields: &Fields) -> Option<(Entries<'a>, usize)> {
     let role = match take(entries, "role")?.as_str()? {
         "user" => "user",
         "assistant" => "assistant",
@@ -304,5 +284,5 @@ fn appended<'a>(entries: &mut Entries<'a>, fields: &Fields) -> Option<(Entries<'
         }
         Some(_) => return None,
     }
-    Some((payload, unknown, role))
+    Some((payload, unknown))
 }

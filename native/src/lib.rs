@@ -129,26 +129,24 @@ impl Decoder {
             Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
             Err(TryLockError::WouldBlock) => None,
         };
+        let payload = self.python(py, &event.payload, cache.as_deref_mut())?;
+        drop(cache);
+        let payload = payload.cast_into::<PyDict>()?;
+        // The envelope's values are the payload's own objects: one UUID, one str each.
+        let field = |name: &Bound<'py, PyString>| -> PyResult<Bound<'py, PyAny>> {
+            Ok(payload.get_item(name)?.unwrap_or_else(|| py.None().into_bound(py)))
+        };
         let parts: [Bound<'py, PyAny>; 11] = [
-            PyString::intern(py, event.kind).into_any(),
-            self.uuid(py, event.event_id)?,
+            field(intern!(py, "type"))?,
+            field(intern!(py, "event_id"))?,
             occurred_at.into_any(),
-            event.thread_id.into_pyobject(py)?.into_any(),
-            event.search_space_id.into_pyobject(py)?.into_any(),
-            match event.user_id {
-                Some(user) => self.uuid(py, user)?,
-                None => py.None().into_bound(py),
-            },
-            match &event.turn_id {
-                Some(turn) => PyString::new(py, turn).into_any(),
-                None => py.None().into_bound(py),
-            },
-            match event.role {
-                Some(role) => PyString::intern(py, role).into_any(),
-                None => py.None().into_bound(py),
-            },
+            field(intern!(py, "thread_id"))?,
+            field(intern!(py, "search_space_id"))?,
+            field(intern!(py, "user_id"))?,
+            field(intern!(py, "turn_id"))?,
+            field(intern!(py, "role"))?,
             PyBytes::new(py, &digest).into_any(),
-            self.python(py, &event.payload, cache.as_deref_mut())?,
+            payload.clone().into_any(),
             event.unknown.into_pyobject(py)?.into_any(),
         ];
         Ok(Some(PyTuple::new(py, parts)?))

@@ -10,7 +10,7 @@ use std::sync::{Mutex, TryLockError};
 
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::ffi;
 use pyo3::types::{PyBool, PyBytes, PyDateTime, PyDict, PyList, PyString, PyTuple, PyType, PyTzInfo};
 
@@ -132,8 +132,12 @@ impl Decoder {
         let payload = self.python(py, &event.payload, cache.as_deref_mut())?;
         drop(cache);
         let payload = payload.cast_into::<PyDict>()?;
-        // The envelope's values are the payload's own objects: one UUID, one str each.
+        // The envelope's values are the payload's own objects: one UUID, one str each. Every
+        // event has the first five (event.rs writes them); turn_id and role only some.
         let field = |name: &Bound<'py, PyString>| -> PyResult<Bound<'py, PyAny>> {
+            payload.get_item(name)?.ok_or_else(|| PyKeyError::new_err(name.clone().unbind()))
+        };
+        let optional = |name: &Bound<'py, PyString>| -> PyResult<Bound<'py, PyAny>> {
             Ok(payload.get_item(name)?.unwrap_or_else(|| py.None().into_bound(py)))
         };
         let parts: [Bound<'py, PyAny>; 11] = [
@@ -143,8 +147,8 @@ impl Decoder {
             field(intern!(py, "thread_id"))?,
             field(intern!(py, "search_space_id"))?,
             field(intern!(py, "user_id"))?,
-            field(intern!(py, "turn_id"))?,
-            field(intern!(py, "role"))?,
+            optional(intern!(py, "turn_id"))?,
+            optional(intern!(py, "role"))?,
             PyBytes::new(py, &digest).into_any(),
             payload.clone().into_any(),
             event.unknown.into_pyobject(py)?.into_any(),

@@ -220,9 +220,14 @@ def test_a_record_past_the_native_bound_is_the_references() -> None:
     bound is decoded by the reference decoder (its peak memory is a quarter of the native's),
     and gives the same event."""
     document = example("turn.finalized")
-    document["content"] = [{"type": "text", "text": "x" * native.LARGEST}]
+    document["content"] = [{"type": "text", "text": ""}]
+    padding = native.LARGEST - len(json.dumps(document).encode())
+    document["content"][0]["text"] = "x" * padding
+    largest = json.dumps(document).encode()
+    assert len(largest) == native.LARGEST
+    assert native.decode(largest, 4 * native.LARGEST, MAX_NESTING) is not None
+    document["content"][0]["text"] += "x"
     value = json.dumps(document).encode()
-    assert len(value) > native.LARGEST
     assert native.decode(value, 4 * native.LARGEST, MAX_NESTING) is None
     decoder = BatchDecoder(max_bytes=4 * native.LARGEST, max_future_skew=None)
     event = decoder(value, TS)

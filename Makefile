@@ -60,6 +60,7 @@ status:
 lint: $(VENV)/.synced
 	$(RUN)/ruff check .
 	$(RUN)/ruff format --check .
+	cd native && cargo fmt --check && cargo clippy --release --quiet -- -D warnings
 
 typecheck: $(VENV)/.synced
 	$(RUN)/mypy

@@ -102,11 +102,17 @@ fn write_str(text: &str, out: &mut Vec<u8>) {
     while at < bytes.len() {
         // A run written as it is: printable ASCII but the quote and the backslash.
         let start = at;
-        while at < bytes.len() && matches!(bytes[at], b' '..=b'~') && bytes[at] != b'"' && bytes[at] != b'\\' {
+        while at < bytes.len()
+            && matches!(bytes[at], b' '..=b'~')
+            && bytes[at] != b'"'
+            && bytes[at] != b'\\'
+        {
             at += 1;
         }
         out.extend_from_slice(&bytes[start..at]);
-        let Some(character) = text[at..].chars().next() else { break };
+        let Some(character) = text[at..].chars().next() else {
+            break;
+        };
         at += character.len_utf8();
         match character {
             '"' => out.extend_from_slice(b"\\\""),

@@ -28,14 +28,61 @@ pub struct Fields {
 /// The fields each type's rules below read: tests/unit/consumer/test_native.py holds them to
 /// the models', so that a field added to a model cannot be dropped from the payload here.
 pub const KNOWN: &[(&str, &[&str])] = &[
-    ("turn.started", &["turn_id", "user_query", "mentioned_documents"]),
+    (
+        "turn.started",
+        &["turn_id", "user_query", "mentioned_documents"],
+    ),
     ("turn.finalized", &["turn_id", "content", "usage"]),
-    ("message.appended", &["turn_id", "role", "content", "token_usage"]),
-    ("envelope", &["event_id", "schema_version", "occurred_at", "thread_id", "search_space_id", "user_id", "type"]),
+    (
+        "message.appended",
+        &["turn_id", "role", "content", "token_usage"],
+    ),
+    (
+        "envelope",
+        &[
+            "event_id",
+            "schema_version",
+            "occurred_at",
+            "thread_id",
+            "search_space_id",
+            "user_id",
+            "type",
+        ],
+    ),
     ("usage", &["calls"]),
-    ("call", &["model", "prompt_tokens", "completion_tokens", "total_tokens", "cost_micros", "call_kind", "cached_tokens", "reasoning_tokens"]),
-    ("legacy", &["prompt_tokens", "completion_tokens", "total_tokens", "cost_micros", "usage", "call_details"]),
-    ("entry", &["prompt_tokens", "completion_tokens", "total_tokens", "cost_micros"]),
+    (
+        "call",
+        &[
+            "model",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "cost_micros",
+            "call_kind",
+            "cached_tokens",
+            "reasoning_tokens",
+        ],
+    ),
+    (
+        "legacy",
+        &[
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "cost_micros",
+            "usage",
+            "call_details",
+        ],
+    ),
+    (
+        "entry",
+        &[
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "cost_micros",
+        ],
+    ),
 ];
 
 /// A valid event: the envelope's other values are read from the payload.
@@ -56,11 +103,17 @@ fn take<'a>(entries: &mut Entries<'a>, name: &str) -> Option<Value<'a>> {
 }
 
 fn get<'b, 'a>(entries: &'b Entries<'a>, name: &str) -> Option<&'b Value<'a>> {
-    entries.iter().find(|(key, _)| key == name).map(|(_, value)| value)
+    entries
+        .iter()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value)
 }
 
 fn unknown_in(entries: &Entries<'_>, fields: &[String]) -> usize {
-    entries.iter().filter(|(key, _)| !fields.iter().any(|field| field == key)).count()
+    entries
+        .iter()
+        .filter(|(key, _)| !fields.iter().any(|field| field == key))
+        .count()
 }
 
 fn int_within(value: &Value<'_>, low: i64, high: i64) -> Option<i64> {
@@ -79,7 +132,9 @@ fn optional_int_ok(entries: &Entries<'_>, name: &str, high: i64) -> bool {
 }
 
 fn text_within(value: &Value<'_>, low: usize, high: usize) -> bool {
-    value.as_str().is_some_and(|text| (low..=high).contains(&text.chars().count()))
+    value
+        .as_str()
+        .is_some_and(|text| (low..=high).contains(&text.chars().count()))
 }
 
 fn turn_id_ok(value: &Value<'_>) -> bool {
@@ -109,7 +164,9 @@ pub fn parse_uuid(text: &str) -> Option<u128> {
 fn content_ok(value: &Value<'_>) -> bool {
     match value {
         Value::Array(parts) => parts.iter().all(|part| match part {
-            Value::Object(entries) => get(entries, "type").is_some_and(|kind| kind.as_str().is_some()),
+            Value::Object(entries) => {
+                get(entries, "type").is_some_and(|kind| kind.as_str().is_some())
+            }
             _ => false,
         }),
         _ => false,
@@ -125,7 +182,9 @@ fn str_entry<'a>(name: &'static str, value: Value<'a>) -> (Cow<'a, str>, Value<'
 }
 
 pub fn decode<'a>(document: Value<'a>, fields: &Fields) -> Option<Event<'a>> {
-    let Value::Object(mut entries) = document else { return None };
+    let Value::Object(mut entries) = document else {
+        return None;
+    };
     let kind = match get(&entries, "type")?.as_str()? {
         "turn.started" => "turn.started",
         "turn.finalized" => "turn.finalized",
@@ -144,7 +203,10 @@ pub fn decode<'a>(document: Value<'a>, fields: &Fields) -> Option<Event<'a>> {
         value => Some(parse_uuid(value.as_str()?)?),
     };
     let (mut payload, unknown) = match kind {
-        "turn.started" => (started(&mut entries)?, unknown_in(&entries, &fields.started)),
+        "turn.started" => (
+            started(&mut entries)?,
+            unknown_in(&entries, &fields.started),
+        ),
         "turn.finalized" => {
             let (payload, nested) = finalized(&mut entries, user_id.is_some(), fields)?;
             (payload, nested + unknown_in(&entries, &fields.finalized))
@@ -156,12 +218,22 @@ pub fn decode<'a>(document: Value<'a>, fields: &Fields) -> Option<Event<'a>> {
     };
     payload.push(str_entry("event_id", Value::Uuid(event_id)));
     payload.push(str_entry("schema_version", Value::Int(1)));
-    payload.push(str_entry("occurred_at", Value::Str(Cow::Owned(occurred_at.isoformat()))));
+    payload.push(str_entry(
+        "occurred_at",
+        Value::Str(Cow::Owned(occurred_at.isoformat())),
+    ));
     payload.push(str_entry("thread_id", Value::Int(thread_id)));
     payload.push(str_entry("search_space_id", Value::Int(search_space_id)));
-    payload.push(str_entry("user_id", user_id.map_or(Value::Null, Value::Uuid)));
+    payload.push(str_entry(
+        "user_id",
+        user_id.map_or(Value::Null, Value::Uuid),
+    ));
     payload.push(str_entry("type", Value::Str(Cow::Borrowed(kind))));
-    Some(Event { occurred_at, unknown, payload: Value::Object(payload) })
+    Some(Event {
+        occurred_at,
+        unknown,
+        payload: Value::Object(payload),
+    })
 }
 
 fn started<'a>(entries: &mut Entries<'a>) -> Option<Entries<'a>> {
@@ -170,7 +242,10 @@ fn started<'a>(entries: &mut Entries<'a>) -> Option<Entries<'a>> {
     if !turn_id_ok(&turn_id) || user_query.as_str().is_none() {
         return None;
     }
-    let mut payload = vec![str_entry("turn_id", turn_id), str_entry("user_query", user_query)];
+    let mut payload = vec![
+        str_entry("turn_id", turn_id),
+        str_entry("user_query", user_query),
+    ];
     if let Some(documents) = take(entries, "mentioned_documents") {
         if !objects(&documents) {
             return None;
@@ -180,7 +255,11 @@ fn started<'a>(entries: &mut Entries<'a>) -> Option<Entries<'a>> {
     Some(payload)
 }
 
-fn finalized<'a>(entries: &mut Entries<'a>, has_user: bool, fields: &Fields) -> Option<(Entries<'a>, usize)> {
+fn finalized<'a>(
+    entries: &mut Entries<'a>,
+    has_user: bool,
+    fields: &Fields,
+) -> Option<(Entries<'a>, usize)> {
     let turn_id = take(entries, "turn_id")?;
     let content = take(entries, "content")?;
     if !turn_id_ok(&turn_id) || !content_ok(&content) {
@@ -193,20 +272,27 @@ fn finalized<'a>(entries: &mut Entries<'a>, has_user: bool, fields: &Fields) -> 
         Some(Value::Null) => payload.push(str_entry("usage", Value::Null)),
         Some(Value::Object(mut usage)) => {
             let calls = take(&mut usage, "calls")?;
-            let Value::Array(items) = &calls else { return None };
+            let Value::Array(items) = &calls else {
+                return None;
+            };
             if (!items.is_empty() && !has_user) || items.len() > fields.calls {
                 return None; // calls need a user to bill; many calls need their sums checked
             }
             let high = fields.max / fields.calls as i64;
             for item in items {
-                let Value::Object(call) = item else { return None };
+                let Value::Object(call) = item else {
+                    return None;
+                };
                 if !call_ok(call, high) {
                     return None;
                 }
                 unknown += unknown_in(call, &fields.call);
             }
             unknown += unknown_in(&usage, &fields.usage);
-            payload.push(str_entry("usage", Value::Object(vec![str_entry("calls", calls)])));
+            payload.push(str_entry(
+                "usage",
+                Value::Object(vec![str_entry("calls", calls)]),
+            ));
         }
         Some(_) => return None,
     }
@@ -216,9 +302,14 @@ fn finalized<'a>(entries: &mut Entries<'a>, has_user: bool, fields: &Fields) -> 
 fn call_ok(call: &Entries<'_>, high: i64) -> bool {
     get(call, "model").is_some_and(|model| text_within(model, 1, 200))
         && get(call, "call_kind").is_some_and(|kind| text_within(kind, 1, 64))
-        && ["prompt_tokens", "completion_tokens", "total_tokens", "cost_micros"]
-            .iter()
-            .all(|name| get(call, name).is_some_and(|count| int_within(count, 0, high).is_some()))
+        && [
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "cost_micros",
+        ]
+        .iter()
+        .all(|name| get(call, name).is_some_and(|count| int_within(count, 0, high).is_some()))
         && optional_int_ok(call, "cached_tokens", high)
         && optional_int_ok(call, "reasoning_tokens", high)
 }
@@ -234,7 +325,10 @@ fn appended<'a>(entries: &mut Entries<'a>, fields: &Fields) -> Option<(Entries<'
     if !content_ok(&content) {
         return None;
     }
-    let mut payload = vec![str_entry("role", Value::Str(Cow::Borrowed(role))), str_entry("content", content)];
+    let mut payload = vec![
+        str_entry("role", Value::Str(Cow::Borrowed(role))),
+        str_entry("content", content),
+    ];
     match take(entries, "turn_id") {
         None => {}
         Some(Value::Null) => payload.push(str_entry("turn_id", Value::Null)),
@@ -263,8 +357,14 @@ fn appended<'a>(entries: &mut Entries<'a>, fields: &Fields) -> Option<(Entries<'
                     Value::Null => {}
                     Value::Object(models) => {
                         for (_, entry) in models {
-                            let Value::Object(entry) = entry else { return None };
-                            if !fields.entry.iter().all(|name| optional_int_ok(entry, name, fields.max)) {
+                            let Value::Object(entry) = entry else {
+                                return None;
+                            };
+                            if !fields
+                                .entry
+                                .iter()
+                                .all(|name| optional_int_ok(entry, name, fields.max))
+                            {
                                 return None;
                             }
                             unknown += unknown_in(entry, &fields.entry);

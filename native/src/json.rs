@@ -33,7 +33,12 @@ pub const DEEPEST: usize = 256;
 /// deeper than `max_depth` (or DEEPEST).
 pub fn parse(text: &[u8], max_depth: usize) -> Option<Value<'_>> {
     let text = std::str::from_utf8(text).ok()?;
-    let mut parser = Parser { text, bytes: text.as_bytes(), at: 0, depth: max_depth.min(DEEPEST) };
+    let mut parser = Parser {
+        text,
+        bytes: text.as_bytes(),
+        at: 0,
+        depth: max_depth.min(DEEPEST),
+    };
     let value = parser.value()?;
     parser.skip_whitespace();
     (parser.at == parser.bytes.len()).then_some(value)
@@ -51,7 +56,10 @@ struct Parser<'a> {
 /// (a flat object of many keys must not cost their square).
 fn repeats(entries: &[(Cow<'_, str>, Value<'_>)]) -> bool {
     if entries.len() <= 16 {
-        return entries.iter().enumerate().any(|(at, (key, _))| entries[..at].iter().any(|(seen, _)| seen == key));
+        return entries
+            .iter()
+            .enumerate()
+            .any(|(at, (key, _))| entries[..at].iter().any(|(seen, _)| seen == key));
     }
     let mut keys: Vec<&str> = entries.iter().map(|(key, _)| key.as_ref()).collect();
     keys.sort_unstable();
@@ -79,7 +87,11 @@ impl<'a> Parser<'a> {
         match *self.bytes.get(self.at)? {
             b'{' | b'[' => {
                 self.depth = self.depth.checked_sub(1)?;
-                let nested = if self.bytes[self.at] == b'{' { self.object() } else { self.array() };
+                let nested = if self.bytes[self.at] == b'{' {
+                    self.object()
+                } else {
+                    self.array()
+                };
                 self.depth += 1;
                 nested
             }
@@ -167,7 +179,10 @@ impl<'a> Parser<'a> {
             return None;
         }
         // "-0" is 0, as Python reads it.
-        self.text[start..self.at].parse::<i64>().ok().map(Value::Int)
+        self.text[start..self.at]
+            .parse::<i64>()
+            .ok()
+            .map(Value::Int)
     }
 
     fn string(&mut self) -> Option<Cow<'a, str>> {

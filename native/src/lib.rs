@@ -8,11 +8,13 @@ mod time;
 
 use std::sync::{Mutex, TryLockError};
 
-use pyo3::intern;
-use pyo3::prelude::*;
 use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::ffi;
-use pyo3::types::{PyBool, PyBytes, PyDateTime, PyDict, PyList, PyString, PyTuple, PyType, PyTzInfo};
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{
+    PyBool, PyBytes, PyDateTime, PyDict, PyList, PyString, PyTuple, PyType, PyTzInfo,
+};
 
 use crate::json::Value;
 
@@ -38,7 +40,9 @@ impl KeyCache {
     const LONGEST: usize = 32;
 
     fn new() -> Self {
-        KeyCache { slots: (0..Self::SLOTS).map(|_| None).collect() }
+        KeyCache {
+            slots: (0..Self::SLOTS).map(|_| None).collect(),
+        }
     }
 
     fn get<'py>(&mut self, py: Python<'py>, key: &str) -> Bound<'py, PyString> {
@@ -46,7 +50,9 @@ impl KeyCache {
             return PyString::new(py, key);
         }
         // FNV-1a: the slot of a key.
-        let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3));
+        let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3)
+        });
         let slot = &mut self.slots[(hash % Self::SLOTS as u64) as usize];
         if let Some((cached, text)) = slot {
             if **cached == *key {
@@ -81,9 +87,23 @@ impl Decoder {
             return Err(PyValueError::new_err("calls must be at least 1"));
         }
         let uuid = py.import("uuid")?;
-        let utc = py.import("datetime")?.getattr("UTC")?.cast_into::<PyTzInfo>()?;
+        let utc = py
+            .import("datetime")?
+            .getattr("UTC")?
+            .cast_into::<PyTzInfo>()?;
         Ok(Decoder {
-            fields: event::Fields { started, finalized, appended, usage, call, legacy, entry, measures, max, calls },
+            fields: event::Fields {
+                started,
+                finalized,
+                appended,
+                usage,
+                call,
+                legacy,
+                entry,
+                measures,
+                max,
+                calls,
+            },
             uuid_type: uuid.getattr("UUID")?.unbind(),
             unknown_safety: uuid.getattr("SafeUUID")?.getattr("unknown")?.unbind(),
             utc: utc.unbind(),
@@ -104,11 +124,20 @@ impl Decoder {
         if value.is_empty() || value.len() > max_bytes {
             return Ok(None);
         }
-        if value.iter().filter(|&&byte| byte == b'[' || byte == b'{').count() > max_nesting {
+        if value
+            .iter()
+            .filter(|&&byte| byte == b'[' || byte == b'{')
+            .count()
+            > max_nesting
+        {
             return Ok(None);
         }
-        let Some(document) = json::parse(value, max_nesting) else { return Ok(None) };
-        let Some(event) = event::decode(document, &self.fields) else { return Ok(None) };
+        let Some(document) = json::parse(value, max_nesting) else {
+            return Ok(None);
+        };
+        let Some(event) = event::decode(document, &self.fields) else {
+            return Ok(None);
+        };
         let digest = canonical::digest(&event.payload);
         let at = event.occurred_at;
         let occurred_at = PyDateTime::new(
@@ -135,10 +164,14 @@ impl Decoder {
         // The envelope's values are the payload's own objects: one UUID, one str each. Every
         // event has the first five (event.rs writes them); turn_id and role only some.
         let field = |name: &Bound<'py, PyString>| -> PyResult<Bound<'py, PyAny>> {
-            payload.get_item(name)?.ok_or_else(|| PyKeyError::new_err(name.clone().unbind()))
+            payload
+                .get_item(name)?
+                .ok_or_else(|| PyKeyError::new_err(name.clone().unbind()))
         };
         let optional = |name: &Bound<'py, PyString>| -> PyResult<Bound<'py, PyAny>> {
-            Ok(payload.get_item(name)?.unwrap_or_else(|| py.None().into_bound(py)))
+            Ok(payload
+                .get_item(name)?
+                .unwrap_or_else(|| py.None().into_bound(py)))
         };
         let parts: [Bound<'py, PyAny>; 11] = [
             field(intern!(py, "type"))?,
@@ -168,7 +201,11 @@ impl Decoder {
             let allocated = ffi::PyType_GenericAlloc(uuid_type.as_ptr().cast(), 0);
             let uuid = Bound::from_owned_ptr_or_err(py, allocated)?;
             let int = value.into_pyobject(py)?;
-            if ffi::PyObject_GenericSetAttr(uuid.as_ptr(), intern!(py, "int").as_ptr(), int.as_ptr()) != 0
+            if ffi::PyObject_GenericSetAttr(
+                uuid.as_ptr(),
+                intern!(py, "int").as_ptr(),
+                int.as_ptr(),
+            ) != 0
                 || ffi::PyObject_GenericSetAttr(
                     uuid.as_ptr(),
                     intern!(py, "is_safe").as_ptr(),
@@ -219,8 +256,13 @@ impl Decoder {
 /// The digest's canonical text of a JSON document (tests hold it to producer/canonical.py's
 /// `ascii_text`), or None for a document the native parser leaves to the slower paths.
 #[pyfunction]
-fn ascii_text<'py>(py: Python<'py>, value: &[u8], max_nesting: usize) -> Option<Bound<'py, PyBytes>> {
-    json::parse(value, max_nesting).map(|document| PyBytes::new(py, &canonical::ascii_text(&document)))
+fn ascii_text<'py>(
+    py: Python<'py>,
+    value: &[u8],
+    max_nesting: usize,
+) -> Option<Bound<'py, PyBytes>> {
+    json::parse(value, max_nesting)
+        .map(|document| PyBytes::new(py, &canonical::ascii_text(&document)))
 }
 
 #[pymodule]

@@ -13,7 +13,10 @@ pub struct Timestamp {
 }
 
 fn digits(text: &[u8]) -> Option<u32> {
-    text.iter().try_fold(0u32, |value, &byte| byte.is_ascii_digit().then(|| value * 10 + u32::from(byte - b'0')))
+    text.iter().try_fold(0u32, |value, &byte| {
+        byte.is_ascii_digit()
+            .then(|| value * 10 + u32::from(byte - b'0'))
+    })
 }
 
 fn is_leap(year: i64) -> bool {
@@ -43,11 +46,16 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let days = days + 719468;
     let era = days.div_euclid(146097);
     let day_of_era = days - era * 146097;
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36524 - day_of_era / 146096) / 365;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36524 - day_of_era / 146096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let shifted_month = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
-    let month = if shifted_month < 10 { shifted_month + 3 } else { shifted_month - 9 };
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    };
     (year_of_era + era * 400 + i64::from(month <= 2), month, day)
 }
 
@@ -57,7 +65,13 @@ impl Timestamp {
     /// rejects those).
     pub fn parse(text: &str) -> Option<Timestamp> {
         let bytes = text.as_bytes();
-        if bytes.len() < 20 || bytes[4] != b'-' || bytes[7] != b'-' || bytes[10] != b'T' || bytes[13] != b':' || bytes[16] != b':' {
+        if bytes.len() < 20
+            || bytes[4] != b'-'
+            || bytes[7] != b'-'
+            || bytes[10] != b'T'
+            || bytes[13] != b':'
+            || bytes[16] != b':'
+        {
             return None;
         }
         let year = i64::from(digits(&bytes[0..4])?);
@@ -90,14 +104,26 @@ impl Timestamp {
                     return None;
                 }
                 let offset = hours * 60 + minutes;
-                if *sign == b'-' { -offset } else { offset }
+                if *sign == b'-' {
+                    -offset
+                } else {
+                    offset
+                }
             }
             _ => return None,
         };
-        if year < 1 || !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) || hour > 23 || minute > 59 || second > 59 {
+        if year < 1
+            || !(1..=12).contains(&month)
+            || day < 1
+            || day > days_in_month(year, month)
+            || hour > 23
+            || minute > 59
+            || second > 59
+        {
             return None;
         }
-        let minutes = days_from_civil(year, month, day) * 1440 + hour * 60 + minute - offset_minutes;
+        let minutes =
+            days_from_civil(year, month, day) * 1440 + hour * 60 + minute - offset_minutes;
         let (year, month, day) = civil_from_days(minutes.div_euclid(1440));
         let minute_of_day = minutes.rem_euclid(1440);
         if !(1..=9999).contains(&year) {
@@ -112,8 +138,24 @@ impl Timestamp {
             second: second as u8,
             microsecond: microsecond as u32,
         };
-        let first = Timestamp { year: 1, month: 1, day: 1, hour: 0, minute: 0, second: 0, microsecond: 0 };
-        let last = Timestamp { year: 9999, month: 12, day: 31, hour: 23, minute: 59, second: 59, microsecond: 999_999 };
+        let first = Timestamp {
+            year: 1,
+            month: 1,
+            day: 1,
+            hour: 0,
+            minute: 0,
+            second: 0,
+            microsecond: 0,
+        };
+        let last = Timestamp {
+            year: 9999,
+            month: 12,
+            day: 31,
+            hour: 23,
+            minute: 59,
+            second: 59,
+            microsecond: 999_999,
+        };
         (utc != first && utc != last).then_some(utc)
     }
 

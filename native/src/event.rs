@@ -25,7 +25,7 @@ pub struct Fields {
     pub calls: usize,
 }
 
-/// The fields each type's rules below read: tests/unit/consumer/test_native.py holds them to
+/// The fields each type's rules below read: tests/unit/consumer/ledger/test_native.py holds them to
 /// the models', so that a field added to a model cannot be dropped from the payload here.
 pub const KNOWN: &[(&str, &[&str])] = &[
     (
@@ -97,6 +97,8 @@ pub struct Event<'a> {
 
 type Entries<'a> = Vec<(Cow<'a, str>, Value<'a>)>;
 
+/// Moves a field's value out, leaving its key (and a null) behind: the unknown fields are
+/// counted after, over every key the record had.
 fn take<'a>(entries: &mut Entries<'a>, name: &str) -> Option<Value<'a>> {
     let at = entries.iter().position(|(key, _)| key == name)?;
     Some(std::mem::replace(&mut entries[at].1, Value::Null))
@@ -283,7 +285,7 @@ fn finalized<'a>(
                 let Value::Object(call) = item else {
                     return None;
                 };
-                if !call_ok(call, high) {
+                if !call_ok(call, &fields.measures, high) {
                     return None;
                 }
                 unknown += unknown_in(call, &fields.call);
@@ -299,17 +301,12 @@ fn finalized<'a>(
     Some((payload, unknown))
 }
 
-fn call_ok(call: &Entries<'_>, high: i64) -> bool {
+fn call_ok(call: &Entries<'_>, measures: &[String], high: i64) -> bool {
     get(call, "model").is_some_and(|model| text_within(model, 1, 200))
         && get(call, "call_kind").is_some_and(|kind| text_within(kind, 1, 64))
-        && [
-            "prompt_tokens",
-            "completion_tokens",
-            "total_tokens",
-            "cost_micros",
-        ]
-        .iter()
-        .all(|name| get(call, name).is_some_and(|count| int_within(count, 0, high).is_some()))
+        && measures
+            .iter()
+            .all(|name| get(call, name).is_some_and(|count| int_within(count, 0, high).is_some()))
         && optional_int_ok(call, "cached_tokens", high)
         && optional_int_ok(call, "reasoning_tokens", high)
 }

@@ -1,7 +1,9 @@
-"""token-ledger's native decode path (native/src/lib.rs); used through consumer/ledger/native.py."""
+"""token-ledger's native paths (native/src/lib.rs): used through consumer/ledger/native.py and
+consumer/ledger/arrays.py."""
 
 import uuid
 from datetime import datetime
+from collections.abc import Callable
 from typing import Any
 
 # The fields the native rules read, by model: "envelope", "turn.started", "turn.finalized",
@@ -43,3 +45,9 @@ class Decoder:
     ): ...
 
 def ascii_text(value: bytes, max_nesting: int) -> bytes | None: ...
+
+class Columns:
+    """Rows to PostgreSQL array literals, one per (attribute path, PostgreSQL type) column."""
+
+    def __init__(self, columns: list[tuple[str, str]], json_text: Callable[[Any], bytes]) -> None: ...
+    def __call__(self, rows: list[Any]) -> list[str]: ...

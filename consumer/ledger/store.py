@@ -1,5 +1,6 @@
-"""The batch's writes: guarded upserts, set-based (UNNEST over arrays), so a batch costs the
-same handful of round trips whatever its size:
+"""The batch's writes: guarded upserts, set-based (UNNEST over arrays, each sent as one literal
+written natively: arrays.py), so a batch costs the same handful of round trips whatever its
+size:
 
     write_plan  <= 7 statements  threads, turn messages, turn-less messages (+ a check that no
                                  other writer keyed another message by the same event_id), the
@@ -15,21 +16,14 @@ transaction: rows and offsets commit together or not at all.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from operator import attrgetter
-from typing import Any
+from collections.abc import Iterable
 
 import asyncpg
 
 from consumer.errors import ConcurrentWriteError, ThreadRaceError
-from consumer.ledger.claims import BatchPlan, UsageRow
-from producer import canonical
+from consumer.ledger.arrays import ArrayArguments, Column
+from consumer.ledger.claims import BatchPlan
 from producer.events import USAGE_MEASURES
-
-
-def canonical_json(value: Any) -> str:
-    """The JSON text written to jsonb columns (compact, unicode and exact numbers kept)."""
-    return canonical.text(value)
 
 
 def _take_if(condition: str, alias: str, columns: Iterable[str]) -> str:
@@ -45,11 +39,23 @@ _CREATOR_WINS = """(EXCLUDED.created_by_at IS NOT NULL AND (t.created_by_at IS N
 
 _CREATOR_COLUMNS = ("created_by_id", "created_by_at", "created_by_event_id", "created_by_digest")
 
+_THREAD_ARGUMENTS = ArrayArguments(
+    [
+        Column("id", "bigint", "id"),
+        Column("search_space_id", "bigint", "search_space_id"),
+        Column("created_at", "timestamptz", "created_at"),
+        Column("updated_at", "timestamptz", "updated_at"),
+        Column("created_by_id", "uuid", "created_by_id"),
+        Column("created_by_at", "timestamptz", "created_by_at"),
+        Column("created_by_event_id", "uuid", "created_by_event_id"),
+        Column("created_by_digest", "bytea", "created_by_digest"),
+    ]
+)
+
 _UPSERT_THREADS = f"""
 INSERT INTO chat_threads AS t (id, search_space_id, created_at, updated_at, created_by_id,
                                created_by_at, created_by_event_id, created_by_digest)
-SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::timestamptz[],
-                     $5::uuid[], $6::timestamptz[], $7::uuid[], $8::bytea[])
+SELECT {_THREAD_ARGUMENTS.values("v")} FROM {_THREAD_ARGUMENTS.unnest("v")}
 ON CONFLICT (id) DO UPDATE SET
   created_at = LEAST(t.created_at, EXCLUDED.created_at),
   updated_at = GREATEST(t.updated_at, EXCLUDED.updated_at),
@@ -62,13 +68,24 @@ _CONTENT_WINS = """((EXCLUDED.content_rank, EXCLUDED.content_at, EXCLUDED.conten
      EXCLUDED.content_digest)
     > (m.content_rank, m.content_at, m.content_event_id, m.content_digest))"""
 
-_MESSAGE_VALUES = """
-SELECT v.thread_id, v.role, v.turn_id, v.content::jsonb, v.author_id, v.content_rank,
-       v.content_at, v.content_event_id, v.content_digest, v.created_at, now()
-FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::uuid[], $6::smallint[],
-            $7::timestamptz[], $8::uuid[], $9::bytea[], $10::timestamptz[])
-  AS v(thread_id, role, turn_id, content, author_id, content_rank, content_at,
-       content_event_id, content_digest, created_at)
+_MESSAGE_ARGUMENTS = ArrayArguments(
+    [
+        Column("thread_id", "bigint", "key.thread_id"),
+        Column("role", "text", "key.role"),
+        Column("turn_id", "text", "key.turn_id"),
+        Column("content", "jsonb", "content"),
+        Column("author_id", "uuid", "author_id"),
+        Column("content_rank", "smallint", "claim.rank"),
+        Column("content_at", "timestamptz", "claim.at"),
+        Column("content_event_id", "uuid", "claim.event_id"),
+        Column("content_digest", "bytea", "claim.digest"),
+        Column("created_at", "timestamptz", "created_at"),
+    ]
+)
+
+_MESSAGE_VALUES = f"""
+SELECT {_MESSAGE_ARGUMENTS.values("v")}, now()
+FROM {_MESSAGE_ARGUMENTS.unnest("v")}
 """
 
 _MESSAGE_COLUMNS = """chat_messages AS m (thread_id, role, turn_id, content, author_id,
@@ -120,49 +137,41 @@ _USAGE_WINS = """(EXCLUDED.source_rank > u.source_rank
         AND (EXCLUDED.source_at, EXCLUDED.source_event_id, EXCLUDED.source_digest)
             < (u.source_at, u.source_event_id, u.source_digest)))"""
 
-# The usage row as the batch writes it, in one place: each column, its PostgreSQL type and its
-# value (json as text, cast on the way in). The statement below, its parameters and its
-# conflict update are built from this; tests/integration/test_migrations.py checks the columns
-# and types against the migrated table, the only source of schema.
-USAGE_WRITTEN: tuple[tuple[str, str, Callable[[UsageRow], object]], ...] = (
-    *((measure, "bigint", attrgetter(measure)) for measure in USAGE_MEASURES),
-    ("model_breakdown", "jsonb", lambda r: canonical_json(r.model_breakdown)),
-    ("call_details", "jsonb", lambda r: canonical_json(r.call_details)),
-    ("search_space_id", "bigint", attrgetter("search_space_id")),
-    ("user_id", "uuid", attrgetter("user_id")),
-    ("source", "text", attrgetter("source")),
-    ("source_rank", "smallint", attrgetter("claim.rank")),
-    ("source_at", "timestamptz", attrgetter("claim.at")),
-    ("source_event_id", "uuid", attrgetter("claim.event_id")),
-    ("source_digest", "bytea", attrgetter("claim.digest")),
-    ("created_at", "timestamptz", attrgetter("created_at")),
+# The usage row as the batch writes it, in one place: each column, its PostgreSQL type and the
+# row attribute it is read from. The statement below, its arguments and its conflict update are
+# built from this; the integration tests write it into the migrated table, the only source of
+# schema.
+USAGE_WRITTEN: tuple[Column, ...] = (
+    *(Column(measure, "bigint", measure) for measure in USAGE_MEASURES),
+    Column("model_breakdown", "jsonb", "model_breakdown"),
+    Column("call_details", "jsonb", "call_details"),
+    Column("search_space_id", "bigint", "search_space_id"),
+    Column("user_id", "uuid", "user_id"),
+    Column("source", "text", "source"),
+    Column("source_rank", "smallint", "claim.rank"),
+    Column("source_at", "timestamptz", "claim.at"),
+    Column("source_event_id", "uuid", "claim.event_id"),
+    Column("source_digest", "bytea", "claim.digest"),
+    Column("created_at", "timestamptz", "created_at"),
 )
 # What finds the usage row's message (thread, role, and turn or creating event): looked up, not
 # written.
-_USAGE_KEY = (
-    ("thread_id", "bigint"),
-    ("role", "text"),
-    ("turn_id", "text"),
-    ("origin_event_id", "uuid"),
+_USAGE_ARGUMENTS = ArrayArguments(
+    [
+        Column("thread_id", "bigint", "key.thread_id"),
+        Column("role", "text", "key.role"),
+        Column("turn_id", "text", "key.turn_id"),
+        Column("origin_event_id", "uuid", "key.origin_event_id"),
+        *USAGE_WRITTEN,
+    ]
 )
-_USAGE_INPUTS = [*_USAGE_KEY, *((name, kind) for name, kind, _ in USAGE_WRITTEN)]
 # A new winning claim takes every written column but created_at (the earliest stays).
-_USAGE_TAKEN = [name for name, _, _ in USAGE_WRITTEN if name != "created_at"]
-
-
-def _cast(name: str, kind: str) -> str:
-    return f"j.{name}::jsonb" if kind == "jsonb" else f"j.{name}"
+_USAGE_TAKEN = [c.name for c in USAGE_WRITTEN if c.name != "created_at"]
 
 
 _UPSERT_USAGE = f"""
 WITH v AS (
-  SELECT * FROM unnest({
-    ", ".join(
-        f"${n}::{'text' if kind == 'jsonb' else kind}[]"
-        for n, (_, kind) in enumerate(_USAGE_INPUTS, start=1)
-    )
-})
-    AS v({", ".join(name for name, _ in _USAGE_INPUTS)})
+  SELECT * FROM {_USAGE_ARGUMENTS.unnest("v")}
 ), joined AS (
   -- One probe of the unique index that keys the message (an OR of both keys in one join
   -- condition could use neither, and read every message of the thread instead).
@@ -177,9 +186,9 @@ WITH v AS (
   FROM v
 ), written AS (
   INSERT INTO token_usage AS u (usage_type, thread_id, message_id, updated_at,
-    {", ".join(name for name, _, _ in USAGE_WRITTEN)})
+    {", ".join(c.name for c in USAGE_WRITTEN)})
   SELECT 'chat', j.thread_id, j.message_id, now(),
-    {", ".join(_cast(name, kind) for name, kind, _ in USAGE_WRITTEN)}
+    {_USAGE_ARGUMENTS.values("j", [c.name for c in USAGE_WRITTEN])}
   FROM joined AS j WHERE j.message_id IS NOT NULL
   ORDER BY j.message_id
   ON CONFLICT (message_id) WHERE message_id IS NOT NULL DO UPDATE SET
@@ -222,19 +231,8 @@ SELECT count(*) FROM (
 
 async def write_plan(conn: asyncpg.Connection, plan: BatchPlan) -> None:
     if plan.threads:
-        t = plan.threads
-        written = await conn.fetch(
-            _UPSERT_THREADS,
-            [r.id for r in t],
-            [r.search_space_id for r in t],
-            [r.created_at for r in t],
-            [r.updated_at for r in t],
-            [r.created_by_id for r in t],
-            [r.created_by_at for r in t],
-            [r.created_by_event_id for r in t],
-            [r.created_by_digest for r in t],
-        )
-        if len(written) != len(t):
+        written = await conn.fetch(_UPSERT_THREADS, *_THREAD_ARGUMENTS(plan.threads))
+        if len(written) != len(plan.threads):
             # Created by a concurrent writer with another search space after load_state read
             # it; the retry will see it and reject the events that name the wrong space.
             raise ThreadRaceError("a thread was created concurrently with another search space")
@@ -245,28 +243,7 @@ async def write_plan(conn: asyncpg.Connection, plan: BatchPlan) -> None:
         (_UPSERT_TURNLESS_MESSAGES, turnless_rows),
     ):
         if rows:
-            # One tuple per row, then columns (zip in C): one pass over the rows.
-            await conn.execute(
-                statement,
-                *zip(
-                    *(
-                        (
-                            r.key.thread_id,
-                            r.key.role,
-                            r.key.turn_id,
-                            canonical_json(r.content),
-                            r.author_id,
-                            r.claim.rank,
-                            r.claim.at,
-                            r.claim.event_id,
-                            r.claim.digest,
-                            r.created_at,
-                        )
-                        for r in rows
-                    ),
-                    strict=True,
-                ),
-            )
+            await conn.execute(statement, *_MESSAGE_ARGUMENTS(rows))
     if turnless_rows and await conn.fetchval(
         _TURNLESS_CONFLICTS,
         [r.key.origin_event_id for r in turnless_rows],
@@ -279,14 +256,7 @@ async def write_plan(conn: asyncpg.Connection, plan: BatchPlan) -> None:
         await conn.fetchval(_LOCK_SPACES, sorted({r.search_space_id for r in u}))
         scopes = sorted({(r.search_space_id, r.user_id) for r in u}, key=str)
         await conn.fetchval(_LOCK_BUDGETS, [s for s, _ in scopes], [user for _, user in scopes])
-        orphans = await conn.fetchval(
-            _UPSERT_USAGE,
-            [r.key.thread_id for r in u],
-            [r.key.role for r in u],
-            [r.key.turn_id for r in u],
-            [r.key.origin_event_id for r in u],
-            *([value(r) for r in u] for _, _, value in USAGE_WRITTEN),
-        )
+        orphans = await conn.fetchval(_UPSERT_USAGE, *_USAGE_ARGUMENTS(u))
         if orphans:
             # The message rows were written above in this transaction, so only a concurrent
             # writer can have taken the key; the retry sees its row and decides again.

@@ -1,7 +1,10 @@
-//! token-ledger's native decode path (consumer/ledger/native.py): a record's bytes to the parts
-//! of a LedgerEvent (producer/ledger_event.py), its payload's digest from the same parse.
+//! token-ledger's native paths: a record's bytes to the parts of a LedgerEvent
+//! (producer/ledger_event.py, through consumer/ledger/native.py), its payload's digest from the
+//! same parse; and a batch's rows to the array literals its statements read (columns.rs,
+//! through consumer/ledger/arrays.py).
 
 mod canonical;
+mod columns;
 mod event;
 mod json;
 mod time;
@@ -268,6 +271,7 @@ fn ascii_text<'py>(
 #[pymodule]
 fn token_ledger_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Decoder>()?;
+    module.add_class::<columns::Columns>()?;
     module.add_function(wrap_pyfunction!(ascii_text, module)?)?;
     let known = PyDict::new(module.py());
     for (name, fields) in event::KNOWN {

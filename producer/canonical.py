@@ -67,11 +67,6 @@ def text(value: Any) -> str:
     return _PLAIN.encode(value).decode()
 
 
-# `text` as UTF-8 bytes, the encoder's own method: what the ledger's array arguments take a
-# jsonb value's text from (consumer/ledger/arrays.py), with no call in Python between.
-utf8_text = _PLAIN.encode
-
-
 def sorted_bytes(value: Any) -> bytes:
     """Compact UTF-8 JSON with sorted keys (what a billing record is)."""
     return _SORTED.encode(value)

@@ -1,11 +1,13 @@
-"""The batch's rows as arguments of set-based statements: one PostgreSQL array literal a column,
-written by the native path (native/src/columns.rs) from the rows' attributes in one pass.
+"""The batch's rows as arguments of set-based statements, one a column, read from the rows'
+attributes in one pass by the native path (native/src/columns.rs).
 
-asyncpg would encode an array argument element by element, each in its own call (two thirds of
-`write_plan`'s CPU); one text a column is a copy. A statement reads the literals back with
-`unnest($n::text::<type>[])`, PostgreSQL's own array input. Timestamps travel as microseconds
-since the epoch (`epoch_micros` turns them back, exactly): PostgreSQL reads a number in a
-fraction of the time its timestamp text takes.
+asyncpg encodes an array argument element by element, each in its own call: for numbers, text
+and timestamps that was most of `write_plan`'s CPU. Those columns are one PostgreSQL array
+literal each, a copy for asyncpg, read back with `unnest($n::text::<type>[])` (PostgreSQL's
+own array input). Timestamps travel as microseconds since the epoch (`epoch_micros` turns them
+back, exactly): PostgreSQL reads a number in a fraction of the time its timestamp text takes.
+UUIDs, bytes and JSON text cost PostgreSQL more to read as text than asyncpg spends on them in
+binary (~0.6 µs an element against ~0.1-0.4), so they stay lists of values.
 """
 
 from __future__ import annotations
@@ -34,26 +36,32 @@ def epoch_micros(value: str) -> str:
     )
 
 
-def _sent_as(kind: str) -> str:
-    return {"timestamptz": "bigint", "jsonb": "text"}.get(kind, kind)
+# Sent as an array literal, and the element type it is read as.
+_LITERAL = {"bigint": "bigint", "smallint": "smallint", "text": "text", "timestamptz": "bigint"}
+
+
+def _parameter(number: int, kind: str) -> str:
+    if kind in _LITERAL:
+        return f"${number}::text::{_LITERAL[kind]}[]"
+    return f"${number}::{'text' if kind == 'jsonb' else kind}[]"
 
 
 class ArrayArguments:
-    """A statement's columns: the arguments that carry them and the SQL that reads them."""
+    """A statement's columns: the arguments that carry them and the SQL that reads them.
+    A column's type is its PostgreSQL type: bigint, smallint, text, timestamptz, uuid, bytea
+    or jsonb (a value's JSON text, producer/canonical.py's, None included as `null`)."""
 
     def __init__(self, columns: Sequence[Column]) -> None:
         self.columns = tuple(columns)
-        self._literals = Columns([(c.path, c.kind) for c in self.columns], canonical.utf8_text)
+        self._arguments = Columns([(c.path, c.kind) for c in self.columns], canonical.text)
 
-    def __call__(self, rows: list[Any]) -> list[str]:
-        """One array literal a column, over the rows in their order."""
-        return self._literals(rows)
+    def __call__(self, rows: list[Any]) -> list[str | list[Any]]:
+        """One argument a column, over the rows in their order."""
+        return self._arguments(rows)
 
     def unnest(self, alias: str, first: int = 1) -> str:
         """`unnest($1::text::bigint[], ...) AS alias(name, ...)`, parameters from `first` on."""
-        arrays = ", ".join(
-            f"${n}::text::{_sent_as(c.kind)}[]" for n, c in enumerate(self.columns, start=first)
-        )
+        arrays = ", ".join(_parameter(n, c.kind) for n, c in enumerate(self.columns, start=first))
         return f"unnest({arrays}) AS {alias}({', '.join(c.name for c in self.columns)})"
 
     def value(self, name: str, alias: str) -> str:

@@ -1,26 +1,28 @@
-//! A batch's rows as PostgreSQL array literals, one text per column (consumer/ledger/arrays.py):
-//! the statements unnest `$n::text::<type>[]`, so asyncpg sends one string a column instead
-//! of encoding every element in its own call.
+//! A batch's rows as the arguments of set-based statements, one a column (consumer/ledger/
+//! arrays.py), read from the rows' attributes in one pass.
 //!
-//! Each element is written as PostgreSQL's array input reads it: NULL for None, numbers and
-//! UUIDs bare, everything else double-quoted with `"` and `\` escaped. A timestamp is its
-//! microseconds since the epoch (the statements turn them back, exactly): PostgreSQL parses a
-//! number in a fraction of the time its timestamp text takes.
+//! Numbers, text and timestamps become one PostgreSQL array literal a column: the statement
+//! reads `$n::text::<type>[]`, so asyncpg sends one string instead of encoding every element in
+//! its own call. Each element is written as PostgreSQL's array input reads it: NULL for None,
+//! numbers bare, text double-quoted with `"` and `\` escaped. A timestamp is its microseconds
+//! since the epoch (the statement turns them back, exactly): PostgreSQL reads a number in a
+//! fraction of the time its timestamp text takes. UUIDs, bytes and JSON text cost PostgreSQL
+//! more to read as text than asyncpg saves, so they stay lists of values, sent in binary.
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{
-    PyBytes, PyDateTime, PyDelta, PyDeltaAccess, PyList, PyString, PyTimeAccess, PyTzInfoAccess,
-};
 use pyo3::types::{PyDateAccess, PyInt};
+use pyo3::types::{
+    PyDateTime, PyDelta, PyDeltaAccess, PyList, PyString, PyTimeAccess, PyTzInfoAccess,
+};
 
 #[derive(Clone, Copy)]
 enum Kind {
     Integer,
     Text,
-    Uuid,
     Timestamp,
+    Uuid,
     Bytes,
     Json,
 }
@@ -30,12 +32,16 @@ impl Kind {
         Some(match name {
             "bigint" | "smallint" => Kind::Integer,
             "text" => Kind::Text,
-            "uuid" => Kind::Uuid,
             "timestamptz" => Kind::Timestamp,
+            "uuid" => Kind::Uuid,
             "bytea" => Kind::Bytes,
             "jsonb" => Kind::Json,
             _ => return None,
         })
+    }
+
+    fn is_literal(self) -> bool {
+        matches!(self, Kind::Integer | Kind::Text | Kind::Timestamp)
     }
 }
 
@@ -44,24 +50,30 @@ struct Column {
     kind: Kind,
 }
 
+/// A column's argument as it is built.
+enum Argument<'py> {
+    Literal(String),
+    Values(Bound<'py, PyList>),
+}
+
 #[pyclass(frozen)]
 pub struct Columns {
     columns: Vec<Column>,
-    // The UTF-8 JSON text of a jsonb column's value.
+    // The JSON text of a jsonb column's value.
     json_text: Py<PyAny>,
 }
 
 #[pymethods]
 impl Columns {
     /// `columns`: (attribute path, PostgreSQL type) of each column, e.g. ("claim.at",
-    /// "timestamptz"); `json_text`: the writer of a jsonb value's UTF-8 JSON text.
+    /// "timestamptz"); `json_text`: the writer of a jsonb value's JSON text.
     #[new]
     fn new(py: Python<'_>, columns: Vec<(String, String)>, json_text: Py<PyAny>) -> PyResult<Self> {
         let columns = columns
             .into_iter()
             .map(|(path, kind)| {
                 let kind = Kind::of(&kind).ok_or_else(|| {
-                    PyValueError::new_err(format!("no array literal for type {kind:?}"))
+                    PyValueError::new_err(format!("no array argument for type {kind:?}"))
                 })?;
                 let path = path
                     .split('.')
@@ -73,68 +85,87 @@ impl Columns {
         Ok(Columns { columns, json_text })
     }
 
-    /// One array literal per column, in the order given, over `rows` in their order.
-    fn __call__(&self, py: Python<'_>, rows: &Bound<'_, PyList>) -> PyResult<Vec<String>> {
-        let mut literals: Vec<String> = self.columns.iter().map(|_| String::from("{")).collect();
+    /// One argument per column, in the order given, over `rows` in their order: an array
+    /// literal (str) or a list of values.
+    fn __call__<'py>(
+        &self,
+        py: Python<'py>,
+        rows: &Bound<'py, PyList>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let mut arguments: Vec<Argument<'py>> = self
+            .columns
+            .iter()
+            .map(|column| {
+                if column.kind.is_literal() {
+                    Argument::Literal(String::from("{"))
+                } else {
+                    Argument::Values(PyList::empty(py))
+                }
+            })
+            .collect();
         for (index, row) in rows.iter().enumerate() {
             if index == 1 {
                 // The first row's length, for every row: one allocation a literal, mostly.
-                for literal in &mut literals {
-                    literal.reserve(literal.len() * rows.len());
+                for argument in &mut arguments {
+                    if let Argument::Literal(literal) = argument {
+                        literal.reserve(literal.len() * rows.len());
+                    }
                 }
             }
-            for (column, literal) in self.columns.iter().zip(literals.iter_mut()) {
-                if index > 0 {
-                    literal.push(',');
-                }
+            for (column, argument) in self.columns.iter().zip(arguments.iter_mut()) {
                 let mut value = row.clone();
                 for name in &column.path {
                     value = value.getattr(name.bind(py))?;
                 }
-                self.element(&value, column.kind, literal)?;
+                match argument {
+                    Argument::Literal(literal) => {
+                        if index > 0 {
+                            literal.push(',');
+                        }
+                        element(&value, column.kind, literal)?;
+                    }
+                    Argument::Values(values) => match column.kind {
+                        // JSON text, not SQL's NULL, for None too: a jsonb column holds `null`.
+                        Kind::Json => values.append(self.json_text.bind(py).call1((value,))?)?,
+                        _ => values.append(value)?,
+                    },
+                }
             }
         }
-        for literal in &mut literals {
-            literal.push('}');
-        }
-        Ok(literals)
+        arguments
+            .into_iter()
+            .map(|argument| match argument {
+                Argument::Literal(mut literal) => {
+                    literal.push('}');
+                    Ok(PyString::new(py, &literal).into_any())
+                }
+                Argument::Values(values) => Ok(values.into_any()),
+            })
+            .collect()
     }
 }
 
-impl Columns {
-    /// Appends one element to a literal.
-    fn element(&self, value: &Bound<'_, PyAny>, kind: Kind, out: &mut String) -> PyResult<()> {
-        // A jsonb column holds JSON: None is its `null`, as the writer has it, not SQL's NULL.
-        if value.is_none() && !matches!(kind, Kind::Json) {
-            out.push_str("NULL");
-            return Ok(());
-        }
-        match kind {
-            Kind::Integer => {
-                let number = value.cast::<PyInt>()?;
-                match number.extract::<i64>() {
-                    Ok(number) => integer(number, out),
-                    Err(_) => out.push_str(number.str()?.to_str()?),
-                }
-            }
-            Kind::Text => quoted(value.cast::<PyString>()?.to_str()?, out),
-            Kind::Uuid => uuid(value.getattr(intern!(value.py(), "int"))?.extract()?, out),
-            Kind::Timestamp => integer(micros(value.cast::<PyDateTime>()?)?, out),
-            Kind::Bytes => {
-                out.push_str("\"\\\\x");
-                hex(value.cast::<PyBytes>()?.as_bytes(), out);
-                out.push('"');
-            }
-            Kind::Json => {
-                // msgspec's text (producer/canonical.py): the one writer of jsonb text, and
-                // faster than walking the value from here.
-                let text = self.json_text.bind(value.py()).call1((value,))?;
-                let text = std::str::from_utf8(text.cast::<PyBytes>()?.as_bytes())?;
-                quoted(text, out);
-            }
-        }
-        Ok(())
+/// Appends one element to an array literal.
+fn element(value: &Bound<'_, PyAny>, kind: Kind, out: &mut String) -> PyResult<()> {
+    if value.is_none() {
+        out.push_str("NULL");
+        return Ok(());
     }
+    match kind {
+        Kind::Integer => {
+            let number = value.cast::<PyInt>()?;
+            match number.extract::<i64>() {
+                Ok(number) => integer(number, out),
+                Err(_) => out.push_str(number.str()?.to_str()?),
+            }
+        }
+        Kind::Text => quoted(value.cast::<PyString>()?.to_str()?, out),
+        Kind::Timestamp => integer(micros(value.cast::<PyDateTime>()?)?, out),
+        Kind::Uuid | Kind::Bytes | Kind::Json => {
+            return Err(PyValueError::new_err("not a literal column"));
+        }
+    }
+    Ok(())
 }
 
 /// `"text"` with `"` and `\` escaped: every other character stands for itself inside quotes.
@@ -151,17 +182,6 @@ fn quoted(text: &str, out: &mut String) {
     }
     out.push_str(&text[plain..]);
     out.push('"');
-}
-
-/// A UUID's canonical text: 32 hex digits, grouped 8-4-4-4-12.
-fn uuid(value: u128, out: &mut String) {
-    let bytes = value.to_be_bytes();
-    for (group, range) in [0..4, 4..6, 6..8, 8..10, 10..16].into_iter().enumerate() {
-        if group > 0 {
-            out.push('-');
-        }
-        hex(&bytes[range], out);
-    }
 }
 
 /// Microseconds since 1970-01-01T00:00:00Z of an aware datetime. A naive one has no instant:
@@ -199,7 +219,7 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 }
 
 /// A signed integer's decimal digits, written without an allocation.
-pub fn integer(number: i64, out: &mut String) {
+fn integer(number: i64, out: &mut String) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     let mut rest = number.unsigned_abs();
@@ -216,13 +236,4 @@ pub fn integer(number: i64, out: &mut String) {
     }
     // The slice holds ASCII digits only.
     out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
-}
-
-/// Lower-case hex digits of bytes, two a byte.
-pub fn hex(bytes: &[u8], out: &mut String) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for byte in bytes {
-        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
-    }
 }

@@ -1,6 +1,7 @@
-"""The array literals of consumer/ledger/arrays.py as text: the element forms PostgreSQL's
-array input reads, and a clear error for what has no such form. That PostgreSQL reads them
-back as the rows' values is tests/integration/test_array_arguments.py."""
+"""The arguments of consumer/ledger/arrays.py: array literals in the element forms
+PostgreSQL's array input reads, lists of values for the columns sent in binary, and a clear
+error for what has neither. That PostgreSQL reads them back as the rows' values is
+tests/integration/test_array_arguments.py."""
 
 from __future__ import annotations
 
@@ -17,8 +18,14 @@ class Row(NamedTuple):
     value: Any
 
 
-def literal(kind: str, *values: Any) -> str:
+def argument(kind: str, *values: Any) -> str | list[Any]:
     return ArrayArguments([Column("value", kind, "value")])([Row(v) for v in values])[0]
+
+
+def literal(kind: str, *values: Any) -> str:
+    written = argument(kind, *values)
+    assert isinstance(written, str)
+    return written
 
 
 def test_elements_are_written_as_postgresql_array_input_reads_them() -> None:
@@ -27,12 +34,17 @@ def test_elements_are_written_as_postgresql_array_input_reads_them() -> None:
     assert literal("text", 'say "hi"', "a\\b", None, "NULL", "") == (
         '{"say \\"hi\\"","a\\\\b",NULL,"NULL",""}'
     )
-    assert literal("uuid", uuid.UUID(int=0x0123456789ABCDEF0011223344556677)) == (
-        "{01234567-89ab-cdef-0011-223344556677}"
-    )
-    assert literal("bytea", b"\x00\xff", b"") == '{"\\\\x00ff","\\\\x"}'
-    # A jsonb value is its JSON text, quoted; None is JSON's null there, not SQL's NULL.
-    assert literal("jsonb", {"k": 'v"'}, None) == '{"{\\"k\\":\\"v\\\\\\"\\"}","null"}'
+
+
+def test_uuids_bytes_and_json_text_are_lists_of_values() -> None:
+    some = uuid.uuid4()
+    assert argument("uuid", some, None) == [some, None]
+    assert argument("bytea", b"\x00\xff", None) == [b"\x00\xff", None]
+    # A jsonb value is its JSON text; None is JSON's null there, not SQL's NULL.
+    assert argument("jsonb", {"k": 'v"', "n": [1, None]}, None) == [
+        '{"k":"v\\"","n":[1,null]}',
+        "null",
+    ]
 
 
 def test_a_timestamp_is_its_microseconds_since_the_epoch_whatever_its_offset() -> None:

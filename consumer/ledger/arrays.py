@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import asyncpg
 from token_ledger_native import Columns
 
 from producer import canonical
@@ -56,8 +57,17 @@ class ArrayArguments:
         self._arguments = Columns([(c.path, c.kind) for c in self.columns], canonical.text)
 
     def __call__(self, rows: list[Any]) -> list[str | list[Any]]:
-        """One argument a column, over the rows in their order."""
-        return self._arguments(rows)
+        """One argument a column, over the rows in their order. A value that has no form for
+        its column (a naive timestamp, an int past 64 bits, text that is not Unicode, a value
+        of another type) is asyncpg's DataError, as when asyncpg encoded each element: the
+        batch then isolates its record as poison rather than retrying it forever. The message
+        names the error's type only: a value may be chat text."""
+        try:
+            return self._arguments(rows)
+        except (TypeError, ValueError, OverflowError) as error:
+            raise asyncpg.DataError(
+                f"a row value has no form for its column ({type(error).__name__})"
+            ) from None
 
     def unnest(self, alias: str, first: int = 1) -> str:
         """`unnest($1::text::bigint[], ...) AS alias(name, ...)`, parameters from `first` on."""

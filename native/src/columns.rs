@@ -152,13 +152,9 @@ fn element(value: &Bound<'_, PyAny>, kind: Kind, out: &mut String) -> PyResult<(
         return Ok(());
     }
     match kind {
-        Kind::Integer => {
-            let number = value.cast::<PyInt>()?;
-            match number.extract::<i64>() {
-                Ok(number) => integer(number, out),
-                Err(_) => out.push_str(number.str()?.to_str()?),
-            }
-        }
+        // Past 64 bits an OverflowError: no column of ours holds more, and an int subclass's
+        // own text is never trusted into a literal.
+        Kind::Integer => integer(value.cast::<PyInt>()?.extract::<i64>()?, out),
         Kind::Text => quoted(value.cast::<PyString>()?.to_str()?, out),
         Kind::Timestamp => integer(micros(value.cast::<PyDateTime>()?)?, out),
         Kind::Uuid | Kind::Bytes | Kind::Json => {
@@ -187,10 +183,13 @@ fn quoted(text: &str, out: &mut String) {
 /// Microseconds since 1970-01-01T00:00:00Z of an aware datetime. A naive one has no instant:
 /// an error, never a guess.
 fn micros(at: &Bound<'_, PyDateTime>) -> PyResult<i64> {
-    let tzinfo = at
-        .get_tzinfo()
-        .ok_or_else(|| PyTypeError::new_err("a naive datetime has no instant to store"))?;
-    let offset = tzinfo.call_method1(intern!(at.py(), "utcoffset"), (at,))?;
+    if at.get_tzinfo().is_none() {
+        return Err(PyTypeError::new_err(
+            "a naive datetime has no instant to store",
+        ));
+    }
+    // The datetime's own utcoffset: it holds the tzinfo's answer within a day either way.
+    let offset = at.call_method0(intern!(at.py(), "utcoffset"))?;
     let offset = offset.cast::<PyDelta>()?;
     let offset = (i64::from(offset.get_days()) * 86_400 + i64::from(offset.get_seconds()))
         * 1_000_000

@@ -10,11 +10,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
+from aiokafka.structs import ConsumerRecord
 
 from consumer.commands.queries import read_ledger
 from consumer.errors import FencedError, PoisonError, classify_database_error
-from consumer.ledger.batch import apply_events
+from consumer.ledger.batch import Applied, apply_events, apply_isolating
 from consumer.ledger.claims import Outcome
 from consumer.ledger.database import asyncpg_dsn
 from consumer.ledger.merge import reduce_batch
@@ -26,7 +28,7 @@ from consumer.retry import Backoff, retry_transient
 from consumer.simulate.config import TrafficConfig
 from consumer.simulate.traffic import plan_traffic
 from producer.decoding import decode_event
-from producer.events import AnyEvent, Rejection
+from producer.events import AnyEvent, Rejection, RejectReason
 from tests.factories import appended, call, finalized, ledger_events, started
 from tests.integration.harness import wait_for
 
@@ -217,6 +219,33 @@ async def test_database_rejection_is_classified_as_poison(ledger: asyncpg.Connec
     assert isinstance(mapped, PoisonError)
     assert mapped.sqlstate == "23514"
     assert "ck_chat_threads_id_positive" in str(mapped)
+
+
+async def test_a_row_value_without_a_form_is_its_records_poison(
+    ledger: asyncpg.Connection,
+) -> None:
+    # The decoders keep such values out; should one slip through (here a lone surrogate in a
+    # turn_id), write_plan's arguments refuse it as asyncpg did: a DataError, so the batch
+    # isolates the record and dead-letters it, and the rest commits. Not an error that would
+    # retry the batch forever.
+    good, bad, other = ledger_events(
+        [started(turn_id="1:1"), started(turn_id="1:2"), started(turn_id="1:3")]
+    )
+    bad = msgspec.structs.replace(bad, turn_id="\ud800")
+    applied = Applied()
+    records = [
+        ConsumerRecord(TOPIC, 0, offset, 0, 0, None, b"{}", None, 0, 2, []) for offset in range(3)
+    ]
+    async with ledger.transaction():
+        await apply_isolating(ledger, list(zip([good, bad, other], records, strict=True)), applied)
+    assert [(letter.record.offset, letter.reason) for letter in applied.letters] == [
+        (1, RejectReason.DATABASE_REJECTED)
+    ]
+    assert "\ud800" not in applied.letters[0].detail
+    assert sorted(await ledger.fetch("SELECT turn_id FROM chat_messages WHERE role = 'user'")) == [
+        ("1:1",),
+        ("1:3",),
+    ]
 
 
 @pytest.mark.parametrize("stored_before", [True, False], ids=["stored", "new"])

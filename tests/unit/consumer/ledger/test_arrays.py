@@ -6,9 +6,10 @@ tests/integration/test_array_arguments.py."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any, NamedTuple
 
+import asyncpg
 import pytest
 
 from consumer.ledger.arrays import ArrayArguments, Column
@@ -56,16 +57,38 @@ def test_a_timestamp_is_its_microseconds_since_the_epoch_whatever_its_offset() -
     assert literal("timestamptz", first) == "{-62135596800000000}"
 
 
-def test_a_naive_timestamp_is_refused_not_guessed() -> None:
-    with pytest.raises(TypeError, match="naive"):
-        literal("timestamptz", datetime(2026, 12, 7))
+class Offset(tzinfo):
+    """A tzinfo whose answer datetime.utcoffset refuses (more than a day)."""
+
+    def utcoffset(self, dt: datetime | None) -> timedelta:
+        return timedelta(hours=30)
+
+    def dst(self, dt: datetime | None) -> None:
+        return None
+
+    def tzname(self, dt: datetime | None) -> str:
+        return "+30"
 
 
-def test_a_value_of_another_type_is_refused() -> None:
-    with pytest.raises(TypeError):
-        literal("bigint", "1")
-    with pytest.raises(TypeError):
-        literal("text", 1)
+@pytest.mark.parametrize(
+    ("kind", "value", "cause"),
+    [
+        ("timestamptz", datetime(2026, 12, 7), "TypeError"),  # naive: no instant, no guess
+        ("timestamptz", datetime(2026, 12, 7, tzinfo=Offset()), "ValueError"),
+        ("bigint", 2**63, "OverflowError"),
+        ("bigint", "1", "TypeError"),
+        ("text", 1, "TypeError"),
+        ("text", "\ud800", "UnicodeEncodeError"),  # not Unicode text: no UTF-8 form
+    ],
+)
+def test_a_value_without_a_form_is_a_data_error_naming_only_its_cause(
+    kind: str, value: Any, cause: str
+) -> None:
+    # asyncpg's DataError, as when asyncpg refused an element: the batch isolates the record
+    # as poison (consumer/ledger/batch.py), and the message quotes no value.
+    with pytest.raises(asyncpg.DataError) as refused:
+        argument(kind, value)
+    assert str(refused.value) == f"a row value has no form for its column ({cause})"
 
 
 def test_a_type_without_a_literal_is_refused_when_the_columns_are_made() -> None:

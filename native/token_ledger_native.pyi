@@ -2,8 +2,8 @@
 consumer/ledger/arrays.py."""
 
 import uuid
-from datetime import datetime
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 # The fields the native rules read, by model: "envelope", "turn.started", "turn.finalized",

@@ -6,9 +6,10 @@
 
 Everything runs on a throw-away Kafka broker and PostgreSQL started for the benchmark
 (bench/services.py). The baseline and the candidate (HEAD unless given) are commits' trees,
-exported with `git archive` into .bench/ and run with the same interpreter and dependencies,
-interleaved run by run, so both see the same machine and the same noise: compare
-the ratios, not the absolute figures. Each figure is the median of --runs with min and max.
+exported with `git archive` into .bench/ and run with the same interpreter and dependencies
+(each with the native module of its own commit: bench/native.py), interleaved run by run, so
+both see the same machine and the same noise: compare the ratios, not the absolute figures.
+Each figure is the median of --runs with min and max.
 
 A quick run: drains of the backlog (first, and again after `replay --to-offset 0`), the raw
 read, the COPY and naive bounds, produce -> commit latency for --runs of 15 s, 1-3 consumers
@@ -37,6 +38,7 @@ from bench.budgets import budgets_cost
 from bench.ceilings import copy_ceiling, naive, raw_read
 from bench.consumers import Consumer, Tree
 from bench.latency import produce_to_commit
+from bench.native import build_native
 from bench.report import LATENCY_RATE, MILLION, POISON, Results, summary, table
 from bench.services import Databases, Services, running_services
 
@@ -50,8 +52,8 @@ POISON_SHARE = (0.27, 0.33)  # what the POISON label promises, checked on the ba
 
 
 def export(commit: str, name: str) -> Tree:
-    """The tree of `commit`, as committed: edits made while the benchmark runs never leak
-    into it."""
+    """The tree of `commit`, as committed, with the native module of its own native/: edits
+    made while the benchmark runs never leak into it."""
     commit = subprocess.run(
         ["git", "rev-parse", "--short", commit],
         cwd=ROOT,
@@ -59,7 +61,6 @@ def export(commit: str, name: str) -> Tree:
         text=True,
         check=True,
     ).stdout.strip()
-    _same_native(commit)
     target = ROOT / ".bench" / commit
     if not (target / "consumer").is_dir():
         target.mkdir(parents=True, exist_ok=True)
@@ -72,37 +73,8 @@ def export(commit: str, name: str) -> Tree:
         subprocess.run(
             [sys.executable, "-m", "compileall", "-q", "-j", "0", str(target)], check=True
         )
+    build_native(target)
     return Tree(f"{name} {commit}", target)
-
-
-def _native_tree(revision: str) -> str | None:
-    """The git tree of native/ at a revision (None when it has none: before the native path)."""
-    found = subprocess.run(
-        ["git", "rev-parse", "--verify", "--quiet", f"{revision}:native"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return found.stdout.strip() or None
-
-
-def _same_native(commit: str) -> None:
-    """Both trees run with .venv's native module, built from the working tree's native/: a
-    commit whose native/ differs from it would be measured with the wrong one."""
-    tree = _native_tree(commit)
-    if tree is None:
-        return
-    changed = subprocess.run(
-        ["git", "status", "--porcelain", "--", "native"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    if changed:
-        sys.exit("bench: native/ has changes not committed: commit or stash them first")
-    if tree != _native_tree("HEAD"):
-        sys.exit(
-            f"bench: {commit}'s native/ differs from HEAD's, which .venv is built from (by "
-            "`make setup`, which `make bench` runs): both trees would run HEAD's native module"
-        )
 
 
 async def ledger_totals(url: str) -> dict[str, int]:

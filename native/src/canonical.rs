@@ -61,7 +61,12 @@ fn write(value: &Value<'_>, out: &mut Vec<u8>) {
 }
 
 pub fn write_int(number: i64, out: &mut Vec<u8>) {
-    let mut digits = [0u8; 20];
+    out.extend_from_slice(decimal(number, &mut [0u8; 20]).as_bytes());
+}
+
+/// A signed integer's decimal text, written into `digits` (no allocation): at most 19 digits
+/// and a sign.
+pub fn decimal(number: i64, digits: &mut [u8; 20]) -> &str {
     let mut at = digits.len();
     let mut rest = number.unsigned_abs();
     loop {
@@ -73,9 +78,11 @@ pub fn write_int(number: i64, out: &mut Vec<u8>) {
         }
     }
     if number < 0 {
-        out.push(b'-');
+        at -= 1;
+        digits[at] = b'-';
     }
-    out.extend_from_slice(&digits[at..]);
+    // ASCII digits and a sign only.
+    std::str::from_utf8(&digits[at..]).unwrap_or_default()
 }
 
 /// The hyphenated lowercase text of a UUID, as `str(uuid.UUID)` writes it.

@@ -12,10 +12,12 @@
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDateAccess, PyInt};
 use pyo3::types::{
-    PyDateTime, PyDelta, PyDeltaAccess, PyList, PyString, PyTimeAccess, PyTzInfoAccess,
+    PyDateAccess, PyDateTime, PyDelta, PyDeltaAccess, PyInt, PyList, PyString, PyTimeAccess,
+    PyTzInfoAccess,
 };
+
+use crate::canonical::decimal;
 
 #[derive(Clone, Copy)]
 enum Kind {
@@ -154,9 +156,14 @@ fn element(value: &Bound<'_, PyAny>, kind: Kind, out: &mut String) -> PyResult<(
     match kind {
         // Past 64 bits an OverflowError: no column of ours holds more, and an int subclass's
         // own text is never trusted into a literal.
-        Kind::Integer => integer(value.cast::<PyInt>()?.extract::<i64>()?, out),
+        Kind::Integer => out.push_str(decimal(
+            value.cast::<PyInt>()?.extract::<i64>()?,
+            &mut [0; 20],
+        )),
         Kind::Text => quoted(value.cast::<PyString>()?.to_str()?, out),
-        Kind::Timestamp => integer(micros(value.cast::<PyDateTime>()?)?, out),
+        Kind::Timestamp => {
+            out.push_str(decimal(micros(value.cast::<PyDateTime>()?)?, &mut [0; 20]))
+        }
         Kind::Uuid | Kind::Bytes | Kind::Json => {
             return Err(PyValueError::new_err("not a literal column"));
         }
@@ -215,24 +222,4 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     let day_of_year = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + day - 1;
     let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
     era * 146_097 + day_of_era - 719_468
-}
-
-/// A signed integer's decimal digits, written without an allocation.
-fn integer(number: i64, out: &mut String) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut rest = number.unsigned_abs();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    if number < 0 {
-        out.push('-');
-    }
-    // The slice holds ASCII digits only.
-    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
 }

@@ -18,6 +18,7 @@ use pyo3::types::{
 };
 
 use crate::canonical::decimal;
+use crate::time::days_from_civil;
 
 #[derive(Clone, Copy)]
 enum Kind {
@@ -211,15 +212,4 @@ fn micros(at: &Bound<'_, PyDateTime>) -> PyResult<i64> {
         + i64::from(at.get_minute()) * 60
         + i64::from(at.get_second());
     Ok(seconds * 1_000_000 + i64::from(at.get_microsecond()) - offset)
-}
-
-/// Days from 1970-01-01 to a date of the proleptic Gregorian calendar (Howard Hinnant's
-/// `days_from_civil`).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let day_of_year = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
 }

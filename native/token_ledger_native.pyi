@@ -22,6 +22,7 @@ class Decoder:
         legacy: list[str],
         entry: list[str],
         measures: list[str],
+        kinds: list[str],
         max: int,
         calls: int,
     ) -> None: ...
@@ -38,7 +39,9 @@ class Decoder:
             str | None,  # turn_id
             str | None,  # role
             bytes,  # digest
-            dict[str, Any],  # payload
+            str,  # the JSON text of the content its message stores
+            # None, or its usage row's totals (USAGE_MEASURES), breakdown and call details (JSON)
+            tuple[int, int, int, int, dict[str, dict[str, Any]], str] | None,
             int,  # unknown fields
         ]
         | None

@@ -93,7 +93,7 @@ def _rows(
                 MessageRow(
                     key=stored_key(r),
                     claim=content_claim(r),
-                    content=jsonvalues.loads(r["content"]),
+                    content=r["content"],
                     author_id=r["author_id"],
                     created_at=r["created_at"],
                 )
@@ -106,8 +106,7 @@ def _rows(
                     key=key,
                     claim=source_claim(r),
                     model_breakdown=jsonvalues.loads(r["model_breakdown"]),
-                    call_details=jsonvalues.loads(r["call_details"]),
-                    **_pick(r, UsageRow, skip={"key", "claim", "model_breakdown", "call_details"}),
+                    **_pick(r, UsageRow, skip={"key", "claim", "model_breakdown"}),
                 )
             )
             for r in usage

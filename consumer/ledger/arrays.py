@@ -44,13 +44,14 @@ _LITERAL = {"bigint": "bigint", "smallint": "smallint", "text": "text", "timesta
 def _parameter(number: int, kind: str) -> str:
     if kind in _LITERAL:
         return f"${number}::text::{_LITERAL[kind]}[]"
-    return f"${number}::{'text' if kind == 'jsonb' else kind}[]"
+    return f"${number}::{'text' if kind in ('json', 'jsonb') else kind}[]"
 
 
 class ArrayArguments:
     """A statement's columns: the arguments that carry them and the SQL that reads them.
     A column's type is its PostgreSQL type: bigint, smallint, text, timestamptz, uuid, bytea
-    or jsonb (a value's JSON text, producer/canonical.py's, None included as `null`)."""
+    or jsonb (a value's JSON text, producer/canonical.py's, None included as `null`); or json
+    for a value that is JSON text already (a str), stored as jsonb."""
 
     def __init__(self, columns: Sequence[Column]) -> None:
         self.columns = tuple(columns)
@@ -79,7 +80,7 @@ class ArrayArguments:
         kind = next(c.kind for c in self.columns if c.name == name)
         if kind == "timestamptz":
             return epoch_micros(f"{alias}.{name}")
-        if kind == "jsonb":
+        if kind in ("json", "jsonb"):
             return f"{alias}.{name}::jsonb"
         return f"{alias}.{name}"
 

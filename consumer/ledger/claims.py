@@ -11,7 +11,7 @@ authoritative (docs/contract.md#merge-rules). consumer/ledger/merge.py folds the
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -20,13 +20,13 @@ from typing import Any, NamedTuple
 from msgspec import Struct
 from msgspec.structs import replace
 
-from producer import jsonvalues
-from producer.events import TOKEN_KINDS, USAGE_MEASURES, Rejection, attribution
+from producer import canonical, jsonvalues
+from producer.events import USAGE_MEASURES, Rejection, attribution
 from producer.ledger_event import LedgerEvent
 
 SHELL, LEGACY, SERVER = 0, 1, 2
-STATUS_NO_TEXT: list[dict[str, Any]] = [{"type": "status", "text": "(no text response)"}]
-SHELL_CONTENT: list[dict[str, Any]] = [{"type": "text", "text": ""}]
+# The assistant message a turn.started opens, until its finalize: one empty text part.
+SHELL_CONTENT = canonical.text([{"type": "text", "text": ""}])
 
 
 class Outcome(StrEnum):
@@ -118,7 +118,7 @@ class ThreadRow(Struct, frozen=True, gc=False):
 class MessageRow(Struct, frozen=True, gc=False):
     key: MessageKey
     claim: Claim
-    content: list[dict[str, Any]]
+    content: str  # JSON text
     author_id: uuid.UUID | None
     created_at: datetime
 
@@ -138,7 +138,7 @@ class UsageRow(Struct, frozen=True, gc=False):
     total_tokens: int
     cost_micros: int
     model_breakdown: dict[str, dict[str, Any]]  # legacy: as sent (measures may be missing)
-    call_details: dict[str, Any]
+    call_details: str  # JSON text
     search_space_id: int
     user_id: uuid.UUID | None
     created_at: datetime
@@ -205,15 +205,6 @@ def _claim(event: LedgerEvent, rank: int) -> Claim:
     return Claim(rank, event.occurred_at, event.event_id, event.digest)
 
 
-def mentioned_documents_part(documents: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    kept = [
-        {"id": d["id"], "title": d["title"], "document_type": d["document_type"]}
-        for d in documents
-        if all(d.get(name) is not None for name in ("id", "title", "document_type"))
-    ]
-    return {"type": "mentioned-documents", "documents": kept} if kept else None
-
-
 def message_keys(event: LedgerEvent) -> tuple[MessageKey, ...]:
     """The messages an event touches (a turn.started: user row first, then the shell)."""
     if event.type == "turn.started":
@@ -238,84 +229,40 @@ def turnless_key(event: LedgerEvent) -> MessageKey | None:
 
 
 def candidates(event: LedgerEvent) -> tuple[list[MessageRow], UsageRow | None]:
-    """The message rows an event claims and the usage row it claims, before any merging: built
-    from its payload, whose parts are what rows store."""
+    """The message rows an event claims and the usage row it claims, before any merging: what
+    the event stores (producer/ledger_event.py), under its keys and claims."""
     keys = message_keys(event)
-    payload = event.payload
     if event.type == "turn.started":
         user_key, assistant_key = keys
-        content: list[dict[str, Any]] = [{"type": "text", "text": payload["user_query"]}]
-        if part := mentioned_documents_part(payload.get("mentioned_documents", ())):
-            content.append(part)
         return [
-            MessageRow(user_key, _claim(event, SERVER), content, event.user_id, event.occurred_at),
+            MessageRow(
+                user_key, _claim(event, SERVER), event.content, event.user_id, event.occurred_at
+            ),
             MessageRow(assistant_key, _claim(event, SHELL), SHELL_CONTENT, None, event.occurred_at),
         ], None
-    if event.type == "turn.finalized":
-        (key,) = keys
-        claim = _claim(event, SERVER)
-        message = MessageRow(
-            key, claim, payload["content"] or STATUS_NO_TEXT, None, event.occurred_at
-        )
-        usage = payload.get("usage")
-        calls = usage["calls"] if usage else ()
-        if not calls:
-            return [message], None
-        return [message], _turn_usage(event, key, claim, calls)
     (key,) = keys
-    claim = _claim(event, LEGACY)
-    author = event.user_id if event.role == "user" else None
-    message = MessageRow(key, claim, payload["content"], author, event.occurred_at)
-    legacy = payload.get("token_usage")
-    if legacy is None:
+    if event.type == "turn.finalized":
+        claim, author = _claim(event, SERVER), None
+    else:
+        claim = _claim(event, LEGACY)
+        author = event.user_id if event.role == "user" else None
+    message = MessageRow(key, claim, event.content, author, event.occurred_at)
+    usage = event.usage
+    if usage is None:
         return [message], None
-    details = legacy.get("call_details")
     return [message], UsageRow(
-        key=key,
-        claim=claim,
-        source=event.type,
-        prompt_tokens=legacy["prompt_tokens"],
-        completion_tokens=legacy["completion_tokens"],
-        total_tokens=legacy["total_tokens"],
-        cost_micros=legacy["cost_micros"],
-        # As sent: a legacy entry may carry any subset of the measures.
-        model_breakdown=legacy.get("usage") or {},
-        # A bare list is normalised to {"calls": [...]}.
-        call_details={"calls": []}
-        if details is None
-        else {"calls": details}
-        if isinstance(details, list)
-        else details,
-        search_space_id=event.search_space_id,
-        user_id=event.user_id,
-        created_at=event.occurred_at,
-    )
-
-
-def _turn_usage(
-    event: LedgerEvent, key: MessageKey, claim: Claim, calls: Sequence[Mapping[str, Any]]
-) -> UsageRow:
-    breakdown: dict[str, dict[str, int]] = {}
-    totals = dict.fromkeys(USAGE_MEASURES, 0)
-    for call in calls:
-        sums = breakdown.setdefault(call["model"], dict.fromkeys(USAGE_MEASURES, 0))
-        for name in USAGE_MEASURES:
-            sums[name] += call[name]
-            totals[name] += call[name]
-        for kind in TOKEN_KINDS:  # only where reported: absent is not zero
-            if (value := call.get(kind)) is not None:
-                sums[kind] = sums.get(kind, 0) + value
-    return UsageRow(
-        key=key,
-        claim=claim,
-        source=event.type,
-        **totals,
-        model_breakdown=breakdown,
-        # As sent: a token kind the call did not report stays absent.
-        call_details={"calls": calls},
-        search_space_id=event.search_space_id,
-        user_id=event.user_id,
-        created_at=event.occurred_at,
+        key,
+        claim,
+        event.type,
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.total_tokens,
+        usage.cost_micros,
+        usage.model_breakdown,
+        usage.call_details,
+        event.search_space_id,
+        event.user_id,
+        event.occurred_at,
     )
 
 

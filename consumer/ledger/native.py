@@ -1,5 +1,6 @@
 """The native decode path (native/, Rust): a record's bytes to a LedgerEvent and its count of
-unknown fields, the payload's digest taken in the same pass. It answers only for the plain
+unknown fields, the payload's digest and what the event's rows store (JSON text where they
+store JSON) taken in the same pass, without making the payload's Python values. It answers only for the plain
 shape producers write; anything it is not sure of (a rejection, a v0 legacy body, a non-integer
 number, a UUID or timestamp written another way, a key written twice, a record over 1 MiB) is
 None, and the reference decoder (producer/decoding.py) decides it, with its rejection reasons.
@@ -14,6 +15,7 @@ from token_ledger_native import Decoder
 
 from producer.events import (
     MAX_INT64,
+    TOKEN_KINDS,
     USAGE_MEASURES,
     LegacyTokenUsage,
     MessageAppended,
@@ -23,7 +25,7 @@ from producer.events import (
     TurnUsage,
     UsageCall,
 )
-from producer.ledger_event import LedgerEvent
+from producer.ledger_event import LedgerEvent, StoredUsage
 
 # Records larger than this are the reference decoder's even when LEDGER_MAX_EVENT_BYTES allows
 # more. The native path holds a record's parsed tree and its Python values at once: on millions
@@ -43,6 +45,7 @@ _DECODER = Decoder(
     legacy=list(LegacyTokenUsage.model_fields),
     entry=list(ModelUsage.model_fields),
     measures=list(USAGE_MEASURES),
+    kinds=list(TOKEN_KINDS),
     max=MAX_INT64,
     calls=CALLS,
 )
@@ -54,4 +57,5 @@ def decode(value: bytes, max_bytes: int, max_nesting: int) -> tuple[LedgerEvent,
     parts = _DECODER.decode(value, min(max_bytes, LARGEST), max_nesting)
     if parts is None:
         return None
-    return LedgerEvent(*parts[:10]), parts[10]
+    usage = parts[10]
+    return LedgerEvent(*parts[:10], None if usage is None else StoredUsage(*usage)), parts[11]

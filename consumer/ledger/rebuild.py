@@ -9,6 +9,7 @@ from typing import Any
 
 from consumer.ledger.claims import MessageKey, MessageRow, StoredState, ThreadRow, UsageRow
 from consumer.ledger.merge import Admission, Fold
+from producer import jsonvalues
 from producer.events import USAGE_MEASURES
 from producer.ledger_event import LedgerEvent
 
@@ -61,7 +62,8 @@ def thread_values(row: ThreadRow) -> tuple[Any, ...]:
 
 
 def message_values(row: MessageRow) -> tuple[Any, ...]:
-    return (row.content, row.author_id, row.claim, row.created_at)
+    # JSON as its value: jsonb keeps neither the text's key order nor its spacing.
+    return (jsonvalues.loads(row.content), row.author_id, row.claim, row.created_at)
 
 
 def usage_values(row: UsageRow) -> tuple[Any, ...]:
@@ -73,7 +75,7 @@ def usage_values(row: UsageRow) -> tuple[Any, ...]:
         row.total_tokens,
         row.cost_micros,
         row.model_breakdown,
-        row.call_details,
+        jsonvalues.loads(row.call_details),
         row.search_space_id,
         row.user_id,
         row.created_at,

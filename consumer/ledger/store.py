@@ -73,7 +73,7 @@ _MESSAGE_ARGUMENTS = ArrayArguments(
         Column("thread_id", "bigint", "key.thread_id"),
         Column("role", "text", "key.role"),
         Column("turn_id", "text", "key.turn_id"),
-        Column("content", "jsonb", "content"),
+        Column("content", "json", "content"),
         Column("author_id", "uuid", "author_id"),
         Column("content_rank", "smallint", "claim.rank"),
         Column("content_at", "timestamptz", "claim.at"),
@@ -144,7 +144,7 @@ _USAGE_WINS = """(EXCLUDED.source_rank > u.source_rank
 USAGE_WRITTEN: tuple[Column, ...] = (
     *(Column(measure, "bigint", measure) for measure in USAGE_MEASURES),
     Column("model_breakdown", "jsonb", "model_breakdown"),
-    Column("call_details", "jsonb", "call_details"),
+    Column("call_details", "json", "call_details"),
     Column("search_space_id", "bigint", "search_space_id"),
     Column("user_id", "uuid", "user_id"),
     Column("source", "text", "source"),

@@ -1,6 +1,8 @@
-//! The digest's text: compact JSON with keys sorted by code point and only ASCII characters,
-//! byte for byte what producer/canonical.py's `ascii_text` writes (its property test holds the
-//! two equal), and its SHA-256.
+//! JSON text of parsed values, in two forms. The digest's: compact, keys sorted by code point,
+//! only ASCII characters, byte for byte what producer/canonical.py's `ascii_text` writes (its
+//! property test holds the two equal), and its SHA-256. The stored one (a jsonb column's):
+//! compact, keys in the record's order, UTF-8, as producer/canonical.py's `text` writes a
+//! value (escaping only the quote, the backslash and control characters).
 
 use sha2::{Digest, Sha256};
 
@@ -8,25 +10,30 @@ use crate::json::Value;
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+/// Which text: the digest's (sorted, ASCII) or the stored one (as parsed, UTF-8).
+#[derive(Clone, Copy, PartialEq)]
+pub enum Form {
+    Digest,
+    Stored,
+}
+
 pub fn digest(value: &Value<'_>) -> [u8; 32] {
-    let mut text = Vec::with_capacity(1024);
-    write(value, &mut text);
-    Sha256::digest(&text).into()
+    Sha256::digest(ascii_text(value)).into()
 }
 
 pub fn ascii_text(value: &Value<'_>) -> Vec<u8> {
     let mut text = Vec::with_capacity(1024);
-    write(value, &mut text);
+    write(value, Form::Digest, &mut text);
     text
 }
 
-fn write(value: &Value<'_>, out: &mut Vec<u8>) {
+pub fn write(value: &Value<'_>, form: Form, out: &mut Vec<u8>) {
     match value {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(true) => out.extend_from_slice(b"true"),
         Value::Bool(false) => out.extend_from_slice(b"false"),
         Value::Int(number) => write_int(*number, out),
-        Value::Str(text) => write_str(text, out),
+        Value::Str(text) => write_str(text, form, out),
         Value::Uuid(uuid) => {
             out.push(b'"');
             write_uuid(*uuid, out);
@@ -38,22 +45,24 @@ fn write(value: &Value<'_>, out: &mut Vec<u8>) {
                 if at > 0 {
                     out.push(b',');
                 }
-                write(item, out);
+                write(item, form, out);
             }
             out.push(b']');
         }
         Value::Object(entries) => {
             let mut order: Vec<usize> = (0..entries.len()).collect();
-            order.sort_unstable_by(|a, b| entries[*a].0.cmp(&entries[*b].0));
+            if form == Form::Digest {
+                order.sort_unstable_by(|a, b| entries[*a].0.cmp(&entries[*b].0));
+            }
             out.push(b'{');
             for (at, index) in order.into_iter().enumerate() {
                 if at > 0 {
                     out.push(b',');
                 }
                 let (key, item) = &entries[index];
-                write_str(key, out);
+                write_str(key, form, out);
                 out.push(b':');
-                write(item, out);
+                write(item, form, out);
             }
             out.push(b'}');
         }
@@ -102,15 +111,16 @@ fn escape_unit(unit: u32, out: &mut Vec<u8>) {
     }
 }
 
-fn write_str(text: &str, out: &mut Vec<u8>) {
+pub fn write_str(text: &str, form: Form, out: &mut Vec<u8>) {
     out.push(b'"');
     let bytes = text.as_bytes();
     let mut at = 0;
     while at < bytes.len() {
-        // A run written as it is: printable ASCII but the quote and the backslash.
+        // A run written as it is: printable ASCII (any UTF-8 past it too, in the stored form)
+        // but the quote and the backslash.
         let start = at;
         while at < bytes.len()
-            && matches!(bytes[at], b' '..=b'~')
+            && (matches!(bytes[at], b' '..=b'~') || (form == Form::Stored && bytes[at] >= 0x7f))
             && bytes[at] != b'"'
             && bytes[at] != b'\\'
         {

@@ -27,7 +27,10 @@ enum Kind {
     Timestamp,
     Uuid,
     Bytes,
+    /// A value to write as JSON text (jsonb).
     Json,
+    /// JSON text already (json: stored as jsonb).
+    JsonText,
 }
 
 impl Kind {
@@ -39,6 +42,7 @@ impl Kind {
             "uuid" => Kind::Uuid,
             "bytea" => Kind::Bytes,
             "jsonb" => Kind::Json,
+            "json" => Kind::JsonText,
             _ => return None,
         })
     }
@@ -130,6 +134,9 @@ impl Columns {
                     Argument::Values(values) => match column.kind {
                         // JSON text, not SQL's NULL, for None too: a jsonb column holds `null`.
                         Kind::Json => values.append(self.json_text.bind(py).call1((value,))?)?,
+                        Kind::JsonText if !value.is_instance_of::<PyString>() => {
+                            return Err(PyTypeError::new_err("JSON text must be a str"));
+                        }
                         _ => values.append(value)?,
                     },
                 }
@@ -165,7 +172,7 @@ fn element(value: &Bound<'_, PyAny>, kind: Kind, out: &mut String) -> PyResult<(
         Kind::Timestamp => {
             out.push_str(decimal(micros(value.cast::<PyDateTime>()?)?, &mut [0; 20]))
         }
-        Kind::Uuid | Kind::Bytes | Kind::Json => {
+        Kind::Uuid | Kind::Bytes | Kind::Json | Kind::JsonText => {
             return Err(PyValueError::new_err("not a literal column"));
         }
     }

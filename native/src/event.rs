@@ -19,6 +19,8 @@ pub struct Fields {
     pub entry: Vec<String>,
     /// USAGE_MEASURES: the legacy token_usage's required counts, in the models' order.
     pub measures: Vec<String>,
+    /// TOKEN_KINDS: a call's optional counts, summed per model where reported.
+    pub kinds: Vec<String>,
     pub max: i64,
     /// A call's counts are at most max / calls, and at most `calls` calls are taken: their sums
     /// are then within max without a pass over them.
@@ -85,9 +87,14 @@ pub const KNOWN: &[(&str, &[&str])] = &[
     ),
 ];
 
-/// A valid event: the envelope's other values are read from the payload.
+/// A valid event: its envelope, and its payload (turn_id and role are read from it).
 pub struct Event<'a> {
+    pub kind: &'static str,
+    pub event_id: u128,
     pub occurred_at: Timestamp,
+    pub thread_id: i64,
+    pub search_space_id: i64,
+    pub user_id: Option<u128>,
     /// Fields of the record (and of its nested usage) that no model has.
     pub unknown: usize,
     /// The payload: the record's parts, then the envelope's (the reference's dict, in another
@@ -95,7 +102,7 @@ pub struct Event<'a> {
     pub payload: Value<'a>,
 }
 
-type Entries<'a> = Vec<(Cow<'a, str>, Value<'a>)>;
+pub type Entries<'a> = Vec<(Cow<'a, str>, Value<'a>)>;
 
 /// Moves a field's value out, leaving its key (and a null) behind: the unknown fields are
 /// counted after, over every key the record had.
@@ -104,7 +111,7 @@ fn take<'a>(entries: &mut Entries<'a>, name: &str) -> Option<Value<'a>> {
     Some(std::mem::replace(&mut entries[at].1, Value::Null))
 }
 
-fn get<'b, 'a>(entries: &'b Entries<'a>, name: &str) -> Option<&'b Value<'a>> {
+pub fn get<'b, 'a>(entries: &'b [(Cow<'a, str>, Value<'a>)], name: &str) -> Option<&'b Value<'a>> {
     entries
         .iter()
         .find(|(key, _)| key == name)
@@ -232,7 +239,12 @@ pub fn decode<'a>(document: Value<'a>, fields: &Fields) -> Option<Event<'a>> {
     ));
     payload.push(str_entry("type", Value::Str(Cow::Borrowed(kind))));
     Some(Event {
+        kind,
+        event_id,
         occurred_at,
+        thread_id,
+        search_space_id,
+        user_id,
         unknown,
         payload: Value::Object(payload),
     })

@@ -7,11 +7,10 @@ mod canonical;
 mod columns;
 mod event;
 mod json;
+mod stored;
 mod time;
 
-use std::sync::{Mutex, TryLockError};
-
-use pyo3::exceptions::{PyKeyError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -27,51 +26,12 @@ struct Decoder {
     uuid_type: Py<PyAny>,
     unknown_safety: Py<PyAny>,
     utc: Py<PyTzInfo>,
-    keys: Mutex<KeyCache>,
-}
-
-/// The str objects of recently seen object keys, as msgspec keeps them: a batch's payloads
-/// share a few dozen keys, and a shared str is not made, hashed and freed again for each dict.
-/// Bounded (a producer's keys are unbounded) and not interned (from Python 3.12 on an interned
-/// str is never freed).
-struct KeyCache {
-    slots: Vec<Option<(Box<str>, Py<PyString>)>>,
-}
-
-impl KeyCache {
-    const SLOTS: usize = 512;
-    const LONGEST: usize = 32;
-
-    fn new() -> Self {
-        KeyCache {
-            slots: (0..Self::SLOTS).map(|_| None).collect(),
-        }
-    }
-
-    fn get<'py>(&mut self, py: Python<'py>, key: &str) -> Bound<'py, PyString> {
-        if key.len() > Self::LONGEST {
-            return PyString::new(py, key);
-        }
-        // FNV-1a: the slot of a key.
-        let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3)
-        });
-        let slot = &mut self.slots[(hash % Self::SLOTS as u64) as usize];
-        if let Some((cached, text)) = slot {
-            if **cached == *key {
-                return text.bind(py).clone();
-            }
-        }
-        let text = PyString::new(py, key);
-        *slot = Some((key.into(), text.clone().unbind()));
-        text
-    }
 }
 
 #[pymethods]
 impl Decoder {
     #[new]
-    #[pyo3(signature = (*, started, finalized, appended, usage, call, legacy, entry, measures, max, calls))]
+    #[pyo3(signature = (*, started, finalized, appended, usage, call, legacy, entry, measures, kinds, max, calls))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -83,6 +43,7 @@ impl Decoder {
         legacy: Vec<String>,
         entry: Vec<String>,
         measures: Vec<String>,
+        kinds: Vec<String>,
         max: i64,
         calls: usize,
     ) -> PyResult<Self> {
@@ -104,19 +65,20 @@ impl Decoder {
                 legacy,
                 entry,
                 measures,
+                kinds,
                 max,
                 calls,
             },
             uuid_type: uuid.getattr("UUID")?.unbind(),
             unknown_safety: uuid.getattr("SafeUUID")?.getattr("unknown")?.unbind(),
             utc: utc.unbind(),
-            keys: Mutex::new(KeyCache::new()),
         })
     }
 
     /// (type, event_id, occurred_at, thread_id, search_space_id, user_id, turn_id, role,
-    /// digest, payload, unknown fields) of a record value, or None when the reference decoder
-    /// must decide.
+    /// digest, content, usage, unknown fields) of a record value, or None when the reference
+    /// decoder must decide. `content` is the JSON text of the content its message stores;
+    /// `usage` None, or (the USAGE_MEASURES totals..., breakdown, call details' JSON text).
     fn decode<'py>(
         &self,
         py: Python<'py>,
@@ -141,6 +103,11 @@ impl Decoder {
         let Some(event) = event::decode(document, &self.fields) else {
             return Ok(None);
         };
+        let (Some(content), Some(usage)) =
+            (stored::content(&event), stored::usage(&event, &self.fields))
+        else {
+            return Ok(None);
+        };
         let digest = canonical::digest(&event.payload);
         let at = event.occurred_at;
         let occurred_at = PyDateTime::new(
@@ -154,43 +121,49 @@ impl Decoder {
             at.microsecond,
             Some(self.utc.bind(py)),
         )?;
-        // Never wait for the key cache: its holder may be this thread (a finalizer that a
-        // collection inside `python` runs) or another thread waiting for the GIL this one holds.
-        let mut cache = match self.keys.try_lock() {
-            Ok(guard) => Some(guard),
-            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
+        let payload = match &event.payload {
+            Value::Object(entries) => entries.as_slice(),
+            _ => &[],
         };
-        let payload = self.python(py, &event.payload, cache.as_deref_mut())?;
-        drop(cache);
-        let payload = payload.cast_into::<PyDict>()?;
-        // The envelope's values are the payload's own objects: one UUID, one str each. Every
-        // event has the first five (event.rs writes them); turn_id and role only some.
-        let field = |name: &Bound<'py, PyString>| -> PyResult<Bound<'py, PyAny>> {
-            payload
-                .get_item(name)?
-                .ok_or_else(|| PyKeyError::new_err(name.clone().unbind()))
+        let text = |name: &str| -> Bound<'py, PyAny> {
+            match event::get(payload, name) {
+                Some(Value::Str(text)) => PyString::new(py, text).into_any(),
+                _ => py.None().into_bound(py),
+            }
         };
-        let optional = |name: &Bound<'py, PyString>| -> PyResult<Bound<'py, PyAny>> {
-            Ok(payload
-                .get_item(name)?
-                .unwrap_or_else(|| py.None().into_bound(py)))
+        let usage = match usage {
+            None => py.None().into_bound(py),
+            Some(usage) => self.usage(py, usage)?,
         };
-        let parts: [Bound<'py, PyAny>; 11] = [
-            field(intern!(py, "type"))?,
-            field(intern!(py, "event_id"))?,
+        let parts: [Bound<'py, PyAny>; 12] = [
+            PyString::intern(py, event.kind).into_any(),
+            self.uuid(py, event.event_id)?,
             occurred_at.into_any(),
-            field(intern!(py, "thread_id"))?,
-            field(intern!(py, "search_space_id"))?,
-            field(intern!(py, "user_id"))?,
-            optional(intern!(py, "turn_id"))?,
-            optional(intern!(py, "role"))?,
+            event.thread_id.into_pyobject(py)?.into_any(),
+            event.search_space_id.into_pyobject(py)?.into_any(),
+            match event.user_id {
+                Some(user_id) => self.uuid(py, user_id)?,
+                None => py.None().into_bound(py),
+            },
+            text("turn_id"),
+            match event::get(payload, "role") {
+                Some(Value::Str(role)) => PyString::intern(py, role).into_any(),
+                _ => py.None().into_bound(py),
+            },
             PyBytes::new(py, &digest).into_any(),
-            payload.clone().into_any(),
+            json_str(py, &content)?,
+            usage,
             event.unknown.into_pyobject(py)?.into_any(),
         ];
         Ok(Some(PyTuple::new(py, parts)?))
     }
+}
+
+/// A str of JSON text the canonical writer wrote (UTF-8 by construction).
+fn json_str<'py>(py: Python<'py>, text: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    let text =
+        std::str::from_utf8(text).map_err(|error| PyValueError::new_err(error.to_string()))?;
+    Ok(PyString::new(py, text).into_any())
 }
 
 impl Decoder {
@@ -221,13 +194,38 @@ impl Decoder {
         }
     }
 
-    /// The Python value of a parsed one; object keys' str objects from `keys` when it is free.
-    fn python<'py>(
+    /// (totals..., breakdown, call details) of a usage row.
+    fn usage<'py>(
         &self,
         py: Python<'py>,
-        value: &Value<'_>,
-        mut keys: Option<&mut KeyCache>,
+        usage: stored::Usage<'_, '_>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let breakdown = match usage.breakdown {
+            stored::Breakdown::Sent(None) => PyDict::new(py).into_any(),
+            stored::Breakdown::Sent(Some(sent)) => self.python(py, sent)?,
+            stored::Breakdown::Summed(models) => {
+                let breakdown = PyDict::new(py);
+                for (model, sums) in models {
+                    let counts = PyDict::new(py);
+                    for (name, sum) in sums {
+                        counts.set_item(PyString::intern(py, name), sum)?;
+                    }
+                    breakdown.set_item(PyString::new(py, model), counts)?;
+                }
+                breakdown.into_any()
+            }
+        };
+        let mut parts: Vec<Bound<'py, PyAny>> = Vec::with_capacity(usage.totals.len() + 2);
+        for total in usage.totals {
+            parts.push(total.into_pyobject(py)?.into_any());
+        }
+        parts.push(breakdown);
+        parts.push(json_str(py, &usage.call_details)?);
+        Ok(PyTuple::new(py, parts)?.into_any())
+    }
+
+    /// The Python value of a parsed one.
+    fn python<'py>(&self, py: Python<'py>, value: &Value<'_>) -> PyResult<Bound<'py, PyAny>> {
         Ok(match value {
             Value::Null => py.None().into_bound(py),
             Value::Bool(flag) => PyBool::new(py, *flag).to_owned().into_any(),
@@ -237,18 +235,14 @@ impl Decoder {
             Value::Array(items) => {
                 let list = PyList::empty(py);
                 for item in items {
-                    list.append(self.python(py, item, keys.as_deref_mut())?)?;
+                    list.append(self.python(py, item)?)?;
                 }
                 list.into_any()
             }
             Value::Object(entries) => {
                 let dict = PyDict::new(py);
                 for (key, item) in entries {
-                    let key = match keys.as_deref_mut() {
-                        Some(cache) => cache.get(py, key),
-                        None => PyString::new(py, key),
-                    };
-                    dict.set_item(key, self.python(py, item, keys.as_deref_mut())?)?;
+                    dict.set_item(PyString::new(py, key), self.python(py, item)?)?;
                 }
                 dict.into_any()
             }

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from consumer.ledger.claims import candidates
 from consumer.ledger.decode import decode_ledger_event
+from producer import jsonvalues
 from producer.decoding import decode_event, v0_event_id
 from producer.events import (
     EVENT_ADAPTER,
@@ -74,7 +75,7 @@ def test_v0_token_usage_with_bare_call_list_is_kept_and_normalised() -> None:
     assert not isinstance(event, Rejection)
     _, usage_row = candidates(event)
     assert usage_row is not None
-    assert usage_row.call_details == {"calls": [{"model": "m", "cost_micros": 4}]}
+    assert jsonvalues.loads(usage_row.call_details) == {"calls": [{"model": "m", "cost_micros": 4}]}
 
 
 def test_v0_without_a_record_timestamp_is_rejected() -> None:

@@ -163,12 +163,12 @@ def test_expectation_agrees_with_the_merge_rules() -> None:
                 sums[name] += share[name]
     kept = dict.fromkeys(expect.kept_unknown_fields, 0)
     for row in ledger.usage.values():
-        for call in row.call_details["calls"]:
+        for call in jsonvalues.loads(row.call_details)["calls"]:
             for name in UNKNOWN_CALL_FIELDS:
                 kept[f"call_details.{name}"] += call.get(name, 0)
     for message in ledger.messages.values():
         kept[f"content.{UNKNOWN_PART_FIELD}"] += sum(
-            UNKNOWN_PART_FIELD in p for p in message.content
+            UNKNOWN_PART_FIELD in p for p in jsonvalues.loads(message.content)
         )
     assert (len(ledger.threads), len(ledger.messages), len(ledger.usage)) == (
         expect.threads,

@@ -27,8 +27,8 @@ def _rows(config: TrafficConfig) -> tuple[dict[RowKey, ExpectedRow], dict[RowKey
     ledger = rebuild([event for event in decoded if not isinstance(event, Rejection)])
     built: dict[RowKey, ExpectedRow] = {}
     for key, message in ledger.messages.items():
-        # Through JSON text, as the database gives content back (exact numbers as Decimal).
-        content: list[dict[str, Any]] = jsonvalues.loads(jsonvalues.dumps(message.content))
+        # As the database gives content back (exact numbers as Decimal).
+        content: list[dict[str, Any]] = jsonvalues.loads(message.content)
         built[row_key(key.thread_id, key.turn_id, key.role, key.origin_event_id)] = ExpectedRow(
             content
         )

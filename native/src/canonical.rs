@@ -7,6 +7,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::json::Value;
+use crate::scan::plain_run;
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
@@ -119,13 +120,7 @@ pub fn write_str(text: &str, form: Form, out: &mut Vec<u8>) {
         // A run written as it is: printable ASCII (any UTF-8 past it too, in the stored form)
         // but the quote and the backslash.
         let start = at;
-        while at < bytes.len()
-            && (matches!(bytes[at], b' '..=b'~') || (form == Form::Stored && bytes[at] >= 0x7f))
-            && bytes[at] != b'"'
-            && bytes[at] != b'\\'
-        {
-            at += 1;
-        }
+        at = plain_run(bytes, at, form == Form::Digest);
         out.extend_from_slice(&bytes[start..at]);
         let Some(character) = text[at..].chars().next() else {
             break;

@@ -4,6 +4,8 @@
 
 use std::borrow::Cow;
 
+use crate::scan::plain_run;
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value<'a> {
     Null,
@@ -188,17 +190,15 @@ impl<'a> Parser<'a> {
     fn string(&mut self) -> Option<Cow<'a, str>> {
         self.at += 1;
         let start = self.at;
-        loop {
-            match *self.bytes.get(self.at)? {
-                b'"' => {
-                    let text = &self.text[start..self.at];
-                    self.at += 1;
-                    return Some(Cow::Borrowed(text));
-                }
-                b'\\' => break,
-                0..=0x1F => return None,
-                _ => self.at += 1,
+        self.at = plain_run(self.bytes, self.at, false);
+        match *self.bytes.get(self.at)? {
+            b'"' => {
+                let text = &self.text[start..self.at];
+                self.at += 1;
+                return Some(Cow::Borrowed(text));
             }
+            b'\\' => {}
+            _ => return None, // a control character
         }
         let mut owned = String::from(&self.text[start..self.at]);
         loop {
@@ -226,12 +226,7 @@ impl<'a> Parser<'a> {
                 0..=0x1F => return None,
                 _ => {
                     let run = self.at;
-                    while let Some(&byte) = self.bytes.get(self.at) {
-                        if byte == b'"' || byte == b'\\' || byte < 0x20 {
-                            break;
-                        }
-                        self.at += 1;
-                    }
+                    self.at = plain_run(self.bytes, self.at, false);
                     owned.push_str(&self.text[run..self.at]);
                 }
             }

@@ -7,6 +7,7 @@ mod canonical;
 mod columns;
 mod event;
 mod json;
+mod scan;
 mod stored;
 mod time;
 

@@ -51,7 +51,8 @@ def ascii_text(value: bytes, max_nesting: int) -> bytes | None: ...
 
 class Columns:
     """Rows to statement arguments, one per (attribute path, PostgreSQL type) column: an array
-    literal (bigint, smallint, text, timestamptz) or a list of values (uuid, bytea, jsonb)."""
+    literal (bigint, smallint, text, timestamptz) or a list of values (uuid, bytea, jsonb, and
+    json: a str that is JSON text already)."""
 
     def __init__(self, columns: list[tuple[str, str]], json_text: Callable[[Any], str]) -> None: ...
     def __call__(self, rows: list[Any]) -> list[str | list[Any]]: ...

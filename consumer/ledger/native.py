@@ -1,7 +1,7 @@
 """The native decode path (native/, Rust): a record's bytes to a LedgerEvent and its count of
 unknown fields, the payload's digest and what the event's rows store (JSON text where they
-store JSON) taken in the same pass, without making the payload's Python values. It answers only for the plain
-shape producers write; anything it is not sure of (a rejection, a v0 legacy body, a non-integer
+store JSON) taken in the same pass, without making the payload's Python values. It answers
+only for the plain shape producers write; anything it is not sure of (a rejection, a v0 legacy body, a non-integer
 number, a UUID or timestamp written another way, a key written twice, a record over 1 MiB) is
 None, and the reference decoder (producer/decoding.py) decides it, with its rejection reasons.
 
@@ -28,8 +28,9 @@ from producer.events import (
 from producer.ledger_event import LedgerEvent, StoredUsage
 
 # Records larger than this are the reference decoder's even when LEDGER_MAX_EVENT_BYTES allows
-# more. The native path holds a record's parsed tree and its Python values at once: on millions
-# of small numbers ~4x the reference's peak memory (16 MiB: 320 MB against 80), on text less.
+# more: the bound on the native path's worst case. It holds a record's parsed tree, its digest
+# text and its stored JSON text at once (when it also made the payload's Python values, 16 MiB
+# of small numbers peaked at ~4x the reference's memory: 320 MB against 80).
 LARGEST = 1024 * 1024
 
 # At most CALLS calls a turn, each count at most MAX_INT64 // CALLS: their sums are then within

@@ -8,6 +8,8 @@ pure-Python encoder gave before."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -162,8 +164,10 @@ def test_each_character_at_each_position_is_read_and_written_as_the_reference_do
 ) -> None:
     """Text is scanned eight bytes at a time: a character that ends a plain run (a quote, a
     backslash, a control character; past `~` in the digest's ASCII text) is found at every
-    position of a word, in the record (escaped or not) and in both texts written from it. The
-    stored text is msgspec's, byte for byte."""
+    position of a word, in the record (escaped or not) and in both texts written from it. A
+    turn.started's stored content (parts the rule builds, in its order) is the reference's
+    byte for byte; elsewhere the stored text keeps the record's key order, which jsonb does
+    not keep, so only its value is the reference's."""
     for position in range(17):
         query = "a" * position + character + "a" * (16 - position)
         for ascii_only in (False, True):
@@ -336,6 +340,42 @@ def test_a_record_past_the_native_bound_is_the_references() -> None:
     assert decoder.referred == 1
     assert isinstance(event, LedgerEvent)
     assert jsonvalues.loads(event.content) == document["content"]
+
+
+REENTRANT = """
+import gc
+from consumer.ledger import native
+from producer.decoding import MAX_NESTING
+from tests.examples import example_bytes
+
+value = example_bytes("message.appended")  # its breakdown is made as Python values
+answers = []
+
+class Cycle:
+    def __init__(self):
+        self.me = self
+
+    def __del__(self):
+        answers.append(native.decode(value, 1 << 20, MAX_NESTING))
+
+gc.set_threshold(5)
+for _ in range(200):
+    Cycle()
+    answers.append(native.decode(value, 1 << 20, MAX_NESTING))
+assert len({answer[0].digest for answer in answers}) == 1, answers
+print(len(answers))
+"""
+
+
+def test_a_decode_that_a_finalizer_starts_inside_a_decode_finishes() -> None:
+    """A decode's allocations can run the collector, and with it a finalizer that decodes too
+    (on this thread, or by handing the GIL to another): the inner decode finishes and both
+    give the same event. In a process of its own, since a failure would be a hang."""
+    finished = subprocess.run(
+        [sys.executable, "-c", REENTRANT], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert int(finished.stdout) > 200  # the finalizers decoded too
 
 
 def test_a_decoder_needs_a_positive_bound_on_calls() -> None:
